@@ -1,0 +1,215 @@
+"""HF safetensors <-> megatron-core torch_dist conversion for Qwen2, streamed one layer at a time.
+
+Peak memory is about one transformer layer plus the embedding, whatever the model size. Every
+input is validated (names, shapes, architecture, parallel split) before anything is written, and
+the output directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from megatron_soaes.checkpoint import qwen2_hf
+from megatron_soaes.checkpoint.dcp_io import DcpReader, DcpWriter
+from megatron_soaes.checkpoint.meta import atomic_directory, read_meta, write_meta
+from megatron_soaes.models.qwen2 import ModelConfigError, Qwen2Config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "tokenizer.model", "qwen.tiktoken", "generation_config.json")
+IGNORED_HF = ("rotary_emb.inv_freq",)
+
+
+class ConversionError(ValueError):
+    """Input that cannot be converted; the message names the file/tensor at fault."""
+
+
+class HFCheckpoint:
+    """Lazy view of an HF safetensors directory (single file or sharded with an index)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise ConversionError(f"{self.dir}: not a directory")
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConversionError(f"{index}: invalid index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                raise ConversionError(f"{self.dir}: no *.safetensors files")
+        self.handles = {}
+        self.where: dict[str, str] = {}
+        for name in files:
+            path = self.dir / name
+            try:
+                h = safe_open(str(path), framework="pt")
+                keys = list(h.keys())
+            except (SafetensorError, OSError, Exception) as e:
+                raise ConversionError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+            self.handles[name] = h
+            for k in keys:
+                self.where[k] = name
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.dir / self.where[name]
+        try:
+            return self.handles[self.where[name]].get_tensor(name)
+        except Exception as e:
+            raise ConversionError(f"{path}: cannot read tensor {name} ({e})") from None
+
+    def validate(self, cfg: Qwen2Config) -> None:
+        expected = qwen2_hf.hf_tensor_shapes(cfg)
+        present = {k for k in self.where if not k.endswith(IGNORED_HF)}
+        if cfg.tie_word_embeddings:
+            present.discard("lm_head.weight")  # some tied exports keep the copy; it is ignored
+        missing = sorted(set(expected) - present)
+        extra = sorted(present - set(expected))
+        if missing:
+            raise ConversionError(f"{self.dir}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if extra:
+            raise ConversionError(f"{self.dir}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        for name, shape in expected.items():
+            got = self.shape(name)
+            if got != tuple(shape):
+                raise ConversionError(f"{self.dir / self.where[name]}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def hf_to_megatron(hf_dir, out_dir, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                   dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert an HF Qwen2 directory into a torch_dist checkpoint chunked for TP/PP."""
+    try:
+        cfg = Qwen2Config.from_hf(hf_dir)
+        cfg.check_parallel(tensor_parallel, pipeline_parallel)
+    except ModelConfigError as e:
+        raise ConversionError(str(e)) from None
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES.get(dtype) if dtype else None
+    hf = HFCheckpoint(hf_dir)
+    hf.validate(cfg)
+    src_dtype = hf.get("model.norm.weight").dtype
+    out_dtype = torch_dtype or src_dtype
+    tensors = qwen2_hf.megatron_tensors(cfg)
+    n = cfg.num_layers
+    get = lambda name: _cast(hf.get(name), torch_dtype)  # noqa: E731
+    with atomic_directory(out_dir, overwrite) as tmp:
+        w = DcpWriter(tmp)
+        for t in tensors:
+            w.declare(t.key, ((n,) if t.stacked else ()) + t.shape, out_dtype)
+        by_key = {t.key: t for t in tensors}
+        for key, tensor in qwen2_hf.hf_to_megatron_global(cfg, get).items():
+            for off, chunk in qwen2_hf.tp_chunks(by_key[key], tensor, tensor_parallel):
+                w.write(key, off, chunk)
+        for i in tqdm(range(n), desc="HF -> Megatron layers", disable=not progress, unit="layer"):
+            for key, tensor in qwen2_hf.hf_to_megatron_layer(cfg, get, i).items():
+                for off, chunk in qwen2_hf.tp_chunks(by_key[key], tensor, tensor_parallel):
+                    w.write(key, (i,) + off, chunk.unsqueeze(0))
+        w.close()
+        write_meta(tmp, cfg, dtype={v: k for k, v in DTYPES.items()}[out_dtype],
+                   parallel={"tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel},
+                   source=str(hf_dir))
+        _copy_tokenizer(Path(hf_dir), tmp / "tokenizer")
+    return Path(out_dir)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    files = [src / f for f in TOKENIZER_FILES if (src / f).exists()]
+    if files:
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, dst / f.name)
+
+
+class _ShardedSafetensorsWriter:
+    """Write an HF safetensors directory shard by shard (bounded memory), with an index when sharded."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.dir, self.max = directory, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.dir / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            (self.dir / "shard-0.tmp").rename(self.dir / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.dir / f"shard-{i}.tmp").rename(self.dir / fname)
+            weight_map.update({k: fname for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def megatron_to_hf(mcore_dir, out_dir, dtype: str | None = None, overwrite: bool = False,
+                   max_shard_bytes: int = 5 << 30, progress: bool = True, tokenizer_dir=None) -> Path:
+    """Convert a torch_dist checkpoint written by megatron-soaes (conversion or training) into HF format."""
+    mcore_dir = Path(mcore_dir)
+    try:
+        meta = read_meta(mcore_dir)
+        cfg = Qwen2Config(**meta["model"])
+        reader = DcpReader(mcore_dir)
+    except (FileNotFoundError, TypeError, KeyError) as e:
+        raise ConversionError(f"{mcore_dir}: {e}") from None
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES.get(dtype) if dtype else None
+    for t in qwen2_hf.megatron_tensors(cfg):
+        if t.key not in reader.metadata.state_dict_metadata:
+            raise ConversionError(f"{mcore_dir}: missing tensor {t.key}")
+        want = ((cfg.num_layers,) if t.stacked else ()) + t.shape
+        if tuple(reader.shape(t.key)) != want:
+            raise ConversionError(f"{mcore_dir}: tensor {t.key} has shape {list(reader.shape(t.key))}, expected {list(want)}")
+    out_dtype = torch_dtype or reader.dtype("decoder.final_layernorm.weight")
+    with atomic_directory(out_dir, overwrite) as tmp:
+        w = _ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        for name, t in qwen2_hf.megatron_to_hf_global(cfg, reader.read).items():
+            w.add(name, _cast(t, torch_dtype))
+        for i in tqdm(range(cfg.num_layers), desc="Megatron -> HF layers", disable=not progress, unit="layer"):
+            for name, t in qwen2_hf.megatron_to_hf_layer(cfg, reader.read, i).items():
+                w.add(name, _cast(t, torch_dtype))
+        w.close()
+        dname = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[out_dtype]
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dname), indent=2))
+        tok = Path(tokenizer_dir) if tokenizer_dir else mcore_dir / "tokenizer"
+        if tok.is_dir():
+            _copy_tokenizer(tok, tmp)
+    return Path(out_dir)

@@ -1,0 +1,157 @@
+"""Stream tensors into and out of megatron-core's ``torch_dist`` checkpoint format, chunk by chunk.
+
+A ``torch_dist`` checkpoint is a torch.distributed.checkpoint (DCP) directory plus
+``metadata.json`` and ``common.pt``. megatron-core writes it collectively from a live model;
+converting a 72B HF checkpoint that way needs the whole model in memory. `DcpWriter` instead
+appends one chunk at a time (each chunk is exactly what one TP rank / layer would own) and writes
+the DCP metadata at the end; `DcpReader` reads any rectangular slice back from whatever chunks
+overlap it. The result is loaded by the unmodified `megatron.core.dist_checkpointing.load`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+try:  # private in torch, stable since 2.2
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+except ImportError:  # pragma: no cover
+    from torch.distributed.checkpoint.storage import _StorageInfo  # type: ignore
+
+MCORE_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+
+
+class DcpWriter:
+    """Append tensor chunks to data files; `close()` writes the DCP and megatron metadata."""
+
+    def __init__(self, directory: str | Path, max_file_bytes: int = 2 << 30):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_file_bytes = max_file_bytes
+        self.tensors: dict[str, TensorStorageMetadata] = {}
+        self.storage: dict[MetadataIndex, _StorageInfo] = {}
+        self._file_idx = -1
+        self._stream = None
+        self._new_file()
+
+    def _new_file(self):
+        if self._stream is not None:
+            self._stream.flush()
+            os.fsync(self._stream.fileno())
+            self._stream.close()
+        self._file_idx += 1
+        self._name = f"__0_{self._file_idx}.distcp"
+        self._stream = open(self.dir / self._name, "wb")
+
+    def declare(self, key: str, global_shape, dtype: torch.dtype) -> None:
+        if key in self.tensors:
+            raise ValueError(f"tensor {key} declared twice")
+        self.tensors[key] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtype), size=torch.Size(global_shape), chunks=[]
+        )
+
+    def write(self, key: str, offsets, chunk: torch.Tensor) -> None:
+        md = self.tensors[key]
+        if chunk.dtype != md.properties.dtype or chunk.dim() != len(md.size):
+            raise ValueError(f"{key}: chunk {tuple(chunk.shape)} {chunk.dtype} does not fit {tuple(md.size)}")
+        for o, s, g in zip(offsets, chunk.shape, md.size):
+            if o < 0 or o + s > g:
+                raise ValueError(f"{key}: chunk at {tuple(offsets)} of {tuple(chunk.shape)} exceeds {tuple(md.size)}")
+        if self._stream.tell() > self.max_file_bytes:
+            self._new_file()
+        offsets = torch.Size(offsets)
+        start = self._stream.tell()
+        torch.save(chunk.detach().cpu().contiguous().clone(), self._stream)
+        md.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=chunk.shape))
+        self.storage[MetadataIndex(key, offsets)] = _StorageInfo(
+            relative_path=self._name, offset=start, length=self._stream.tell() - start
+        )
+
+    def close(self, common: dict | None = None) -> None:
+        for key, md in self.tensors.items():
+            covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
+            if covered != md.size.numel():
+                raise ValueError(f"{key}: chunks cover {covered} of {md.size.numel()} elements")
+        self._new_file()
+        self._stream.close()
+        os.remove(self.dir / self._name)
+        metadata = Metadata(state_dict_metadata=dict(self.tensors), planner_data=None, storage_data=self.storage)
+        with open(self.dir / ".metadata", "wb") as f:
+            pickle.dump(metadata, f)
+        torch.save(common or {}, self.dir / "common.pt")
+        (self.dir / "metadata.json").write_text(json.dumps(MCORE_METADATA))
+
+
+class DcpReader:
+    """Read slices of tensors from a DCP directory without loading whole tensors."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        path = self.dir / ".metadata"
+        if not path.exists():
+            raise FileNotFoundError(f"{self.dir}: not a torch_dist checkpoint (no .metadata)")
+        with open(path, "rb") as f:
+            self.metadata: Metadata = pickle.load(f)
+        self._by_key: dict[str, list] = {}
+        for index, info in self.metadata.storage_data.items():
+            self._by_key.setdefault(index.fqn, []).append((index.offset, info))
+
+    def keys(self) -> list[str]:
+        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
+
+    def shape(self, key: str) -> torch.Size:
+        return self.metadata.state_dict_metadata[key].size
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.metadata.state_dict_metadata[key].properties.dtype
+
+    def _load_chunk(self, info) -> torch.Tensor:
+        if getattr(info, "transform_descriptors", None):
+            raise NotImplementedError(f"{self.dir}: compressed/transformed DCP chunks are not supported")
+        with open(self.dir / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        return torch.load(io.BytesIO(data), weights_only=True)
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        """The whole tensor, or with `index` the slice ``tensor[index]`` of a layer-stacked tensor."""
+        if key not in self.metadata.state_dict_metadata:
+            raise KeyError(f"{self.dir}: checkpoint has no tensor {key!r}")
+        md = self.metadata.state_dict_metadata[key]
+        lo = [0] * len(md.size)
+        hi = list(md.size)
+        if index is not None:
+            lo[0], hi[0] = index, index + 1
+        out = torch.empty([h - l for l, h in zip(lo, hi)], dtype=md.properties.dtype)
+        filled = 0
+        for offset, info in self._by_key.get(key, []):
+            chunk_md = next(c for c in md.chunks if tuple(c.offsets) == tuple(offset))
+            c_lo, c_hi = list(offset), [o + s for o, s in zip(offset, chunk_md.sizes)]
+            ov_lo = [max(a, b) for a, b in zip(lo, c_lo)]
+            ov_hi = [min(a, b) for a, b in zip(hi, c_hi)]
+            if any(a >= b for a, b in zip(ov_lo, ov_hi)):
+                continue
+            chunk = self._load_chunk(info)
+            src = chunk[tuple(slice(a - c, b - c) for a, b, c in zip(ov_lo, ov_hi, c_lo))]
+            out[tuple(slice(a - l, b - l) for a, b, l in zip(ov_lo, ov_hi, lo))] = src
+            filled += src.numel()
+        if filled != out.numel():
+            raise ValueError(f"{self.dir}: tensor {key!r} is incomplete ({filled} of {out.numel()} elements)")
+        return out[0] if index is not None else out

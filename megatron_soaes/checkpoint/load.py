@@ -1,0 +1,29 @@
+"""Load model weights from a torch_dist checkpoint into a megatron model at any TP/PP layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.distributed.checkpoint import FileSystemReader
+
+
+def _drop_absent_objects(sharded_sd: dict, ckpt_dir: Path) -> dict:
+    """Converted checkpoints carry no ``_extra_state`` objects (TE FP8 metadata); skip those on load."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    present = set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+    return {k: v for k, v in sharded_sd.items()
+            if not (isinstance(v, ShardedObject) and v.unique_key not in present)}
+
+
+def load_model_weights(model, ckpt_dir: str | Path, prefix: str = "") -> None:
+    """Fill `model` (one GPTModel chunk of this rank) from `ckpt_dir`, resharding as needed."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    sharded = _drop_absent_objects(model.sharded_state_dict(prefix=prefix), ckpt_dir)
+    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt_dir}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,52 @@
+"""The small JSON sidecar every megatron-soaes checkpoint carries: model config + layout it was written for."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from megatron_soaes.models.qwen2 import Qwen2Config
+
+META_FILE = "soaes_model.json"
+
+
+def write_meta(directory: Path, cfg: Qwen2Config, **extra) -> None:
+    data = {"format": "megatron-soaes", "architecture": "Qwen2ForCausalLM", "model": cfg.to_dict(), **extra}
+    (Path(directory) / META_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no {META_FILE}; not a megatron-soaes checkpoint")
+    return json.loads(path.read_text())
+
+
+def read_model_config(directory: str | Path) -> Qwen2Config:
+    return Qwen2Config(**read_meta(directory)["model"])
+
+
+@contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling directory; on success it replaces `target` in one rename."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (pass --force / overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

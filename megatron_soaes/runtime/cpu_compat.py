@@ -1,0 +1,149 @@
+"""Let megatron-core 0.16 run on CPU (gloo) when CUDA is absent.
+
+megatron-core assumes a GPU in a handful of places. Each is handled here, and only
+here, so that the rest of the code base uses megatron-core unmodified:
+
+1. ``torch.cuda.current_device()`` is used as an allocation device  -> returns ``cpu``.
+2. ``torch.cuda.synchronize()`` in the p2p pipeline code             -> no-op.
+3. ``Tensor.cuda()`` (tied-embedding sync across pipeline stages)   -> stays on CPU.
+4. literal ``device="cuda"`` allocations in the pipeline schedules, the default causal
+   mask and the DDP buffer                                           -> the ``torch`` name
+   inside those modules is swapped for a proxy that maps CUDA devices to CPU.
+5. the CUDA RNG tracker (``fork()`` of the model-parallel RNG state) -> a tracker that
+   keeps torch's CPU generator states instead, so TP dropout stays reproducible.
+
+`install()` is idempotent and does nothing when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+
+_INSTALLED = False
+
+# Modules whose literal ``device="cuda"`` allocations need redirecting.
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.transformer.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.distributed.param_and_grad_buffer",
+)
+
+
+def _cpu_device(device):
+    """Map any CUDA device spec (str, int, torch.device) to CPU; leave others alone."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CpuTorchProxy(types.ModuleType):
+    """Stands in for ``torch`` inside one megatron module: same API, CUDA devices -> CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if callable(attr) and not isinstance(attr, type) and not isinstance(attr, types.ModuleType):
+
+            @functools.wraps(attr)
+            def call(*args, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                return attr(*args, **kwargs)
+
+            return call
+        return attr
+
+
+class CpuRNGStatesTracker:
+    """Named RNG states on the CPU generator; the interface of megatron's CudaRNGStatesTracker."""
+
+    def __init__(self, *args, **kwargs):
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = kwargs.get("is_inference_rng_tracker", False)
+        self.reset()
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+        self._current = None
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer_name, outer_state = self._current, torch.get_rng_state()
+        if outer_name is not None:
+            self.states_[outer_name] = outer_state
+        torch.set_rng_state(self.states_[name])
+        self._current = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            self._current = outer_name
+            torch.set_rng_state(self.states_[outer_name] if outer_name is not None else outer_state)
+
+
+def _patch_rng():
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    random._CUDA_RNG_STATE_TRACKER = None
+    random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    # model_parallel_cuda_manual_seed seeds the "current CUDA device"; on CPU that is torch's generator.
+    torch.cuda.manual_seed = torch.manual_seed
+
+
+def install() -> bool:
+    """Install the CPU compatibility layer. Returns True if it is active."""
+    global _INSTALLED
+    if torch.cuda.is_available():
+        return False
+    if _INSTALLED:
+        return True
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    proxy = _CpuTorchProxy()
+    for name in _CUDA_LITERAL_MODULES:
+        importlib.import_module(name).torch = proxy
+    _patch_rng()
+    _INSTALLED = True
+    return True
+
+
+def is_active() -> bool:
+    return _INSTALLED

@@ -1,0 +1,134 @@
+"""One entry point for process-group setup: torch.distributed + megatron-core parallel_state.
+
+Works under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK), under SLURM ``srun`` (SLURM_PROCID/...)
+and as a plain single process. NCCL with CUDA, gloo without (then the CPU layer is installed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_soaes.runtime import cpu_compat
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot be realised on the given world size or model."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data-parallel size is whatever is left of the world."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    virtual_pipeline: int | None = None
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel_size(self, world_size: int) -> int:
+        self.validate(world_size)
+        return world_size // self.model_parallel_size()
+
+    def validate(self, world_size: int) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParallelConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
+        mp = self.model_parallel_size()
+        if world_size % mp:
+            raise ParallelConfigError(
+                f"world size {world_size} is not divisible by TP*PP*CP = "
+                f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.context_parallel} = {mp}"
+            )
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ParallelConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
+        if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
+            raise ParallelConfigError("parallel.virtual_pipeline needs pipeline_parallel > 1")
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or SLURM env, else a single process."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    return rank, world, local
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch; then megatron's model-parallel RNG tracker if it is set up."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout_minutes: int = 30) -> int:
+    """Initialise torch.distributed and megatron-core parallel state. Returns the data-parallel size."""
+    from megatron.core import parallel_state
+
+    parallel = parallel or ParallelConfig()
+    rank, world, local_rank = world_info()
+    parallel.validate(world)
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_compat.install()
+    if not torch.distributed.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if "MASTER_ADDR" not in os.environ:
+            if world > 1:
+                raise RuntimeError("MASTER_ADDR/MASTER_PORT must be set for a multi-process run")
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_seed(seed)
+    return parallel.data_parallel_size(world)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
