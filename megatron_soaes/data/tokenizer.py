@@ -185,7 +185,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     raise TokenizerError(f"{spec}: not a tokenizer (expected 'qwen', *.tiktoken, *.model or an HF directory)")
 
 
-def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000, seed: int = 0) -> Path:
+def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000) -> Path:
     """Train a small BPE sentencepiece model (the demo tokenizer) with Qwen's chat specials as symbols."""
     import sentencepiece as spm
 
@@ -199,11 +199,13 @@ def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000,
         character_coverage=0.9995,
         user_defined_symbols=list(CHAT_SPECIALS),
         byte_fallback=True,
+        normalization_rule_name="identity",  # lossless: keep full-width punctuation and spaces
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
         split_digits=True,
         num_threads=2,
-        random_seed=seed,
         input_sentence_size=2_000_000,
-        shuffle_input_sentence=True,
+        shuffle_input_sentence=False,  # deterministic: same corpus, same model
         minloglevel=2,
     )
     return model_prefix.with_suffix(".model")

@@ -172,7 +172,7 @@ PRESETS: dict[str, dict] = {
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048),
     "tiny-draft": dict(vocab_size=8000, hidden_size=128, intermediate_size=352, num_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "test": dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_layers=4,
+    "test": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512),
 }
 

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the tests).
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-slow test-all clean
+
+$(STAMP): requirements/cpu.txt setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/cpu.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/soaes demo --out outputs/demo
+
+# Default tier: < 20 min on 2 cores. Slow tier: multi-process and larger runs marked @pytest.mark.slow.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,49 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SOAES_CACHE", str(ROOT / ".cache" / "assets"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, script, *args, timeout=600):
+    """Run `script` under torchrun with `nproc` gloo processes; fail with its output on error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if res.returncode:
+        raise AssertionError(f"torchrun {script} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """Random tiny HF Qwen2 models: tied/untied embeddings, GQA ratio 4, and one with an unpadded vocab."""
+    from megatron_soaes.demo import make_random_hf_model
+
+    base = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, kw in {
+        "tied": dict(tie_word_embeddings=True),
+        "untied": dict(tie_word_embeddings=False),
+        "odd_vocab": dict(tie_word_embeddings=False, vocab_size=1000),
+    }.items():
+        make_random_hf_model(base / name, "test", seed=len(out), **kw)
+        out[name] = base / name
+    return out

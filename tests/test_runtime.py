@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from megatron_soaes.runtime import ParallelConfig, ParallelConfigError, initialize
+
+
+@pytest.mark.parametrize("cfg,world,msg", [
+    (ParallelConfig(tensor_parallel=2), 3, "world size 3 is not divisible by TP\\*PP\\*CP = 2\\*1\\*1 = 2"),
+    (ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 6, "not divisible"),
+    (ParallelConfig(tensor_parallel=0), 1, "tensor_parallel must be a positive integer"),
+    (ParallelConfig(sequence_parallel=True), 1, "sequence_parallel needs tensor_parallel > 1"),
+    (ParallelConfig(virtual_pipeline=2), 1, "virtual_pipeline needs pipeline_parallel > 1"),
+])
+def test_parallel_config_errors(cfg, world, msg):
+    with pytest.raises(ParallelConfigError, match=msg):
+        cfg.validate(world)
+
+
+def test_data_parallel_size():
+    assert ParallelConfig(tensor_parallel=2, pipeline_parallel=2).data_parallel_size(16) == 4
+
+
+def test_initialize_single_process():
+    from megatron.core import parallel_state
+
+    dp = initialize(ParallelConfig(), seed=3)
+    assert dp == 1
+    assert torch.distributed.get_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1
+    # re-initialising (as consecutive jobs in one process do) is allowed
+    assert initialize(ParallelConfig(), seed=3) == 1
+
+
+def test_initialize_rejects_layout_larger_than_world():
+    with pytest.raises(ParallelConfigError, match="world size 1"):
+        initialize(ParallelConfig(tensor_parallel=2))
