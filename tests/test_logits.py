@@ -35,7 +35,7 @@ def test_train_step_matches_hf_gradients(hf_models, tmp_path, name, tp, pp):
 
     hf_to_megatron(hf_models[name], tmp_path / "mc", tp, pp, progress=False)
     out = tmp_path / "r.json"
-    torchrun(2, Path(__file__).parent / "dist" / "train_step_vs_hf.py", hf_models[name], tmp_path / "mc", tp, pp, out)
+    torchrun(2, Path(__file__).parent / "workers" / "train_step_vs_hf.py", hf_models[name], tmp_path / "mc", tp, pp, out)
     results = read_json(out)
     for r in results:
         assert r["compared"] > 0
