@@ -12,13 +12,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from megatron_soaes.checkpoint import qwen2_hf
 from megatron_soaes.checkpoint.dcp_io import DcpReader, DcpWriter
 from megatron_soaes.checkpoint.meta import atomic_directory, read_meta, write_meta
+from megatron_soaes.checkpoint.safetensors_io import SafetensorsReader, SafetensorsStreamWriter
 from megatron_soaes.models.qwen2 import ModelConfigError, Qwen2Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,21 +53,21 @@ class HFCheckpoint:
         for name in files:
             path = self.dir / name
             try:
-                h = safe_open(str(path), framework="pt")
-                keys = list(h.keys())
-            except (SafetensorError, OSError, Exception) as e:
+                h = SafetensorsReader(path)
+                keys = h.keys()
+            except (ValueError, OSError) as e:
                 raise ConversionError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
             self.handles[name] = h
             for k in keys:
                 self.where[k] = name
 
     def shape(self, name: str) -> tuple:
-        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+        return tuple(self.handles[self.where[name]].shape(name))
 
     def get(self, name: str) -> torch.Tensor:
         path = self.dir / self.where[name]
         try:
-            return self.handles[self.where[name]].get_tensor(name)
+            return self.handles[self.where[name]].get(name)
         except Exception as e:
             raise ConversionError(f"{path}: cannot read tensor {name} ({e})") from None
 
@@ -139,44 +138,49 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-class _ShardedSafetensorsWriter:
-    """Write an HF safetensors directory shard by shard (bounded memory), with an index when sharded."""
+def _plan_shards(groups: list[list[str]], shapes: dict, dtype: torch.dtype, max_bytes: int):
+    """Assign tensors (in production order) to shards of at most `max_bytes` (one tensor may exceed it)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, cur, cur_bytes = [], [], 0
+    for name in (n for g in groups for n in g):
+        nbytes = itemsize * int(torch.Size(shapes[name]).numel())
+        if cur and cur_bytes + nbytes > max_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(name)
+        cur_bytes += nbytes
+    if cur:
+        shards.append(cur)
+    return shards
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
-        self.dir, self.max = directory, max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
+
+class _HFShardWriter:
+    """Streams tensors into planned safetensors shards; writes the index when there is more than one."""
+
+    def __init__(self, directory: Path, shards: list[list[str]], shapes: dict, dtype: torch.dtype):
+        n = len(shards)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.dir, self.shards, self.shapes, self.dtype = directory, shards, shapes, dtype
+        self.where = {name: i for i, names in enumerate(shards) for name in names}
+        self.current, self.writer = -1, None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        save_file(self.pending, str(self.dir / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        i = self.where[name]
+        if i != self.current:
+            if self.writer is not None:
+                self.writer.close()
+            plan = [(k, tuple(self.shapes[k]), self.dtype) for k in self.shards[i]]
+            self.writer = SafetensorsStreamWriter(self.dir / self.files[i], plan, metadata={"format": "pt"})
+            self.current = i
+        self.writer.add(name, tensor.to(self.dtype))
 
     def close(self) -> None:
-        self.flush()
-        n = len(self.shards)
-        if n == 1:
-            (self.dir / "shard-0.tmp").rename(self.dir / "model.safetensors")
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.dir / f"shard-{i}.tmp").rename(self.dir / fname)
-            weight_map.update({k: fname for k in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        self.writer.close()
+        if len(self.files) > 1:
+            total = sum(torch.Size(s).numel() for s in self.shapes.values()) * torch.empty((), dtype=self.dtype).element_size()
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {n: self.files[i] for n, i in self.where.items()}}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def megatron_to_hf(mcore_dir, out_dir, dtype: str | None = None, overwrite: bool = False,
@@ -199,13 +203,19 @@ def megatron_to_hf(mcore_dir, out_dir, dtype: str | None = None, overwrite: bool
         if tuple(reader.shape(t.key)) != want:
             raise ConversionError(f"{mcore_dir}: tensor {t.key} has shape {list(reader.shape(t.key))}, expected {list(want)}")
     out_dtype = torch_dtype or reader.dtype("decoder.final_layernorm.weight")
+    shapes = qwen2_hf.hf_tensor_shapes(cfg)
+    layer_names = [[n for n in shapes if n.startswith(f"model.layers.{i}.")] for i in range(cfg.num_layers)]
+    global_names = [n for n in shapes if not n.startswith("model.layers.")]
+    shards = _plan_shards([global_names, *layer_names], shapes, out_dtype, max_shard_bytes)
     with atomic_directory(out_dir, overwrite) as tmp:
-        w = _ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        for name, t in qwen2_hf.megatron_to_hf_global(cfg, reader.read).items():
-            w.add(name, _cast(t, torch_dtype))
+        w = _HFShardWriter(tmp, shards, shapes, out_dtype)
+        produced = qwen2_hf.megatron_to_hf_global(cfg, reader.read)
+        for name in global_names:
+            w.add(name, produced.pop(name))
         for i in tqdm(range(cfg.num_layers), desc="Megatron -> HF layers", disable=not progress, unit="layer"):
-            for name, t in qwen2_hf.megatron_to_hf_layer(cfg, reader.read, i).items():
-                w.add(name, _cast(t, torch_dtype))
+            produced = qwen2_hf.megatron_to_hf_layer(cfg, reader.read, i)
+            for name in layer_names[i]:
+                w.add(name, produced.pop(name))
         w.close()
         dname = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[out_dtype]
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dname), indent=2))
