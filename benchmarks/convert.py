@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def _child(task: str, a: str, b: str, tp: int) -> None:
     if task == "baseline":
         from safetensors.torch import load_file
 
-        held = [load_file(p) for p in sorted(Path(a).glob("*.safetensors"))]
+        held = [{k: v.clone() for k, v in load_file(p).items()} for p in sorted(Path(a).glob("*.safetensors"))]
         assert held
     elif task == "hf2mc":
         from megatron_soaes.checkpoint.convert import hf_to_megatron
@@ -73,7 +72,8 @@ def _child(task: str, a: str, b: str, tp: int) -> None:
         from megatron_soaes.checkpoint.convert import megatron_to_hf
 
         megatron_to_hf(a, b, overwrite=True, progress=False)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process image's peak RSS (ru_maxrss would carry the parent's over fork+exec).
+    rss = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(json.dumps({"seconds": time.time() - t0, "peak_rss": rss}))
 
 

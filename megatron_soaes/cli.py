@@ -45,6 +45,24 @@ def _fetch(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from megatron_soaes.training.config import load_config
+    from megatron_soaes.training.cpt import CPTTask
+    from megatron_soaes.training.loop import train
+
+    job = load_config(args.config, args.set)
+    if args.dry_run:
+        dp = job.check_world(args.world_size)
+        job.check_paths()
+        print(f"config OK for world size {args.world_size}: data-parallel size {dp}")
+        return 0
+    tasks = {"cpt": CPTTask}
+    if job.kind not in tasks:
+        raise ValueError(f"kind {job.kind!r} is not available yet")
+    train(job, tasks[job.kind]())
+    return 0
+
+
 def _demo(args) -> int:
     from megatron_soaes.demo import run_demo
 
@@ -83,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-dir", default=None)
     f.set_defaults(fn=_fetch)
 
+    t = sub.add_parser("train", help="run a training job (CPT/SFT/distill) from a YAML config")
+    t.add_argument("--config", required=True)
+    t.add_argument("--set", action="append", default=[], help="override, e.g. --set train.steps=10")
+    t.add_argument("--dry-run", action="store_true", help="validate the config against --world-size, run nothing")
+    t.add_argument("--world-size", type=int, default=1)
+    t.set_defaults(fn=_train)
+
     d = sub.add_parser("demo", help="tiny Qwen2: build, convert HF->Megatron->HF, compare logits")
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--tp", type=int, default=1)
@@ -96,10 +121,11 @@ def main(argv=None) -> int:
     from megatron_soaes.checkpoint.convert import ConversionError
     from megatron_soaes.models.qwen2 import ModelConfigError
     from megatron_soaes.runtime.distributed import ParallelConfigError
+    from megatron_soaes.training.config import ConfigError
 
     try:
         return args.fn(args)
-    except (ConversionError, ModelConfigError, ParallelConfigError, FileExistsError) as e:
+    except (ConversionError, ModelConfigError, ParallelConfigError, ConfigError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

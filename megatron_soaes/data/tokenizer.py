@@ -185,7 +185,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     raise TokenizerError(f"{spec}: not a tokenizer (expected 'qwen', *.tiktoken, *.model or an HF directory)")
 
 
-def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000) -> Path:
+def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000, character_coverage: float = 0.995) -> Path:
     """Train a small BPE sentencepiece model (the demo tokenizer) with Qwen's chat specials as symbols."""
     import sentencepiece as spm
 
@@ -196,7 +196,7 @@ def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000)
         model_prefix=str(model_prefix),
         vocab_size=vocab_size,
         model_type="bpe",
-        character_coverage=0.9995,
+        character_coverage=character_coverage,  # rare characters fall back to bytes
         user_defined_symbols=list(CHAT_SPECIALS),
         byte_fallback=True,
         normalization_rule_name="identity",  # lossless: keep full-width punctuation and spaces

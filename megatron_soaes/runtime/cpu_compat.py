@@ -7,9 +7,10 @@ here, so that the rest of the code base uses megatron-core unmodified:
 2. ``torch.cuda.synchronize()`` in the p2p pipeline code             -> no-op.
 3. ``Tensor.cuda()`` (tied-embedding sync across pipeline stages)   -> stays on CPU.
 4. literal ``device="cuda"`` allocations in the pipeline schedules, the default causal
-   mask and the DDP buffer                                           -> the ``torch`` name
+   mask, the DDP buffer and the optimizer (loss scale, grad-norm clipping)                                          -> the ``torch`` name
    inside those modules is swapped for a proxy that maps CUDA devices to CPU.
-5. the CUDA RNG tracker (``fork()`` of the model-parallel RNG state) -> a tracker that
+5. grad clipping asserts CUDA grads                                -> a CPU clip (same math).
+6. the CUDA RNG tracker (``fork()`` of the model-parallel RNG state) -> a tracker that
    keeps torch's CPU generator states instead, so TP dropout stays reproducible.
 
 `install()` is idempotent and does nothing when CUDA is available.
@@ -32,6 +33,10 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.transformer.utils",
     "megatron.core.tensor_parallel.data",
     "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad-norm without apex)
 )
 
 
@@ -127,6 +132,22 @@ def _patch_rng():
     torch.cuda.manual_seed = torch.manual_seed
 
 
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 asserts grads are ``torch.cuda.FloatTensor``."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_optimizer():
+    for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        importlib.import_module(name).clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+
 def install() -> bool:
     """Install the CPU compatibility layer. Returns True if it is active."""
     global _INSTALLED
@@ -141,6 +162,7 @@ def install() -> bool:
     for name in _CUDA_LITERAL_MODULES:
         importlib.import_module(name).torch = proxy
     _patch_rng()
+    _patch_optimizer()
     _INSTALLED = True
     return True
 

@@ -1,0 +1,85 @@
+"""Pre-training data: megatron-core GPTDatasets blended by weight, and a resumable batch iterator.
+
+The blend (domain + general replay, with weights) is megatron-core's BlendedMegatronDatasetBuilder;
+each sample carries the id of the source it came from, which the loop uses for per-source token
+accounting. The iterator is a pure function of `consumed_samples`, so resume is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class _MegatronTokenizerView:
+    """What megatron's GPTDataset asks of a tokenizer (no `pad`: megatron then uses -1)."""
+
+    eod: int
+    vocab_size: int
+    name: str = ""
+
+    @property
+    def unique_identifiers(self) -> dict:  # part of megatron's dataset cache key
+        return {"class": "soaes", "name": self.name, "eod": self.eod, "vocab_size": self.vocab_size}
+
+
+def build_gpt_dataset(sources, num_samples: int, seq_length: int, tokenizer, seed: int, cache_dir=None):
+    """A (possibly blended) GPTDataset over `sources` ([(prefix, weight)]) with `num_samples` samples."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes = [p for p, _ in sources]
+    weights = [float(w) for _, w in sources] if len(sources) > 1 else None
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend_per_split=[(prefixes, weights), None, None],
+        tokenizer=_MegatronTokenizerView(tokenizer.eod_id, tokenizer.vocab_size, tokenizer.name),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(cache_dir) if cache_dir else None,
+        mid_level_dataset_surplus=0.005,
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    return train
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    out["source"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples])
+    return out
+
+
+class ResumableBatches:
+    """Micro-batches for this data-parallel rank, starting at global sample `consumed_samples`.
+
+    Global sample order is 0, 1, 2, ...; each global batch of `global_batch` samples is split
+    evenly over DP ranks, then into micro-batches.
+    """
+
+    def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0):
+        self.ds, self.gb, self.mb, self.rank, self.dp = dataset, global_batch, micro_batch, dp_rank, dp_size
+        self.consumed = consumed_samples
+        self.per_rank = global_batch // dp_size
+
+    def next_global_batch(self) -> list[dict]:
+        """This rank's micro-batches for the next global batch."""
+        start = self.consumed + self.rank * self.per_rank
+        idx = [(start + i) % len(self.ds) for i in range(self.per_rank)]
+        self.consumed += self.gb
+        micro = [collate([self.ds[int(i)] for i in idx[j:j + self.mb]]) for j in range(0, len(idx), self.mb)]
+        return micro
+
+
+def fixed_eval_batches(dataset, n_batches: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[dict]:
+    """The same held-out micro-batches at every evaluation."""
+    n = len(dataset)
+    per = n_batches * micro_batch
+    idx = np.arange(dp_rank * per, (dp_rank + 1) * per) % n
+    return [collate([dataset[int(i)] for i in idx[j:j + micro_batch]]) for j in range(0, per, micro_batch)]

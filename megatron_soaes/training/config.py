@@ -1,0 +1,149 @@
+"""One typed, validated config per job (YAML -> pydantic). Unknown keys and bad values are all
+reported at once, each as ``file: section.field: problem``, before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    preset: str | None = None
+    hf_config: str | None = None  # config.json or an HF directory
+    overrides: dict = Field(default_factory=dict)
+    init_checkpoint: str | None = None  # torch_dist weights to start from (converted HF or an earlier phase)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.preset is None) == (self.hf_config is None):
+            raise ValueError("give exactly one of model.preset or model.hf_config")
+        return self
+
+
+class ParallelSection(_Strict):
+    tensor_parallel: int = Field(1, ge=1)
+    pipeline_parallel: int = Field(1, ge=1)
+    context_parallel: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+class DataSource(_Strict):
+    path: str  # indexed dataset prefix (without .bin/.idx)
+    weight: float = Field(1.0, gt=0)
+    name: str | None = None
+
+
+class DataSection(_Strict):
+    tokenizer: str
+    seq_length: int = Field(ge=8)
+    train: list[DataSource] = Field(min_length=1)
+    valid: dict[str, list[DataSource]] = Field(default_factory=dict)  # named held-out sets
+    cache_dir: str | None = None
+
+
+class OptimSection(_Strict):
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = Field(1.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    wsd_decay_steps: int | None = None
+
+
+class TrainSection(_Strict):
+    steps: int = Field(ge=1)
+    global_batch_size: int = Field(ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    fp8: bool = False
+    seed: int = 1234
+    log_interval: int = Field(10, ge=1)
+    eval_interval: int = Field(0, ge=0)  # 0: only at the end
+    eval_iters: int = Field(4, ge=1)
+    save_interval: int = Field(0, ge=0)  # 0: only at the end
+    keep_last: int = Field(2, ge=1)
+    output_dir: str
+
+
+class JobConfig(_Strict):
+    kind: Literal["cpt", "sft", "distill"] = "cpt"
+    model: ModelSection
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection
+
+    def check_world(self, world_size: int) -> int:
+        """Errors that need the world size; returns the data-parallel size."""
+        p = self.parallel
+        mp = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+        if world_size % mp:
+            raise ConfigError(f"parallel: world size {world_size} is not divisible by TP*PP*CP = {mp}")
+        dp = world_size // mp
+        t = self.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                              f"micro_batch_size {t.micro_batch_size} * data-parallel size {dp}")
+        if p.sequence_parallel and p.tensor_parallel == 1:
+            raise ConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
+        return dp
+
+    def check_paths(self) -> None:
+        for where, sources in [("data.train", self.data.train), *[(f"data.valid.{k}", v) for k, v in self.data.valid.items()]]:
+            for i, s in enumerate(sources):
+                for ext in (".bin", ".idx"):
+                    if not Path(s.path + ext).exists():
+                        raise ConfigError(f"{where}[{i}].path: {s.path}{ext} does not exist")
+        if self.model.init_checkpoint and not Path(self.model.init_checkpoint).exists():
+            raise ConfigError(f"model.init_checkpoint: {self.model.init_checkpoint} does not exist")
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read YAML; `overrides` like ``train.steps=10`` are applied before validation."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return parse_config(data, str(path))

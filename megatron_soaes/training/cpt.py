@@ -1,0 +1,27 @@
+"""Continual pre-training task: blended domain + replay GPT data, next-token loss."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron_soaes.data.gpt_data import ResumableBatches, build_gpt_dataset, fixed_eval_batches
+from megatron_soaes.training.loop import masked_token_loss
+
+
+class CPTTask:
+    def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
+        t, d = job.train, job.data
+        train = build_gpt_dataset([(s.path, s.weight) for s in d.train], t.steps * t.global_batch_size,
+                                  d.seq_length, tokenizer, t.seed, d.cache_dir)
+        batches = ResumableBatches(train, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, consumed_samples)
+        evals = {}
+        for name, sources in d.valid.items():
+            n = t.eval_iters * t.micro_batch_size * dp_size
+            ds = build_gpt_dataset([(s.path, s.weight) for s in sources], n, d.seq_length, tokenizer, t.seed, d.cache_dir)
+            evals[name] = fixed_eval_batches(ds, t.eval_iters, t.micro_batch_size, dp_rank, dp_size)
+        return batches, evals
+
+    def forward_step(self, data_iterator, model):
+        b = next(data_iterator)
+        out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        return out, partial(masked_token_loss, b["loss_mask"])

@@ -1,0 +1,215 @@
+"""The one training loop. CPT, SFT and distillation plug in a `Task` (data + forward step + loss);
+the loop owns parallel setup, megatron-core schedules, DDP, optimizer, LR schedule, NaN/Inf skips,
+evaluation, logging and atomic, resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from megatron_soaes.training.config import ConfigError, JobConfig
+
+
+class Task(Protocol):
+    def build(self, job: JobConfig, tokenizer, model_cfg, dp_rank: int, dp_size: int, consumed_samples: int):
+        """Return (train ResumableBatches, {name: list of eval micro-batches})."""
+
+    def forward_step(self, data_iterator, model):
+        """megatron forward_step_func: returns (output, loss_func); loss_func -> (loss_sum, num_tokens, report)."""
+
+
+def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of per-token losses under the mask; megatron divides by the global token count."""
+    mask = loss_mask.reshape(-1).float()
+    total = (per_token_loss.reshape(-1).float() * mask).sum()
+    n = mask.sum()
+    return total, n.to(torch.int), {"lm loss": torch.stack([total.detach().clone(), n.detach().clone()])}
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens_per_s: float
+    skipped: bool
+
+
+def resolve_model_config(job: JobConfig, tokenizer):
+    from megatron_soaes.models.qwen2 import ModelConfigError, Qwen2Config, preset
+
+    m = job.model
+    try:
+        cfg = preset(m.preset, **m.overrides) if m.preset else Qwen2Config.from_hf(m.hf_config)
+    except (ModelConfigError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    return cfg
+
+
+def _reduce_loss(reports: list[dict], key: str = "lm loss") -> float:
+    """Token-weighted mean over micro-batches and data-parallel ranks (valid on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    t = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+            and ps.get_context_parallel_rank() == 0:
+        for r in reports:
+            t += r[key].double().cpu()
+    torch.distributed.all_reduce(t)
+    return (t[0] / t[1].clamp(min=1)).item()
+
+
+def _grads_finite(ddp) -> bool:
+    ok = torch.tensor([1.0])
+    for buf in ddp.buffers:
+        if not torch.isfinite(buf.grad_data).all():
+            ok.zero_()
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> list[StepRecord]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_soaes.checkpoint.load import load_model_weights
+    from megatron_soaes.data.tokenizer import load_tokenizer
+    from megatron_soaes.models.qwen2 import build_model, have_transformer_engine
+    from megatron_soaes.runtime import ParallelConfig, initialize, world_info
+    from megatron_soaes.training import checkpointing as ckpt
+
+    # ---- everything that can be checked before work starts ----
+    world = world_info()[1]
+    dp = job.check_world(world)
+    job.check_paths()
+    if job.train.fp8 and not have_transformer_engine():
+        raise ConfigError("train.fp8: FP8 needs Transformer Engine (pip install '.[gpu]' on a CUDA machine)")
+    tokenizer = load_tokenizer(job.data.tokenizer)
+    model_cfg = resolve_model_config(job, tokenizer)
+    p = job.parallel
+    model_cfg.check_parallel(p.tensor_parallel, p.pipeline_parallel)
+
+    initialize(ParallelConfig(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.sequence_parallel),
+               seed=job.train.seed)
+    rank = torch.distributed.get_rank()
+    t = job.train
+    out = Path(t.output_dir)
+    ckpt_dir = out / "checkpoints"
+    extra = {"sequence_parallel": p.sequence_parallel, "calculate_per_token_loss": True}
+    if t.fp8:
+        extra.update(fp8="hybrid")
+    model = build_model(model_cfg, dtype=t.dtype, **extra)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer), model)
+    o = job.optim
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=t.dtype == "bf16",
+        fp16=t.dtype == "fp16", params_dtype=model.config.params_dtype,
+        use_distributed_optimizer=p.use_distributed_optimizer), [ddp])
+    style = {"wsd": "WSD"}.get(o.schedule, o.schedule)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=t.steps, lr_decay_style=style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+        wsd_decay_steps=o.wsd_decay_steps if o.schedule == "wsd" else None,
+        lr_wsd_decay_style="linear" if o.schedule == "wsd" else None)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    model.config.grad_scale_func = optimizer.scale_loss
+
+    start_step, consumed = 0, 0
+    resume = ckpt.latest_checkpoint(ckpt_dir)
+    if resume is not None:
+        common = ckpt.load(resume, ddp.module, optimizer, scheduler)
+        start_step, consumed = common["iteration"], common["consumed_samples"]
+        log(f"resumed from {resume} at step {start_step}")
+    elif job.model.init_checkpoint:
+        load_model_weights(ddp.module, job.model.init_checkpoint)
+        optimizer.reload_model_params()
+        log(f"initialised weights from {job.model.init_checkpoint}")
+
+    dp_rank = ps.get_data_parallel_rank()
+    batches, eval_sets = task.build(job, tokenizer, model_cfg, dp_rank, dp, consumed)
+    fb = get_forward_backward_func()
+    seq, mbs = job.data.seq_length, t.micro_batch_size
+    n_params = model_cfg.num_parameters()
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(step: int) -> dict:
+        res = {}
+        for name, micro in eval_sets.items():
+            reports = fb(forward_step_func=task.forward_step, data_iterator=iter(micro), model=[ddp],
+                         num_microbatches=len(micro), seq_length=seq, micro_batch_size=mbs, forward_only=True)
+            res[name] = _reduce_loss(reports)
+        if res:
+            log(f"step {step} | eval " + " | ".join(f"{k} loss {v:.4f} ppl {math.exp(min(v, 50)):.2f}" for k, v in res.items()))
+            _write_metrics({"step": step, "eval": res})
+        return res
+
+    def _write_metrics(rec):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    history: list[StepRecord] = []
+    source_tokens: dict[int, int] = {}
+    t_start, tokens_since = time.time(), 0
+    for step in range(start_step + 1, t.steps + 1):
+        ddp.train()
+        micro = batches.next_global_batch()
+        for mb in micro:
+            for s, c in zip(*torch.unique(mb["source"], return_counts=True)):
+                source_tokens[int(s)] = source_tokens.get(int(s), 0) + int(c) * seq
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = fb(forward_step_func=task.forward_step, data_iterator=iter(micro), model=[ddp],
+                     num_microbatches=len(micro), seq_length=seq, micro_batch_size=mbs, forward_only=False)
+        loss = _reduce_loss(reports)
+        finite = math.isfinite(loss) and _grads_finite(ddp)
+        grad_norm = None
+        if finite:
+            ok, grad_norm, _ = optimizer.step()
+            finite = bool(ok)
+        if finite:
+            scheduler.step(increment=1)
+        else:
+            log(f"step {step}: non-finite loss/gradients (loss={loss}); update skipped")
+        tokens_since += t.global_batch_size * seq
+        lr = optimizer.param_groups[0]["lr"]
+        rec = StepRecord(step, loss, lr, None if grad_norm is None else float(grad_norm), 0.0, not finite)
+        if step % t.log_interval == 0 or step == t.steps:
+            dt = time.time() - t_start
+            rec.tokens_per_s = tokens_since / max(dt, 1e-9)
+            tflops = 6 * n_params * rec.tokens_per_s / 1e12
+            eta = (t.steps - step) * t.global_batch_size * seq / max(rec.tokens_per_s, 1e-9)
+            per_src = ", ".join(f"src{k}={v}" for k, v in sorted(source_tokens.items()))
+            log(f"step {step}/{t.steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
+                f"{rec.grad_norm if rec.grad_norm is None else round(rec.grad_norm, 3)} | "
+                f"{rec.tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s (model) | ETA {eta:.0f}s | tokens {per_src}")
+            t_start, tokens_since = time.time(), 0
+        history.append(rec)
+        _write_metrics({"step": step, "loss": loss, "lr": lr, "grad_norm": rec.grad_norm, "skipped": rec.skipped,
+                        "source_tokens": source_tokens})
+        if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+            evaluate(step)
+        if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
+            common = {"iteration": step, "consumed_samples": batches.consumed, "job": job.model_dump()}
+            path = ckpt.save(ckpt_dir, step, ddp.module, optimizer, scheduler, common, model_cfg, t.keep_last)
+            log(f"saved {path}")
+    evaluate(t.steps)
+    return history
