@@ -63,6 +63,13 @@ def _train(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from megatron_soaes.data.demo_data import prepare_demo_data
+
+    print(f"demo data in {prepare_demo_data(args.out, vocab_size=args.vocab_size)}")
+    return 0
+
+
 def _demo(args) -> int:
     from megatron_soaes.demo import run_demo
 
@@ -107,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="validate the config against --world-size, run nothing")
     t.add_argument("--world-size", type=int, default=1)
     t.set_defaults(fn=_train)
+
+    pr = sub.add_parser("prepare-demo-data", help="demo corpora + sentencepiece tokenizer + indexed datasets")
+    pr.add_argument("--out", default="data/demo")
+    pr.add_argument("--vocab-size", type=int, default=8000)
+    pr.set_defaults(fn=_prepare)
 
     d = sub.add_parser("demo", help="tiny Qwen2: build, convert HF->Megatron->HF, compare logits")
     d.add_argument("--out", default="outputs/demo")

@@ -1,0 +1,31 @@
+"""Build the tiny example's data: demo corpora, a sentencepiece tokenizer, indexed datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_soaes.data.corpora import build_demo_corpora
+from megatron_soaes.data.preprocess import preprocess
+from megatron_soaes.data.tokenizer import train_sentencepiece
+
+PARTS = ("domain.train", "general.train", "domain.valid", "general.valid", "domain.test", "general.test")
+
+
+def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 4000, workers: int = 2) -> Path:
+    """Idempotent: parts that already exist are kept."""
+    out = Path(out_dir)
+    corpora = out / "corpora"
+    if not (corpora / "corpora.json").exists():
+        build_demo_corpora(corpora)
+    spm = out / "spm.model"
+    if not spm.exists():
+        texts = []
+        for n in ("domain.train", "general.train"):
+            with open(corpora / f"{n}.jsonl", encoding="utf-8") as f:
+                texts += [json.loads(line)["text"] for _, line in zip(range(tokenizer_docs // 2), f)]
+        train_sentencepiece(texts, out / "spm", vocab_size=vocab_size)
+    for n in PARTS:
+        if not (out / f"{n}.idx").exists():
+            preprocess(corpora / f"{n}.jsonl", out / n, str(spm), workers=workers)
+    return out
