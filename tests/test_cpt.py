@@ -106,3 +106,29 @@ def test_all_field_errors_reported_at_once(tmp_path):
     for frag in ("data.seq_length: Field required", "data.train: Field required", "train.steps: Input should be greater",
                  "train.output_dir: Field required", "extra: unknown key"):
         assert f"{p}: {frag}" in text
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_two_process_loss_curve_matches_single_process(cpt_data, tmp_path, tp, pp):
+    from conftest import ROOT, torchrun
+
+    from megatron_soaes.training.cpt import CPTTask
+    from megatron_soaes.training.loop import train
+
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+    from megatron_soaes.demo import make_random_hf_model
+
+    # CPT starts from a base checkpoint: the same weights whatever the layout (random init per PP stage differs).
+    make_random_hf_model(tmp_path / "hf", "test", vocab_size=4096)
+    hf_to_megatron(tmp_path / "hf", tmp_path / "base", tp, pp, progress=False)
+    ref = tmp_path / "ref"
+    cfg = write_config(cpt_data, ref, steps=10, save_interval=0)
+    init = f"model.init_checkpoint={tmp_path / 'base'}"
+    hist = train(load_config(cfg, [init]), CPTTask(), log=lambda s: None)
+    par = tmp_path / "par"
+    cfg = write_config(cpt_data, par, steps=10, save_interval=0)
+    torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg, "--set", init,
+             "--set", f"parallel.tensor_parallel={tp}", "--set", f"parallel.pipeline_parallel={pp}")
+    got = losses(par)
+    for h in hist:
+        assert got[h.step] == pytest.approx(h.loss, abs=1e-4), h.step

@@ -104,6 +104,8 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
     initialize(ParallelConfig(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.sequence_parallel),
                seed=job.train.seed)
     rank = torch.distributed.get_rank()
+    if rank != 0:
+        log = lambda msg: None  # noqa: E731  (one log stream, from global rank 0)
     t = job.train
     out = Path(t.output_dir)
     ckpt_dir = out / "checkpoints"
