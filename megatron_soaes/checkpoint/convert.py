@@ -17,7 +17,7 @@ from tqdm import tqdm
 from megatron_soaes.checkpoint import qwen2_hf
 from megatron_soaes.checkpoint.dcp_io import DcpReader, DcpWriter
 from megatron_soaes.checkpoint.meta import atomic_directory, read_meta, write_meta
-from megatron_soaes.checkpoint.safetensors_io import SafetensorsReader, SafetensorsStreamWriter
+from megatron_soaes.checkpoint.safetensors_io import SafetensorsReader, SafetensorsStreamWriter, tensor_nbytes
 from megatron_soaes.models.qwen2 import ModelConfigError, Qwen2Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,10 +140,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def _plan_shards(groups: list[list[str]], shapes: dict, dtype: torch.dtype, max_bytes: int):
     """Assign tensors (in production order) to shards of at most `max_bytes` (one tensor may exceed it)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
     shards, cur, cur_bytes = [], [], 0
     for name in (n for g in groups for n in g):
-        nbytes = itemsize * int(torch.Size(shapes[name]).numel())
+        nbytes = tensor_nbytes(shapes[name], dtype)
         if cur and cur_bytes + nbytes > max_bytes:
             shards.append(cur)
             cur, cur_bytes = [], 0
@@ -177,7 +176,7 @@ class _HFShardWriter:
     def close(self) -> None:
         self.writer.close()
         if len(self.files) > 1:
-            total = sum(torch.Size(s).numel() for s in self.shapes.values()) * torch.empty((), dtype=self.dtype).element_size()
+            total = sum(tensor_nbytes(s, self.dtype) for s in self.shapes.values())
             index = {"metadata": {"total_size": total},
                      "weight_map": {n: self.files[i] for n, i in self.where.items()}}
             (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

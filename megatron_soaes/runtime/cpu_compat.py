@@ -7,7 +7,7 @@ here, so that the rest of the code base uses megatron-core unmodified:
 2. ``torch.cuda.synchronize()`` in the p2p pipeline code             -> no-op.
 3. ``Tensor.cuda()`` (tied-embedding sync across pipeline stages)   -> stays on CPU.
 4. literal ``device="cuda"`` allocations in the pipeline schedules, the default causal
-   mask, the DDP buffer and the optimizer (loss scale, grad-norm clipping)                                          -> the ``torch`` name
+   mask, the DDP buffer, the optimizer (loss scale, grad-norm)      -> the ``torch`` name
    inside those modules is swapped for a proxy that maps CUDA devices to CPU.
 5. grad clipping asserts CUDA grads                                -> a CPU clip (same math).
 6. the CUDA RNG tracker (``fork()`` of the model-parallel RNG state) -> a tracker that
@@ -58,17 +58,19 @@ class _CpuTorchProxy(types.ModuleType):
         super().__init__("torch")
 
     def __getattr__(self, name):
-        attr = getattr(torch, name)
-        if callable(attr) and not isinstance(attr, type) and not isinstance(attr, types.ModuleType):
+        """Resolved once per name, then cached as an attribute (these modules are on hot paths)."""
+        fn = getattr(torch, name)
+        value = fn
+        if callable(fn) and not isinstance(fn, type) and not isinstance(fn, types.ModuleType):
 
-            @functools.wraps(attr)
-            def call(*args, **kwargs):
+            @functools.wraps(fn)
+            def value(*args, **kwargs):
                 if "device" in kwargs:
                     kwargs["device"] = _cpu_device(kwargs["device"])
-                return attr(*args, **kwargs)
+                return fn(*args, **kwargs)
 
-            return call
-        return attr
+        setattr(self, name, value)
+        return value
 
 
 class CpuRNGStatesTracker:

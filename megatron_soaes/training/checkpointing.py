@@ -99,11 +99,10 @@ def load(path: str | Path, model, optimizer, scheduler) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     same_world = read_meta(path).get("world_size") == world
     model_sd = model.sharded_state_dict()
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
-             "scheduler": None, "common": None}
+    # scheduler and common are non-sharded: dist_checkpointing.load returns them from common.pt.
+    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
     if same_world:
         state["rng"] = ShardedObject("rng_state", None, (world,), (rank,), replica_id=0)
-    state.pop("scheduler"), state.pop("common")
     loaded = dist_checkpointing.load(state, str(path))
     model.load_state_dict(loaded["model"], strict=False)
     optimizer.load_state_dict(loaded["optimizer"])
