@@ -1,6 +1,36 @@
-"""megatron-soaes: build with `pip install -e .` (the C++ verify op is built when present in csrc/)."""
+"""megatron-soaes: `pip install --no-build-isolation -e .` after torch is installed.
+
+The tree-verify op in csrc/ is always built for the CPU; its CUDA kernel too when the installed
+torch is a CUDA build and nvcc is found (SOAES_NO_CUDA=1 skips it). Without build isolation the
+build uses the torch already installed, so a CPU machine never pulls a CUDA torch to build.
+"""
+
+import os
 
 from setuptools import find_packages, setup
+
+
+def _extensions():
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("megatron-soaes: torch not importable at build time; the native verify op is not built "
+              "(install torch first and use --no-build-isolation)")
+        return [], {}
+    sources = ["csrc/tree_verify.cpp"]
+    flags = {"cxx": ["-O3", "-std=c++17"]}
+    use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("SOAES_NO_CUDA"))
+    if use_cuda:
+        flags["cxx"].append("-DSOAES_WITH_CUDA")
+        flags["nvcc"] = ["-O3", "-DSOAES_WITH_CUDA", "-std=c++17"]
+        ext = CUDAExtension("megatron_soaes._C", sources + ["csrc/tree_verify_cuda.cu"], extra_compile_args=flags)
+    else:
+        ext = CppExtension("megatron_soaes._C", sources, extra_compile_args=flags)
+    return [ext], {"build_ext": BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = _extensions()
 
 INSTALL_REQUIRES = [
     "torch>=2.6",  # pin torch==2.13.0 on CPU machines (see requirements/ci.txt); clusters bring CUDA torch
@@ -34,4 +64,6 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["soaes=megatron_soaes.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

@@ -63,6 +63,33 @@ def _train(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import torch
+
+    from megatron_soaes.data.tokenizer import load_tokenizer
+    from megatron_soaes.speculative import SpecConfig, generate, load_inference_model, speculative_generate
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    tok = load_tokenizer(args.tokenizer or args.target)
+    target = load_inference_model(args.target, dtype, args.device)
+    prompts = [tok.encode(p) for p in args.prompt]
+    kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_id=tok.eod_id)
+    if args.draft:
+        spec = SpecConfig.parse(args.tree, args.gamma, args.topk, args.depth, args.budget)
+        res = speculative_generate(target, load_inference_model(args.draft, dtype, args.device), prompts,
+                                   args.max_new_tokens, spec, **kw)
+    else:
+        res = generate(target, prompts, args.max_new_tokens, **kw)
+    for p, out in zip(args.prompt, res.tokens):
+        print(json.dumps({"prompt": p, "completion": tok.decode(out)}, ensure_ascii=False))
+    stats = {"tokens_per_s": round(res.tokens_per_s, 2), "new_tokens": res.new_tokens,
+             "target_forwards": res.target_forwards}
+    if args.draft:
+        stats.update(tau=round(res.tau, 3), alpha=round(res.alpha, 3))
+    print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
 def _prepare(args) -> int:
     from megatron_soaes.data.demo_data import prepare_demo_data
 
@@ -115,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--world-size", type=int, default=1)
     t.set_defaults(fn=_train)
 
+    g = sub.add_parser("generate", help="target-only or speculative (chain/tree) generation")
+    g.add_argument("--target", required=True, help="HF directory or megatron-soaes checkpoint")
+    g.add_argument("--draft", default=None, help="draft model (enables speculative decoding)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the target directory)")
+    g.add_argument("--prompt", action="append", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--tree", default=None, help="chain (default) | dynamic | branching per depth, e.g. 3,2,1")
+    g.add_argument("--gamma", type=int, default=4, help="chain length")
+    g.add_argument("--topk", type=int, default=4, help="dynamic tree: nodes expanded per depth")
+    g.add_argument("--depth", type=int, default=5, help="dynamic tree depth")
+    g.add_argument("--budget", type=int, default=16, help="dynamic tree node budget")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    g.set_defaults(fn=_generate)
+
     pr = sub.add_parser("prepare-demo-data", help="demo corpora + sentencepiece tokenizer + indexed datasets")
     pr.add_argument("--out", default="data/demo")
     pr.add_argument("--vocab-size", type=int, default=8000)
@@ -137,7 +182,7 @@ def main(argv=None) -> int:
 
     try:
         return args.fn(args)
-    except (ConversionError, ModelConfigError, ParallelConfigError, ConfigError, FileExistsError) as e:
+    except (ConversionError, ModelConfigError, ParallelConfigError, ConfigError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,343 @@
+"""Target-only and speculative (chain / static tree / dynamic tree) decoding.
+
+One round of speculative decoding, for a batch:
+  1. the draft grows a token tree from the root (the last emitted token) depth by depth, each depth
+     one draft forward over that depth's nodes with a tree mask (`draft_tree`);
+  2. the target scores the whole tree in ONE forward (tree mask, position = length + depth);
+  3. `tree_verify` (native op) walks it: accepted path + the next token, lossless;
+  4. both KV caches are compacted to the accepted path; the next token becomes the new root.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from megatron_soaes.speculative.model import Qwen2ForInference
+from megatron_soaes.speculative.verify import tree_verify
+
+
+@dataclass
+class SpecConfig:
+    """chain: gamma tokens; tree: top-k `branching[d]` children per node at depth d (sampled without
+    replacement when temperature > 0); dynamic: EAGLE-2-style expansion of the `topk` most probable
+    nodes per depth (cumulative draft probability) for `depth` levels, keeping the best `budget` nodes."""
+
+    mode: Literal["chain", "tree", "dynamic"] = "chain"
+    gamma: int = 4
+    branching: tuple[int, ...] = (2, 2, 1, 1)
+    topk: int = 4
+    depth: int = 5
+    budget: int = 16
+
+    def __post_init__(self):
+        if self.mode == "chain":
+            self.branching = (1,) * self.gamma
+        if self.mode not in ("chain", "tree", "dynamic"):
+            raise ValueError(f"unknown speculative mode {self.mode!r}")
+        if any(k < 1 for k in self.branching) or self.gamma < 1 or self.topk < 1 or self.depth < 1 or self.budget < 2:
+            raise ValueError("gamma, branching factors, topk, depth >= 1 and budget >= 2 are required")
+
+    @classmethod
+    def parse(cls, tree: str | None, gamma: int = 4, topk: int = 4, depth: int = 5, budget: int = 16) -> "SpecConfig":
+        """CLI form: no tree -> chain of `gamma`; "3,2,1" -> static branching; "dynamic" -> EAGLE-2 style."""
+        if not tree or tree == "chain":
+            return cls("chain", gamma=gamma)
+        if tree == "dynamic":
+            return cls("dynamic", topk=topk, depth=depth, budget=budget)
+        try:
+            branching = tuple(int(x) for x in tree.split(","))
+        except ValueError:
+            raise ValueError(f"--tree must be 'chain', 'dynamic' or branching factors like 3,2,1; got {tree!r}") from None
+        return cls("tree", branching=branching)
+
+    @property
+    def max_nodes(self) -> int:
+        if self.mode == "dynamic":
+            return self.budget
+        n, width = 1, 1
+        for k in self.branching:
+            width *= k
+            n += width
+        return n
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    seconds: float
+    target_forwards: int
+    new_tokens: int
+    accepted_per_round: list[float] = field(default_factory=list)  # accepted draft tokens, mean over batch
+    tree_depth: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per target forward (accepted drafts + the target's own token)."""
+        return 1.0 + sum(self.accepted_per_round) / max(len(self.accepted_per_round), 1)
+
+    @property
+    def alpha(self) -> float:
+        """Acceptance rate: accepted draft tokens per drafted depth level."""
+        if not self.accepted_per_round or not self.tree_depth:
+            return 0.0
+        return sum(self.accepted_per_round) / (len(self.accepted_per_round) * self.tree_depth)
+
+
+def probs_from_logits(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampling distribution: one-hot argmax at temperature 0, else softmax(l/T) cut to top-p."""
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    p = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = p.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # the smallest prefix with mass >= top_p
+        p = torch.zeros_like(p).scatter_(-1, si, sp * keep)
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def _sample(p: torch.Tensor, gen) -> torch.Tensor:
+    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
+
+
+def _prefill(model: Qwen2ForInference, prompts: list[list[int]], max_len: int):
+    """Cache every prompt token but the last, which becomes the first root."""
+    B = len(prompts)
+    cache = model.new_cache(B, max_len)
+    n = max(len(p) for p in prompts) - 1
+    if n > 0:
+        toks = torch.zeros(B, n, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            toks[b, :len(p) - 1] = torch.tensor(p[:-1])
+        toks = toks.to(model.device)
+        model.forward(toks, torch.arange(n, device=model.device).expand(B, n), cache)
+    cache.lengths.copy_(torch.tensor([len(p) - 1 for p in prompts]))
+    root = torch.tensor([p[-1] for p in prompts], device=model.device)
+    return cache, root
+
+
+def _check_prompts(prompts, max_new_tokens, model):
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    bad = [t for p in prompts for t in p if not 0 <= t < model.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token {bad[0]} is outside the vocabulary of {model.vocab_size}")
+
+
+def _finish(out: list[list[int]], max_new_tokens: int, eos_id: int | None) -> list[list[int]]:
+    res = []
+    for seq in out:
+        seq = seq[:max_new_tokens]
+        if eos_id is not None and eos_id in seq:
+            seq = seq[:seq.index(eos_id) + 1]
+        res.append(seq)
+    return res
+
+
+def _done(out, max_new_tokens, eos_id) -> bool:
+    return all(len(s) >= max_new_tokens or (eos_id is not None and eos_id in s) for s in out)
+
+
+@torch.no_grad()
+def generate(target: Qwen2ForInference, prompts: list[list[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> GenerationResult:
+    """Target-only decoding, one token per forward: the baseline and the lossless reference."""
+    _check_prompts(prompts, max_new_tokens, target)
+    gen = torch.Generator(device=target.device).manual_seed(seed)
+    t0 = time.perf_counter()
+    B = len(prompts)
+    cache, root = _prefill(target, prompts, max(map(len, prompts)) + max_new_tokens + 1)
+    out: list[list[int]] = [[] for _ in range(B)]
+    forwards = 0
+    while not _done(out, max_new_tokens, eos_id):
+        logits = target.forward(root[:, None], cache.lengths[:, None], cache)[:, 0]
+        forwards += 1
+        cache.lengths += 1
+        root = _sample(probs_from_logits(logits, temperature, top_p), gen)
+        for b in range(B):
+            out[b].append(int(root[b]))
+    res = _finish(out, max_new_tokens, eos_id)
+    return GenerationResult(res, time.perf_counter() - t0, forwards, sum(map(len, res)))
+
+
+@dataclass
+class DraftTree:
+    parents: torch.Tensor  # [B, N]
+    tokens: torch.Tensor  # [B, N]
+    depth: torch.Tensor  # [B, N]
+    draft_probs: torch.Tensor | None  # [B, N, V] or None (deterministic drafts: one-hot)
+    draft_slot: torch.Tensor  # [B, N] block slot of the node's K/V in the draft cache, -1 if never run
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[B, N, N]: node j is node i or one of its ancestors."""
+        B, N = self.parents.shape
+        anc = torch.zeros(B, N, N, dtype=torch.bool, device=self.parents.device)
+        ar = torch.arange(B, device=anc.device)
+        for i in range(N):
+            if i:
+                anc[:, i] = anc[ar, self.parents[:, i].clamp(min=0)]
+            anc[:, i, i] = True
+        return anc
+
+
+def _static_tree(draft, cache, root, spec: SpecConfig, temperature, top_p, gen) -> DraftTree:
+    B, dev = root.shape[0], draft.device
+    N = spec.max_nodes
+    V = draft.vocab_size
+    parents = torch.full((B, N), -1, dtype=torch.long, device=dev)
+    tokens = torch.zeros(B, N, dtype=torch.long, device=dev)
+    depth = torch.zeros(B, N, dtype=torch.long, device=dev)
+    sampled = temperature > 0
+    qs = torch.zeros(B, N, V, device=dev) if sampled else None
+    anc = torch.zeros(B, N, N, dtype=torch.bool, device=dev)
+    tokens[:, 0], anc[:, 0, 0] = root, True
+    lo, hi = 0, 1
+    for d, k in enumerate(spec.branching):
+        logits = draft.forward(tokens[:, lo:hi], cache.lengths[:, None] + d, cache,
+                               block_mask=anc[:, lo:hi, :hi], write_offset=lo)
+        q = probs_from_logits(logits, temperature, top_p) if sampled else torch.softmax(logits, -1)
+        nxt = hi
+        for f in range(hi - lo):
+            if sampled:  # k siblings without replacement; node i records the q it was drawn from
+                qf = q[:, f].clone()
+                for _ in range(k):
+                    x = _sample(qf, gen)
+                    tokens[:, nxt], qs[:, nxt] = x, qf
+                    qf = qf.scatter(1, x[:, None], 0.0)
+                    qf = qf / qf.sum(-1, keepdim=True).clamp(min=1e-30)
+                    parents[:, nxt], depth[:, nxt] = lo + f, d + 1
+                    nxt += 1
+            else:
+                top = q[:, f].topk(k, dim=-1).indices
+                tokens[:, nxt:nxt + k] = top
+                parents[:, nxt:nxt + k], depth[:, nxt:nxt + k] = lo + f, d + 1
+                nxt += k
+        for i in range(hi, nxt):
+            anc[:, i] = anc[torch.arange(B, device=dev), parents[:, i]]
+            anc[:, i, i] = True
+        lo, hi = hi, nxt
+    slot = torch.arange(N, device=dev).expand(B, N).clone()
+    slot[:, lo:] = -1  # the deepest level never went through the draft
+    return DraftTree(parents, tokens, depth, qs, slot)
+
+
+def _dynamic_tree(draft, cache, root, spec: SpecConfig) -> DraftTree:
+    """EAGLE-2: expand the `topk` best nodes per depth by cumulative draft probability; keep the best `budget`."""
+    B, dev, K = root.shape[0], draft.device, spec.topk
+    cap = 1 + K + (spec.depth - 1) * K * K
+    parents = torch.full((B, cap), -1, dtype=torch.long, device=dev)
+    tokens = torch.zeros(B, cap, dtype=torch.long, device=dev)
+    depth = torch.zeros(B, cap, dtype=torch.long, device=dev)
+    score = torch.full((B, cap), -float("inf"), device=dev)
+    anc = torch.zeros(B, cap, cap, dtype=torch.bool, device=dev)
+    written = torch.zeros(B, cap, dtype=torch.bool, device=dev)
+    ar = torch.arange(B, device=dev)
+    tokens[:, 0], score[:, 0], anc[:, 0, 0] = root, 0.0, True
+    frontier = torch.zeros(B, 1, dtype=torch.long, device=dev)  # candidate indices to expand
+    n = 1
+    for d in range(spec.depth):
+        f = frontier.shape[1]
+        logits = _forward_at_slots(draft, cache, tokens, frontier, anc, d, n)
+        written[:, int(frontier.min()):n] = True  # the whole block ran, each node under its own ancestors
+        logp = torch.log_softmax(logits, -1)  # [B, f, V]
+        top = logp.topk(K, dim=-1)
+        cand_score = (score.gather(1, frontier)[:, :, None] + top.values).reshape(B, f * K)
+        new = torch.arange(n, n + f * K, device=dev)
+        tokens[:, new] = top.indices.reshape(B, f * K)
+        parents[:, new] = frontier.repeat_interleave(K, dim=1)
+        depth[:, new] = d + 1
+        score[:, new] = cand_score
+        for i in new.tolist():
+            anc[:, i] = anc[ar, parents[:, i]]
+            anc[:, i, i] = True
+        n += f * K
+        frontier = new[cand_score.topk(min(K, f * K), dim=-1).indices]
+    # keep the `budget` best candidates (stable: a parent ties before its child); reindex in BFS order
+    order = torch.sort(-score[:, :n], dim=-1, stable=True).indices[:, :spec.budget]
+    keep = order.sort(dim=-1).values  # candidate indices, increasing: parents first
+    remap = torch.full((B, n), -1, dtype=torch.long, device=dev)
+    remap[ar[:, None], keep] = torch.arange(spec.budget, device=dev).expand(B, -1)
+    par = parents.gather(1, keep)
+    new_par = torch.where(par >= 0, remap.gather(1, par.clamp(min=0)), par)
+    if (new_par[:, 1:] < 0).any():
+        raise AssertionError("dynamic tree lost an ancestor")
+    slot = torch.where(written.gather(1, keep), keep, torch.full_like(keep, -1))
+    return DraftTree(new_par, tokens.gather(1, keep), depth.gather(1, keep), None, slot)
+
+
+def _forward_at_slots(draft, cache, tokens, nodes, anc, d, n_written):
+    """Draft forward of candidate `nodes` [B, f] (all at depth d), K/V at block slot = candidate index.
+
+    Slots must equal candidate indices, so the forward covers the contiguous block
+    [min(nodes), n_written) of depth-d candidates, each under its own ancestor mask.
+    """
+    B, f = nodes.shape
+    ar = torch.arange(B, device=nodes.device)
+    lo = int(nodes.min())
+    width = n_written - lo
+    block_tokens = tokens[:, lo:n_written]
+    mask = anc[:, lo:n_written, :n_written]
+    logits = draft.forward(block_tokens, cache.lengths[:, None] + d, cache, block_mask=mask, write_offset=lo)
+    return logits[ar[:, None], nodes - lo]
+
+
+@torch.no_grad()
+def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, prompts: list[list[int]],
+                         max_new_tokens: int, spec: SpecConfig | None = None, temperature: float = 0.0,
+                         top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                         verify_impl: str = "auto") -> GenerationResult:
+    spec = spec or SpecConfig()
+    _check_prompts(prompts, max_new_tokens, target)
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"draft vocabulary {draft.vocab_size} != target vocabulary {target.vocab_size}")
+    gen = torch.Generator(device=target.device).manual_seed(seed)
+    t0 = time.perf_counter()
+    B = len(prompts)
+    room = max(map(len, prompts)) + max_new_tokens + 1
+    cap = spec.max_nodes if spec.mode != "dynamic" else 1 + spec.topk + (spec.depth - 1) * spec.topk ** 2
+    tcache, root = _prefill(target, prompts, room + spec.max_nodes + 1)
+    dcache, _ = _prefill(draft, prompts, room + cap + 1)
+    out: list[list[int]] = [[] for _ in range(B)]
+    accepted_hist, forwards = [], 0
+    ar = torch.arange(B, device=target.device)
+    tree_depth = spec.depth if spec.mode == "dynamic" else len(spec.branching)
+    while not _done(out, max_new_tokens, eos_id):
+        tree = (_dynamic_tree(draft, dcache, root, spec) if spec.mode == "dynamic"
+                else _static_tree(draft, dcache, root, spec, temperature, top_p, gen))
+        logits = target.forward(tree.tokens, tcache.lengths[:, None] + tree.depth, tcache,
+                                block_mask=tree.ancestor_mask())
+        forwards += 1
+        p = probs_from_logits(logits, temperature, top_p)
+        u = torch.rand(p.shape[:2] + (2,), generator=gen, device=p.device)
+        path, length, nxt = tree_verify(tree.parents, tree.tokens, p, tree.draft_probs, u,
+                                        implementation=verify_impl)
+        path, length, nxt = path.to(target.device), length.to(target.device), nxt.to(target.device)
+        tcache.commit(path, length)
+        # draft cache: the written prefix of the path; the last accepted node may need one catch-up forward
+        pslot = tree.draft_slot.gather(1, path.clamp(min=0))
+        in_path = torch.arange(path.shape[1], device=path.device)[None] < length[:, None]
+        written = (pslot >= 0) & in_path
+        dcount = written.sum(1)
+        dcache.commit(torch.where(written, pslot, -1), dcount)
+        last = path[ar, length - 1]
+        need = dcount < length
+        if need.any():
+            tok = tree.tokens[ar, last]
+            draft.forward(tok[:, None], dcache.lengths[:, None], dcache)
+            dcache.lengths += need.long()
+        for b in range(B):
+            out[b].extend(tree.tokens[b, path[b, 1:length[b]]].tolist() + [int(nxt[b])])
+        accepted_hist.append(float((length - 1).float().mean()))
+        root = nxt
+    res = _finish(out, max_new_tokens, eos_id)
+    return GenerationResult(res, time.perf_counter() - t0, forwards, sum(map(len, res)), accepted_hist, tree_depth)

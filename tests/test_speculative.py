@@ -1,0 +1,300 @@
+"""Speculative decoding: inference model parity, lossless greedy and sampling, KV-cache rollback,
+native tree-verify op vs the PyTorch oracle."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_soaes.speculative.decode import SpecConfig, generate, speculative_generate
+from megatron_soaes.speculative.model import load_inference_model
+from megatron_soaes.speculative.verify import native_available, tree_verify, tree_verify_reference
+
+
+@pytest.fixture(scope="module")
+def pair(hf_models, tmp_path_factory):
+    from megatron_soaes.demo import make_random_hf_model
+
+    d = tmp_path_factory.mktemp("draft")
+    make_random_hf_model(d, "test", seed=7, num_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    return load_inference_model(hf_models["untied"]), load_inference_model(d)
+
+
+@pytest.mark.parametrize("name", ["tied", "untied", "odd_vocab"])
+def test_inference_model_matches_hf(hf_models, name):
+    from megatron_soaes.checkpoint.compare import hf_logits
+
+    m = load_inference_model(hf_models[name])
+    toks = torch.randint(0, m.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = hf_logits(hf_models[name], toks)
+    cache = m.new_cache(2, 32)
+    full = m.forward(toks, torch.arange(16).expand(2, 16), cache)
+    assert (full - ref).abs().max() < 1e-5
+    cache = m.new_cache(2, 32)  # prefill 9, then token by token
+    outs = [m.forward(toks[:, :9], torch.arange(9).expand(2, 9), cache)]
+    cache.lengths += 9
+    for j in range(9, 16):
+        outs.append(m.forward(toks[:, j:j + 1], torch.full((2, 1), j), cache))
+        cache.lengths += 1
+    assert (torch.cat(outs, 1) - ref).abs().max() < 1e-5
+
+
+def test_inference_model_from_megatron_checkpoint(hf_models, tmp_path):
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+
+    hf_to_megatron(hf_models["tied"], tmp_path / "mc", 2, 2, progress=False)
+    a, b = load_inference_model(hf_models["tied"]), load_inference_model(tmp_path / "mc")
+    toks = torch.randint(0, a.vocab_size, (1, 10))
+    pos = torch.arange(10)[None]
+    assert torch.equal(a.forward(toks, pos, a.new_cache(1, 16)), b.forward(toks, pos, b.new_cache(1, 16)))
+
+
+SPECS = [SpecConfig("chain", gamma=1), SpecConfig("chain", gamma=5), SpecConfig("tree", branching=(3, 2, 1)),
+         SpecConfig("tree", branching=(1, 4)), SpecConfig("dynamic", topk=3, depth=4, budget=12),
+         SpecConfig("dynamic", topk=2, depth=6, budget=6)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.mode}-{s.max_nodes}")
+def test_greedy_speculative_equals_target_greedy(pair, spec):
+    target, draft = pair
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, target.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 20, (5,), generator=g)]
+    for n_new in (1, 7, 33):
+        ref = generate(target, prompts, n_new)
+        for d in (draft, target):  # a random draft (rejects nearly everything) and a perfect one
+            out = speculative_generate(target, d, prompts, n_new, spec)
+            assert out.tokens == ref.tokens
+        # each prompt alone gives the same tokens as in the batch
+    for b in (0, 3):
+        assert speculative_generate(target, draft, [prompts[b]], 33, spec).tokens[0] == ref.tokens[b]
+
+
+def test_perfect_draft_accepts_everything(pair):
+    target, _ = pair
+    out = speculative_generate(target, target, [[1, 2, 3]], 30, SpecConfig("chain", gamma=4))
+    assert out.tau == pytest.approx(5.0) and out.alpha == pytest.approx(1.0)
+    assert out.target_forwards == 6
+
+
+def test_eos_stops_generation(pair):
+    target, draft = pair
+    ref = generate(target, [[5, 6, 7]], 20)
+    eos = ref.tokens[0][6]
+    out = speculative_generate(target, draft, [[5, 6, 7]], 20, SpecConfig("tree"), eos_id=eos)
+    assert out.tokens[0] == ref.tokens[0][:ref.tokens[0].index(eos) + 1]
+
+
+def test_kv_cache_rollback_matches_direct_decoding(pair):
+    target, _ = pair
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, target.vocab_size, (2, 6), generator=g)
+    # a static tree: root, 3 children, 2 grandchildren each
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 2, 3, 3])
+    depth = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2, 2, 2])
+    tokens = torch.randint(0, target.vocab_size, (2, 10), generator=g)
+    anc = torch.zeros(10, 10, dtype=torch.bool)
+    for i in range(10):
+        anc[i] = anc[parents[i]] if i else anc[i]
+        anc[i, i] = True
+    cache = target.new_cache(2, 32)
+    target.forward(prefix, torch.arange(6).expand(2, 6), cache)
+    cache.lengths += 6
+    target.forward(tokens, 6 + depth.expand(2, 10), cache, block_mask=anc.expand(2, 10, 10))
+    paths = torch.tensor([[0, 2, 7, -1, -1, -1, -1, -1, -1, -1], [0, 3, -1, -1, -1, -1, -1, -1, -1, -1]])
+    cache.commit(paths, torch.tensor([3, 2]))
+    for b, n in ((0, 3), (1, 2)):
+        seq = torch.cat([prefix[b], tokens[b, paths[b, :n]]])[None]
+        direct = target.new_cache(1, 32)
+        target.forward(seq, torch.arange(seq.shape[1])[None], direct)
+        L = seq.shape[1]
+        assert int(cache.lengths[b]) == L
+        assert torch.allclose(cache.k[:, b, :, :L], direct.k[:, 0, :, :L], atol=1e-6)
+        assert torch.allclose(cache.v[:, b, :, :L], direct.v[:, 0, :, :L], atol=1e-6)
+
+
+# ---------------- sampling is lossless ----------------
+
+def _chi2_critical(df: int, z: float = 3.29) -> float:
+    """Upper 0.0005 quantile of chi-square(df), Wilson-Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    n = counts.sum()
+    exp = probs * n
+    keep = exp > 5  # pool rare cells
+    stat = ((counts[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    rest_o, rest_e = counts[~keep].sum(), exp[~keep].sum()
+    if rest_e > 0:
+        stat = stat + (rest_o - rest_e) ** 2 / rest_e
+    return float(stat), int(keep.sum()) - (0 if rest_e > 0 else 1)
+
+
+def _markov_trees(B, V, branching, mode, g):
+    """Trees over a Markov target: node probabilities T[token]; draft q badly matched to the target."""
+    p_root = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    T = torch.softmax(torch.randn(V, V, generator=g) * 1.5, -1)
+    Q = torch.softmax(-2.0 * torch.log(T) + torch.randn(V, V, generator=g), -1)  # favours unlikely tokens
+    q_root = torch.softmax(-2.0 * torch.log(p_root), -1)
+    N = 1
+    w = 1
+    for k in branching:
+        w *= k
+        N += w
+    parents = torch.full((B, N), -1, dtype=torch.long)
+    tokens = torch.zeros(B, N, dtype=torch.long)
+    qs = torch.zeros(B, N, V)
+    tp = torch.zeros(B, N, V)
+    tp[:, 0] = p_root
+    lo, hi = 0, 1
+    for k in branching:
+        nxt = hi
+        for node in range(lo, hi):
+            qn = q_root.expand(B, V).clone() if node == 0 else Q[tokens[:, node]]
+            for _ in range(k):
+                if mode == "topk":  # deterministic: next-best not yet taken
+                    x = qn.argmax(-1)
+                else:
+                    x = torch.multinomial(qn, 1, generator=g)[:, 0]
+                tokens[:, nxt], qs[:, nxt], parents[:, nxt] = x, qn, node
+                tp[:, nxt] = T[x]
+                if mode in ("without_replacement", "topk"):
+                    qn = qn.scatter(1, x[:, None], 0.0)
+                    qn = qn / qn.sum(-1, keepdim=True)
+                nxt += 1
+        lo, hi = hi, nxt
+    return parents, tokens, tp, (None if mode == "topk" else qs), p_root, T
+
+
+@pytest.mark.parametrize("mode,branching", [("iid", (1, 1, 1)), ("iid", (3, 2)), ("without_replacement", (3, 2)),
+                                            ("topk", (3, 2)), ("without_replacement", (6,))])
+def test_tree_sampling_is_lossless(mode, branching):
+    V, B = 6, 40000
+    g = torch.Generator().manual_seed(11)
+    parents, tokens, tp, qs, p_root, T = _markov_trees(B, V, branching, mode, g)
+    u = torch.rand(B, parents.shape[1], 2, generator=g)
+    path, length, nxt = tree_verify(parents, tokens, tp, qs, u)
+    ar = torch.arange(B)
+    first = torch.where(length > 1, tokens[ar, path[:, 1].clamp(min=0)], nxt)
+    counts = torch.bincount(first, minlength=V).double()
+    stat, df = _chi2(counts, p_root.double())
+    assert stat < _chi2_critical(df), (stat, df)
+    # pairs (first, second) where the second is emitted in this round
+    two = length > 1
+    second = torch.where(length > 2, tokens[ar, path[:, 2].clamp(min=0)], nxt)
+    # P(first=x, second=y) = p_root(x) T[x](y); every sample has a second token in this round iff
+    # first was a draft, so compare conditionally on each first token.
+    for x in range(V):
+        sel = two & (first == x)
+        if sel.sum() < 2000:
+            continue
+        c = torch.bincount(second[sel], minlength=V).double()
+        stat, df = _chi2(c, T[x].double())
+        assert stat < _chi2_critical(df), (x, stat, df)
+    # a badly matched draft still gets some tokens accepted, and the bonus token always comes
+    assert (length >= 1).all() and (nxt >= 0).all()
+
+
+def test_speculative_sampling_matches_target_sampling(tmp_path):
+    """End to end: the first two emitted tokens from speculative sampling follow the target's distribution."""
+    from megatron_soaes.demo import make_random_hf_model
+
+    make_random_hf_model(tmp_path / "t", "test", seed=3, vocab_size=8, make_vocab_size_divisible_by=8)
+    make_random_hf_model(tmp_path / "d", "test", seed=4, vocab_size=8, num_layers=1, make_vocab_size_divisible_by=8)
+    target, draft = load_inference_model(tmp_path / "t"), load_inference_model(tmp_path / "d")
+    prompt = [1, 2, 3]
+    B = 3000
+    logits = target.forward(torch.tensor([prompt]), torch.arange(3)[None], target.new_cache(1, 8))[0, -1]
+    p1 = torch.softmax(logits / 0.8, -1).double()
+    for spec in (SpecConfig("chain", gamma=3), SpecConfig("tree", branching=(2, 2))):
+        out = speculative_generate(target, draft, [prompt] * B, 2, spec, temperature=0.8, seed=5)
+        first = torch.tensor([t[0] for t in out.tokens])
+        stat, df = _chi2(torch.bincount(first, minlength=8).double(), p1)
+        assert stat < _chi2_critical(df), (spec.mode, stat, df)
+
+
+def test_chi_square_catches_a_lossy_verifier():
+    """Negative control: trying siblings against the unchanged target distribution (no residual)
+    is not lossless, and the test above would see it."""
+    V, B = 6, 40000
+    g = torch.Generator().manual_seed(11)
+    parents, tokens, tp, qs, p_root, _ = _markov_trees(B, V, (3,), "iid", g)
+    u = torch.rand(B, 4, generator=g)
+    ar = torch.arange(B)
+    first = torch.multinomial(p_root.expand(B, V), 1, generator=g)[:, 0]  # fallback: sample from p
+    done = torch.zeros(B, dtype=torch.bool)
+    for c in (1, 2, 3):
+        x = tokens[:, c]
+        acc = ~done & (u[:, c] < (p_root[x] / qs[ar, c, x]).clamp(max=1))
+        first = torch.where(acc, x, first)
+        done |= acc
+    stat, df = _chi2(torch.bincount(first, minlength=V).double(), p_root.double())
+    assert stat > _chi2_critical(df)
+
+
+# ---------------- native op vs the PyTorch oracle ----------------
+
+def _random_trees(B, N, V, g, with_q=True, dup=False):
+    parents = torch.zeros(B, N, dtype=torch.long)
+    parents[:, 0] = -1
+    for i in range(1, N):
+        parents[:, i] = torch.randint(0, i, (B,), generator=g)
+    hi = 3 if dup else V
+    tokens = torch.randint(0, hi, (B, N), generator=g)
+    p = torch.softmax(torch.randn(B, N, V, generator=g) * 2, -1)
+    p[: B // 4] = torch.nn.functional.one_hot(p[: B // 4].argmax(-1), V).float()  # greedy rows
+    q = torch.softmax(torch.randn(B, N, V, generator=g) * 2, -1) if with_q else None
+    u = torch.rand(B, N, 2, generator=g)
+    return parents, tokens, p, q, u
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x.cpu(), y.cpu())
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_native_op_matches_reference(device):
+    if device == "cuda" and not (torch.cuda.is_available() and native_available("cuda")):
+        pytest.skip("CUDA op needs a GPU and a CUDA build")
+    assert native_available("cpu"), "the C++ op must be built (pip install --no-build-isolation -e .)"
+    g = torch.Generator().manual_seed(0)
+    cases = [(400, 1, 17, True, False), (400, 2, 5, True, False), (1000, 8, 11, True, False),
+             (1000, 16, 50, False, False), (1000, 24, 7, True, True), (500, 24, 7, False, True),
+             (200, 64, 300, True, False), (200, 64, 300, False, False)]
+    total = 0
+    for B, N, V, with_q, dup in cases:
+        args = _random_trees(B, N, V, g, with_q, dup)
+        ref = tree_verify_reference(*args)
+        dev_args = [a.to(device) if a is not None else None for a in args]
+        _assert_same(tree_verify(*dev_args, implementation="native"), ref)
+        total += B
+    # all accepted (draft == argmax chain), all rejected (draft tokens have zero target mass)
+    B, N, V = 50, 10, 20
+    parents = torch.arange(-1, N - 1).expand(B, N).contiguous()
+    p = torch.softmax(torch.randn(B, N, V, generator=g), -1)
+    best = p.argmax(-1)
+    onehot = torch.nn.functional.one_hot(best, V).float()
+    tokens = torch.cat([torch.zeros(B, 1, dtype=torch.long), best[:, :-1]], 1)
+    u = torch.rand(B, N, 2, generator=g)
+    path, length, nxt = tree_verify(parents.to(device), tokens.to(device), onehot.to(device), None, u.to(device))
+    assert (length.cpu() == N).all() and torch.equal(nxt.cpu(), best[:, -1])
+    p0 = p.clone()
+    p0[torch.arange(B)[:, None], torch.arange(N)[None], tokens.roll(-1, 1)] = 0
+    bad = tokens.clone()
+    for args in [(parents, bad, p0, None, u), (parents, bad, p0, p, u)]:
+        dev_args = [a.to(device) if a is not None else None for a in args]
+        out = tree_verify(*dev_args)
+        _assert_same(out, tree_verify_reference(*args))
+        assert (out[1].cpu() == 1).all()
+    assert total >= 4000
+
+
+def test_native_op_rejects_bad_input():
+    assert native_available("cpu")
+    p = torch.full((1, 2, 4), 0.25)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        tree_verify(torch.tensor([[-1, 0]]), torch.tensor([[0, 9]]), p, None, torch.rand(1, 2, 2), implementation="native")
+    with pytest.raises(RuntimeError, match="uniforms"):
+        tree_verify(torch.tensor([[-1, 0]]), torch.tensor([[0, 1]]), p, None, torch.rand(1, 2, 3), implementation="native")
