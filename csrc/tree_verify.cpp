@@ -119,7 +119,6 @@ void verify_one(int64_t N, int64_t V, const int64_t* parents, const int64_t* tok
     for (int64_t c = node + 1; c < N; ++c) {
       if (parents[c] != node) continue;
       const int64_t x = tokens[c];
-      TORCH_CHECK(x >= 0 && x < V, "token ", x, " of node ", c, " is outside the vocabulary");
       const double qx = q ? static_cast<double>(q[c * V + x]) : 1.0;
       if (static_cast<double>(u[c * 2]) * qx * r.S < r.at(x)) { accepted = c; break; }
       if (q) r.reject_dist(q + c * V); else r.reject_onehot(x);
@@ -144,6 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cpu(
   auto path = at::full({B, N}, -1, parents.options());
   auto length = at::zeros({B}, parents.options());
   auto next = at::zeros({B}, parents.options());
+  if (N > 1) {  // checked here: an exception must not be thrown inside the parallel region
+    const auto drafted = tokens.slice(1, 1);
+    TORCH_CHECK(!((drafted < 0) | (drafted >= V)).any().item<bool>(), "a draft token is outside the vocabulary of ", V);
+  }
   const bool has_q = draft_probs.numel() > 0;
   const int64_t* par = parents.data_ptr<int64_t>();
   const int64_t* tok = tokens.data_ptr<int64_t>();

@@ -294,7 +294,12 @@ def test_native_op_matches_reference(device):
 def test_native_op_rejects_bad_input():
     assert native_available("cpu")
     p = torch.full((1, 2, 4), 0.25)
-    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
         tree_verify(torch.tensor([[-1, 0]]), torch.tensor([[0, 9]]), p, None, torch.rand(1, 2, 2), implementation="native")
-    with pytest.raises(RuntimeError, match="uniforms"):
+    with pytest.raises(ValueError, match="uniforms"):
         tree_verify(torch.tensor([[-1, 0]]), torch.tensor([[0, 1]]), p, None, torch.rand(1, 2, 3), implementation="native")
+    with pytest.raises(ValueError, match="parents"):
+        tree_verify(torch.tensor([[-1, 1]]), torch.tensor([[0, 1]]), p, None, torch.rand(1, 2, 2), implementation="native")
+    # the op's own checks (defence in depth, called directly)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        torch.ops.soaes.tree_verify(torch.tensor([[-1, 0]]), torch.tensor([[0, 9]]), p, torch.empty(0), torch.rand(1, 2, 2))

@@ -86,6 +86,27 @@ def tree_verify_reference(parents, tokens, target_probs, draft_probs, uniforms):
     return path, length, nxt
 
 
+def _validate(parents, tokens, target_probs, draft_probs, uniforms) -> None:
+    """Clear errors in Python (the native op checks too, but an exception thrown from a C++ extension
+    built with another compiler than torch's can crash the process instead of raising)."""
+    if target_probs.dim() != 3:
+        raise ValueError(f"target_probs must be [B, N, V], got shape {list(target_probs.shape)}")
+    B, N, V = target_probs.shape
+    if parents.shape != (B, N) or tokens.shape != (B, N):
+        raise ValueError(f"parents and tokens must be [B, N] = [{B}, {N}], got {list(parents.shape)} and {list(tokens.shape)}")
+    if uniforms.shape != (B, N, 2):
+        raise ValueError(f"uniforms must be [B, N, 2] = [{B}, {N}, 2], got {list(uniforms.shape)}")
+    if draft_probs.numel() and draft_probs.shape != target_probs.shape:
+        raise ValueError(f"draft_probs must be empty or {list(target_probs.shape)}, got {list(draft_probs.shape)}")
+    if N > 1:
+        drafted = tokens[:, 1:]
+        if bool(((drafted < 0) | (drafted >= V)).any()):
+            raise ValueError(f"a draft token is outside the vocabulary of {V}")
+        idx = torch.arange(1, N, device=parents.device)
+        if bool(((parents[:, 1:] < 0) | (parents[:, 1:] >= idx)).any()):
+            raise ValueError("parents[b, i] must satisfy 0 <= parents[b, i] < i for every non-root node")
+
+
 def tree_verify(parents, tokens, target_probs, draft_probs=None, uniforms=None, *, generator=None,
                 implementation: str = "auto"):
     """Verify a batch of token trees. implementation: auto (native when built) | native | reference."""
@@ -97,6 +118,7 @@ def tree_verify(parents, tokens, target_probs, draft_probs=None, uniforms=None, 
         draft_probs = torch.empty(0, device=dev)
     args = (parents.long().contiguous(), tokens.long().contiguous(), target_probs.float().contiguous(),
             draft_probs.float().contiguous(), uniforms.float().to(dev).contiguous())
+    _validate(*args)
     if implementation == "reference":
         return tree_verify_reference(*args)
     if native_available(dev.type):
