@@ -45,21 +45,41 @@ def _fetch(args) -> int:
     return 0
 
 
+def task_for(kind: str):
+    from megatron_soaes.distill.task import DistillTask
+    from megatron_soaes.training.cpt import CPTTask
+
+    tasks = {"cpt": CPTTask, "distill": DistillTask}
+    if kind == "sft":
+        from megatron_soaes.sft.task import SFTTask
+
+        tasks["sft"] = SFTTask
+    return tasks[kind]()
+
+
 def _train(args) -> int:
     from megatron_soaes.training.config import load_config
-    from megatron_soaes.training.cpt import CPTTask
     from megatron_soaes.training.loop import train
 
     job = load_config(args.config, args.set)
+    if getattr(args, "expect_kind", None) and job.kind != args.expect_kind:
+        raise ValueError(f"{args.config}: kind is {job.kind!r}; `soaes {args.expect_kind}` runs kind {args.expect_kind!r}")
     if args.dry_run:
         dp = job.check_world(args.world_size)
         job.check_paths()
         print(f"config OK for world size {args.world_size}: data-parallel size {dp}")
         return 0
-    tasks = {"cpt": CPTTask}
-    if job.kind not in tasks:
-        raise ValueError(f"kind {job.kind!r} is not available yet")
-    train(job, tasks[job.kind]())
+    train(job, task_for(job.kind))
+    return 0
+
+
+def _distill_dump(args) -> int:
+    from megatron_soaes.distill.offline import dump_topk
+    from megatron_soaes.training.config import load_config
+
+    job = load_config(args.config, args.set)
+    out = dump_topk(job, args.out, args.top_k, args.dtype, args.samples_per_shard, args.num_samples)
+    print(f"top-{args.top_k} teacher logits in {out}")
     return 0
 
 
@@ -159,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     g.set_defaults(fn=_generate)
+
+    ds = sub.add_parser("distill", help="distillation job (same as train, for kind: distill)")
+    ds.add_argument("--config", required=True)
+    ds.add_argument("--set", action="append", default=[])
+    ds.add_argument("--dry-run", action="store_true")
+    ds.add_argument("--world-size", type=int, default=1)
+    ds.set_defaults(fn=_train, expect_kind="distill")
+
+    dd = sub.add_parser("distill-dump", help="store the teacher's top-k logits over the training samples")
+    dd.add_argument("--config", required=True, help="a distill config with an online teacher")
+    dd.add_argument("--set", action="append", default=[])
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--top-k", type=int, default=64)
+    dd.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    dd.add_argument("--samples-per-shard", type=int, default=64)
+    dd.add_argument("--num-samples", type=int, default=None, help="default: steps * global_batch_size")
+    dd.set_defaults(fn=_distill_dump)
 
     pr = sub.add_parser("prepare-demo-data", help="demo corpora + sentencepiece tokenizer + indexed datasets")
     pr.add_argument("--out", default="data/demo")

@@ -47,3 +47,21 @@ def hf_models(tmp_path_factory):
         make_random_hf_model(base / name, "test", seed=len(out), **kw)
         out[name] = base / name
     return out
+
+
+@pytest.fixture(scope="session")
+def cpt_data(tmp_path_factory):
+    from megatron_soaes.data.corpora import build_demo_corpora
+    from megatron_soaes.data.preprocess import preprocess
+    from megatron_soaes.data.tokenizer import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("cpt")
+    build_demo_corpora(d / "corpora")
+    texts = []
+    for n in ("domain.train", "general.train"):
+        with open(d / "corpora" / f"{n}.jsonl") as f:
+            texts += [json.loads(line)["text"] for _, line in zip(range(1500), f)]
+    spm = train_sentencepiece(texts, d / "spm", vocab_size=4000)
+    for n in ("domain.train", "general.train", "domain.valid", "general.valid"):
+        preprocess(d / "corpora" / f"{n}.jsonl", d / n, str(spm), progress=False)
+    return d

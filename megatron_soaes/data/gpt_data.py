@@ -49,9 +49,11 @@ def build_gpt_dataset(sources, num_samples: int, seq_length: int, tokenizer, see
     return train
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], indices=None) -> dict:
+    """Stack samples; `index` is each sample's global position in the training order (-1 for eval)."""
     out = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     out["source"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples])
+    out["index"] = torch.tensor(list(indices) if indices is not None else [-1] * len(samples), dtype=torch.long)
     return out
 
 
@@ -71,10 +73,10 @@ class ResumableBatches:
     def next_global_batch(self) -> list[dict]:
         """This rank's micro-batches for the next global batch."""
         start = self.consumed + self.rank * self.per_rank
-        idx = [(start + i) % len(self.ds) for i in range(self.per_rank)]
+        order = [start + i for i in range(self.per_rank)]
         self.consumed += self.gb
-        micro = [collate([self.ds[int(i)] for i in idx[j:j + self.mb]]) for j in range(0, len(idx), self.mb)]
-        return micro
+        return [collate([self.ds[int(i % len(self.ds))] for i in order[j:j + self.mb]], order[j:j + self.mb])
+                for j in range(0, len(order), self.mb)]
 
 
 def fixed_eval_batches(dataset, n_batches: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[dict]:

@@ -81,6 +81,48 @@ class TrainSection(_Strict):
     output_dir: str
 
 
+class TeacherSection(_Strict):
+    preset: str | None = None
+    hf_config: str | None = None
+    overrides: dict = Field(default_factory=dict)
+    checkpoint: str  # torch_dist checkpoint (converted HF or an earlier phase); frozen
+    tensor_parallel: int | None = Field(None, ge=1)  # default: the student's
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # default: train.dtype
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.preset is None) == (self.hf_config is None):
+            raise ValueError("give exactly one of distill.teacher.preset or distill.teacher.hf_config")
+        return self
+
+
+class OnPolicySection(_Strict):
+    fraction: float = Field(0.0, ge=0, le=1)  # share of micro-batches whose continuation the student writes
+    prompt_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)
+
+
+class DistillSection(_Strict):
+    teacher: TeacherSection | None = None  # online teacher; omit when training from offline logits
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    beta: float = Field(0.5, gt=0, lt=1)  # generalised JSD mixing weight
+    temperature: float = Field(1.0, gt=0)
+    kd_weight: float = Field(1.0, ge=0, le=1)  # loss = kd_weight * divergence + (1 - kd_weight) * CE(labels)
+    top_k: int | None = Field(None, ge=1)  # restrict both distributions to the teacher's top-k tokens
+    offline_logits: str | None = None  # directory written by `soaes distill-dump`
+    on_policy: OnPolicySection = Field(default_factory=OnPolicySection)
+
+    @model_validator(mode="after")
+    def _source(self):
+        if (self.teacher is None) == (self.offline_logits is None):
+            raise ValueError("give exactly one of distill.teacher (online) or distill.offline_logits")
+        if self.offline_logits and self.top_k is None:
+            raise ValueError("distill.top_k is required with offline_logits (the stored k or less)")
+        if self.offline_logits and self.on_policy.fraction > 0:
+            raise ValueError("on-policy distillation needs an online teacher")
+        return self
+
+
 class JobConfig(_Strict):
     kind: Literal["cpt", "sft", "distill"] = "cpt"
     model: ModelSection
@@ -88,6 +130,15 @@ class JobConfig(_Strict):
     data: DataSection
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection
+    distill: DistillSection | None = None
+
+    @model_validator(mode="after")
+    def _kind_sections(self):
+        if self.kind == "distill" and self.distill is None:
+            raise ValueError("kind: distill needs a distill section")
+        if self.kind != "distill" and self.distill is not None:
+            raise ValueError(f"a distill section is only valid with kind: distill (kind is {self.kind})")
+        return self
 
     def check_world(self, world_size: int) -> int:
         """Errors that need the world size; returns the data-parallel size."""
@@ -112,6 +163,11 @@ class JobConfig(_Strict):
                         raise ConfigError(f"{where}[{i}].path: {s.path}{ext} does not exist")
         if self.model.init_checkpoint and not Path(self.model.init_checkpoint).exists():
             raise ConfigError(f"model.init_checkpoint: {self.model.init_checkpoint} does not exist")
+        d = self.distill
+        if d and d.teacher and not Path(d.teacher.checkpoint).exists():
+            raise ConfigError(f"distill.teacher.checkpoint: {d.teacher.checkpoint} does not exist")
+        if d and d.offline_logits and not (Path(d.offline_logits) / "topk.json").exists():
+            raise ConfigError(f"distill.offline_logits: {d.offline_logits} has no topk.json (run soaes distill-dump)")
 
 
 def _format(e: ValidationError, source: str) -> str:

@@ -21,7 +21,12 @@ class Task(Protocol):
         """Return (train ResumableBatches, {name: list of eval micro-batches})."""
 
     def forward_step(self, data_iterator, model):
-        """megatron forward_step_func: returns (output, loss_func); loss_func -> (loss_sum, num_tokens, report)."""
+        """megatron forward_step_func: returns (output, loss_func); loss_func -> (loss_sum, num_tokens, report).
+
+        `report` maps names to [sum, count] tensors; the loop logs each as sum/count over the global
+        batch. Optional attributes: `report_keys` (every name a report may hold; default "lm loss",
+        whose value is the training loss) and `on_built(model, optimizer)`.
+        """
 
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -55,17 +60,24 @@ def resolve_model_config(job: JobConfig, tokenizer):
     return cfg
 
 
-def _reduce_loss(reports: list[dict], key: str = "lm loss") -> float:
-    """Token-weighted mean over micro-batches and data-parallel ranks (valid on every rank)."""
+def _reduce_reports(reports: list[dict], keys=("lm loss",)) -> dict[str, float]:
+    """Each key's sum/count over micro-batches and data-parallel ranks (valid on every rank)."""
     from megatron.core import parallel_state as ps
 
-    t = torch.zeros(2, dtype=torch.float64)
+    t = torch.zeros(len(keys), 2, dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_context_parallel_rank() == 0:
         for r in reports:
-            t += r[key].double().cpu()
+            for j, key in enumerate(keys):
+                if key in r:
+                    t[j] += r[key].double().cpu()
     torch.distributed.all_reduce(t)
-    return (t[0] / t[1].clamp(min=1)).item()
+    return {k: (t[j, 0] / t[j, 1]).item() for j, k in enumerate(keys) if t[j, 1] > 0}
+
+
+def _reduce_loss(reports: list[dict], keys=("lm loss",)) -> tuple[float, dict[str, float]]:
+    res = _reduce_reports(reports, keys)
+    return res.get("lm loss", float("nan")), res
 
 
 def _grads_finite(ddp) -> bool:
@@ -145,6 +157,9 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
 
     dp_rank = ps.get_data_parallel_rank()
     batches, eval_sets = task.build(job, tokenizer, model_cfg, dp_rank, dp, consumed)
+    report_keys = tuple(getattr(task, "report_keys", ("lm loss",)))
+    if hasattr(task, "on_built"):
+        task.on_built(ddp, optimizer)
     fb = get_forward_backward_func()
     seq, mbs = job.data.seq_length, t.micro_batch_size
     n_params = model_cfg.num_parameters()
@@ -157,9 +172,14 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
         for name, micro in eval_sets.items():
             reports = fb(forward_step_func=task.forward_step, data_iterator=iter(micro), model=[ddp],
                          num_microbatches=len(micro), seq_length=seq, micro_batch_size=mbs, forward_only=True)
-            res[name] = _reduce_loss(reports)
+            loss, parts = _reduce_loss(reports, report_keys)
+            res[name] = loss
+            if len(parts) > 1:
+                res.update({f"{name}/{k}": v for k, v in parts.items() if k != "lm loss"})
         if res:
-            log(f"step {step} | eval " + " | ".join(f"{k} loss {v:.4f} ppl {math.exp(min(v, 50)):.2f}" for k, v in res.items()))
+            log(f"step {step} | eval " + " | ".join(
+                f"{k} loss {v:.4f} ppl {math.exp(min(v, 50)):.2f}" if "/" not in k else f"{k} {v:.4f}"
+                for k, v in res.items()))
             _write_metrics({"step": step, "eval": res})
         return res
 
@@ -181,7 +201,7 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
         optimizer.zero_grad()
         reports = fb(forward_step_func=task.forward_step, data_iterator=iter(micro), model=[ddp],
                      num_microbatches=len(micro), seq_length=seq, micro_batch_size=mbs, forward_only=False)
-        loss = _reduce_loss(reports)
+        loss, parts = _reduce_loss(reports, report_keys)
         finite = math.isfinite(loss) and _grads_finite(ddp)
         grad_norm = None
         if finite:
@@ -206,7 +226,7 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
             t_start, tokens_since = time.time(), 0
         history.append(rec)
         _write_metrics({"step": step, "loss": loss, "lr": lr, "grad_norm": rec.grad_norm, "skipped": rec.skipped,
-                        "source_tokens": source_tokens})
+                        "source_tokens": source_tokens, **{k: v for k, v in parts.items() if k != "lm loss"}})
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
             evaluate(step)
         if (t.save_interval and step % t.save_interval == 0) or step == t.steps:

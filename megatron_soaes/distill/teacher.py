@@ -1,0 +1,56 @@
+"""The frozen teacher: a megatron GPTModel beside the student, no grads, no optimizer state."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_soaes.training.config import ConfigError
+
+
+def teacher_config(section, tokenizer):
+    from megatron_soaes.models.qwen2 import ModelConfigError, Qwen2Config, preset
+
+    try:
+        cfg = preset(section.preset, **section.overrides) if section.preset else Qwen2Config.from_hf(section.hf_config)
+    except (ModelConfigError, TypeError) as e:
+        raise ConfigError(f"distill.teacher: {e}") from None
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"distill.teacher: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    return cfg
+
+
+def check_pair(job, student_cfg, teacher_cfg) -> None:
+    """What co-located distillation supports; everything else fails here, before any work."""
+    t = job.distill.teacher
+    if t.tensor_parallel not in (None, job.parallel.tensor_parallel):
+        raise ConfigError(
+            f"distill.teacher.tensor_parallel {t.tensor_parallel} != parallel.tensor_parallel "
+            f"{job.parallel.tensor_parallel}: a co-located teacher runs at the student's TP size "
+            f"(dump its top-k logits at any TP with `soaes distill-dump` and train offline instead)")
+    if job.parallel.pipeline_parallel != 1:
+        raise ConfigError("parallel.pipeline_parallel: distillation runs the teacher inside the student's "
+                          "forward step and needs pipeline_parallel 1")
+    if teacher_cfg.padded_vocab_size != student_cfg.padded_vocab_size:
+        raise ConfigError(f"distill.teacher: padded vocabulary {teacher_cfg.padded_vocab_size} differs from the "
+                          f"student's {student_cfg.padded_vocab_size}; the models must share a tokenizer")
+    teacher_cfg.check_parallel(job.parallel.tensor_parallel, 1)
+
+
+class Teacher:
+    def __init__(self, job, tokenizer, student_cfg):
+        from megatron_soaes.checkpoint.load import load_model_weights
+        from megatron_soaes.models.qwen2 import build_model
+
+        section = job.distill.teacher
+        self.cfg = teacher_config(section, tokenizer)
+        check_pair(job, student_cfg, self.cfg)
+        dtype = section.dtype or job.train.dtype
+        self.model = build_model(self.cfg, dtype=dtype, sequence_parallel=job.parallel.sequence_parallel)
+        load_model_weights(self.model, section.checkpoint)
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-sharded logits [b, s, V/tp], like the student's."""
+        return self.model(tokens, position_ids, None)
