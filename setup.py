@@ -46,6 +46,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "numpy>=1.26",
     "psutil>=5.9",  # megatron-core dist_checkpointing save workers need it
+    "jieba>=0.42",  # word-level Rouge (character-level is the default)
+    "matplotlib>=3.8",  # loss curves, metric and speedup plots
 ]
 
 setup(
@@ -61,7 +63,7 @@ setup(
         # Transformer Engine needs a CUDA toolkit; NVIDIA apex must be built from its GitHub source
         # (the PyPI package named `apex` is unrelated): see README "GPU extras".
         "gpu": ["transformer-engine[pytorch]>=1.13"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "rouge-chinese==1.0.3", "sacrebleu>=2.4"],
     },
     entry_points={"console_scripts": ["soaes=megatron_soaes.cli:main"]},
     ext_modules=EXT_MODULES,

@@ -138,6 +138,8 @@ class JobConfig(_Strict):
             raise ValueError("kind: distill needs a distill section")
         if self.kind != "distill" and self.distill is not None:
             raise ValueError(f"a distill section is only valid with kind: distill (kind is {self.kind})")
+        if self.optim.warmup_steps >= self.train.steps:
+            raise ValueError(f"optim.warmup_steps {self.optim.warmup_steps} must be smaller than train.steps {self.train.steps}")
         return self
 
     def check_world(self, world_size: int) -> int:

@@ -1,0 +1,78 @@
+"""Rouge and BLEU-4 parity with rouge-chinese and sacrebleu (zh) on many pairs, incl. edge cases."""
+
+import random
+
+import pytest
+
+from megatron_soaes.eval.metrics import corpus_bleu, rouge, rouge_pair, rouge_tokens
+
+
+def _pairs(n=300, seed=0):
+    """Real Chinese legal text (the demo QA answers when available) plus mutated copies."""
+    rng = random.Random(seed)
+    base = ["企业国有资产属于国家所有。国务院代表国家行使企业国有资产所有权。",
+            "公司股东依法享有资产收益、参与重大决策和选择管理者等权利。",
+            "会计机构、会计人员依照本法规定进行会计核算，实行会计监督。2024年第3条, A股 IPO-2.5%",
+            "Hello, world! 国有独资公司设董事会, 依照本法第六十七条规定。",
+            "审计机关对国有企业的资产、负债、损益，进行审计监督。"]
+    out = []
+    for _ in range(n):
+        ref = rng.choice(base)
+        chars = list(ref)
+        for _ in range(rng.randint(0, 12)):
+            op = rng.random()
+            i = rng.randrange(len(chars)) if chars else 0
+            if op < 0.4 and chars:
+                del chars[i]
+            elif op < 0.7:
+                chars.insert(i, rng.choice("的国家企业资产公司法。，,. 1A"))
+            elif chars:
+                chars[i] = rng.choice("监督管理权利义务")
+        out.append(("".join(chars), ref))
+    return out
+
+
+def test_rouge_matches_rouge_chinese():
+    from rouge_chinese import Rouge
+
+    pairs = _pairs()
+    pairs += [("企业国有资产", "企业国有资产"), ("国", "国"), ("国", "家"), ("a b c", "a b c"), ("资产资产资产", "资产")]
+    ref_pkg = Rouge()
+    for level in ("char", "word"):
+        for hyp, ref in pairs:
+            theirs = ref_pkg.get_scores(" ".join(rouge_tokens(hyp, level)), " ".join(rouge_tokens(ref, level)))[0]
+            ours = rouge_pair(hyp, ref, level)
+            for k in ("rouge-1", "rouge-2", "rouge-l"):
+                assert ours[k] == pytest.approx(theirs[k]["f"], abs=1e-9), (level, hyp, ref, k)
+        hyps, refs = zip(*pairs)
+        avg = ref_pkg.get_scores([" ".join(rouge_tokens(h, level)) for h in hyps],
+                                 [" ".join(rouge_tokens(r, level)) for r in refs], avg=True)
+        ours = rouge(list(hyps), list(refs), level)
+        for k in ours:
+            assert ours[k] == pytest.approx(avg[k]["f"], abs=1e-9)
+
+
+def test_rouge_empty_strings():
+    from rouge_chinese import Rouge
+
+    hyps, refs = ["", "国有资产", "国有", " "], ["国有资产", "国有资产", "", "国"]
+    kept = Rouge().get_scores([" ".join(rouge_tokens(h)) for h in hyps], [" ".join(rouge_tokens(r)) for r in refs],
+                              avg=True, ignore_empty=True)
+    ours = rouge(hyps, refs, ignore_empty=True)
+    assert ours["rouge-1"] == pytest.approx(kept["rouge-1"]["f"])
+    assert rouge(hyps, refs)["rouge-1"] == pytest.approx(kept["rouge-1"]["f"] / 4)  # empty pairs count as 0
+    assert rouge(["国有资产"], ["国有资产"])["rouge-l"] == pytest.approx(1.0, abs=1e-7)
+
+
+def test_bleu_matches_sacrebleu_zh():
+    import sacrebleu
+
+    pairs = _pairs(seed=1)
+    hyps, refs = [h for h, _ in pairs], [r for _, r in pairs]
+    for lo in range(0, len(pairs), 37):  # many corpora, including small ones
+        h, r = hyps[lo:lo + 37], refs[lo:lo + 37]
+        theirs = sacrebleu.corpus_bleu(h, [r], tokenize="zh").score
+        assert corpus_bleu(h, r) == pytest.approx(theirs, abs=1e-9)
+    for h, r in [("", "国有资产"), ("国有资产", "国有资产"), ("", ""), ("国", "国"), ("A.B, 1-2 x", "A.B, 1-2 y")]:
+        assert corpus_bleu([h], [r]) == pytest.approx(sacrebleu.corpus_bleu([h], [[r]], tokenize="zh").score, abs=1e-9)
+    assert corpus_bleu(["国有资产监督管理"], ["国有资产监督管理"]) == pytest.approx(100.0)
