@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _convert(args) -> int:
@@ -110,6 +111,22 @@ def _generate(args) -> int:
     return 0
 
 
+def _sft(args) -> int:
+    from megatron_soaes.sft.curriculum import compare, load_recipe, run_curriculum, single_stage
+
+    recipe = load_recipe(args.recipe)
+    if args.single_stage:
+        run_curriculum(single_stage(recipe), force=args.force)
+        return 0
+    records = run_curriculum(recipe, args.stages, force=args.force)
+    base = single_stage(recipe)
+    done = Path(base.output_dir) / "stage1_single-stage" / "stage.json"
+    if done.exists() and records and records[-1]["stage"] == len(recipe.stages):
+        rows = compare(records, [json.loads(done.read_text())], recipe.output_dir)
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
 def _prepare(args) -> int:
     from megatron_soaes.data.demo_data import prepare_demo_data
 
@@ -179,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     g.set_defaults(fn=_generate)
+
+    sf = sub.add_parser("sft", help="domain-progressive SFT curriculum (or its single-stage baseline)")
+    sf.add_argument("--recipe", required=True)
+    sf.add_argument("--stages", default=None, help="e.g. 2-3 (default: all); earlier stages must be finished")
+    sf.add_argument("--single-stage", action="store_true", help="run the ablation: one stage over the union of the data")
+    sf.add_argument("--force", action="store_true", help="redo the selected stages")
+    sf.set_defaults(fn=_sft)
 
     ds = sub.add_parser("distill", help="distillation job (same as train, for kind: distill)")
     ds.add_argument("--config", required=True)

@@ -23,6 +23,8 @@ def load_model_weights(model, ckpt_dir: str | Path, prefix: str = "") -> None:
     ckpt_dir = Path(ckpt_dir)
     sharded = _drop_absent_objects(model.sharded_state_dict(prefix=prefix), ckpt_dir)
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    # a training checkpoint also returns its non-sharded common items (scheduler, iteration, ...)
+    state = {k: v for k, v in state.items() if k in sharded}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -1,4 +1,4 @@
-"""Build the tiny example's data: demo corpora, a sentencepiece tokenizer, indexed datasets."""
+"""Build the tiny example's data: demo corpora, a sentencepiece tokenizer, indexed datasets, SFT stages."""
 
 from __future__ import annotations
 
@@ -28,4 +28,8 @@ def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 400
     for n in PARTS:
         if not (out / f"{n}.idx").exists():
             preprocess(corpora / f"{n}.jsonl", out / n, str(spm), workers=workers)
+    if not (out / "sft" / "sft_stats.json").exists():
+        from megatron_soaes.data.sft_demo import build_sft_demo
+
+        build_sft_demo(out / "sft")
     return out

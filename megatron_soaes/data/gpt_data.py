@@ -51,7 +51,9 @@ def build_gpt_dataset(sources, num_samples: int, seq_length: int, tokenizer, see
 
 def collate(samples: list[dict], indices=None) -> dict:
     """Stack samples; `index` is each sample's global position in the training order (-1 for eval)."""
-    out = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    keys = ("tokens", "labels", "loss_mask", "position_ids") + (("segment_ids",) if "segment_ids" in samples[0] else ())
+    out = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
+    out["tokens"], out["labels"], out["position_ids"] = out["tokens"].long(), out["labels"].long(), out["position_ids"].long()
     out["source"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples])
     out["index"] = torch.tensor(list(indices) if indices is not None else [-1] * len(samples), dtype=torch.long)
     return out
@@ -75,7 +77,9 @@ class ResumableBatches:
         start = self.consumed + self.rank * self.per_rank
         order = [start + i for i in range(self.per_rank)]
         self.consumed += self.gb
-        return [collate([self.ds[int(i % len(self.ds))] for i in order[j:j + self.mb]], order[j:j + self.mb])
+        # datasets with `global_index` (multi-epoch SFT) map a global sample index themselves
+        wrap = (lambda i: i) if getattr(self.ds, "global_index", False) else (lambda i: i % len(self.ds))
+        return [collate([self.ds[int(wrap(i))] for i in order[j:j + self.mb]], order[j:j + self.mb])
                 for j in range(0, len(order), self.mb)]
 
 

@@ -48,7 +48,7 @@ class DataSource(_Strict):
 class DataSection(_Strict):
     tokenizer: str
     seq_length: int = Field(ge=8)
-    train: list[DataSource] = Field(min_length=1)
+    train: list[DataSource] = Field(default_factory=list)  # required for cpt / distill
     valid: dict[str, list[DataSource]] = Field(default_factory=dict)  # named held-out sets
     cache_dir: str | None = None
 
@@ -123,6 +123,23 @@ class DistillSection(_Strict):
         return self
 
 
+class SFTFile(_Strict):
+    path: str  # jsonl / json / parquet / HF datasets directory
+    repeat: int = Field(1, ge=1)  # epochs of this file within the stage
+
+
+class SFTSection(_Strict):
+    train: list[SFTFile] = Field(min_length=1)
+    valid: dict[str, list[SFTFile]] = Field(default_factory=dict)
+    replay: list[SFTFile] = Field(default_factory=list)  # earlier stages' data to mix back in
+    replay_fraction: float = Field(0.0, ge=0, le=1)
+    epochs: float | None = Field(None, gt=0)  # derive train.steps from the packed row count
+    default_system: str | None = "You are a helpful assistant."
+    last_turn_only: bool = False
+    truncation: Literal["truncate", "drop"] = "truncate"
+    packing: bool = True
+
+
 class JobConfig(_Strict):
     kind: Literal["cpt", "sft", "distill"] = "cpt"
     model: ModelSection
@@ -131,9 +148,14 @@ class JobConfig(_Strict):
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection
     distill: DistillSection | None = None
+    sft: SFTSection | None = None
 
     @model_validator(mode="after")
     def _kind_sections(self):
+        if self.kind in ("cpt", "distill") and not self.data.train:
+            raise ValueError(f"data.train: kind {self.kind} needs at least one indexed dataset")
+        if (self.kind == "sft") != (self.sft is not None):
+            raise ValueError("kind: sft needs an sft section (and only kind sft takes one)")
         if self.kind == "distill" and self.distill is None:
             raise ValueError("kind: distill needs a distill section")
         if self.kind != "distill" and self.distill is not None:
@@ -165,6 +187,13 @@ class JobConfig(_Strict):
                         raise ConfigError(f"{where}[{i}].path: {s.path}{ext} does not exist")
         if self.model.init_checkpoint and not Path(self.model.init_checkpoint).exists():
             raise ConfigError(f"model.init_checkpoint: {self.model.init_checkpoint} does not exist")
+        if self.sft:
+            s = self.sft
+            for where, files in [("sft.train", s.train), ("sft.replay", s.replay),
+                                 *[(f"sft.valid.{k}", v) for k, v in s.valid.items()]]:
+                for i, f in enumerate(files):
+                    if not Path(f.path).exists():
+                        raise ConfigError(f"{where}[{i}].path: {f.path} does not exist")
         d = self.distill
         if d and d.teacher and not Path(d.teacher.checkpoint).exists():
             raise ConfigError(f"distill.teacher.checkpoint: {d.teacher.checkpoint} does not exist")

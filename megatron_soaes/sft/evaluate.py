@@ -1,0 +1,57 @@
+"""Held-out QA evaluation: greedy answers from a checkpoint, scored with Rouge-1/2/L and BLEU-4."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_soaes.data.sft import Template, read_records, to_messages
+from megatron_soaes.eval.metrics import generation_metrics
+
+
+def load_qa(path, limit: int | None = None) -> list[list[dict]]:
+    out = []
+    for where, rec in read_records(path):
+        out.append(to_messages(rec, where))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+@torch.no_grad()
+def answer(model, tokenizer, conversations: list[list[dict]], template: Template, max_new_tokens: int = 128,
+           batch_size: int = 16, max_prompt_tokens: int | None = None) -> list[str]:
+    """Greedy answers to the last user turn of each conversation (its reference answer is dropped)."""
+    from megatron_soaes.speculative.decode import generate
+
+    prompts = []
+    for conv in conversations:
+        ids, _ = template.render(conv, tokenizer, for_generation=True)
+        prompts.append(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        res = generate(model, prompts[i:i + batch_size], max_new_tokens, eos_id=tokenizer.im_end_id)
+        for toks in res.tokens:
+            if toks and toks[-1] == tokenizer.im_end_id:
+                toks = toks[:-1]
+            out.append(tokenizer.decode(toks).strip())
+    return out
+
+
+def evaluate_qa(checkpoint, tokenizer, qa_file, template: Template, limit: int | None = 100,
+                max_new_tokens: int = 128, out_file=None) -> dict:
+    from megatron_soaes.speculative.model import load_inference_model
+
+    model = load_inference_model(checkpoint)
+    convs = load_qa(qa_file, limit)
+    refs = [c[-1]["content"] for c in convs]
+    hyps = answer(model, tokenizer, convs, template, max_new_tokens,
+                  max_prompt_tokens=model.cfg.max_position_embeddings - max_new_tokens)
+    metrics = generation_metrics(hyps, refs)
+    if out_file:
+        with open(out_file, "w", encoding="utf-8") as f:
+            for c, h, r in zip(convs, hyps, refs):
+                f.write(json.dumps({"question": c[-2]["content"], "answer": h, "reference": r}, ensure_ascii=False) + "\n")
+    return metrics

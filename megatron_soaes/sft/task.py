@@ -1,0 +1,99 @@
+"""SFT task for the shared training loop: packed chat rows, answer-only loss, no cross-example attention."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from megatron_soaes.data.gpt_data import ResumableBatches, collate
+from megatron_soaes.data.sft import PackedSFTDataset, Template, cached_pack
+from megatron_soaes.training.loop import masked_token_loss
+
+
+def _cache_dir(job) -> Path:
+    return Path(job.data.cache_dir or Path(job.train.output_dir) / "data_cache")
+
+
+def packed_rows(job, tokenizer, files, replay=None, progress=True):
+    s = job.sft
+    return cached_pack([(f.path, f.repeat) for f in files], tokenizer, job.data.seq_length,
+                       Template(s.default_system, s.last_turn_only), _cache_dir(job), s.truncation, s.packing,
+                       replay=replay, progress=progress)
+
+
+def train_rows(job, tokenizer, progress=True):
+    s = job.sft
+    replay = ([(f.path, f.repeat) for f in s.replay], s.replay_fraction, job.train.seed) if s.replay else None
+    return packed_rows(job, tokenizer, s.train, replay, progress)
+
+
+def prepare_sft_job(job, tokenizer=None):
+    """Pack (cached) and, when sft.epochs is set, derive train.steps from the row count."""
+    from megatron_soaes.data.tokenizer import load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(job.data.tokenizer)
+    rows, stats = train_rows(job, tokenizer)
+    if job.sft.epochs:
+        steps = max(1, math.ceil(job.sft.epochs * stats["rows"] / job.train.global_batch_size))
+        job = job.model_copy(update={"train": job.train.model_copy(update={"steps": steps})})
+        if job.optim.warmup_steps >= steps:
+            job = job.model_copy(update={"optim": job.optim.model_copy(update={"warmup_steps": steps // 10})})
+    return job, stats
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] boolean, True where attention is NOT allowed (megatron's convention)."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return ~(same & causal)[:, None]
+
+
+def packed_seq_params(segment_ids: torch.Tensor):
+    """THD / cu_seqlens for Transformer Engine's fused attention (micro-batch size 1)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if segment_ids.shape[0] != 1:
+        raise ValueError("THD packing with Transformer Engine needs micro_batch_size 1")
+    seg = segment_ids[0]
+    change = torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1
+    cu = torch.cat([torch.zeros(1, dtype=torch.long, device=seg.device), change,
+                    torch.tensor([seg.numel()], device=seg.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+class SFTTask:
+    def __init__(self, use_thd: bool | None = None):
+        self.use_thd = use_thd
+
+    def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
+        from megatron_soaes.models.qwen2 import have_transformer_engine
+
+        if self.use_thd is None:
+            self.use_thd = have_transformer_engine() and torch.cuda.is_available() and job.train.micro_batch_size == 1
+        t = job.train
+        rows, self.stats = train_rows(job, tokenizer, progress=torch.distributed.get_rank() == 0)
+        batches = ResumableBatches(PackedSFTDataset(rows, t.seed), t.global_batch_size, t.micro_batch_size,
+                                   dp_rank, dp_size, consumed_samples)
+        evals = {}
+        for name, files in job.sft.valid.items():
+            vrows, _ = packed_rows(job, tokenizer, files, progress=False)
+            ds = PackedSFTDataset(vrows, t.seed, shuffle=False)
+            per = t.eval_iters * t.micro_batch_size
+            idx = [(dp_rank * per + i) % len(ds) for i in range(per)]
+            evals[name] = [collate([ds[i] for i in idx[j:j + t.micro_batch_size]]) for j in range(0, per, t.micro_batch_size)]
+        return batches, evals
+
+    def forward_step(self, data_iterator, model):
+        b = next(data_iterator)
+        if self.use_thd:
+            out = model(b["tokens"], b["position_ids"], None, labels=b["labels"],
+                        packed_seq_params=packed_seq_params(b["segment_ids"]))
+        else:
+            out = model(b["tokens"], b["position_ids"], block_causal_mask(b["segment_ids"]), labels=b["labels"])
+        return out, partial(masked_token_loss, b["loss_mask"])
