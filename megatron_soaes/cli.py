@@ -127,6 +127,17 @@ def _sft(args) -> int:
     return 0
 
 
+def _pipeline(args) -> int:
+    from megatron_soaes.pipeline import Pipeline, load_pipeline_config
+
+    p = Pipeline(load_pipeline_config(args.config, args.set))
+    p.run(force=args.force, force_phase=args.force_phase, until=args.until)
+    report = p.out / "report" / "summary.md"
+    if report.exists():
+        print(report.read_text(encoding="utf-8"))
+    return 0
+
+
 def _prepare(args) -> int:
     from megatron_soaes.data.demo_data import prepare_demo_data
 
@@ -196,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     g.set_defaults(fn=_generate)
+
+    pl = sub.add_parser("pipeline", help="the whole system on the tiny example: data -> CPT -> SFT -> distill -> "
+                                         "speculative decoding -> evaluation -> export -> report")
+    pl.add_argument("--config", default="examples/tiny/pipeline.yaml")
+    pl.add_argument("--set", action="append", default=[], help="override, e.g. --set cpt.steps=40")
+    pl.add_argument("--force", action="store_true", help="redo every phase")
+    pl.add_argument("--force-phase", action="append", default=[], help="redo one phase (repeatable)")
+    pl.add_argument("--until", default=None, help="stop after this phase")
+    pl.set_defaults(fn=_pipeline)
 
     sf = sub.add_parser("sft", help="domain-progressive SFT curriculum (or its single-stage baseline)")
     sf.add_argument("--recipe", required=True)

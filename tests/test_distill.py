@@ -52,6 +52,37 @@ def test_divergences_are_zero_for_identical_distributions():
         assert losses.divergence(x.clone(), x, kind=kind).abs().max() < 1e-6
 
 
+def test_distill_loss_sees_the_student_logits_not_a_clobbered_copy():
+    """megatron's vocab-parallel CE rewrites its input in place; the KD term must not see that."""
+    from types import SimpleNamespace
+
+    from megatron_soaes.distill.task import DistillTask
+    from megatron_soaes.runtime import ParallelConfig, initialize
+    from megatron_soaes.training.config import DistillSection
+
+    initialize(ParallelConfig(), seed=0)
+    task = DistillTask()
+    task.d = DistillSection(offline_logits="x", top_k=4, kd_weight=0.5)
+    task.d.offline_logits, task.d.top_k = None, None
+    task.vocab = 50
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 6, 50, generator=g).requires_grad_(True)
+    t = torch.randn(2, 6, 50, generator=g)
+    b = {"labels": torch.randint(0, 50, (2, 6), generator=g), "loss_mask": torch.ones(2, 6)}
+    s0 = s.detach().clone()
+    total, n, rep = task._loss(b, {"teacher_logits": t}, s)
+    assert torch.equal(s.detach(), s0)
+    kd = losses.divergence(s0, t).sum()
+    ce = torch.nn.functional.cross_entropy(s0.reshape(-1, 50), b["labels"].reshape(-1), reduction="sum")
+    assert rep["kd loss"][0] == pytest.approx(kd.item(), rel=1e-5)
+    assert total.item() == pytest.approx(0.5 * kd.item() + 0.5 * ce.item(), rel=1e-5)
+    total.backward()
+    ref = s0.clone().requires_grad_(True)
+    (0.5 * losses.divergence(ref, t).sum() + 0.5 * torch.nn.functional.cross_entropy(
+        ref.reshape(-1, 50), b["labels"].reshape(-1), reduction="sum")).backward()
+    assert torch.allclose(s.grad, ref.grad, atol=1e-6)
+
+
 def test_tp2_vocab_parallel_equals_tp1(tmp_path):
     from conftest import ROOT, read_json, torchrun
 

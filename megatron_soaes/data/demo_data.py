@@ -12,14 +12,16 @@ from megatron_soaes.data.tokenizer import train_sentencepiece
 PARTS = ("domain.train", "general.train", "domain.valid", "general.valid", "domain.test", "general.test")
 
 
-def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 4000, workers: int = 2) -> Path:
-    """Idempotent: parts that already exist are kept."""
+def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 4000, workers: int = 2,
+                      tokenizer: str | None = None) -> Path:
+    """Idempotent: parts that already exist are kept. tokenizer=None trains the demo sentencepiece
+    model (`spm.model`); any other spec (e.g. "qwen") tokenizes the corpora with it instead."""
     out = Path(out_dir)
     corpora = out / "corpora"
     if not (corpora / "corpora.json").exists():
         build_demo_corpora(corpora)
-    spm = out / "spm.model"
-    if not spm.exists():
+    spm = out / "spm.model" if tokenizer is None else tokenizer
+    if tokenizer is None and not Path(spm).exists():
         texts = []
         for n in ("domain.train", "general.train"):
             with open(corpora / f"{n}.jsonl", encoding="utf-8") as f:

@@ -1,8 +1,9 @@
 """Distillation task for the shared training loop: teacher (online or stored top-k) + divergence + CE.
 
-Data is the CPT data (the same blended GPT samples); on-policy micro-batches replace each sample's
-continuation after `prompt_tokens` with the student's own generation (DistillSpec), and the loss
-is taken on the generated part only.
+Data is either the CPT data (blended GPT samples) or, with an `sft` section, packed chat data
+(answer tokens only, no cross-example attention) -- the text the draft will have to predict at
+serving time. On-policy micro-batches replace each sample's continuation after `prompt_tokens`
+with the student's own generation (DistillSpec); the loss is then taken on the generated part.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class DistillTask(CPTTask):
 
             self.store = TopKStore(d.offline_logits, job, job.train.steps * job.train.global_batch_size, d.top_k)
             self.report_keys = ("lm loss", "kd loss", "ce loss")
+        if job.sft is not None:
+            from megatron_soaes.sft.task import SFTTask
+
+            return SFTTask(use_thd=False).build(job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples)
         return super().build(job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples)
 
     def on_built(self, model, optimizer):
@@ -74,22 +79,29 @@ class DistillTask(CPTTask):
 
     def forward_step(self, data_iterator, model):
         b = next(data_iterator)
-        if self.teacher is not None and self._on_policy(b["index"]):
+        if self.teacher is not None and "segment_ids" not in b and self._on_policy(b["index"]):
             b = self._rollout(model, b)
+        mask = None
+        if "segment_ids" in b:
+            from megatron_soaes.sft.task import block_causal_mask
+
+            mask = block_causal_mask(b["segment_ids"])
         teacher = {}
         if self.teacher is not None:
-            teacher["teacher_logits"] = self.teacher.logits(b["tokens"], b["position_ids"])
+            teacher["teacher_logits"] = self.teacher.logits(b["tokens"], b["position_ids"], mask)
         elif int(b["index"][0]) >= 0:
             v, i = self.store.get(b["index"])
             teacher["teacher_topk_values"], teacher["teacher_topk_indices"] = v, i
-        out = model(b["tokens"], b["position_ids"], None)
+        out = model(b["tokens"], b["position_ids"], mask)
         return out, partial(self._loss, b, teacher)
 
     def _loss(self, b, teacher, output):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         d = self.d
-        ce = vocab_parallel_cross_entropy(output.float(), b["labels"])
+        # megatron's vocab-parallel CE works in place on its input (logits -> softmax): give it a copy
+        ce = vocab_parallel_cross_entropy(output.float() if output.dtype != torch.float32 else output.clone(),
+                                          b["labels"])
         if teacher:
             kd = divergence(output, kind=d.divergence, beta=d.beta, temperature=d.temperature, vocab_size=self.vocab,
                             top_k=d.top_k, **teacher)

@@ -51,6 +51,6 @@ class Teacher:
         self.model.requires_grad_(False)
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """Vocab-sharded logits [b, s, V/tp], like the student's."""
-        return self.model(tokens, position_ids, None)
+        return self.model(tokens, position_ids, attention_mask)

@@ -152,14 +152,18 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _kind_sections(self):
-        if self.kind in ("cpt", "distill") and not self.data.train:
-            raise ValueError(f"data.train: kind {self.kind} needs at least one indexed dataset")
-        if (self.kind == "sft") != (self.sft is not None):
-            raise ValueError("kind: sft needs an sft section (and only kind sft takes one)")
+        if (self.kind == "cpt" or (self.kind == "distill" and self.sft is None)) and not self.data.train:
+            raise ValueError(f"data.train: kind {self.kind} needs at least one indexed dataset (or, for distill, an sft section)")
+        if self.kind == "sft" and self.sft is None:
+            raise ValueError("kind: sft needs an sft section")
+        if self.kind == "cpt" and self.sft is not None:
+            raise ValueError("an sft section is only valid with kind sft or distill (distillation on chat data)")
         if self.kind == "distill" and self.distill is None:
             raise ValueError("kind: distill needs a distill section")
         if self.kind != "distill" and self.distill is not None:
             raise ValueError(f"a distill section is only valid with kind: distill (kind is {self.kind})")
+        if self.distill and self.distill.offline_logits and self.sft is not None:
+            raise ValueError("distill.offline_logits: stored teacher logits cover CPT data; use an online teacher with sft data")
         if self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps {self.optim.warmup_steps} must be smaller than train.steps {self.train.steps}")
         return self

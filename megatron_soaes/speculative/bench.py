@@ -1,0 +1,102 @@
+"""Side-by-side speculative decoding benchmark (library part of benchmarks/spec_decode.py and the
+pipeline): target-only greedy, chain and tree speculative decoding, and optionally HF transformers'
+assisted generation on the same pair; every output is checked against target-only greedy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_soaes.speculative.decode import SpecConfig, generate, speculative_generate
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, prompts, device):
+    fn([prompts[0]])  # warm-up
+    _sync(device)
+    results = [fn([p]) for p in prompts]
+    return results, sum(r.seconds for r in results)
+
+
+def run_benchmark(target, draft, prompts: list[list[int]], max_new_tokens: int, gammas=(2, 4), trees=("2,2,1", "dynamic"),
+                  hf_dirs: tuple | None = None, eos_id: int | None = None, log=print) -> list[dict]:
+    dev, n = target.device, max_new_tokens
+    base, base_s = _timed(lambda ps: generate(target, ps, n, eos_id=eos_id), prompts, dev)
+    ref = [r.tokens[0] for r in base]
+    ntok = sum(len(t) for t in ref)
+    rows = [dict(method="target only (ours)", nodes=1, tokens_per_s=ntok / base_s, tau=1.0, alpha=None, speedup=1.0,
+                 exact=True)]
+    specs = [(f"chain gamma={g}", SpecConfig("chain", gamma=g)) for g in gammas]
+    specs += [(f"tree {t}", SpecConfig.parse(t)) for t in trees]
+    for name, spec in specs:
+        res, secs = _timed(lambda ps, spec=spec: speculative_generate(target, draft, ps, n, spec, eos_id=eos_id),
+                           prompts, dev)
+        rows.append(dict(method=name, nodes=spec.max_nodes, tokens_per_s=ntok / secs,
+                         tau=sum(r.tau for r in res) / len(res), alpha=sum(r.alpha for r in res) / len(res),
+                         speedup=base_s / secs, exact=[r.tokens[0] for r in res] == ref))
+        log(f"spec-decode: {name}: tau {rows[-1]['tau']:.2f}, speedup {rows[-1]['speedup']:.2f}x")
+    if hf_dirs:
+        rows += _hf_rows(hf_dirs, prompts, n, dev, target.dtype, ref, ntok, base_s, eos_id)
+    return rows
+
+
+def _hf_rows(hf_dirs, prompts, n, device, dtype, ref, ntok, base_s, eos_id) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    tgt = AutoModelForCausalLM.from_pretrained(str(hf_dirs[0]), dtype=dtype).to(device).eval()
+    drf = AutoModelForCausalLM.from_pretrained(str(hf_dirs[1]), dtype=dtype).to(device).eval()
+    out = {}
+    for name, kw in (("hf greedy", {}), ("hf assisted", {"assistant_model": drf})):
+        toks, t0 = [], None
+        for i, p in enumerate([prompts[0]] + prompts):
+            if i == 1:
+                _sync(device)
+                t0 = time.perf_counter()
+            ids = torch.tensor([p], device=device)
+            o = tgt.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0, eos_token_id=eos_id, **kw)
+            if i:
+                toks.append(o[0, len(p):].tolist())
+        _sync(device)
+        out[name] = (time.perf_counter() - t0, toks)
+    g_s, g_out = out["hf greedy"]
+    a_s, a_out = out["hf assisted"]
+    return [dict(method="HF greedy (transformers)", nodes=1, tokens_per_s=ntok / g_s, tau=1.0, alpha=None,
+                 speedup=base_s / g_s, exact=g_out == ref),
+            dict(method="HF assisted generation", nodes=None, tokens_per_s=ntok / a_s, tau=None, alpha=None,
+                 speedup=base_s / a_s, exact=a_out == ref, speedup_vs_hf_greedy=g_s / a_s)]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'method':<28} {'nodes':>5} {'tok/s':>9} {'tau':>6} {'alpha':>6} {'speedup':>8} exact"]
+    for r in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"{r['method']:<28} {fmt(r['nodes'], 'd'):>5} {r['tokens_per_s']:>9.1f} {fmt(r['tau'], '.2f'):>6} "
+                     f"{fmt(r['alpha'], '.2f'):>6} {r['speedup']:>7.2f}x {r['exact']}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path, title: str = "speculative decoding") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in rows if r["method"].startswith(("chain", "tree"))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["nodes"] for r in ours], [r["speedup"] for r in ours])
+    for r in ours:
+        ax.annotate(f"{r['method']} (tau {r['tau']:.2f})", (r["nodes"], r["speedup"]), fontsize=7)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("tree nodes verified per target forward")
+    ax.set_ylabel("speedup over target-only greedy")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(Path(path), dpi=120)
+    plt.close(fig)
