@@ -1,10 +1,10 @@
-# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the tests).
+# Two commands on a fresh machine:  `make pipeline` (the main job) and `make test` (the tests).
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow test-all clean
+.PHONY: venv demo pipeline test test-slow test-all clean
 
 $(STAMP): requirements/cpu.txt setup.py csrc/tree_verify.cpp csrc/tree_verify.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/soaes demo --out outputs/demo
+
+pipeline: $(STAMP)
+	$(BIN)/soaes pipeline --config examples/tiny/pipeline.yaml
 
 # Default tier: < 20 min on 2 cores. Slow tier: multi-process and larger runs marked @pytest.mark.slow.
 test: $(STAMP)

@@ -175,7 +175,8 @@ class Pipeline:
                 "optim": {"lr": t.lr, "min_lr": t.min_lr, "warmup_steps": min(t.warmup_steps, t.steps - 1)},
                 "train": {"steps": t.steps, "global_batch_size": t.global_batch_size,
                           "micro_batch_size": t.micro_batch_size, "dtype": "fp32", "log_interval": 20,
-                          "eval_iters": 2, "save_interval": 50, "keep_last": 1, "output_dir": str(out), **train}}
+                          "eval_iters": 2, "save_interval": max(1, t.steps // 2), "keep_last": 2,
+                          "output_dir": str(out), **train}}
 
     def sft_file(self, name: str, split: str) -> str:
         return str(self.data / "sft" / f"{name}.{split}.jsonl")

@@ -106,7 +106,8 @@ def stage_job(recipe: Recipe, k: int, init_checkpoint, output_dir):
         "kind": "sft",
         "model": {"init_checkpoint": str(init_checkpoint)},
         "optim": st.optim,
-        "train": {**st.train_overrides, "output_dir": str(output_dir), "steps": st.steps or 1},
+        # with epochs, steps is a placeholder until `prepare_sft_job` counts the packed rows
+        "train": {**st.train_overrides, "output_dir": str(output_dir), "steps": st.steps or 1_000_000_000},
         "sft": _merge(recipe.sft, {"train": _files(st.train), "valid": {n: _files(v) for n, v in st.valid.items()},
                                    "epochs": st.epochs, "replay": earlier if st.replay_fraction else [],
                                    "replay_fraction": st.replay_fraction}),
@@ -117,13 +118,15 @@ def stage_job(recipe: Recipe, k: int, init_checkpoint, output_dir):
 def single_stage(recipe: Recipe) -> Recipe:
     """The ablation baseline: one stage over the union of every stage's training data (each file
     repeated as many times as its stage's integer epochs), same shared settings."""
+    epochs = {st.epochs for st in recipe.stages}
+    same = len(epochs) == 1 and None not in epochs  # e.g. every stage 0.5 epochs: the union, 0.5 epochs
     train = []
     for st in recipe.stages:
-        reps = int(st.epochs) if st.epochs and float(st.epochs).is_integer() else 1
+        reps = 1 if same else (int(st.epochs) if st.epochs and float(st.epochs).is_integer() else 1)
         train += [StageFile(path=f["path"], repeat=f["repeat"] * reps) for f in _files(st.train)]
     last = recipe.stages[-1]
-    base = Stage(name="single-stage", train=train, valid=last.valid, epochs=1.0, optim=last.optim,
-                 train_overrides=last.train_overrides)
+    base = Stage(name="single-stage", train=train, valid=last.valid, epochs=epochs.pop() if same else 1.0,
+                 optim=last.optim, train_overrides=last.train_overrides)
     return recipe.model_copy(update={"name": recipe.name + "-single", "stages": [base],
                                      "output_dir": recipe.output_dir.rstrip("/") + "-single"})
 

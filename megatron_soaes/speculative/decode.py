@@ -163,7 +163,7 @@ def generate(target: Qwen2ForInference, prompts: list[list[int]], max_new_tokens
         logits = target.forward(root[:, None], cache.lengths[:, None], cache)[:, 0]
         forwards += 1
         cache.lengths += 1
-        root = _sample(probs_from_logits(logits, temperature, top_p), gen)
+        root = logits.argmax(-1) if temperature <= 0 else _sample(probs_from_logits(logits, temperature, top_p), gen)
         for b in range(B):
             out[b].append(int(root[b]))
     res = _finish(out, max_new_tokens, eos_id)

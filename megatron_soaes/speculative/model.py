@@ -125,9 +125,8 @@ class Qwen2ForInference:
             idx = slots[:, None, :, None].expand(B, Hkv, n, d)
             cache.k[li].scatter_(2, idx, k)
             cache.v[li].scatter_(2, idx, v)
-            keys = cache.k[li][:, :, :end].repeat_interleave(H // Hkv, dim=1)
-            vals = cache.v[li][:, :, :end].repeat_interleave(H // Hkv, dim=1)
-            att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+            att = F.scaled_dot_product_attention(q, cache.k[li][:, :, :end], cache.v[li][:, :, :end], attn_mask=mask,
+                                                 enable_gqa=H != Hkv)
             x = x + F.linear(att.transpose(1, 2).reshape(B, n, H * d), L["o"])
             h = _rms_norm(x, L["ln2"], cfg.rms_norm_eps)
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
