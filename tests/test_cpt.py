@@ -85,9 +85,17 @@ def test_all_field_errors_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     text = str(e.value)
-    for frag in ("data.seq_length: Field required", "data.train: Field required", "train.steps: Input should be greater",
+    for frag in ("data.seq_length: Field required", "train.steps: Input should be greater",
                  "train.output_dir: Field required", "extra: unknown key"):
         assert f"{p}: {frag}" in text
+
+
+def test_cpt_needs_training_data(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"model": {"preset": "test"}, "data": {"tokenizer": "x", "seq_length": 16},
+                                 "train": {"steps": 2, "global_batch_size": 1, "output_dir": "o"}}))
+    with pytest.raises(ConfigError, match="data.train: kind cpt needs at least one indexed dataset"):
+        load_config(p)
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])

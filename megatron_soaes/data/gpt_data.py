@@ -49,6 +49,13 @@ def build_gpt_dataset(sources, num_samples: int, seq_length: int, tokenizer, see
     return train
 
 
+def to_device(batch: dict) -> dict:
+    """Move a collated batch to the current CUDA device (no-op on CPU)."""
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def collate(samples: list[dict], indices=None) -> dict:
     """Stack samples; `index` is each sample's global position in the training order (-1 for eval)."""
     keys = ("tokens", "labels", "loss_mask", "position_ids") + (("segment_ids",) if "segment_ids" in samples[0] else ())

@@ -16,6 +16,7 @@ import torch
 from megatron_soaes.distill.losses import agreement, divergence
 from megatron_soaes.training.config import ConfigError
 from megatron_soaes.training.cpt import CPTTask
+from megatron_soaes.data.gpt_data import to_device
 from megatron_soaes.training.loop import masked_token_loss
 
 
@@ -67,7 +68,8 @@ class DistillTask(CPTTask):
             logits = gather_from_tensor_model_parallel_region(model(tokens[:, :pos], b["position_ids"][:, :pos], None))
             logits = logits[:, -1, :self.vocab].float()
             if op.temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / op.temperature, -1), 1, generator=g)[:, 0]
+                probs = torch.softmax(logits / op.temperature, -1).cpu()  # the seeded generator lives on the CPU
+                nxt = torch.multinomial(probs, 1, generator=g)[:, 0].to(tokens.device)
             else:
                 nxt = logits.argmax(-1)
             tokens[:, pos] = nxt
@@ -78,7 +80,7 @@ class DistillTask(CPTTask):
         return {**b, "tokens": tokens, "labels": labels, "loss_mask": mask}
 
     def forward_step(self, data_iterator, model):
-        b = next(data_iterator)
+        b = to_device(next(data_iterator))
         if self.teacher is not None and "segment_ids" not in b and self._on_policy(b["index"]):
             b = self._rollout(model, b)
         mask = None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_soaes.data.gpt_data import ResumableBatches, collate
+from megatron_soaes.data.gpt_data import ResumableBatches, collate, to_device
 from megatron_soaes.data.sft import PackedSFTDataset, Template, cached_pack
 from megatron_soaes.training.loop import masked_token_loss
 
@@ -90,7 +90,7 @@ class SFTTask:
         return batches, evals
 
     def forward_step(self, data_iterator, model):
-        b = next(data_iterator)
+        b = to_device(next(data_iterator))
         if self.use_thd:
             out = model(b["tokens"], b["position_ids"], None, labels=b["labels"],
                         packed_seq_params=packed_seq_params(b["segment_ids"]))

@@ -79,6 +79,7 @@ class TrainSection(_Strict):
     save_interval: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, ge=1)
     output_dir: str
+    peak_tflops: float | None = Field(None, gt=0)  # per-device peak for MFU; known GPUs are detected
 
 
 class TeacherSection(_Strict):

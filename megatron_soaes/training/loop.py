@@ -60,17 +60,22 @@ def resolve_model_config(job: JobConfig, tokenizer):
     return cfg
 
 
+def _comm_device() -> torch.device:
+    """NCCL reduces CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _reduce_reports(reports: list[dict], keys=("lm loss",)) -> dict[str, float]:
     """Each key's sum/count over micro-batches and data-parallel ranks (valid on every rank)."""
     from megatron.core import parallel_state as ps
 
-    t = torch.zeros(len(keys), 2, dtype=torch.float64)
+    t = torch.zeros(len(keys), 2, dtype=torch.float64, device=_comm_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_context_parallel_rank() == 0:
         for r in reports:
             for j, key in enumerate(keys):
                 if key in r:
-                    t[j] += r[key].double().cpu()
+                    t[j] += r[key].double().to(t.device)
     torch.distributed.all_reduce(t)
     return {k: (t[j, 0] / t[j, 1]).item() for j, k in enumerate(keys) if t[j, 1] > 0}
 
@@ -80,8 +85,31 @@ def _reduce_loss(reports: list[dict], keys=("lm loss",)) -> tuple[float, dict[st
     return res.get("lm loss", float("nan")), res
 
 
+# Dense peak TFLOP/s per GPU (bf16/fp16, and TF32 for fp32) from the vendors' data sheets.
+_PEAKS = {"H100": (989.4, 494.7), "H200": (989.4, 494.7), "H800": (989.4, 494.7), "A100": (312.0, 156.0),
+          "A800": (312.0, 156.0), "L40S": (362.0, 183.0)}
+
+
+def peak_tflops(dtype: str, configured: float | None = None) -> float | None:
+    if configured:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (half, tf32) in _PEAKS.items():
+        if key in name:
+            return tf32 if dtype == "fp32" else half
+    return None
+
+
+def flops_per_token(cfg, seq_length: int) -> float:
+    """Training FLOPs per token: 6 x parameters (matmuls, fwd + bwd) + attention scores and values
+    (12 x layers x hidden x sequence length), as in the Megatron-LM MFU accounting."""
+    return 6.0 * cfg.num_parameters() + 12.0 * cfg.num_layers * cfg.hidden_size * seq_length
+
+
 def _grads_finite(ddp) -> bool:
-    ok = torch.tensor([1.0])
+    ok = torch.tensor([1.0], device=_comm_device())
     for buf in ddp.buffers:
         if not torch.isfinite(buf.grad_data).all():
             ok.zero_()
@@ -162,7 +190,9 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
         task.on_built(ddp, optimizer)
     fb = get_forward_backward_func()
     seq, mbs = job.data.seq_length, t.micro_batch_size
-    n_params = model_cfg.num_parameters()
+    fpt = flops_per_token(model_cfg, job.data.seq_length)
+    peak = peak_tflops(t.dtype, t.peak_tflops)
+    world_devices = torch.distributed.get_world_size()
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -217,12 +247,13 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
         if step % t.log_interval == 0 or step == t.steps:
             dt = time.time() - t_start
             rec.tokens_per_s = tokens_since / max(dt, 1e-9)
-            tflops = 6 * n_params * rec.tokens_per_s / 1e12
+            tflops = fpt * rec.tokens_per_s / 1e12
+            mfu = f" | MFU {100 * tflops / (peak * world_devices):.1f}%" if peak else ""
             eta = (t.steps - step) * t.global_batch_size * seq / max(rec.tokens_per_s, 1e-9)
             per_src = ", ".join(f"src{k}={v}" for k, v in sorted(source_tokens.items()))
             log(f"step {step}/{t.steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
                 f"{rec.grad_norm if rec.grad_norm is None else round(rec.grad_norm, 3)} | "
-                f"{rec.tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s (model) | ETA {eta:.0f}s | tokens {per_src}")
+                f"{rec.tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s (model){mfu} | ETA {eta:.0f}s | tokens {per_src}")
             t_start, tokens_since = time.time(), 0
         history.append(rec)
         _write_metrics({"step": step, "loss": loss, "lr": lr, "grad_norm": rec.grad_norm, "skipped": rec.skipped,
