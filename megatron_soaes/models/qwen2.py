@@ -274,6 +274,14 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
+    # Without TE/apex, megatron's local spec falls back to torch.nn norms created in fp32. A bf16/fp16
+    # model must hold every parameter in that dtype: megatron's mixed-precision optimizer maps its
+    # state to the model by assuming so (a mixed model saves optimizer state under the wrong names).
+    half = tcfg.params_dtype
+    if half != torch.float32:
+        for p in model.parameters():
+            if p.dtype == torch.float32:
+                p.data = p.data.to(half)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -134,6 +134,9 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
     world = world_info()[1]
     dp = job.check_world(world)
     job.check_paths()
+    if job.train.dtype != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(f"train.dtype: {job.train.dtype} training needs a GPU (megatron-core's mixed-precision "
+                          "optimizer is CUDA-only); use fp32 on CPU")
     if job.train.fp8 and not have_transformer_engine():
         raise ConfigError("train.fp8: FP8 needs Transformer Engine (pip install '.[gpu]' on a CUDA machine)")
     tokenizer = load_tokenizer(job.data.tokenizer)
