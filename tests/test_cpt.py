@@ -56,6 +56,9 @@ def test_cpt_loss_decreases_and_resume_is_exact(cpt_data, tmp_path):
     hist2 = train(load_config(write_config(cpt_data, resumed)), CPTTask(), log=lambda s: None)
     assert [h.step for h in hist2] == list(range(9, 25))
     assert [h.loss for h in hist2] == [full[s] for s in range(9, 25)]  # bit for bit
+    last = [json.loads(x) for x in open(run / "metrics.jsonl") if '"source_tokens"' in x][-1]["source_tokens"]
+    last2 = [json.loads(x) for x in open(resumed / "metrics.jsonl") if '"source_tokens"' in x][-1]["source_tokens"]
+    assert last == last2 and sum(last.values()) == 24 * 8 * 64  # per-source accounting survives the resume
 
 
 @pytest.mark.parametrize("edit,msg", [

@@ -175,11 +175,12 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
     model.config.no_sync_func = ddp.no_sync
     model.config.grad_scale_func = optimizer.scale_loss
 
-    start_step, consumed = 0, 0
+    start_step, consumed, restored_tokens = 0, 0, {}
     resume = ckpt.latest_checkpoint(ckpt_dir)
     if resume is not None:
         common = ckpt.load(resume, ddp.module, optimizer, scheduler)
         start_step, consumed = common["iteration"], common["consumed_samples"]
+        restored_tokens = {int(k): int(v) for k, v in common.get("source_tokens", {}).items()}
         log(f"resumed from {resume} at step {start_step}")
     elif job.model.init_checkpoint:
         load_model_weights(ddp.module, job.model.init_checkpoint)
@@ -222,14 +223,19 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
                 f.write(json.dumps(rec) + "\n")
 
     history: list[StepRecord] = []
-    source_tokens: dict[int, int] = {}
+    source_tokens: dict[int, int] = dict(restored_tokens)  # tokens per blend source, whole run
     t_start, tokens_since = time.time(), 0
     for step in range(start_step + 1, t.steps + 1):
         ddp.train()
         micro = batches.next_global_batch()
+        counts = torch.zeros(max(len(job.data.train), 1), dtype=torch.float64, device=_comm_device())
         for mb in micro:
-            for s, c in zip(*torch.unique(mb["source"], return_counts=True)):
-                source_tokens[int(s)] = source_tokens.get(int(s), 0) + int(c) * seq
+            counts.index_add_(0, mb["source"].to(counts.device), torch.ones(len(mb["source"]), dtype=torch.float64,
+                                                                             device=counts.device))
+        torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())  # the whole global batch
+        for i, c in enumerate(counts.tolist()):
+            if c:
+                source_tokens[i] = source_tokens.get(i, 0) + int(c) * seq
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         reports = fb(forward_step_func=task.forward_step, data_iterator=iter(micro), model=[ddp],
@@ -264,7 +270,8 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
             evaluate(step)
         if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
-            common = {"iteration": step, "consumed_samples": batches.consumed, "job": job.model_dump()}
+            common = {"iteration": step, "consumed_samples": batches.consumed, "job": job.model_dump(),
+                      "source_tokens": {str(k): v for k, v in source_tokens.items()}}
             path = ckpt.save(ckpt_dir, step, ddp.module, optimizer, scheduler, common, model_cfg, t.keep_last)
             log(f"saved {path}")
     evaluate(t.steps)
