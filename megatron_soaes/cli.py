@@ -67,8 +67,12 @@ def _train(args) -> int:
         raise ValueError(f"{args.config}: kind is {job.kind!r}; `soaes {args.expect_kind}` runs kind {args.expect_kind!r}")
     if args.dry_run:
         dp = job.check_world(args.world_size)
-        job.check_paths()
-        print(f"config OK for world size {args.world_size}: data-parallel size {dp}")
+        if not args.skip_path_check:
+            job.check_paths()
+        p, t = job.parallel, job.train
+        print(f"config OK for world size {args.world_size}: TP {p.tensor_parallel} x PP {p.pipeline_parallel} x "
+              f"CP {p.context_parallel} x DP {dp}; global batch {t.global_batch_size} = micro-batch "
+              f"{t.micro_batch_size} x DP {dp} x {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches")
         return 0
     train(job, task_for(job.kind))
     return 0
@@ -115,6 +119,14 @@ def _sft(args) -> int:
     from megatron_soaes.sft.curriculum import compare, load_recipe, run_curriculum, single_stage
 
     recipe = load_recipe(args.recipe)
+    if args.dry_run:
+        from megatron_soaes.sft.curriculum import stage_job
+
+        for k in range(1, len(recipe.stages) + 1):
+            job = stage_job(recipe, k, recipe.init_checkpoint, Path(recipe.output_dir) / f"stage{k}")
+            dp = job.check_world(args.world_size)
+            print(f"stage {k} ({recipe.stages[k - 1].name}): OK for world size {args.world_size}, data-parallel {dp}")
+        return 0
     if args.single_stage:
         run_curriculum(single_stage(recipe), force=args.force)
         return 0
@@ -188,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], help="override, e.g. --set train.steps=10")
     t.add_argument("--dry-run", action="store_true", help="validate the config against --world-size, run nothing")
     t.add_argument("--world-size", type=int, default=1)
+    t.add_argument("--skip-path-check", action="store_true", help="dry run: do not check data/checkpoint paths")
     t.set_defaults(fn=_train)
 
     g = sub.add_parser("generate", help="target-only or speculative (chain/tree) generation")
@@ -222,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--stages", default=None, help="e.g. 2-3 (default: all); earlier stages must be finished")
     sf.add_argument("--single-stage", action="store_true", help="run the ablation: one stage over the union of the data")
     sf.add_argument("--force", action="store_true", help="redo the selected stages")
+    sf.add_argument("--dry-run", action="store_true", help="validate every stage's job against --world-size")
+    sf.add_argument("--world-size", type=int, default=1)
     sf.set_defaults(fn=_sft)
 
     ds = sub.add_parser("distill", help="distillation job (same as train, for kind: distill)")
@@ -229,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--set", action="append", default=[])
     ds.add_argument("--dry-run", action="store_true")
     ds.add_argument("--world-size", type=int, default=1)
+    ds.add_argument("--skip-path-check", action="store_true", help="dry run: do not check data/checkpoint paths")
     ds.set_defaults(fn=_train, expect_kind="distill")
 
     dd = sub.add_parser("distill-dump", help="store the teacher's top-k logits over the training samples")

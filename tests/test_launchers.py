@@ -1,0 +1,53 @@
+"""SLURM launchers and NeMo-Run recipes: the 7B/72B configs validate against their sbatch world sizes."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SLURM = ROOT / "examples" / "slurm"
+
+
+def soaes(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_soaes.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def sbatch_world(script):
+    text = (SLURM / script).read_text()
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+    per = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", text).group(1))
+    return nodes * per
+
+
+@pytest.mark.parametrize("script,config", [("cpt_qwen2.5_7b.sbatch", "cpt_7b.yaml"), ("cpt_qwen2.5_72b.sbatch", "cpt_72b.yaml"),
+                                           ("distill_72b_to_7b.sbatch", "distill_72b_7b.yaml")])
+def test_training_configs_fit_their_sbatch_layout(script, config):
+    world = sbatch_world(script)
+    res = soaes("train", "--config", str(SLURM / "configs" / config), "--dry-run", "--world-size", str(world),
+                "--skip-path-check")
+    assert res.returncode == 0 and "config OK" in res.stdout, res.stderr
+    bad = soaes("train", "--config", str(SLURM / "configs" / config), "--dry-run", "--world-size", str(world + 8),
+                "--skip-path-check")
+    assert bad.returncode == 2 and "not divisible" in bad.stderr
+
+
+@pytest.mark.parametrize("script,recipe", [("sft_stage_7b.sbatch", "sft_7b.yaml"), ("sft_stage_72b.sbatch", "sft_72b.yaml")])
+def test_sft_recipes_fit_their_sbatch_layout(script, recipe):
+    res = soaes("sft", "--recipe", str(SLURM / "configs" / recipe), "--dry-run", "--world-size", str(sbatch_world(script)))
+    assert res.returncode == 0 and res.stdout.count(": OK for world size") == 3, res.stderr
+
+
+def test_shell_scripts_parse():
+    for f in [*SLURM.glob("*.sbatch"), SLURM / "common.sh", SLURM / "pipeline_72b" / "submit.sh"]:
+        assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
+    assert "--dependency=afterok" in (SLURM / "pipeline_72b" / "submit.sh").read_text()
+
+
+def test_nemo_run_recipes_dryrun():
+    pytest.importorskip("nemo_run", reason="optional: pip install -r requirements/launch.txt")
+    res = subprocess.run([sys.executable, str(ROOT / "examples/nemo_run/soaes_recipes.py"), "--executor", "local",
+                          "--dryrun"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
