@@ -2,6 +2,7 @@
 phase is killed midway."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from conftest import ROOT
 def run_pipeline(out, *extra):
     cmd = [sys.executable, "-m", "megatron_soaes.cli", "pipeline", "--config", str(ROOT / "examples/tiny/pipeline_ci.yaml"),
            "--set", f"output_dir={out}", "--set", f"data.dir={out.parent / 'demo'}", *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500)
+    # in-process tests of this pytest run hold a rendezvous port in MASTER_PORT: do not inherit it
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return res.stdout + res.stderr
 
