@@ -8,15 +8,9 @@ from megatron_soaes.training.config import ConfigError
 
 
 def teacher_config(section, tokenizer):
-    from megatron_soaes.models.qwen2 import ModelConfigError, Qwen2Config, preset
+    from megatron_soaes.training.loop import model_config_from
 
-    try:
-        cfg = preset(section.preset, **section.overrides) if section.preset else Qwen2Config.from_hf(section.hf_config)
-    except (ModelConfigError, TypeError) as e:
-        raise ConfigError(f"distill.teacher: {e}") from None
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"distill.teacher: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    return cfg
+    return model_config_from(section, tokenizer, "distill.teacher")
 
 
 def check_pair(job, student_cfg, teacher_cfg) -> None:

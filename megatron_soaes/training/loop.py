@@ -47,17 +47,21 @@ class StepRecord:
     skipped: bool
 
 
-def resolve_model_config(job: JobConfig, tokenizer):
+def model_config_from(section, tokenizer, where: str = "model"):
+    """Qwen2Config from a config section with `preset`+`overrides` or `hf_config` (student or teacher)."""
     from megatron_soaes.models.qwen2 import ModelConfigError, Qwen2Config, preset
 
-    m = job.model
     try:
-        cfg = preset(m.preset, **m.overrides) if m.preset else Qwen2Config.from_hf(m.hf_config)
+        cfg = preset(section.preset, **section.overrides) if section.preset else Qwen2Config.from_hf(section.hf_config)
     except (ModelConfigError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     if cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        raise ConfigError(f"{where}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     return cfg
+
+
+def resolve_model_config(job: JobConfig, tokenizer):
+    return model_config_from(job.model, tokenizer)
 
 
 def _comm_device() -> torch.device:
