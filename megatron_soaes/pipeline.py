@@ -15,16 +15,12 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from megatron_soaes.training.config import ConfigError, parse_config
+from megatron_soaes.training.config import StrictModel as _Strict
+from megatron_soaes.training.config import load_config, parse_config
 
 PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "evaluate", "speculative", "export", "report")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class DataCfg(_Strict):
@@ -109,21 +105,7 @@ class PipelineConfig(_Strict):
 
 
 def load_pipeline_config(path, overrides: list[str] | None = None) -> PipelineConfig:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    for item in overrides or []:
-        key, _, value = item.partition("=")
-        node = data
-        for p in key.split(".")[:-1]:
-            node = node.setdefault(p, {})
-        node[key.split(".")[-1]] = yaml.safe_load(value)
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError("\n".join(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    return load_config(path, overrides, model=PipelineConfig)
 
 
 class Pipeline:

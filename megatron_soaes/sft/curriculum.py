@@ -16,14 +16,10 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from megatron_soaes.training.config import ConfigError, parse_config
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from megatron_soaes.training.config import ConfigError, load_config, parse_config
+from megatron_soaes.training.config import StrictModel as _Strict
 
 
 class StageFile(_Strict):
@@ -65,15 +61,7 @@ class Recipe(_Strict):
 
 
 def load_recipe(path) -> Recipe:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError("\n".join(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    return load_config(path, model=Recipe)
 
 
 def resolve_checkpoint(path) -> Path:

@@ -14,8 +14,13 @@ class ConfigError(ValueError):
     pass
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Config sections reject unknown keys."""
+
     model_config = ConfigDict(extra="forbid")
+
+
+_Strict = StrictModel
 
 
 class ModelSection(_Strict):
@@ -215,15 +220,16 @@ def _format(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict, source: str = "config") -> JobConfig:
+def parse_config(data: dict, source: str = "config", model=None):
+    """Validate `data` as `model` (default JobConfig); every problem in one ConfigError."""
     try:
-        return JobConfig.model_validate(data)
+        return (model or JobConfig).model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format(e, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    """Read YAML; `overrides` like ``train.steps=10`` are applied before validation."""
+def load_config(path: str | Path, overrides: list[str] | None = None, model=None):
+    """Read YAML as `model` (default JobConfig); `overrides` like ``train.steps=10`` are applied first."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -238,4 +244,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(value)
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), model)
