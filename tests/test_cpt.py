@@ -59,6 +59,13 @@ def test_cpt_loss_decreases_and_resume_is_exact(cpt_data, tmp_path):
     last = [json.loads(x) for x in open(run / "metrics.jsonl") if '"source_tokens"' in x][-1]["source_tokens"]
     last2 = [json.loads(x) for x in open(resumed / "metrics.jsonl") if '"source_tokens"' in x][-1]["source_tokens"]
     assert last == last2 and sum(last.values()) == 24 * 8 * 64  # per-source accounting survives the resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(run / "tensorboard"))
+    ev.Reload()
+    assert [e.step for e in ev.Scalars("train/loss")] == list(range(1, 25))
+    assert [e.value for e in ev.Scalars("train/loss")] == pytest.approx([full[s] for s in range(1, 25)], rel=1e-6)
+    assert "eval/domain" in ev.Tags()["scalars"]
 
 
 @pytest.mark.parametrize("edit,msg", [
@@ -125,3 +132,59 @@ def test_two_process_loss_curve_matches_single_process(cpt_data, tmp_path, tp, p
     got = losses(par)
     for h in hist:
         assert got[h.step] == pytest.approx(h.loss, abs=1e-4), h.step
+
+
+def test_sigkill_during_save_then_resume_is_exact(cpt_data, tmp_path):
+    """A real SIGKILL after the checkpoint data is written but before it is published: the half-written
+    save is never used, and the rerun continues from the previous checkpoint with the same losses."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    ref = tmp_path / "ref"
+    cfg = write_config(cpt_data, ref, steps=16)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "megatron_soaes.cli", "train", "--config"]
+    assert subprocess.run(cmd + [str(cfg)], env=env, cwd=ROOT, capture_output=True).returncode == 0
+    run = tmp_path / "run"
+    cfg = write_config(cpt_data, run, steps=16)
+    # its own session, output to a file: save workers it spawned may outlive it and must not hold our pipes
+    with open(tmp_path / "killed.log", "w") as f:
+        killed = subprocess.Popen(cmd + [str(cfg)], env={**env, "SOAES_FAULT": "before_rename:16"}, cwd=ROOT,
+                                  stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        rc = killed.wait(timeout=600)
+    try:
+        os.killpg(killed.pid, 9)  # orphaned workers of the killed run, as a scheduler would
+    except ProcessLookupError:
+        pass
+    assert rc == -9
+    ck = run / "checkpoints"
+    assert (ck / "iter_0000016.tmp").exists() and not (ck / "iter_0000016").exists()
+    assert (ck / "latest").read_text().strip() == "iter_0000008"
+    res = subprocess.run(cmd + [str(cfg)], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr
+    full, got = losses(ref), losses(run)
+    assert [got[s] for s in range(9, 17)] == [full[s] for s in range(9, 17)]
+    assert not (ck / "iter_0000016.tmp").exists() and (ck / "iter_0000016").exists()
+
+
+def test_resume_at_a_different_tensor_parallel_size(cpt_data, tmp_path):
+    """Save at TP=1, resume at TP=2 (megatron dist_checkpointing reshards model and optimizer)."""
+    from conftest import ROOT, torchrun
+
+    from megatron_soaes.training.cpt import CPTTask
+    from megatron_soaes.training.loop import train
+
+    ref = tmp_path / "ref"
+    train(load_config(write_config(cpt_data, ref, steps=16)), CPTTask(), log=lambda s: None)
+    run = tmp_path / "run"
+    shutil.copytree(ref / "checkpoints" / "iter_0000008", run / "checkpoints" / "iter_0000008")
+    (run / "checkpoints" / "latest").write_text("iter_0000008")
+    cfg = write_config(cpt_data, run, steps=16)
+    torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg, "--set", "parallel.tensor_parallel=2")
+    full, got = losses(ref), losses(run)
+    assert sorted(got) == list(range(9, 17))
+    for s in range(9, 17):
+        assert got[s] == pytest.approx(full[s], abs=2e-4), s

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,13 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _fault_point(name: str, iteration: int) -> None:
+    """Fault injection for the kill tests: SOAES_FAULT=<name>:<iteration> SIGKILLs this process there."""
+    spec = os.environ.get("SOAES_FAULT", "")
+    if spec == f"{name}:{iteration}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save(directory: str | Path, iteration: int, model, optimizer, scheduler, common: dict, model_cfg, keep_last: int) -> Path:
     """Collective: every rank calls it."""
     from megatron.core import dist_checkpointing
@@ -75,6 +83,7 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         "common": common,
     }
     dist_checkpointing.save(state, str(tmp))
+    _fault_point("before_rename", iteration)
     torch.distributed.barrier()
     if rank == 0:
         write_meta(tmp, model_cfg, iteration=iteration, world_size=world)

@@ -85,6 +85,7 @@ class TrainSection(_Strict):
     keep_last: int = Field(2, ge=1)
     output_dir: str
     peak_tflops: float | None = Field(None, gt=0)  # per-device peak for MFU; known GPUs are detected
+    tensorboard: bool = True  # scalars under <output_dir>/tensorboard when the tensorboard package is installed
 
 
 class TeacherSection(_Strict):

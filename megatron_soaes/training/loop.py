@@ -221,10 +221,24 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
             _write_metrics({"step": step, "eval": res})
         return res
 
+    tb = None
+    if rank == 0 and t.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:
+            log("tensorboard not installed: metrics.jsonl only")
+
     def _write_metrics(rec):
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        if tb is not None:
+            for k, v in ({f"eval/{a}": b for a, b in rec["eval"].items()} if "eval" in rec else rec).items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                    tb.add_scalar(k if "/" in k else f"train/{k}", v, rec["step"])
+            tb.flush()
 
     history: list[StepRecord] = []
     source_tokens: dict[int, int] = dict(restored_tokens)  # tokens per blend source, whole run
@@ -279,4 +293,6 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
             path = ckpt.save(ckpt_dir, step, ddp.module, optimizer, scheduler, common, model_cfg, t.keep_last)
             log(f"saved {path}")
     evaluate(t.steps)
+    if tb is not None:
+        tb.close()
     return history
