@@ -60,7 +60,6 @@ def check_export(hf_dir, source_checkpoint=None, seq_len: int = 24) -> dict:
     with torch.no_grad():
         a = hf(toks).logits.float()
     b = ours.forward(toks, torch.arange(seq_len)[None], ours.new_cache(1, seq_len))
-    # the export is bf16: compare against the source rounded the same way
     diff = (a - b).abs().max().item()
     return {"loads_in_transformers": True, "max_abs_logit_diff_vs_source": diff,
             "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}

@@ -312,8 +312,8 @@ class Pipeline:
         out = {}
         for name, ckpt in (("target", self.done("distill")["target"]), ("draft", self.done("distill")["checkpoint"])):
             dst = self.out / "export" / name
-            if not (dst / "config.json").exists():
-                export_hf(ckpt, dst, self.tokenizer_spec)
+            if not (dst / "config.json").exists():  # keep the trained dtype: the HF comparison runs the same weights
+                export_hf(ckpt, dst, self.tokenizer_spec, dtype=None)
             out[name] = str(dst)
         return out
 

@@ -110,7 +110,7 @@ def write_report(p) -> Path:
     if hf:
         rows.append(("HF transformers assisted generation, same pair (speedup vs our target-only)",
                      f"{hf['speedup']:.2f}x", "-"))
-    rows.append(("Export: transformers loads it; max |logit diff| vs source (bf16)",
+    rows.append(("Export: transformers loads it; max |logit diff| vs source",
                  f"{exp['target']['max_abs_logit_diff_vs_source']:.3g}", "-"))
 
     md = [f"# {p.cfg.name}: pipeline report", "",
