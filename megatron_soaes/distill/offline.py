@@ -75,7 +75,7 @@ def dump_topk(job, out_dir, top_k: int, value_dtype: str = "bf16", samples_per_s
     """Run the job's teacher over the job's training samples (all of them by default). Collective."""
     from megatron.core import parallel_state as ps
 
-    from megatron_soaes.data.gpt_data import build_gpt_dataset, collate
+    from megatron_soaes.data.gpt_data import build_gpt_dataset, collate, to_device
     from megatron_soaes.data.tokenizer import load_tokenizer
     from megatron_soaes.distill.losses import teacher_topk
     from megatron_soaes.distill.teacher import Teacher
@@ -118,7 +118,7 @@ def dump_topk(job, out_dir, top_k: int, value_dtype: str = "bf16", samples_per_s
         lo, hi = shard * samples_per_shard, min(total, (shard + 1) * samples_per_shard)
         vals, idxs = [], []
         for a in range(lo, hi, t.micro_batch_size):
-            b = collate([ds[i % len(ds)] for i in range(a, min(hi, a + t.micro_batch_size))])
+            b = to_device(collate([ds[i % len(ds)] for i in range(a, min(hi, a + t.micro_batch_size))]))
             v, i = teacher_topk(teacher.logits(b["tokens"], b["position_ids"]), top_k, student_cfg.vocab_size)
             vals.append(v.to(_DTYPES[value_dtype]).cpu())
             idxs.append(i.to(torch.int32).cpu())

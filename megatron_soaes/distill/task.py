@@ -92,8 +92,8 @@ class DistillTask(CPTTask):
         if self.teacher is not None:
             teacher["teacher_logits"] = self.teacher.logits(b["tokens"], b["position_ids"], mask)
         elif int(b["index"][0]) >= 0:
-            v, i = self.store.get(b["index"])
-            teacher["teacher_topk_values"], teacher["teacher_topk_indices"] = v, i
+            v, i = self.store.get(b["index"].cpu())
+            teacher["teacher_topk_values"], teacher["teacher_topk_indices"] = v.to(b["tokens"].device), i.to(b["tokens"].device)
         out = model(b["tokens"], b["position_ids"], mask)
         return out, partial(self._loss, b, teacher)
 
