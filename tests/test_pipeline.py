@@ -60,3 +60,16 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     resumed = [json.loads(x)["loss"] for x in open(out / "distill" / "metrics.jsonl") if '"loss"' in x]
     assert resumed == pytest.approx(distill_loss, rel=1e-6)
     assert (out / "report" / "summary.md").exists()
+
+
+def test_pipeline_with_the_real_qwen_vocabulary(tmp_path):
+    """The one-line switch to Qwen2.5's 151,665-token BPE: data, base model and CPT run (fewer steps)."""
+    out = tmp_path / "qwen"
+    run_pipeline(out, "--set", "data.tokenizer=qwen", "--set", "base.pretrain_steps=2", "--set", "cpt.steps=3",
+                 "--until", "cpt")
+    base = json.loads((out / "phases" / "data.json").read_text())
+    assert base["tokenizer"] == "qwen"
+    meta = json.loads(next((out / "cpt" / "checkpoints").glob("iter_*/soaes_model.json")).read_text())
+    assert meta["model"]["vocab_size"] == 151680  # 151,665 tokens padded to a multiple of 128
+    losses = [json.loads(x)["loss"] for x in open(out / "cpt" / "metrics.jsonl") if '"loss"' in x]
+    assert len(losses) == 3 and all(10 < v < 13 for v in losses)  # ~ln(151,680) = 11.9 at the start
