@@ -134,9 +134,12 @@ def test_two_process_loss_curve_matches_single_process(cpt_data, tmp_path, tp, p
         assert got[h.step] == pytest.approx(h.loss, abs=1e-4), h.step
 
 
-def test_sigkill_during_save_then_resume_is_exact(cpt_data, tmp_path):
-    """A real SIGKILL after the checkpoint data is written but before it is published: the half-written
-    save is never used, and the rerun continues from the previous checkpoint with the same losses."""
+@pytest.mark.parametrize("fault", ["before_rename:16", pytest.param("save_start:16", marks=pytest.mark.slow),
+                                   pytest.param("after_step:12", marks=pytest.mark.slow)])
+def test_sigkill_during_save_then_resume_is_exact(cpt_data, tmp_path, fault):
+    """A real SIGKILL at the start of a save, after its data is written but before it is published, or in
+    the middle of training: an unpublished save is never used, and the rerun continues from the previous
+    checkpoint with the same losses, bit for bit."""
     import os
     import subprocess
     import sys
@@ -152,7 +155,7 @@ def test_sigkill_during_save_then_resume_is_exact(cpt_data, tmp_path):
     cfg = write_config(cpt_data, run, steps=16)
     # its own session, output to a file: save workers it spawned may outlive it and must not hold our pipes
     with open(tmp_path / "killed.log", "w") as f:
-        killed = subprocess.Popen(cmd + [str(cfg)], env={**env, "SOAES_FAULT": "before_rename:16"}, cwd=ROOT,
+        killed = subprocess.Popen(cmd + [str(cfg)], env={**env, "SOAES_FAULT": fault}, cwd=ROOT,
                                   stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         rc = killed.wait(timeout=600)
     try:
@@ -161,7 +164,8 @@ def test_sigkill_during_save_then_resume_is_exact(cpt_data, tmp_path):
         pass
     assert rc == -9
     ck = run / "checkpoints"
-    assert (ck / "iter_0000016.tmp").exists() and not (ck / "iter_0000016").exists()
+    assert not (ck / "iter_0000016").exists()
+    assert (ck / "iter_0000016.tmp").exists() == fault.endswith(":16")
     assert (ck / "latest").read_text().strip() == "iter_0000008"
     res = subprocess.run(cmd + [str(cfg)], env=env, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr

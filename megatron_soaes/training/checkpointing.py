@@ -52,7 +52,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fault_point(name: str, iteration: int) -> None:
+def fault_point(name: str, iteration: int) -> None:
     """Fault injection for the kill tests: SOAES_FAULT=<name>:<iteration> SIGKILLs this process there."""
     spec = os.environ.get("SOAES_FAULT", "")
     if spec == f"{name}:{iteration}":
@@ -74,6 +74,7 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
+    fault_point("save_start", iteration)
     model_sd = model.sharded_state_dict()
     state = {
         "model": model_sd,
@@ -83,7 +84,7 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         "common": common,
     }
     dist_checkpointing.save(state, str(tmp))
-    _fault_point("before_rename", iteration)
+    fault_point("before_rename", iteration)
     torch.distributed.barrier()
     if rank == 0:
         write_meta(tmp, model_cfg, iteration=iteration, world_size=world)

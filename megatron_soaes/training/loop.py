@@ -268,6 +268,7 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
             scheduler.step(increment=1)
         else:
             log(f"step {step}: non-finite loss/gradients (loss={loss}); update skipped")
+        ckpt.fault_point("after_step", step)
         tokens_since += t.global_batch_size * seq
         lr = optimizer.param_groups[0]["lr"]
         rec = StepRecord(step, loss, lr, None if grad_norm is None else float(grad_norm), 0.0, not finite)
