@@ -24,12 +24,10 @@ def export_hf(checkpoint, out_dir, tokenizer_spec: str, dtype: str | None = "bf1
     cfg = {"chat_template": CHAT_TEMPLATE, "model_max_length": 32768, "clean_up_tokenization_spaces": False, **specials}
     src = Path(tokenizer_spec)
     if tokenizer_spec == "qwen" or src.suffix == ".tiktoken":
-        from transformers.integrations.tiktoken import convert_tiktoken_to_fast
-
         from megatron_soaes.data.tokenizer import QwenTiktokenTokenizer
 
         qt = tok if isinstance(tok, QwenTiktokenTokenizer) else QwenTiktokenTokenizer(src)
-        convert_tiktoken_to_fast(qt.enc, str(out))  # tokenizer.json with the Qwen2 BPE and its specials
+        qt.save_tokenizer_json(out)  # tokenizer.json with the Qwen2 BPE and its specials
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     elif src.suffix == ".model":
         shutil.copy2(src, out / "tokenizer.model")  # sentencepiece (identity normalisation, no dummy prefix)

@@ -56,7 +56,22 @@ def test_bad_records_are_skipped_and_reported_with_file_and_line(spm, tmp_path):
     assert f"{src}:3: missing field 'text'" in ex
     assert f"{src}:4: invalid UTF-8" in ex
     assert f"{src}:5: field 'text' is not a string" in ex
-    assert f"{src}:6: empty text" in ex
+    assert stats.empty_documents == 1  # an empty text stays an empty document, as in Megatron-LM
+    docs, ds = read_docs(tmp_path / "out")
+    assert [len(d) for d in docs] == [len(docs[0]), len(docs[1])]
+    assert np.diff(ds.document_indices).tolist() == [1, 0, 1]
+
+
+def test_special_token_strings_parse_like_megatron_or_stay_text(tmp_path):
+    """Default: a literal special token in the text is the special token (Megatron-LM / HF default)."""
+    tok = load_tokenizer("qwen")
+    src = write_jsonl(tmp_path / "s.jsonl", [{"text": "甲<|endoftext|>乙"}])
+    preprocess(src, tmp_path / "parse", "qwen", progress=False)
+    preprocess(src, tmp_path / "text", "qwen", progress=False, special_tokens=False)
+    (parsed,), _ = read_docs(tmp_path / "parse")
+    (as_text,), _ = read_docs(tmp_path / "text")
+    assert parsed.count(tok.eod_id) == 2 and as_text.count(tok.eod_id) == 1
+    assert parsed == tok.encode("甲<|endoftext|>乙", allow_special=True) + [tok.eod_id]
 
 
 def test_strict_mode_fails_on_first_bad_record_and_writes_nothing(spm, tmp_path):

@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.add_argument("--no-eod", action="store_true")
+    p.add_argument("--special-tokens-as-text", action="store_true",
+                   help="tokenise a literal '<|endoftext|>' etc. as text (default: the special token, like Megatron-LM)")
     p.add_argument("--dedup", action="store_true")
     p.add_argument("--min-chars", type=int, default=0)
     p.add_argument("--max-chars", type=int, default=None)
@@ -28,11 +30,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     clean = CleanConfig(a.dedup, a.min_chars, a.max_chars, a.max_control_ratio, a.max_garbage_ratio)
     try:
-        s = preprocess(a.input, a.output_prefix, a.tokenizer, a.text_key, a.workers, clean, a.strict, not a.no_eod)
+        s = preprocess(a.input, a.output_prefix, a.tokenizer, a.text_key, a.workers, clean, a.strict, not a.no_eod,
+                       special_tokens=not a.special_tokens_as_text)
     except PreprocessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{s.documents} documents, {s.tokens} tokens, {s.tokens / max(s.seconds, 1e-9):,.0f} tok/s; dropped {s.dropped}")
+    empty = f" (+{s.empty_documents} empty)" if s.empty_documents else ""
+    print(f"{s.documents} documents{empty}, {s.tokens} tokens, {s.tokens / max(s.seconds, 1e-9):,.0f} tok/s; dropped {s.dropped}")
     return 0
 
 

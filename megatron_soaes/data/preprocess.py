@@ -37,6 +37,7 @@ class CleanConfig:
 @dataclass
 class Stats:
     documents: int = 0
+    empty_documents: int = 0  # kept as empty index entries, like Megatron-LM (no tokens, no EOD)
     tokens: int = 0
     records_read: int = 0
     dropped: dict = field(default_factory=dict)
@@ -111,8 +112,6 @@ def _bad_char_ratios(text: str) -> tuple[float, float]:
 
 
 def clean_reason(text: str, clean: CleanConfig) -> str | None:
-    if not text:
-        return "empty text"
     if len(text) < clean.min_chars:
         return "too short"
     if clean.max_chars is not None and len(text) > clean.max_chars:
@@ -127,10 +126,11 @@ def clean_reason(text: str, clean: CleanConfig) -> str | None:
 
 
 _TOKENIZER = None  # set before the worker pool forks, so workers inherit it
+_SPECIALS = True
 
 
 def _encode(text):
-    return _TOKENIZER.encode(text)
+    return _TOKENIZER.encode(text, allow_special=_SPECIALS)
 
 
 def optimal_dtype(vocab_size: int):
@@ -140,8 +140,14 @@ def optimal_dtype(vocab_size: int):
 
 def preprocess(inputs, output_prefix, tokenizer_spec, text_key: str = "text", workers: int = 1,
                clean: CleanConfig | None = None, strict: bool = False, append_eod: bool = True,
-               progress: bool = True) -> Stats:
-    """Tokenise `inputs` into `output_prefix`.bin/.idx (+ .stats.json). Returns the stats."""
+               progress: bool = True, special_tokens: bool = True) -> Stats:
+    """Tokenise `inputs` into `output_prefix`.bin/.idx (+ .stats.json). Returns the stats.
+
+    Defaults reproduce Megatron-LM's `tools/preprocess_data.py --append-eod` byte for byte on valid input
+    (benchmarks/preprocess_vs_megatron.py): special-token strings in the text (e.g. a literal
+    "<|endoftext|>") become the special token, as HF tokenizers do; `special_tokens=False` keeps them as
+    plain text. An empty text is an empty document (no EOD), as there. Unlike Megatron-LM, bad records
+    are skipped and counted (or fail with file:line in strict mode) instead of crashing the run."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megatron_soaes.data.tokenizer import load_tokenizer
@@ -175,8 +181,8 @@ def preprocess(inputs, output_prefix, tokenizer_spec, text_key: str = "text", wo
                     continue
                 yield text
 
-    global _TOKENIZER
-    _TOKENIZER = tokenizer
+    global _TOKENIZER, _SPECIALS
+    _TOKENIZER, _SPECIALS = tokenizer, special_tokens
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=optimal_dtype(tokenizer.vocab_size))
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
@@ -187,7 +193,8 @@ def preprocess(inputs, output_prefix, tokenizer_spec, text_key: str = "text", wo
         bar = tqdm(encoded, desc=f"tokenising -> {out.name}", unit="doc", disable=not progress)
         for ids in bar:
             if not ids:
-                stats.drop("no tokens", "?")
+                builder.add_document(np.zeros(0, dtype=np.int64), [])
+                stats.empty_documents += 1
                 continue
             if append_eod:
                 ids = ids + [tokenizer.eod_id]

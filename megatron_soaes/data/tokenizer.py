@@ -85,6 +85,7 @@ class QwenTiktokenTokenizer(Tokenizer):
         self.enc = tiktoken.Encoding(name="qwen2", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks,
                                      special_tokens=self.special)
         self.name = f"qwen-tiktoken:{path}"
+        self.ranks_path = path
         self.vocab_size = n + len(QWEN2_SPECIAL_TOKENS)
         self.eod_id = self.special["<|endoftext|>"]
 
@@ -99,6 +100,19 @@ class QwenTiktokenTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids if int(i) < self.vocab_size])
+
+    def save_tokenizer_json(self, out_dir: str | Path) -> Path:
+        """The same BPE as an HF `tokenizer.json` (what Qwen2.5 releases ship), for transformers and
+        Megatron-LM's HuggingFaceTokenizer. Built from the ranks file directly (no blobfile needed)."""
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        out = Path(out_dir) / "tokenizer.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        TikTokenConverter(vocab_file=str(self.ranks_path), pattern=QWEN2_PATTERN,
+                          extra_special_tokens=self.special).converted().save(str(tmp))
+        tmp.replace(out)
+        return out
 
     def token_id(self, token):
         if token in self.special:

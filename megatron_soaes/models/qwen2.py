@@ -170,6 +170,9 @@ PRESETS: dict[str, dict] = {
     # tiny target / draft pair and a test-sized model (GQA ratio 2 and 4).
     "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=704, num_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048),
+    # the CPU speculative-decoding target: big enough that a tiny-draft forward costs a fraction of its own
+    "small": dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048),
     "tiny-draft": dict(vocab_size=8000, hidden_size=128, intermediate_size=352, num_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
     "test": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4,

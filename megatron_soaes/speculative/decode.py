@@ -10,6 +10,7 @@ One round of speculative decoding, for a batch:
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -177,61 +178,81 @@ class DraftTree:
     depth: torch.Tensor  # [B, N]
     draft_probs: torch.Tensor | None  # [B, N, V] or None (deterministic drafts: one-hot)
     draft_slot: torch.Tensor  # [B, N] block slot of the node's K/V in the draft cache, -1 if never run
-
-    def ancestor_mask(self) -> torch.Tensor:
-        """[B, N, N]: node j is node i or one of its ancestors."""
-        B, N = self.parents.shape
-        anc = torch.zeros(B, N, N, dtype=torch.bool, device=self.parents.device)
-        ar = torch.arange(B, device=anc.device)
-        for i in range(N):
-            if i:
-                anc[:, i] = anc[ar, self.parents[:, i].clamp(min=0)]
-            anc[:, i, i] = True
-        return anc
+    anc: torch.Tensor  # [B, N, N]: node j is node i or one of its ancestors
 
 
-def _static_tree(draft, cache, root, spec: SpecConfig, temperature, top_p, gen) -> DraftTree:
+def _ancestors(parents: torch.Tensor) -> torch.Tensor:
+    B, N = parents.shape
+    anc = torch.zeros(B, N, N, dtype=torch.bool, device=parents.device)
+    ar = torch.arange(B, device=anc.device)
+    for i in range(N):
+        if i:
+            anc[:, i] = anc[ar, parents[:, i].clamp(min=0)]
+        anc[:, i, i] = True
+    return anc
+
+
+def _root_logits(draft, cache, root, pending):
+    """Draft logits [B, 1, V] for the root (K/V at block slot 0). `pending` [B] is the last accepted token
+    of the previous round when it never went through the draft: it is committed in the same forward."""
+    if pending is None:
+        return draft.forward(root[:, None], cache.lengths[:, None], cache)
+    pos = cache.lengths[:, None] + torch.arange(2, device=root.device)
+    logits = draft.forward(torch.stack([pending, root], 1), pos, cache)
+    cache.lengths += 1
+    return logits[:, 1:]
+
+
+@functools.lru_cache(maxsize=32)
+def _static_shape(branching: tuple[int, ...], device: str):
+    """parents, depth, ancestor mask and per-depth node ranges of a static tree (same every round)."""
+    parents, depth, levels, lo, hi = [-1], [0], [], 0, 1
+    for d, k in enumerate(branching):
+        for f in range(lo, hi):
+            parents += [f] * k
+            depth += [d + 1] * k
+        levels.append((lo, hi))
+        lo, hi = hi, len(parents)
+    par = torch.tensor(parents, device=device)[None]
+    return par, torch.tensor(depth, device=device)[None], _ancestors(par), levels
+
+
+def _static_tree(draft, cache, root, spec: SpecConfig, temperature, top_p, gen, pending=None) -> DraftTree:
     B, dev = root.shape[0], draft.device
-    N = spec.max_nodes
-    V = draft.vocab_size
-    parents = torch.full((B, N), -1, dtype=torch.long, device=dev)
+    par, dep, anc, levels = _static_shape(spec.branching, str(dev))
+    N, V = par.shape[1], draft.vocab_size
+    parents, depth, anc = par.expand(B, N), dep.expand(B, N), anc.expand(B, N, N)
     tokens = torch.zeros(B, N, dtype=torch.long, device=dev)
-    depth = torch.zeros(B, N, dtype=torch.long, device=dev)
     sampled = temperature > 0
     qs = torch.zeros(B, N, V, device=dev) if sampled else None
-    anc = torch.zeros(B, N, N, dtype=torch.bool, device=dev)
-    tokens[:, 0], anc[:, 0, 0] = root, True
-    lo, hi = 0, 1
-    for d, k in enumerate(spec.branching):
-        logits = draft.forward(tokens[:, lo:hi], cache.lengths[:, None] + d, cache,
-                               block_mask=anc[:, lo:hi, :hi], write_offset=lo)
-        q = probs_from_logits(logits, temperature, top_p) if sampled else torch.softmax(logits, -1)
-        nxt = hi
-        for f in range(hi - lo):
-            if sampled:  # k siblings without replacement; node i records the q it was drawn from
-                qf = q[:, f].clone()
-                for _ in range(k):
-                    x = _sample(qf, gen)
-                    tokens[:, nxt], qs[:, nxt] = x, qf
-                    qf = qf.scatter(1, x[:, None], 0.0)
-                    qf = qf / qf.sum(-1, keepdim=True).clamp(min=1e-30)
-                    parents[:, nxt], depth[:, nxt] = lo + f, d + 1
-                    nxt += 1
-            else:
-                top = q[:, f].topk(k, dim=-1).indices
-                tokens[:, nxt:nxt + k] = top
-                parents[:, nxt:nxt + k], depth[:, nxt:nxt + k] = lo + f, d + 1
-                nxt += k
-        for i in range(hi, nxt):
-            anc[:, i] = anc[torch.arange(B, device=dev), parents[:, i]]
-            anc[:, i, i] = True
-        lo, hi = hi, nxt
+    tokens[:, 0] = root
+    nxt = 1
+    for d, ((lo, hi), k) in enumerate(zip(levels, spec.branching)):
+        if d == 0:
+            logits = _root_logits(draft, cache, root, pending)
+        else:
+            logits = draft.forward(tokens[:, lo:hi], cache.lengths[:, None] + d, cache,
+                                   block_mask=anc[:, lo:hi, :hi], write_offset=lo)
+        if not sampled:
+            top = logits.topk(k, dim=-1).indices  # [B, hi - lo, k]: children in parent order
+            tokens[:, nxt:nxt + (hi - lo) * k] = top.reshape(B, -1)
+            nxt += (hi - lo) * k
+            continue
+        q = probs_from_logits(logits, temperature, top_p)
+        for f in range(hi - lo):  # k siblings without replacement; node i records the q it was drawn from
+            qf = q[:, f].clone()
+            for _ in range(k):
+                x = _sample(qf, gen)
+                tokens[:, nxt], qs[:, nxt] = x, qf
+                qf = qf.scatter(1, x[:, None], 0.0)
+                qf = qf / qf.sum(-1, keepdim=True).clamp(min=1e-30)
+                nxt += 1
     slot = torch.arange(N, device=dev).expand(B, N).clone()
-    slot[:, lo:] = -1  # the deepest level never went through the draft
-    return DraftTree(parents, tokens, depth, qs, slot)
+    slot[:, levels[-1][1]:] = -1  # the deepest level never went through the draft
+    return DraftTree(parents, tokens, depth, qs, slot, anc)
 
 
-def _dynamic_tree(draft, cache, root, spec: SpecConfig) -> DraftTree:
+def _dynamic_tree(draft, cache, root, spec: SpecConfig, pending=None) -> DraftTree:
     """EAGLE-2: expand the `topk` best nodes per depth by cumulative draft probability; keep the best `budget`."""
     B, dev, K = root.shape[0], draft.device, spec.topk
     cap = 1 + K + (spec.depth - 1) * K * K
@@ -247,7 +268,8 @@ def _dynamic_tree(draft, cache, root, spec: SpecConfig) -> DraftTree:
     n = 1
     for d in range(spec.depth):
         f = frontier.shape[1]
-        logits = _forward_at_slots(draft, cache, tokens, frontier, anc, d, n)
+        logits = (_root_logits(draft, cache, root, pending) if d == 0
+                  else _forward_at_slots(draft, cache, tokens, frontier, anc, d, n))
         written[:, int(frontier.min()):n] = True  # the whole block ran, each node under its own ancestors
         logp = torch.log_softmax(logits, -1)  # [B, f, V]
         top = logp.topk(K, dim=-1)
@@ -272,7 +294,8 @@ def _dynamic_tree(draft, cache, root, spec: SpecConfig) -> DraftTree:
     if (new_par[:, 1:] < 0).any():
         raise AssertionError("dynamic tree lost an ancestor")
     slot = torch.where(written.gather(1, keep), keep, torch.full_like(keep, -1))
-    return DraftTree(new_par, tokens.gather(1, keep), depth.gather(1, keep), None, slot)
+    keep_anc = anc[ar[:, None, None], keep[:, :, None], keep[:, None, :]]
+    return DraftTree(new_par, tokens.gather(1, keep), depth.gather(1, keep), None, slot, keep_anc)
 
 
 def _forward_at_slots(draft, cache, tokens, nodes, anc, d, n_written):
@@ -311,11 +334,11 @@ def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, pr
     accepted_hist, forwards = [], 0
     ar = torch.arange(B, device=target.device)
     tree_depth = spec.depth if spec.mode == "dynamic" else len(spec.branching)
+    pending = None  # [B] last accepted token not yet in the draft cache (fed with the next root)
     while not _done(out, max_new_tokens, eos_id):
-        tree = (_dynamic_tree(draft, dcache, root, spec) if spec.mode == "dynamic"
-                else _static_tree(draft, dcache, root, spec, temperature, top_p, gen))
-        logits = target.forward(tree.tokens, tcache.lengths[:, None] + tree.depth, tcache,
-                                block_mask=tree.ancestor_mask())
+        tree = (_dynamic_tree(draft, dcache, root, spec, pending) if spec.mode == "dynamic"
+                else _static_tree(draft, dcache, root, spec, temperature, top_p, gen, pending))
+        logits = target.forward(tree.tokens, tcache.lengths[:, None] + tree.depth, tcache, block_mask=tree.anc)
         forwards += 1
         p = probs_from_logits(logits, temperature, top_p)
         u = torch.rand(p.shape[:2] + (2,), generator=gen, device=p.device)
@@ -323,20 +346,25 @@ def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, pr
                                         implementation=verify_impl)
         path, length, nxt = path.to(target.device), length.to(target.device), nxt.to(target.device)
         tcache.commit(path, length)
-        # draft cache: the written prefix of the path; the last accepted node may need one catch-up forward
+        # draft cache: the written prefix of the path; the last accepted node may not have been run
         pslot = tree.draft_slot.gather(1, path.clamp(min=0))
         in_path = torch.arange(path.shape[1], device=path.device)[None] < length[:, None]
         written = (pslot >= 0) & in_path
         dcount = written.sum(1)
         dcache.commit(torch.where(written, pslot, -1), dcount)
-        last = path[ar, length - 1]
         need = dcount < length
+        pending = None
         if need.any():
-            tok = tree.tokens[ar, last]
-            draft.forward(tok[:, None], dcache.lengths[:, None], dcache)
-            dcache.lengths += need.long()
-        for b in range(B):
-            out[b].extend(tree.tokens[b, path[b, 1:length[b]]].tolist() + [int(nxt[b])])
+            last = tree.tokens[ar, path[ar, length - 1]]
+            if bool(need.all()):
+                pending = last  # goes through the draft together with the next root: one forward saved
+            else:
+                draft.forward(last[:, None], dcache.lengths[:, None], dcache)
+                dcache.lengths += need.long()
+        for b, (toks, k) in enumerate(zip(tree.tokens.gather(1, path.clamp(min=0)).tolist(), length.tolist())):
+            out[b].extend(toks[1:k])
+        for b, t in enumerate(nxt.tolist()):
+            out[b].append(t)
         accepted_hist.append(float((length - 1).float().mean()))
         root = nxt
     res = _finish(out, max_new_tokens, eos_id)

@@ -47,6 +47,8 @@ class KVCache:
 
 
 def _rms_norm(x, w, eps):
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, w.shape, w, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
@@ -56,26 +58,60 @@ def _rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
+def _packed_linear_works() -> bool:
+    try:
+        w, x = torch.randn(8, 4), torch.randn(1, 3, 4)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
+        return torch.allclose(y, F.linear(x, w), atol=1e-5)
+    except Exception:
+        return False
+
+
+class Linear:
+    """y = x W^T + b. On CPU in fp32 the weight is pre-packed once for oneDNN: decoding calls the same
+    small-batch GEMMs thousands of times, and re-packing per call (what `F.linear` does) costs 2-4x at
+    4-16 rows, which is exactly the size of a verification block. Dense `F.linear` everywhere else."""
+
+    _packed_ok: bool | None = None
+    MIN_PACKED = 1 << 18  # smaller weights are faster through F.linear (the oneDNN call costs ~30 us more)
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
+        self.weight, self.bias = weight, bias
+        self.packed = None
+        if pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= self.MIN_PACKED:
+            if Linear._packed_ok is None:
+                Linear._packed_ok = _packed_linear_works()
+            if Linear._packed_ok:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class Qwen2ForInference:
-    def __init__(self, cfg: Qwen2Config, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg: Qwen2Config, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu",
+                 packed: bool = True):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"], pack=packed)
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             self.layers.append(dict(
                 ln1=w[p + "input_layernorm.weight"], ln2=w[p + "post_attention_layernorm.weight"],
-                qkv=torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
-                qkv_b=torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]]),
-                o=w[a + "o_proj.weight"],
-                gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
-                down=w[p + "mlp.down_proj.weight"]))
+                qkv=Linear(torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
+                           torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]]), packed),
+                o=Linear(w[a + "o_proj.weight"], pack=packed),
+                gate_up=Linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]), pack=packed),
+                down=Linear(w[p + "mlp.down_proj.weight"], pack=packed)))
         d = cfg.head_dim
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=self.device) / d))
+        self._rope = torch.empty(0, 2, d, dtype=dtype, device=self.device)  # [pos, cos/sin, d], grown on demand
 
     @property
     def vocab_size(self) -> int:
@@ -83,6 +119,31 @@ class Qwen2ForInference:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+
+    def _rope_table(self, n: int) -> torch.Tensor:
+        if self._rope.shape[0] < n:
+            n = max(n, 2 * self._rope.shape[0], 256)
+            ang = torch.arange(n, dtype=torch.float64, device=self.device)[:, None] * self.inv_freq
+            ang = torch.cat([ang, ang], -1)
+            self._rope = torch.stack([ang.cos(), ang.sin()], 1).to(self.dtype)
+        return self._rope
+
+    def _attention_mask(self, cache: KVCache, block_mask, n: int, W: int, end: int):
+        """[B, 1, n, end] bool, or None when every key is visible (one new token, no ragged batch)."""
+        B = cache.lengths.shape[0]
+        if block_mask is None and n == 1 and W == 1 and (B == 1 or bool((cache.lengths == cache.lengths[0]).all())):
+            return None
+        if block_mask is None:
+            block_mask = torch.arange(W, device=self.device)[None, :] <= (W - n + torch.arange(n, device=self.device))[:, None]
+            block_mask = block_mask.expand(B, n, W)
+        if B == 1:  # committed keys, then the block
+            L = int(cache.lengths[0])
+            return torch.cat([torch.ones(1, n, L, dtype=torch.bool, device=self.device), block_mask], -1)[:, None]
+        s = torch.arange(end, device=self.device)
+        rel = s[None, :] - cache.lengths[:, None]  # [B, end] block offset of each key slot
+        in_block = (rel >= 0) & (rel < W)
+        visible = torch.gather(block_mask, 2, rel.clamp(0, W - 1)[:, None, :].expand(B, n, end)) & in_block[:, None, :]
+        return (visible | (rel < 0)[:, None, :])[:, None]
 
     @torch.no_grad()
     def forward(self, tokens, positions, cache: KVCache, block_mask=None, write_offset: int = 0):
@@ -98,41 +159,25 @@ class Qwen2ForInference:
         end = int(cache.lengths.max()) + W
         if end > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} tokens is too small (needs {end})")
-        if block_mask is None:
-            block_mask = torch.arange(W, device=self.device)[None, :] <= (write_offset + torch.arange(n, device=self.device))[:, None]
-            block_mask = block_mask.expand(B, n, W)
-        s = torch.arange(end, device=self.device)
-        rel = s[None, :] - cache.lengths[:, None]  # [B, end] block offset of each key slot
-        in_block = (rel >= 0) & (rel < W)
-        visible = torch.gather(block_mask, 2, rel.clamp(0, W - 1)[:, None, :].expand(B, n, end)) & in_block[:, None, :]
-        mask = (visible | (rel < 0)[:, None, :])[:, None]  # [B, 1, n, end]
+        mask = self._attention_mask(cache, block_mask, n, W, end)
         slots = cache.lengths[:, None] + write_offset + torch.arange(n, device=self.device)
-
-        ang = positions.to(torch.float64)[..., None] * self.inv_freq  # [B, n, d/2]
-        cos = torch.cat([ang.cos(), ang.cos()], -1).to(self.dtype)[:, None]
-        sin = torch.cat([ang.sin(), ang.sin()], -1).to(self.dtype)[:, None]
+        cs = self._rope_table(int(positions.max()) + 1)[positions]  # [B, n, 2, d]
+        cos, sin = cs[:, None, :, 0], cs[:, None, :, 1]
         H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = F.embedding(tokens, self.embed)
+        idx = slots[:, None, :, None].expand(B, Hkv, n, d)
         for li, L in enumerate(self.layers):
-            h = _rms_norm(x, L["ln1"], cfg.rms_norm_eps)
-            qkv = F.linear(h, L["qkv"], L["qkv_b"])
-            q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
-            q = q.view(B, n, H, d).transpose(1, 2)
-            k = k.view(B, n, Hkv, d).transpose(1, 2)
-            v = v.view(B, n, Hkv, d).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            idx = slots[:, None, :, None].expand(B, Hkv, n, d)
-            cache.k[li].scatter_(2, idx, k)
-            cache.v[li].scatter_(2, idx, v)
-            att = F.scaled_dot_product_attention(q, cache.k[li][:, :, :end], cache.v[li][:, :, :end], attn_mask=mask,
-                                                 enable_gqa=H != Hkv)
-            x = x + F.linear(att.transpose(1, 2).reshape(B, n, H * d), L["o"])
-            h = _rms_norm(x, L["ln2"], cfg.rms_norm_eps)
-            gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, L["down"])
-        x = _rms_norm(x, self.norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+            qkv = L["qkv"](_rms_norm(x, L["ln1"], cfg.rms_norm_eps)).view(B, n, H + 2 * Hkv, d).transpose(1, 2)
+            qk = qkv[:, :H + Hkv]
+            qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
+            cache.k[li].scatter_(2, idx, qk[:, H:])
+            cache.v[li].scatter_(2, idx, qkv[:, H + Hkv:])
+            att = F.scaled_dot_product_attention(qk[:, :H], cache.k[li][:, :, :end], cache.v[li][:, :, :end],
+                                                 attn_mask=mask, enable_gqa=H != Hkv)
+            x = x + L["o"](att.transpose(1, 2).reshape(B, n, H * d))
+            gate, up = L["gate_up"](_rms_norm(x, L["ln2"], cfg.rms_norm_eps)).chunk(2, dim=-1)
+            x = x + L["down"](F.silu(gate) * up)
+        return self.lm_head(_rms_norm(x, self.norm, cfg.rms_norm_eps)).float()
 
 
 def load_weights(path: str | Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
@@ -158,6 +203,6 @@ def load_weights(path: str | Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]
     return cfg, {name: ckpt.get(name) for name in qwen2_hf.hf_tensor_shapes(cfg)}
 
 
-def load_inference_model(path, dtype=torch.float32, device="cpu") -> Qwen2ForInference:
+def load_inference_model(path, dtype=torch.float32, device="cpu", packed: bool = True) -> Qwen2ForInference:
     cfg, weights = load_weights(path)
-    return Qwen2ForInference(cfg, weights, dtype, device)
+    return Qwen2ForInference(cfg, weights, dtype, device, packed)

@@ -242,6 +242,7 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
 
     history: list[StepRecord] = []
     source_tokens: dict[int, int] = dict(restored_tokens)  # tokens per blend source, whole run
+    src_names = {i: s.name or Path(s.path).name for i, s in enumerate(job.data.train)}
     t_start, tokens_since = time.time(), 0
     for step in range(start_step + 1, t.steps + 1):
         ddp.train()
@@ -278,7 +279,7 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
             tflops = fpt * rec.tokens_per_s / 1e12
             mfu = f" | MFU {100 * tflops / (peak * world_devices):.1f}%" if peak else ""
             eta = (t.steps - step) * t.global_batch_size * seq / max(rec.tokens_per_s, 1e-9)
-            per_src = ", ".join(f"src{k}={v}" for k, v in sorted(source_tokens.items()))
+            per_src = ", ".join(f"{src_names.get(k, f'src{k}')}={v:,}" for k, v in sorted(source_tokens.items()))
             log(f"step {step}/{t.steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
                 f"{rec.grad_norm if rec.grad_norm is None else round(rec.grad_norm, 3)} | "
                 f"{rec.tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s (model){mfu} | ETA {eta:.0f}s | tokens {per_src}")
