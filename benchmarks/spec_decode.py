@@ -30,12 +30,15 @@ def load_prompts(args, vocab: int) -> list[list[int]]:
         from megatron_soaes.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer or args.target)
-        texts = []
+        prompts = []
         for line in Path(args.prompts).read_text(encoding="utf-8").splitlines():
-            if line.strip():
+            if line.strip() and len(prompts) < args.num_prompts:
                 rec = json.loads(line)
-                texts.append(rec.get("prompt") or rec.get("text") or rec["question"])
-        return [tok.encode(t)[-args.prompt_len:] for t in texts[:args.num_prompts]]
+                if "text" in rec:  # a document: its opening, to be continued
+                    prompts.append(tok.encode(rec["text"])[:args.prompt_len])
+                else:  # a prompt or question: its end is what the model answers
+                    prompts.append(tok.encode(rec.get("prompt") or rec["question"])[-args.prompt_len:])
+        return prompts
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_prompts)]
 

@@ -74,6 +74,9 @@ def test_cpt_loss_decreases_and_resume_is_exact(cpt_data, tmp_path):
     (lambda c: c["parallel"].update(tensor_parallel=2), r"world size 1 is not divisible by TP\*PP\*CP = 2"),
     (lambda c: c["train"].update(global_batch_size=6), r"global_batch_size 6 is not divisible by micro_batch_size 4"),
     (lambda c: c["optim"].update(lr=-1), r"optim.lr: Input should be greater than 0"),
+    (lambda c: c["train"].update(transformer_impl="transformer_engine"), r"transformer_engine is not installed"),
+    (lambda c: c["train"].update(fp8=True), r"train.fp8: FP8 needs Transformer Engine"),
+    (lambda c: c["train"].update(dtype="bf16"), r"train.dtype: bf16 training needs a GPU"),
 ])
 def test_bad_configs_fail_before_work(cpt_data, tmp_path, edit, msg):
     from megatron_soaes.training.cpt import CPTTask

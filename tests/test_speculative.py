@@ -20,11 +20,17 @@ def pair(hf_models, tmp_path_factory):
     return load_inference_model(hf_models["untied"]), load_inference_model(d)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("name", ["tied", "untied", "odd_vocab"])
-def test_inference_model_matches_hf(hf_models, name):
+def test_inference_model_matches_hf(hf_models, name, packed, monkeypatch):
+    """Also with every weight pre-packed for oneDNN (normally only the large ones are)."""
     from megatron_soaes.checkpoint.compare import hf_logits
+    from megatron_soaes.speculative.model import Linear
 
-    m = load_inference_model(hf_models[name])
+    monkeypatch.setattr(Linear, "MIN_PACKED", 0)
+    m = load_inference_model(hf_models[name], packed=packed)
+    if packed and torch.backends.mkldnn.is_available():
+        assert all(L["qkv"].packed is not None for L in m.layers) and m.lm_head.packed is not None
     toks = torch.randint(0, m.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = hf_logits(hf_models[name], toks)
     cache = m.new_cache(2, 32)
@@ -68,6 +74,17 @@ def test_greedy_speculative_equals_target_greedy(pair, spec):
         # each prompt alone gives the same tokens as in the batch
     for b in (0, 3):
         assert speculative_generate(target, draft, [prompts[b]], 33, spec).tokens[0] == ref.tokens[b]
+
+
+def test_spec_config_parse():
+    assert SpecConfig.parse(None, gamma=3).branching == (1, 1, 1)
+    assert SpecConfig.parse("3,2,1").max_nodes == 1 + 3 + 6 + 6
+    d = SpecConfig.parse("dynamic:2,4,8")
+    assert (d.mode, d.topk, d.depth, d.budget) == ("dynamic", 2, 4, 8)
+    with pytest.raises(ValueError, match="dynamic:TOPK,DEPTH,BUDGET"):
+        SpecConfig.parse("dynamic:2,4")
+    with pytest.raises(ValueError, match="branching factors"):
+        SpecConfig.parse("wide")
 
 
 def test_perfect_draft_accepts_everything(pair):

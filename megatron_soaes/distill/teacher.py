@@ -39,7 +39,10 @@ class Teacher:
         self.cfg = teacher_config(section, tokenizer)
         check_pair(job, student_cfg, self.cfg)
         dtype = section.dtype or job.train.dtype
-        self.model = build_model(self.cfg, dtype=dtype, sequence_parallel=job.parallel.sequence_parallel)
+        from megatron_soaes.training.loop import use_transformer_engine
+
+        self.model = build_model(self.cfg, dtype=dtype, use_te=use_transformer_engine(job),
+                                 sequence_parallel=job.parallel.sequence_parallel)
         load_model_weights(self.model, section.checkpoint)
         self.model.eval()
         self.model.requires_grad_(False)

@@ -72,10 +72,10 @@ class SFTTask:
         self.use_thd = use_thd
 
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
-        from megatron_soaes.models.qwen2 import have_transformer_engine
+        from megatron_soaes.training.loop import use_transformer_engine
 
         if self.use_thd is None:
-            self.use_thd = have_transformer_engine() and torch.cuda.is_available() and job.train.micro_batch_size == 1
+            self.use_thd = use_transformer_engine(job) and torch.cuda.is_available() and job.train.micro_batch_size == 1
         t = job.train
         rows, self.stats = train_rows(job, tokenizer, progress=torch.distributed.get_rank() == 0)
         batches = ResumableBatches(PackedSFTDataset(rows, t.seed), t.global_batch_size, t.micro_batch_size,

@@ -44,11 +44,18 @@ class SpecConfig:
 
     @classmethod
     def parse(cls, tree: str | None, gamma: int = 4, topk: int = 4, depth: int = 5, budget: int = 16) -> "SpecConfig":
-        """CLI form: no tree -> chain of `gamma`; "3,2,1" -> static branching; "dynamic" -> EAGLE-2 style."""
+        """CLI form: no tree -> chain of `gamma`; "3,2,1" -> static branching; "dynamic[:topk,depth,budget]"
+        -> EAGLE-2 style."""
         if not tree or tree == "chain":
             return cls("chain", gamma=gamma)
         if tree == "dynamic":
             return cls("dynamic", topk=topk, depth=depth, budget=budget)
+        if tree.startswith("dynamic:"):  # dynamic:topk,depth,budget
+            try:
+                k, d, b = (int(x) for x in tree.split(":", 1)[1].split(","))
+            except ValueError:
+                raise ValueError(f"--tree dynamic:TOPK,DEPTH,BUDGET, e.g. dynamic:2,4,8; got {tree!r}") from None
+            return cls("dynamic", topk=k, depth=d, budget=b)
         try:
             branching = tuple(int(x) for x in tree.split(","))
         except ValueError:

@@ -77,6 +77,8 @@ class TrainSection(_Strict):
     micro_batch_size: int = Field(1, ge=1)
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     fp8: bool = False
+    # layer implementation: Transformer Engine's fused layers when importable (auto), or force one
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     seed: int = 1234
     log_interval: int = Field(10, ge=1)
     eval_interval: int = Field(0, ge=0)  # 0: only at the end

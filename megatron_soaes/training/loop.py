@@ -121,6 +121,21 @@ def _grads_finite(ddp) -> bool:
     return bool(ok.item())
 
 
+
+def use_transformer_engine(job) -> bool:
+    """Whether this job runs Transformer Engine layers; a clear error when it asks for TE without it."""
+    from megatron_soaes.models.qwen2 import have_transformer_engine
+
+    t = job.train
+    have = have_transformer_engine()
+    if t.transformer_impl == "transformer_engine" and not have:
+        raise ConfigError("train.transformer_impl: transformer_engine is not installed (pip install '.[gpu]' on a "
+                          "CUDA machine)")
+    if t.fp8 and (t.transformer_impl == "local" or not have):
+        raise ConfigError("train.fp8: FP8 needs Transformer Engine layers (pip install '.[gpu]' on a CUDA machine; "
+                          "transformer_impl must not be 'local')")
+    return have if t.transformer_impl == "auto" else t.transformer_impl == "transformer_engine"
+
 def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> list[StepRecord]:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -130,7 +145,7 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
 
     from megatron_soaes.checkpoint.load import load_model_weights
     from megatron_soaes.data.tokenizer import load_tokenizer
-    from megatron_soaes.models.qwen2 import build_model, have_transformer_engine
+    from megatron_soaes.models.qwen2 import build_model
     from megatron_soaes.runtime import ParallelConfig, initialize, world_info
     from megatron_soaes.training import checkpointing as ckpt
 
@@ -141,8 +156,7 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
     if job.train.dtype != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"train.dtype: {job.train.dtype} training needs a GPU (megatron-core's mixed-precision "
                           "optimizer is CUDA-only); use fp32 on CPU")
-    if job.train.fp8 and not have_transformer_engine():
-        raise ConfigError("train.fp8: FP8 needs Transformer Engine (pip install '.[gpu]' on a CUDA machine)")
+    use_te = use_transformer_engine(job)
     tokenizer = load_tokenizer(job.data.tokenizer)
     model_cfg = resolve_model_config(job, tokenizer)
     p = job.parallel
@@ -159,7 +173,7 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
     extra = {"sequence_parallel": p.sequence_parallel, "calculate_per_token_loss": True}
     if t.fp8:
         extra.update(fp8="hybrid")
-    model = build_model(model_cfg, dtype=t.dtype, **extra)
+    model = build_model(model_cfg, dtype=t.dtype, use_te=use_te, **extra)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer), model)
     o = job.optim
@@ -285,8 +299,12 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
                 f"{rec.tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s (model){mfu} | ETA {eta:.0f}s | tokens {per_src}")
             t_start, tokens_since = time.time(), 0
         history.append(rec)
+        speed = {}
+        if rec.tokens_per_s:
+            speed = {"tokens_per_s": rec.tokens_per_s, "model_tflops": tflops,
+                     "mfu": tflops / (peak * world_devices) if peak else None}
         _write_metrics({"step": step, "loss": loss, "lr": lr, "grad_norm": rec.grad_norm, "skipped": rec.skipped,
-                        "source_tokens": source_tokens, **{k: v for k, v in parts.items() if k != "lm loss"}})
+                        "source_tokens": source_tokens, **speed, **{k: v for k, v in parts.items() if k != "lm loss"}})
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
             evaluate(step)
         if (t.save_interval and step % t.save_interval == 0) or step == t.steps:

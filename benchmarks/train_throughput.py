@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Training throughput of one config under several variants, side by side (tokens/s, model TFLOP/s, MFU).
+
+Each variant is the same `soaes train` job with a few `--set` overrides (and a process count), run
+in turn; tokens/s is the mean over the logged intervals after the first (warm-up), read back from
+the run's metrics.jsonl. Ratios are against the first variant. Writes <out>/train_throughput.json/.png.
+
+  CPU (default variants: fp32 1 process, TP=2 and DP=2 on 2 gloo processes), the tiny model:
+    python benchmarks/train_throughput.py --config examples/tiny/cpt.yaml --steps 30
+  GPU (bf16 with megatron's local layers, bf16 with Transformer Engine, FP8 with Transformer Engine):
+    python benchmarks/train_throughput.py --config examples/gpu/cpt_throughput.yaml --gpu
+  Own variants:  --variant "tp2=2:parallel.tensor_parallel=2" --variant "mbs4=1:train.micro_batch_size=4"
+
+A variant that cannot run here (Transformer Engine missing, a GPU variant on CPU) is reported as
+skipped with the reason, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CPU_VARIANTS = ["fp32 1 proc=1:", "fp32 TP=2=2:parallel.tensor_parallel=2", "fp32 DP=2=2:"]
+GPU_VARIANTS = ["bf16 local=1:train.dtype=bf16,train.transformer_impl=local",
+                "bf16 TE=1:train.dtype=bf16,train.transformer_impl=transformer_engine",
+                "fp8 TE=1:train.dtype=bf16,train.transformer_impl=transformer_engine,train.fp8=true"]
+
+
+def parse_variant(spec: str) -> tuple[str, int, list[str]]:
+    """"name=NPROC:key=value,key=value" (the name may itself contain '=')."""
+    head, _, sets = spec.rpartition(":")
+    name, _, nproc = head.rpartition("=")
+    if not name or not nproc.isdigit():
+        raise SystemExit(f"error: --variant {spec!r}: expected NAME=NPROC:key=value,...")
+    return name, int(nproc), [s for s in sets.split(",") if s]
+
+
+def why_not(sets: list[str], nproc: int) -> str | None:
+    joined = " ".join(sets)
+    if "transformer_engine" in joined or "fp8=true" in joined:
+        try:
+            import transformer_engine  # noqa: F401
+        except Exception:
+            return "Transformer Engine is not installed"
+    if "bf16" in joined or "fp16" in joined:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "needs a GPU"
+        if torch.cuda.device_count() < nproc:
+            return f"needs {nproc} GPUs"
+    return None
+
+
+def run_variant(args, name: str, nproc: int, sets: list[str], out: Path) -> dict:
+    run_dir = out / name.replace(" ", "_").replace("=", "")
+    cmd = [sys.executable, "-m", "megatron_soaes.cli", "train", "--config", args.config,
+           "--set", f"train.steps={args.steps}", "--set", f"train.log_interval={args.log_interval}",
+           "--set", "train.save_interval=0", "--set", "train.eval_interval=0", "--set", "train.eval_iters=1",
+           "--set", f"train.output_dir={run_dir}", "--set", "train.tensorboard=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] + cmd[2:]
+    if (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    t0 = time.time()
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))})
+    if res.returncode:
+        return dict(variant=name, nproc=nproc, skipped=f"failed ({res.returncode}): {res.stdout.strip()[-500:]}")
+    recs = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"tokens_per_s"' in line]
+    recs = recs[1:] or recs  # the first interval includes warm-up
+    mean = lambda k: sum(r[k] for r in recs) / len(recs) if recs and recs[0].get(k) is not None else None  # noqa: E731
+    return dict(variant=name, nproc=nproc, tokens_per_s=mean("tokens_per_s"), model_tflops=mean("model_tflops"),
+                mfu=mean("mfu"), final_loss=recs[-1]["loss"] if recs else None, wall_s=time.time() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--log-interval", type=int, default=5)
+    ap.add_argument("--gpu", action="store_true", help="the GPU variants (bf16 local / bf16 TE / FP8 TE)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=NPROC:key=value,... (repeatable)")
+    ap.add_argument("--out", default="outputs/bench/train_throughput")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = args.variant or (GPU_VARIANTS if args.gpu else CPU_VARIANTS)
+    rows = []
+    for spec in specs:
+        name, nproc, sets = parse_variant(spec)
+        reason = why_not(sets, nproc)
+        row = dict(variant=name, nproc=nproc, skipped=reason) if reason else run_variant(args, name, nproc, sets, out)
+        rows.append(row)
+        print(f"{name}: " + (f"skipped ({row['skipped']})" if row.get("skipped") else
+                             f"{row['tokens_per_s']:,.0f} tok/s"), flush=True)
+    base = next((r["tokens_per_s"] for r in rows if r.get("tokens_per_s")), None)
+    print(f"\n{args.config}, {args.steps} steps")
+    print(f"{'variant':<16} {'procs':>5} {'tok/s':>10} {'ratio':>6} {'TFLOP/s':>8} {'MFU':>6}  note")
+    for r in rows:
+        if r.get("skipped"):
+            print(f"{r['variant']:<16} {r['nproc']:>5} {'-':>10} {'-':>6} {'-':>8} {'-':>6}  skipped: {r['skipped'][:80]}")
+            continue
+        r["ratio"] = r["tokens_per_s"] / base
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        print(f"{r['variant']:<16} {r['nproc']:>5} {r['tokens_per_s']:>10,.0f} {r['ratio']:>5.2f}x "
+              f"{r['model_tflops']:>8.3f} {mfu:>6}  final loss {r['final_loss']:.3f}")
+    (out / "train_throughput.json").write_text(json.dumps(rows, indent=2))
+    ran = [r for r in rows if not r.get("skipped")]
+    if ran:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar([r["variant"] for r in ran], [r["tokens_per_s"] for r in ran])
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"training throughput: {Path(args.config).name}")
+        fig.tight_layout()
+        fig.savefig(out / "train_throughput.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
