@@ -43,13 +43,13 @@ def load_prompts(args, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_prompts)]
 
 
-def as_hf_dir(path: str, tmp: Path) -> Path:
+def as_hf_dir(path: str, dst: Path) -> Path:
     p = Path(path)
     if (p / "config.json").exists():
         return p
     from megatron_soaes.checkpoint.convert import megatron_to_hf
 
-    return megatron_to_hf(p, tmp / p.name, progress=False)
+    return megatron_to_hf(p, dst, progress=False)
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
     hf_dirs, tmp = None, None
     if not args.no_hf:
         tmp = tempfile.TemporaryDirectory()
-        hf_dirs = (as_hf_dir(args.target, Path(tmp.name)), as_hf_dir(args.draft, Path(tmp.name)))
+        hf_dirs = (as_hf_dir(args.target, Path(tmp.name) / "target"), as_hf_dir(args.draft, Path(tmp.name) / "draft"))
     rows = run_benchmark(target, draft, prompts, n, args.gammas, args.trees, hf_dirs, log=lambda s: None)
     print(f"{len(prompts)} prompts x {n} new tokens, device {args.device}, {args.dtype}")
     print(format_table(rows))
