@@ -92,6 +92,47 @@ def test_bad_configs_fail_before_work(cpt_data, tmp_path, edit, msg):
     assert not (tmp_path / "run").exists()
 
 
+def test_context_parallel_checks(cpt_data, tmp_path):
+    """CP needs Transformer Engine attention (a clear error here) and 2*CP | seq_length (checked in dry runs)."""
+    from megatron_soaes.training.cpt import CPTTask
+    from megatron_soaes.training.loop import train
+
+    path = write_config(cpt_data, tmp_path / "run")
+    cfg = yaml.safe_load(path.read_text())
+    cfg.setdefault("parallel", {})["context_parallel"] = 2
+    path.write_text(yaml.safe_dump(cfg))
+    job = load_config(path)
+    assert job.check_world(2) == 1  # a valid layout for 2 ranks
+    with pytest.raises(ConfigError, match="world size 1 is not divisible by TP\\*PP\\*CP = 2"):
+        train(job, CPTTask(), log=lambda s: None)
+    from megatron_soaes.models.qwen2 import have_transformer_engine
+    from megatron_soaes.training.loop import use_transformer_engine
+
+    if not have_transformer_engine():  # megatron's local attention cannot split a sequence
+        with pytest.raises(ConfigError, match="context_parallel > 1 needs Transformer Engine"):
+            use_transformer_engine(job)
+    cfg["data"]["seq_length"] = 66
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="seq_length 66 must be divisible by 2\\*CP = 4"):
+        load_config(path).check_world(2)
+
+
+def test_context_parallel_slices_are_load_balanced_and_complete():
+    import torch
+
+    from megatron_soaes.data.gpt_data import cp_slice
+
+    b = {"tokens": torch.arange(2 * 16).view(2, 16), "labels": torch.arange(32).view(2, 16) + 100,
+         "source": torch.tensor([0, 1])}
+    parts = [cp_slice(b, 2, r) for r in range(2)]
+    assert parts[0]["tokens"][0].tolist() == [0, 1, 2, 3, 12, 13, 14, 15]  # chunks 0 and 3
+    assert parts[1]["tokens"][0].tolist() == [4, 5, 6, 7, 8, 9, 10, 11]  # chunks 1 and 2
+    assert torch.equal(parts[1]["source"], b["source"])
+    for key in ("tokens", "labels"):
+        got = sorted(torch.cat([p[key] for p in parts], 1)[1].tolist())
+        assert got == sorted(b[key][1].tolist())
+
+
 def test_all_field_errors_reported_at_once(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"model": {"preset": "test"}, "data": {"tokenizer": "x"}, "train": {"steps": 0}, "extra": 1}))

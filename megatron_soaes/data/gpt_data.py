@@ -56,6 +56,34 @@ def to_device(batch: dict) -> dict:
     return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+SEQ_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
+
+
+def cp_slice(batch: dict, cp_size: int, cp_rank: int) -> dict:
+    """This context-parallel rank's part of each sequence: the sequence is cut into 2*CP chunks and rank r
+    keeps chunks r and 2*CP-1-r, so causal attention work is balanced (megatron-core's CP layout, which
+    its TE attention and rotary embeddings expect)."""
+    if cp_size == 1:
+        return batch
+    out = dict(batch)
+    for k in SEQ_KEYS:
+        if k in batch:
+            v = batch[k]
+            b, s = v.shape[:2]
+            if s % (2 * cp_size):
+                raise ValueError(f"sequence length {s} is not divisible by 2*CP = {2 * cp_size}")
+            chunks = v.reshape(b, 2 * cp_size, s // (2 * cp_size), *v.shape[2:])
+            out[k] = torch.cat([chunks[:, cp_rank], chunks[:, 2 * cp_size - 1 - cp_rank]], dim=1)
+    return out
+
+
+def on_this_rank(batch: dict) -> dict:
+    """A collated batch on this rank's device, cut to its context-parallel share."""
+    from megatron.core import parallel_state as ps
+
+    return cp_slice(to_device(batch), ps.get_context_parallel_world_size(), ps.get_context_parallel_rank())
+
+
 def collate(samples: list[dict], indices=None) -> dict:
     """Stack samples; `index` is each sample's global position in the training order (-1 for eval)."""
     keys = ("tokens", "labels", "loss_mask", "position_ids") + (("segment_ids",) if "segment_ids" in samples[0] else ())

@@ -16,7 +16,7 @@ import torch
 from megatron_soaes.distill.losses import agreement, divergence
 from megatron_soaes.training.config import ConfigError
 from megatron_soaes.training.cpt import CPTTask
-from megatron_soaes.data.gpt_data import to_device
+from megatron_soaes.data.gpt_data import on_this_rank
 from megatron_soaes.training.loop import masked_token_loss
 
 
@@ -80,7 +80,7 @@ class DistillTask(CPTTask):
         return {**b, "tokens": tokens, "labels": labels, "loss_mask": mask}
 
     def forward_step(self, data_iterator, model):
-        b = to_device(next(data_iterator))
+        b = on_this_rank(next(data_iterator))
         if self.teacher is not None and "segment_ids" not in b and self._on_policy(b["index"]):
             b = self._rollout(model, b)
         mask = None

@@ -190,7 +190,19 @@ class JobConfig(_Strict):
                               f"micro_batch_size {t.micro_batch_size} * data-parallel size {dp}")
         if p.sequence_parallel and p.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
+        if p.context_parallel > 1:
+            self._check_context_parallel()
         return dp
+
+    def _check_context_parallel(self) -> None:
+        cp = self.parallel.context_parallel
+        if self.data.seq_length % (2 * cp):
+            raise ConfigError(f"parallel.context_parallel {cp}: data.seq_length {self.data.seq_length} must be "
+                              f"divisible by 2*CP = {2 * cp} (each rank holds two load-balanced chunks)")
+        if self.kind == "sft" or self.sft is not None:
+            raise ConfigError("parallel.context_parallel: packed SFT rows are not split across CP ranks; use CP=1")
+        if self.distill and (self.distill.offline_logits or self.distill.on_policy.fraction > 0):
+            raise ConfigError("parallel.context_parallel: offline teacher logits and on-policy rollouts need CP=1")
 
     def check_paths(self) -> None:
         for where, sources in [("data.train", self.data.train), *[(f"data.valid.{k}", v) for k, v in self.data.valid.items()]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from megatron_soaes.data.gpt_data import ResumableBatches, build_gpt_dataset, fixed_eval_batches
-from megatron_soaes.data.gpt_data import to_device
+from megatron_soaes.data.gpt_data import on_this_rank
 from megatron_soaes.training.loop import masked_token_loss
 
 
@@ -23,6 +23,6 @@ class CPTTask:
         return batches, evals
 
     def forward_step(self, data_iterator, model):
-        b = to_device(next(data_iterator))
+        b = on_this_rank(next(data_iterator))
         out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
         return out, partial(masked_token_loss, b["loss_mask"])

@@ -74,8 +74,8 @@ def _reduce_reports(reports: list[dict], keys=("lm loss",)) -> dict[str, float]:
     from megatron.core import parallel_state as ps
 
     t = torch.zeros(len(keys), 2, dtype=torch.float64, device=_comm_device())
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
-            and ps.get_context_parallel_rank() == 0:
+    # CP ranks hold disjoint tokens of the same sequences: every one of them counts
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
         for r in reports:
             for j, key in enumerate(keys):
                 if key in r:
@@ -131,6 +131,9 @@ def use_transformer_engine(job) -> bool:
     if t.transformer_impl == "transformer_engine" and not have:
         raise ConfigError("train.transformer_impl: transformer_engine is not installed (pip install '.[gpu]' on a "
                           "CUDA machine)")
+    if job.parallel.context_parallel > 1 and (t.transformer_impl == "local" or not have):
+        raise ConfigError("parallel.context_parallel > 1 needs Transformer Engine attention (megatron-core's local "
+                          "attention has no context parallelism)")
     if t.fp8 and (t.transformer_impl == "local" or not have):
         raise ConfigError("train.fp8: FP8 needs Transformer Engine layers (pip install '.[gpu]' on a CUDA machine; "
                           "transformer_impl must not be 'local')")
