@@ -51,3 +51,11 @@ def test_nemo_run_recipes_dryrun():
     res = subprocess.run([sys.executable, str(ROOT / "examples/nemo_run/soaes_recipes.py"), "--executor", "local",
                           "--dryrun"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "examples").glob("*/*.yaml")
+                                          if "kind:" in p.read_text()))
+def test_example_job_configs_validate(config):
+    """Every example job config (tiny, spec pair, GPU) is a valid job for one process."""
+    res = soaes("train", "--config", config, "--dry-run", "--world-size", "1", "--skip-path-check")
+    assert res.returncode == 0 and "config OK" in res.stdout, res.stderr
