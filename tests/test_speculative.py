@@ -76,6 +76,19 @@ def test_greedy_speculative_equals_target_greedy(pair, spec):
         assert speculative_generate(target, draft, [prompts[b]], 33, spec).tokens[0] == ref.tokens[b]
 
 
+def test_linear_packs_only_large_fp32_cpu_weights(monkeypatch):
+    from megatron_soaes.speculative.model import Linear
+
+    x = torch.randn(1, 5, 512)
+    big, small = torch.randn(1024, 512), torch.randn(64, 512)
+    lin = Linear(big, torch.randn(1024))
+    assert (lin.packed is not None) == bool(Linear._packed_ok)
+    assert torch.allclose(lin(x), torch.nn.functional.linear(x, big, lin.bias), atol=1e-4)
+    assert Linear(small).packed is None and Linear(big.double()).packed is None
+    monkeypatch.setattr(Linear, "_packed_ok", False)  # a torch without oneDNN: plain F.linear
+    assert Linear(big).packed is None
+
+
 def test_spec_config_parse():
     assert SpecConfig.parse(None, gamma=3).branching == (1, 1, 1)
     assert SpecConfig.parse("3,2,1").max_nodes == 1 + 3 + 6 + 6
