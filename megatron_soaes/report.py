@@ -128,8 +128,8 @@ def write_report(p) -> Path:
     note = []
     if best["speedup"] < 1.0:
         note = ["", "On 2 CPU cores a draft forward of this tiny pair costs a third of a target forward, so drafting "
-                    "cannot pay off here; `make bench-spec` measures a pair whose target has 13x the parameters of its draft "
-                    "(1.55x over target-only on CPU, README)."]
+                    "cannot pay off here; `make bench-spec` measures a pair whose target is an order of magnitude larger than its "
+                    "draft (measured speedups in the README)."]
     md += ["", "## Speculative decoding", "", "```", __import__("megatron_soaes.speculative.bench", fromlist=["x"]).format_table(spec),
            "```", *note, "", "![loss curves](loss_curves.png)", "", "![metrics per phase](metrics_per_phase.png)", "",
            "![speedup vs tree size](speedup_vs_tree.png)", ""]

@@ -13,10 +13,10 @@ from functools import partial
 
 import torch
 
+from megatron_soaes.data.gpt_data import on_this_rank
 from megatron_soaes.distill.losses import agreement, divergence
 from megatron_soaes.training.config import ConfigError
 from megatron_soaes.training.cpt import CPTTask
-from megatron_soaes.data.gpt_data import on_this_rank
 from megatron_soaes.training.loop import masked_token_loss
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from megatron_soaes.data.gpt_data import ResumableBatches, build_gpt_dataset, fixed_eval_batches
-from megatron_soaes.data.gpt_data import on_this_rank
+from megatron_soaes.data.gpt_data import ResumableBatches, build_gpt_dataset, fixed_eval_batches, on_this_rank
 from megatron_soaes.training.loop import masked_token_loss
 
 

@@ -121,7 +121,6 @@ def _grads_finite(ddp) -> bool:
     return bool(ok.item())
 
 
-
 def use_transformer_engine(job) -> bool:
     """Whether this job runs Transformer Engine layers; a clear error when it asks for TE without it."""
     from megatron_soaes.models.qwen2 import have_transformer_engine
@@ -138,6 +137,7 @@ def use_transformer_engine(job) -> bool:
         raise ConfigError("train.fp8: FP8 needs Transformer Engine layers (pip install '.[gpu]' on a CUDA machine; "
                           "transformer_impl must not be 'local')")
     return have if t.transformer_impl == "auto" else t.transformer_impl == "transformer_engine"
+
 
 def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> list[StepRecord]:
     from megatron.core import parallel_state as ps
@@ -290,11 +290,14 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
         tokens_since += t.global_batch_size * seq
         lr = optimizer.param_groups[0]["lr"]
         rec = StepRecord(step, loss, lr, None if grad_norm is None else float(grad_norm), 0.0, not finite)
+        speed = {}
         if step % t.log_interval == 0 or step == t.steps:
             dt = time.time() - t_start
             rec.tokens_per_s = tokens_since / max(dt, 1e-9)
             tflops = fpt * rec.tokens_per_s / 1e12
-            mfu = f" | MFU {100 * tflops / (peak * world_devices):.1f}%" if peak else ""
+            speed = {"tokens_per_s": rec.tokens_per_s, "model_tflops": tflops,
+                     "mfu": tflops / (peak * world_devices) if peak else None}
+            mfu = f" | MFU {100 * speed['mfu']:.1f}%" if peak else ""
             eta = (t.steps - step) * t.global_batch_size * seq / max(rec.tokens_per_s, 1e-9)
             per_src = ", ".join(f"{src_names.get(k, f'src{k}')}={v:,}" for k, v in sorted(source_tokens.items()))
             log(f"step {step}/{t.steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
@@ -302,10 +305,6 @@ def train(job: JobConfig, task: Task, log: Callable[[str], None] = print) -> lis
                 f"{rec.tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s (model){mfu} | ETA {eta:.0f}s | tokens {per_src}")
             t_start, tokens_since = time.time(), 0
         history.append(rec)
-        speed = {}
-        if rec.tokens_per_s:
-            speed = {"tokens_per_s": rec.tokens_per_s, "model_tflops": tflops,
-                     "mfu": tflops / (peak * world_devices) if peak else None}
         _write_metrics({"step": step, "loss": loss, "lr": lr, "grad_norm": rec.grad_norm, "skipped": rec.skipped,
                         "source_tokens": source_tokens, **speed, **{k: v for k, v in parts.items() if k != "lm loss"}})
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
