@@ -1,4 +1,4 @@
-"""megatron-soaes: `pip install --no-build-isolation -e .` after torch is installed.
+"""megatron-soaes: `pip install --no-build-isolation .` (or `-e .`) after torch is installed.
 
 The tree-verify op in csrc/ is always built for the CPU; its CUDA kernel too when the installed
 torch is a CUDA build and nvcc is found (SOAES_NO_CUDA=1 skips it). Without build isolation the
@@ -33,7 +33,7 @@ def _extensions():
 EXT_MODULES, CMDCLASS = _extensions()
 
 INSTALL_REQUIRES = [
-    "torch>=2.6",  # pin torch==2.13.0 on CPU machines (see requirements/ci.txt); clusters bring CUDA torch
+    "torch>=2.6",  # pin torch==2.13.0 on CPU machines (requirements/cpu.txt); clusters bring CUDA torch
     "megatron-core>=0.16.1,<0.20",
     "transformers>=4.45",
     "safetensors>=0.4",
@@ -47,6 +47,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "psutil>=5.9",  # megatron-core dist_checkpointing save workers need it
     "jieba>=0.42",  # word-level Rouge (character-level is the default)
+    "sacrebleu>=2.4",  # BLEU-4 (Chinese tokenizer)
     "matplotlib>=3.8",  # loss curves, metric and speedup plots
 ]
 
@@ -54,7 +55,7 @@ setup(
     name="megatron-soaes",
     version="0.1.0",
     description="Megatron-core based CPT, progressive SFT, distillation and speculative decoding for domain LLMs",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_soaes", "megatron_soaes.*"]),
@@ -63,7 +64,7 @@ setup(
         # Transformer Engine needs a CUDA toolkit; NVIDIA apex must be built from its GitHub source
         # (the PyPI package named `apex` is unrelated): see README "GPU extras".
         "gpu": ["transformer-engine[pytorch]>=1.13"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "rouge-chinese==1.0.3", "sacrebleu>=2.4"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "rouge-chinese==1.0.3"],
     },
     entry_points={"console_scripts": ["soaes=megatron_soaes.cli:main"]},
     ext_modules=EXT_MODULES,

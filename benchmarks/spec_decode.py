@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_soaes.speculative import load_inference_model
+from megatron_soaes.inference import load_inference_model
 from megatron_soaes.speculative.bench import format_table, plot, run_benchmark
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from megatron_soaes.utils.dtypes import DTYPE_CHOICES
 
 
 def _convert(args) -> int:
@@ -46,41 +47,23 @@ def _fetch(args) -> int:
     return 0
 
 
-def task_for(kind: str):
-    from megatron_soaes.distill.task import DistillTask
-    from megatron_soaes.training.cpt import CPTTask
-
-    tasks = {"cpt": CPTTask, "distill": DistillTask}
-    if kind == "sft":
-        from megatron_soaes.sft.task import SFTTask
-
-        tasks["sft"] = SFTTask
-    return tasks[kind]()
-
-
 def _train(args) -> int:
-    from megatron_soaes.training.config import load_config
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.config import load_config
+    from megatron_soaes.training import dry_run, train
 
     job = load_config(args.config, args.set)
     if getattr(args, "expect_kind", None) and job.kind != args.expect_kind:
         raise ValueError(f"{args.config}: kind is {job.kind!r}; `soaes {args.expect_kind}` runs kind {args.expect_kind!r}")
     if args.dry_run:
-        dp = job.check_world(args.world_size)
-        if not args.skip_path_check:
-            job.check_paths()
-        p, t = job.parallel, job.train
-        print(f"config OK for world size {args.world_size}: TP {p.tensor_parallel} x PP {p.pipeline_parallel} x "
-              f"CP {p.context_parallel} x DP {dp}; global batch {t.global_batch_size} = micro-batch "
-              f"{t.micro_batch_size} x DP {dp} x {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches")
+        print("config " + dry_run(job, args.world_size, check_paths=not args.skip_path_check))
         return 0
-    train(job, task_for(job.kind))
+    train(job)
     return 0
 
 
 def _distill_dump(args) -> int:
+    from megatron_soaes.config import load_config
     from megatron_soaes.distill.offline import dump_topk
-    from megatron_soaes.training.config import load_config
 
     job = load_config(args.config, args.set)
     out = dump_topk(job, args.out, args.top_k, args.dtype, args.samples_per_shard, args.num_samples)
@@ -92,9 +75,11 @@ def _generate(args) -> int:
     import torch
 
     from megatron_soaes.data.tokenizer import load_tokenizer
-    from megatron_soaes.speculative import SpecConfig, generate, load_inference_model, speculative_generate
+    from megatron_soaes.inference import generate, load_inference_model
+    from megatron_soaes.speculative import SpecConfig, speculative_generate
+    from megatron_soaes.utils.dtypes import torch_dtype
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     tok = load_tokenizer(args.tokenizer or args.target)
     target = load_inference_model(args.target, dtype, args.device)
     prompts = [tok.encode(p) for p in args.prompt]
@@ -116,33 +101,39 @@ def _generate(args) -> int:
 
 
 def _sft(args) -> int:
-    from megatron_soaes.sft.curriculum import compare, load_recipe, run_curriculum, single_stage
+    from megatron_soaes.config.curriculum import load_recipe, single_stage, stage_job
+    from megatron_soaes.workflows.curriculum import compare, run_curriculum
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
-        from megatron_soaes.sft.curriculum import stage_job
+        from megatron_soaes.training import dry_run
 
-        for k in range(1, len(recipe.stages) + 1):
-            job = stage_job(recipe, k, recipe.init_checkpoint, Path(recipe.output_dir) / f"stage{k}")
-            dp = job.check_world(args.world_size)
-            print(f"stage {k} ({recipe.stages[k - 1].name}): OK for world size {args.world_size}, data-parallel {dp}")
+        for k, st in enumerate(recipe.stages, 1):  # stage k's start is stage k-1's result: not checked here
+            job = stage_job(recipe, k, recipe.init_checkpoint)
+            print(f"stage {k} ({st.name}): " + dry_run(job, args.world_size, check_paths=False))
         return 0
     if args.single_stage:
         run_curriculum(single_stage(recipe), force=args.force)
         return 0
     records = run_curriculum(recipe, args.stages, force=args.force)
     base = single_stage(recipe)
-    done = Path(base.output_dir) / "stage1_single-stage" / "stage.json"
-    if done.exists() and records and records[-1]["stage"] == len(recipe.stages):
-        rows = compare(records, [json.loads(done.read_text())], recipe.output_dir)
+    done = base.stage_dir(1) / "stage.json"
+    if done.exists() and records and records[-1].stage == len(recipe.stages):
+        from megatron_soaes.workflows.curriculum import StageResult
+
+        rows = compare(records, [StageResult.model_validate_json(done.read_text())], recipe.output_dir)
         print(json.dumps(rows, indent=2))
     return 0
 
 
 def _pipeline(args) -> int:
-    from megatron_soaes.pipeline import Pipeline, load_pipeline_config
+    from megatron_soaes.workflows.pipeline import Pipeline, load_pipeline_config
 
     p = Pipeline(load_pipeline_config(args.config, args.set))
+    if args.dry_run:
+        for line in p.dry_run():
+            print(line)
+        return 0
     p.run(force=args.force, force_phase=args.force_phase, until=args.until)
     report = p.out / "report" / "summary.md"
     if report.exists():
@@ -158,7 +149,7 @@ def _prepare(args) -> int:
 
 
 def _demo(args) -> int:
-    from megatron_soaes.demo import run_demo
+    from megatron_soaes.workflows.demo import run_demo
 
     return run_demo(args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
 
@@ -173,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output")
     c.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (hf-to-megatron)")
     c.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (hf-to-megatron)")
-    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast (default: keep)")
+    c.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast (default: keep)")
     c.add_argument("--max-shard-gb", type=float, default=5.0)
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
     c.set_defaults(fn=_convert)
@@ -218,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     g.set_defaults(fn=_generate)
 
     pl = sub.add_parser("pipeline", help="the whole system on the tiny example: data -> CPT -> SFT -> distill -> "
@@ -228,10 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--force", action="store_true", help="redo every phase")
     pl.add_argument("--force-phase", action="append", default=[], help="redo one phase (repeatable)")
     pl.add_argument("--until", default=None, help="stop after this phase")
+    pl.add_argument("--dry-run", action="store_true", help="validate and prepare every training phase's job, run nothing "
+                                                          "(needs the data phase's output)")
     pl.set_defaults(fn=_pipeline)
 
     sf = sub.add_parser("sft", help="domain-progressive SFT curriculum (or its single-stage baseline)")
     sf.add_argument("--recipe", required=True)
+    sf.add_argument("--set", action="append", default=[], help="override, e.g. --set job.train.micro_batch_size=2")
     sf.add_argument("--stages", default=None, help="e.g. 2-3 (default: all); earlier stages must be finished")
     sf.add_argument("--single-stage", action="store_true", help="run the ablation: one stage over the union of the data")
     sf.add_argument("--force", action="store_true", help="redo the selected stages")
@@ -252,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--set", action="append", default=[])
     dd.add_argument("--out", required=True)
     dd.add_argument("--top-k", type=int, default=64)
-    dd.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    dd.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16")
     dd.add_argument("--samples-per-shard", type=int, default=64)
     dd.add_argument("--num-samples", type=int, default=None, help="default: steps * global_batch_size")
     dd.set_defaults(fn=_distill_dump)
@@ -273,13 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_soaes.checkpoint.convert import ConversionError
-    from megatron_soaes.models.qwen2 import ModelConfigError
-    from megatron_soaes.runtime.distributed import ParallelConfigError
-    from megatron_soaes.training.config import ConfigError
+    from megatron_soaes.config import ConfigError
+    from megatron_soaes.models.config import ModelConfigError
 
     try:
         return args.fn(args)
-    except (ConversionError, ModelConfigError, ParallelConfigError, ConfigError, FileExistsError, ValueError) as e:
+    except (ConversionError, ModelConfigError, ConfigError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

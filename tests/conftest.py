@@ -35,7 +35,7 @@ def read_json(path):
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """Random tiny HF Qwen2 models: tied/untied embeddings, GQA ratio 4, and one with an unpadded vocab."""
-    from megatron_soaes.demo import make_random_hf_model
+    from megatron_soaes.models.random_init import make_random_hf_model
 
     base = tmp_path_factory.mktemp("hf")
     out = {}

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import yaml
 
-from megatron_soaes.training.config import ConfigError, load_config
+from megatron_soaes.config import ConfigError, load_config
 
 
 def write_config(d, out, **train):
@@ -38,7 +38,7 @@ def losses(out):
 
 def test_cpt_loss_decreases_and_resume_is_exact(cpt_data, tmp_path):
     from megatron_soaes.training.cpt import CPTTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     run = tmp_path / "run"
     hist = train(load_config(write_config(cpt_data, run)), CPTTask(), log=lambda s: None)
@@ -80,7 +80,7 @@ def test_cpt_loss_decreases_and_resume_is_exact(cpt_data, tmp_path):
 ])
 def test_bad_configs_fail_before_work(cpt_data, tmp_path, edit, msg):
     from megatron_soaes.training.cpt import CPTTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     path = write_config(cpt_data, tmp_path / "run")
     cfg = yaml.safe_load(path.read_text())
@@ -95,7 +95,7 @@ def test_bad_configs_fail_before_work(cpt_data, tmp_path, edit, msg):
 def test_context_parallel_checks(cpt_data, tmp_path):
     """CP needs Transformer Engine attention (a clear error here) and 2*CP | seq_length (checked in dry runs)."""
     from megatron_soaes.training.cpt import CPTTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     path = write_config(cpt_data, tmp_path / "run")
     cfg = yaml.safe_load(path.read_text())
@@ -105,8 +105,8 @@ def test_context_parallel_checks(cpt_data, tmp_path):
     assert job.check_world(2) == 1  # a valid layout for 2 ranks
     with pytest.raises(ConfigError, match="world size 1 is not divisible by TP\\*PP\\*CP = 2"):
         train(job, CPTTask(), log=lambda s: None)
-    from megatron_soaes.models.qwen2 import have_transformer_engine
-    from megatron_soaes.training.loop import use_transformer_engine
+    from megatron_soaes.models import have_transformer_engine
+    from megatron_soaes.models.megatron import use_transformer_engine
 
     if not have_transformer_engine():  # megatron's local attention cannot split a sequence
         with pytest.raises(ConfigError, match="context_parallel > 1 needs Transformer Engine"):
@@ -157,10 +157,10 @@ def test_two_process_loss_curve_matches_single_process(cpt_data, tmp_path, tp, p
     from conftest import ROOT, torchrun
 
     from megatron_soaes.training.cpt import CPTTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     from megatron_soaes.checkpoint.convert import hf_to_megatron
-    from megatron_soaes.demo import make_random_hf_model
+    from megatron_soaes.models.random_init import make_random_hf_model
 
     # CPT starts from a base checkpoint: the same weights whatever the layout (random init per PP stage differs).
     make_random_hf_model(tmp_path / "hf", "test", vocab_size=4096)
@@ -228,7 +228,7 @@ def test_resume_at_a_different_layout(cpt_data, tmp_path, layout):
     from conftest import ROOT, torchrun
 
     from megatron_soaes.training.cpt import CPTTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     ref = tmp_path / "ref"
     train(load_config(write_config(cpt_data, ref, steps=16)), CPTTask(), log=lambda s: None)

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from megatron_soaes.distill import losses
-from megatron_soaes.training.config import ConfigError, load_config
+from megatron_soaes.config import ConfigError, load_config
 
 
 def reference(kind, s, t, beta, T, vocab=None, top_k=None):
@@ -58,7 +58,7 @@ def test_distill_loss_sees_the_student_logits_not_a_clobbered_copy():
 
     from megatron_soaes.distill.task import DistillTask
     from megatron_soaes.runtime import ParallelConfig, initialize
-    from megatron_soaes.training.config import DistillSection
+    from megatron_soaes.config import DistillSection
 
     initialize(ParallelConfig(), seed=0)
     task = DistillTask()
@@ -109,7 +109,7 @@ def test_tp2_vocab_parallel_equals_tp1(tmp_path):
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     from megatron_soaes.checkpoint.convert import hf_to_megatron
-    from megatron_soaes.demo import make_random_hf_model
+    from megatron_soaes.models.random_init import make_random_hf_model
 
     d = tmp_path_factory.mktemp("teacher")
     make_random_hf_model(d / "hf", "test", vocab_size=4096, seed=5)
@@ -144,7 +144,7 @@ def metrics(out):
 def test_teacher_is_frozen_and_has_no_optimizer_state(cpt_data, teacher_ckpt, tmp_path):
     from megatron_soaes.checkpoint.load import load_model_weights
     from megatron_soaes.distill.task import DistillTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     task = DistillTask()
     hist = train(load_config(distill_config(cpt_data, tmp_path / "run", teacher_ckpt, divergence="jsd", kd_weight=0.8)),
@@ -169,7 +169,7 @@ def test_teacher_is_frozen_and_has_no_optimizer_state(cpt_data, teacher_ckpt, tm
 def test_offline_topk_logits_give_the_online_loss(cpt_data, teacher_ckpt, tmp_path):
     from megatron_soaes.distill.offline import dump_topk
     from megatron_soaes.distill.task import DistillTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     online = load_config(distill_config(cpt_data, tmp_path / "online", teacher_ckpt, top_k=8, kd_weight=0.7))
     dump_topk(online, tmp_path / "logits", top_k=8, value_dtype="fp32", samples_per_shard=12, log=lambda s: None)
@@ -198,7 +198,7 @@ def test_offline_topk_logits_give_the_online_loss(cpt_data, teacher_ckpt, tmp_pa
 
 def test_on_policy_rollouts_are_deterministic(cpt_data, teacher_ckpt, tmp_path):
     from megatron_soaes.distill.task import DistillTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     runs = []
     for name in ("a", "b"):
@@ -217,7 +217,7 @@ def test_on_policy_rollouts_are_deterministic(cpt_data, teacher_ckpt, tmp_path):
 ])
 def test_bad_distill_configs(cpt_data, teacher_ckpt, tmp_path, edit, msg):
     from megatron_soaes.distill.task import DistillTask
-    from megatron_soaes.training.loop import train
+    from megatron_soaes.training import train
 
     path = distill_config(cpt_data, tmp_path / "run", teacher_ckpt)
     cfg = yaml.safe_load(path.read_text())

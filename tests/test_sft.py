@@ -97,10 +97,10 @@ def test_packing_layout(tok):
 
 def test_answer_only_loss_ignores_prompt_labels(tok):
     """Prompt/system tokens contribute exactly zero loss and gradient; every assistant token counts."""
-    from megatron_soaes.models.qwen2 import build_model, preset
+    from megatron_soaes.models import build_model, preset
     from megatron_soaes.runtime import ParallelConfig, initialize
     from megatron_soaes.sft.task import block_causal_mask
-    from megatron_soaes.training.loop import masked_token_loss
+    from megatron_soaes.training import masked_token_loss
 
     initialize(ParallelConfig(), seed=0)
     model = build_model(preset("test", vocab_size=4096), "fp32")
@@ -146,7 +146,7 @@ def small_sft(cpt_data, tmp_path_factory):
     """Three small stages cut from the demo SFT data, and a CPT-like base checkpoint."""
     from megatron_soaes.checkpoint.convert import hf_to_megatron
     from megatron_soaes.data.sft_demo import build_sft_demo
-    from megatron_soaes.demo import make_random_hf_model
+    from megatron_soaes.models.random_init import make_random_hf_model
 
     d = tmp_path_factory.mktemp("sft")
     build_sft_demo(d / "full")
@@ -167,9 +167,9 @@ def write_recipe(d, spm, out, **over):
               "job": {"model": {"preset": "test", "overrides": {"vocab_size": 4096}},
                       "data": {"tokenizer": str(spm), "seq_length": 128},
                       "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 0},
-                      "train": {"steps": 1, "global_batch_size": 4, "micro_batch_size": 2, "dtype": "fp32",
-                                "log_interval": 1, "eval_iters": 1, "save_interval": 2, "keep_last": 5}},
-              "sft": {"default_system": None},
+                      "train": {"global_batch_size": 4, "micro_batch_size": 2, "dtype": "fp32",
+                                "log_interval": 1, "eval_iters": 1, "save_interval": 2, "keep_last": 5},
+                      "sft": {"default_system": None}},
               "stages": stages,
               "evaluation": {"qa": str(d / "soae_qa.test.jsonl"), "limit": 3, "max_new_tokens": 8}}
     for k, v in over.items():
@@ -185,17 +185,19 @@ def _losses(run):
 
 def test_curriculum_chains_stages_and_resumes(small_sft, cpt_data, tmp_path):
     from megatron_soaes.checkpoint.dcp_io import DcpReader
-    from megatron_soaes.sft.curriculum import load_recipe, resolve_checkpoint, run_curriculum
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
+    from megatron_soaes.config.curriculum import OptimPatch, load_recipe
+    from megatron_soaes.workflows.curriculum import run_curriculum
 
     out = tmp_path / "prog"
     recipe = load_recipe(write_recipe(small_sft, cpt_data / "spm.model", out))
     recs = run_curriculum(recipe, log=lambda s: None)
-    assert [r["stage"] for r in recs] == [1, 2, 3]
+    assert [r.stage for r in recs] == [1, 2, 3]
     for r in recs:
-        assert set(r["qa"]) >= {"rouge-1", "rouge-2", "rouge-l", "bleu-4"}
-        assert (out / f"stage{r['stage']}_{r['name']}" / "qa_answers.jsonl").exists()
+        assert set(r.qa) >= {"rouge-1", "rouge-2", "rouge-l", "bleu-4"}
+        assert (out / f"stage{r.stage}_{r.name}" / "qa_answers.jsonl").exists()
     # stage k+1 started from stage k's final checkpoint
-    assert recs[1]["init_checkpoint"] == recs[0]["checkpoint"] and recs[2]["init_checkpoint"] == recs[1]["checkpoint"]
+    assert recs[1].init_checkpoint == recs[0].checkpoint and recs[2].init_checkpoint == recs[1].checkpoint
     # re-running skips finished stages
     again = run_curriculum(recipe, log=lambda s: None)
     assert again == recs
@@ -203,7 +205,7 @@ def test_curriculum_chains_stages_and_resumes(small_sft, cpt_data, tmp_path):
     # by value: with a (practically) zero learning rate, stage 2 ends where stage 1 ended
     frozen = tmp_path / "frozen"
     r2 = load_recipe(write_recipe(small_sft, cpt_data / "spm.model", frozen))
-    r2.stages[1].optim = {"lr": 1e-30, "min_lr": 0.0}
+    r2.stages[1].optim = OptimPatch(lr=1e-30, min_lr=0.0)
     run_curriculum(r2, "1-2", log=lambda s: None)
     a = DcpReader(resolve_checkpoint(frozen / "stage1_consultation"))
     b = DcpReader(resolve_checkpoint(frozen / "stage2_recitation"))
@@ -220,7 +222,7 @@ def test_curriculum_chains_stages_and_resumes(small_sft, cpt_data, tmp_path):
     killed = tmp_path / "killed"
     shutil.copytree(out / "stage1_consultation", killed / "stage1_consultation")
     s2 = out / "stage2_recitation"
-    steps2 = recs[1]["steps"]
+    steps2 = recs[1].steps
     assert steps2 > 2
     shutil.copytree(s2 / "checkpoints" / "iter_0000002", killed / "stage2_recitation" / "checkpoints" / "iter_0000002")
     rk = load_recipe(write_recipe(small_sft, cpt_data / "spm.model", killed))
@@ -228,12 +230,12 @@ def test_curriculum_chains_stages_and_resumes(small_sft, cpt_data, tmp_path):
     full, resumed = _losses(s2), _losses(killed / "stage2_recitation")
     assert sorted(resumed) == list(range(3, steps2 + 1))
     assert all(resumed[s] == full[s] for s in resumed)
-    assert rk_recs[2]["final_train_loss"] == pytest.approx(recs[2]["final_train_loss"], rel=1e-6)
+    assert rk_recs[2].final_train_loss == pytest.approx(recs[2].final_train_loss, rel=1e-6)
 
 
 def test_single_stage_baseline_sees_the_union(small_sft, cpt_data, tmp_path):
     from megatron_soaes.data.tokenizer import load_tokenizer
-    from megatron_soaes.sft.curriculum import load_recipe, single_stage, stage_job
+    from megatron_soaes.config.curriculum import load_recipe, single_stage, stage_job
     from megatron_soaes.sft.task import train_rows
 
     tok = load_tokenizer(str(cpt_data / "spm.model"))

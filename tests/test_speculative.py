@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 
-from megatron_soaes.speculative.decode import SpecConfig, generate, speculative_generate
-from megatron_soaes.speculative.model import load_inference_model
+from megatron_soaes.inference import generate
+from megatron_soaes.speculative.decode import SpecConfig, speculative_generate
+from megatron_soaes.inference.model import load_inference_model
 from megatron_soaes.speculative.verify import native_available, tree_verify, tree_verify_reference
 
 
 @pytest.fixture(scope="module")
 def pair(hf_models, tmp_path_factory):
-    from megatron_soaes.demo import make_random_hf_model
+    from megatron_soaes.models.random_init import make_random_hf_model
 
     d = tmp_path_factory.mktemp("draft")
     make_random_hf_model(d, "test", seed=7, num_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
@@ -25,7 +26,7 @@ def pair(hf_models, tmp_path_factory):
 def test_inference_model_matches_hf(hf_models, name, packed, monkeypatch):
     """Also with every weight pre-packed for oneDNN (normally only the large ones are)."""
     from megatron_soaes.checkpoint.compare import hf_logits
-    from megatron_soaes.speculative.model import Linear
+    from megatron_soaes.inference.model import Linear
 
     monkeypatch.setattr(Linear, "MIN_PACKED", 0)
     m = load_inference_model(hf_models[name], packed=packed)
@@ -77,7 +78,7 @@ def test_greedy_speculative_equals_target_greedy(pair, spec):
 
 
 def test_linear_packs_only_large_fp32_cpu_weights(monkeypatch):
-    from megatron_soaes.speculative.model import Linear
+    from megatron_soaes.inference.model import Linear
 
     x = torch.randn(1, 5, 512)
     big, small = torch.randn(1024, 512), torch.randn(64, 512)
@@ -228,7 +229,7 @@ def test_tree_sampling_is_lossless(mode, branching):
 
 def test_speculative_sampling_matches_target_sampling(tmp_path):
     """End to end: the first two emitted tokens from speculative sampling follow the target's distribution."""
-    from megatron_soaes.demo import make_random_hf_model
+    from megatron_soaes.models.random_init import make_random_hf_model
 
     make_random_hf_model(tmp_path / "t", "test", seed=3, vocab_size=8, make_vocab_size_divisible_by=8)
     make_random_hf_model(tmp_path / "d", "test", seed=4, vocab_size=8, num_layers=1, make_vocab_size_divisible_by=8)

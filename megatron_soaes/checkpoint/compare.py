@@ -39,10 +39,10 @@ def compare_logits(hf_dir, tensor_parallel: int = 1, pipeline_parallel: int = 1,
     from megatron_soaes.checkpoint.convert import hf_to_megatron
     from megatron_soaes.checkpoint.load import load_model_weights
     from megatron_soaes.models.forward import forward_logits
-    from megatron_soaes.models.qwen2 import Qwen2Config, build_model
+    from megatron_soaes.models import Qwen2Config, build_model
     from megatron_soaes.runtime import ParallelConfig, initialize
 
-    initialize(ParallelConfig(tensor_parallel, pipeline_parallel), seed=seed)
+    initialize(ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel), seed=seed)
     rank = torch.distributed.get_rank()
     cfg = Qwen2Config.from_hf(hf_dir)
     tmp = None

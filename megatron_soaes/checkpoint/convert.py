@@ -18,9 +18,9 @@ from megatron_soaes.checkpoint import qwen2_hf
 from megatron_soaes.checkpoint.dcp_io import DcpReader, DcpWriter
 from megatron_soaes.checkpoint.meta import atomic_directory, read_meta, write_meta
 from megatron_soaes.checkpoint.safetensors_io import SafetensorsReader, SafetensorsStreamWriter, tensor_nbytes
-from megatron_soaes.models.qwen2 import ModelConfigError, Qwen2Config
+from megatron_soaes.models.config import ModelConfigError, Qwen2Config
+from megatron_soaes.utils.dtypes import DTYPES, HF_NAMES, dtype_name
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "tokenizer.model", "qwen.tiktoken", "generation_config.json")
 IGNORED_HF = ("rotary_emb.inv_freq",)
@@ -123,7 +123,7 @@ def hf_to_megatron(hf_dir, out_dir, tensor_parallel: int = 1, pipeline_parallel:
                 for off, chunk in qwen2_hf.tp_chunks(by_key[key], tensor, tensor_parallel):
                     w.write(key, (i,) + off, chunk.unsqueeze(0))
         w.close()
-        write_meta(tmp, cfg, dtype={v: k for k, v in DTYPES.items()}[out_dtype],
+        write_meta(tmp, cfg, dtype=dtype_name(out_dtype),
                    parallel={"tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel},
                    source=str(hf_dir))
         _copy_tokenizer(Path(hf_dir), tmp / "tokenizer")
@@ -216,7 +216,7 @@ def megatron_to_hf(mcore_dir, out_dir, dtype: str | None = None, overwrite: bool
             for name in layer_names[i]:
                 w.add(name, produced.pop(name))
         w.close()
-        dname = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[out_dtype]
+        dname = HF_NAMES[out_dtype]
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dname), indent=2))
         tok = Path(tokenizer_dir) if tokenizer_dir else mcore_dir / "tokenizer"
         if tok.is_dir():

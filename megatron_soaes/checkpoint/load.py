@@ -29,3 +29,16 @@ def load_model_weights(model, ckpt_dir: str | Path, prefix: str = "") -> None:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"{ckpt_dir}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint dir, a `checkpoints/` dir with `latest`, or a run dir holding `checkpoints/`."""
+    from megatron_soaes.config import ConfigError
+
+    p = Path(path)
+    for base in (p, p / "checkpoints"):
+        if (base / "latest").exists():
+            return base / (base / "latest").read_text().strip()
+    if not p.exists():
+        raise ConfigError(f"checkpoint {p} does not exist")
+    return p

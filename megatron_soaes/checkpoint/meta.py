@@ -9,7 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from megatron_soaes.models.qwen2 import Qwen2Config
+from megatron_soaes.models.config import Qwen2Config
 
 META_FILE = "soaes_model.json"
 

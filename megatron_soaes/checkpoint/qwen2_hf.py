@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_soaes.models.qwen2 import Qwen2Config
+from megatron_soaes.models.config import Qwen2Config
 
 L = "decoder.layers."
 

@@ -39,7 +39,9 @@ class Tokenizer:
 
     @property
     def model_vocab_size(self) -> int:
-        return int(math.ceil(self.vocab_size / 128) * 128)
+        from megatron_soaes.models.config import pad_vocab
+
+        return pad_vocab(self.vocab_size)
 
     @property
     def pad_id(self) -> int:

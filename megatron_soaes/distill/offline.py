@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_soaes.training.config import ConfigError
+from megatron_soaes.config import ConfigError
+from megatron_soaes.utils.dtypes import DTYPES
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def fingerprint(job) -> dict:
@@ -79,21 +79,22 @@ def dump_topk(job, out_dir, top_k: int, value_dtype: str = "bf16", samples_per_s
     from megatron_soaes.data.tokenizer import load_tokenizer
     from megatron_soaes.distill.losses import teacher_topk
     from megatron_soaes.distill.teacher import Teacher
-    from megatron_soaes.runtime import ParallelConfig, initialize
-    from megatron_soaes.training.loop import resolve_model_config
+    from megatron_soaes.config import ParallelConfig
+    from megatron_soaes.models import resolve_model_config
+    from megatron_soaes.runtime import initialize
 
     if job.distill is None or job.distill.teacher is None:
         raise ConfigError("distill.teacher: the dump needs an online teacher in the config")
-    if value_dtype not in _DTYPES:
-        raise ConfigError(f"value dtype must be one of {list(_DTYPES)}")
+    if value_dtype not in DTYPES:
+        raise ConfigError(f"value dtype must be one of {list(DTYPES)}")
     tokenizer = load_tokenizer(job.data.tokenizer)
     p = job.parallel
-    initialize(ParallelConfig(p.tensor_parallel, 1, 1, False), seed=job.train.seed)
-    student_cfg = resolve_model_config(job, tokenizer)
+    initialize(ParallelConfig(tensor_parallel=p.tensor_parallel), seed=job.train.seed)
+    student_cfg = resolve_model_config(job.model, tokenizer)
     teacher = Teacher(job, tokenizer, student_cfg)
     t, d = job.train, job.data
-    total = num_samples or t.steps * t.global_batch_size
-    ds = build_gpt_dataset([(s.path, s.weight) for s in d.train], t.steps * t.global_batch_size, d.seq_length,
+    total = num_samples or job.steps * t.global_batch_size
+    ds = build_gpt_dataset([(s.path, s.weight) for s in d.train], job.steps * t.global_batch_size, d.seq_length,
                            tokenizer, t.seed, d.cache_dir)
     out = Path(out_dir)
     rank = torch.distributed.get_rank()
@@ -120,7 +121,7 @@ def dump_topk(job, out_dir, top_k: int, value_dtype: str = "bf16", samples_per_s
         for a in range(lo, hi, t.micro_batch_size):
             b = to_device(collate([ds[i % len(ds)] for i in range(a, min(hi, a + t.micro_batch_size))]))
             v, i = teacher_topk(teacher.logits(b["tokens"], b["position_ids"]), top_k, student_cfg.vocab_size)
-            vals.append(v.to(_DTYPES[value_dtype]).cpu())
+            vals.append(v.to(DTYPES[value_dtype]).cpu())
             idxs.append(i.to(torch.int32).cpu())
         if ps.get_tensor_model_parallel_rank() == 0:
             path = out / f"shard_{shard:06d}.pt"

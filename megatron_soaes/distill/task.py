@@ -1,4 +1,4 @@
-"""Distillation task for the shared training loop: teacher (online or stored top-k) + divergence + CE.
+"""Distillation task for the trainer: teacher (online or stored top-k) + divergence + CE.
 
 Data is either the CPT data (blended GPT samples) or, with an `sft` section, packed chat data
 (answer tokens only, no cross-example attention) -- the text the draft will have to predict at
@@ -15,12 +15,22 @@ import torch
 
 from megatron_soaes.data.gpt_data import on_this_rank
 from megatron_soaes.distill.losses import agreement, divergence
-from megatron_soaes.training.config import ConfigError
+from megatron_soaes.config import ConfigError
 from megatron_soaes.training.cpt import CPTTask
-from megatron_soaes.training.loop import masked_token_loss
+from megatron_soaes.training.task import masked_token_loss
 
 
 class DistillTask(CPTTask):
+    report_keys = ("lm loss", "kd loss", "ce loss")
+
+    def __init__(self, log=print):
+        self.log = log
+
+    def prepare(self, job, tokenizer):
+        from megatron_soaes.sft.task import with_steps_from_epochs
+
+        return with_steps_from_epochs(job, tokenizer, self.log)
+
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
         d = job.distill
         if job.parallel.pipeline_parallel != 1:
@@ -35,7 +45,7 @@ class DistillTask(CPTTask):
         else:
             from megatron_soaes.distill.offline import TopKStore
 
-            self.store = TopKStore(d.offline_logits, job, job.train.steps * job.train.global_batch_size, d.top_k)
+            self.store = TopKStore(d.offline_logits, job, job.steps * job.train.global_batch_size, d.top_k)
             self.report_keys = ("lm loss", "kd loss", "ce loss")
         if job.sft is not None:
             from megatron_soaes.sft.task import SFTTask

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from megatron_soaes.training.config import ConfigError
+from megatron_soaes.config import ConfigError
 
 
 def teacher_config(section, tokenizer):
-    from megatron_soaes.training.loop import model_config_from
+    from megatron_soaes.models import resolve_model_config
 
-    return model_config_from(section, tokenizer, "distill.teacher")
+    return resolve_model_config(section, tokenizer, "distill.teacher")
 
 
 def check_pair(job, student_cfg, teacher_cfg) -> None:
@@ -33,13 +33,13 @@ def check_pair(job, student_cfg, teacher_cfg) -> None:
 class Teacher:
     def __init__(self, job, tokenizer, student_cfg):
         from megatron_soaes.checkpoint.load import load_model_weights
-        from megatron_soaes.models.qwen2 import build_model
+        from megatron_soaes.models import build_model
 
         section = job.distill.teacher
         self.cfg = teacher_config(section, tokenizer)
         check_pair(job, student_cfg, self.cfg)
         dtype = section.dtype or job.train.dtype
-        from megatron_soaes.training.loop import use_transformer_engine
+        from megatron_soaes.models.megatron import use_transformer_engine
 
         self.model = build_model(self.cfg, dtype=dtype, use_te=use_transformer_engine(job),
                                  sequence_parallel=job.parallel.sequence_parallel)

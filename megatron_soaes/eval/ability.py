@@ -99,7 +99,7 @@ def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_
 def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=None, mcq_files=(), qa_file=None,
                         template=None, qa_limit: int = 50, mcq_limit: int = 100, max_new_tokens: int = 96) -> dict:
     """Everything the report compares across phases, for one checkpoint."""
-    from megatron_soaes.speculative.model import load_inference_model
+    from megatron_soaes.inference.model import load_inference_model
 
     model = load_inference_model(checkpoint)
     res = {"checkpoint": str(checkpoint)}
@@ -111,7 +111,7 @@ def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=No
         res["mcq"] = mcq_accuracy(model, tokenizer, mcq_files, mcq_limit)
     if qa_file:
         from megatron_soaes.eval.metrics import generation_metrics
-        from megatron_soaes.sft.evaluate import answer, load_qa
+        from megatron_soaes.eval.qa import answer, load_qa
 
         convs = load_qa(qa_file, qa_limit)
         hyps = answer(model, tokenizer, convs, template, max_new_tokens,

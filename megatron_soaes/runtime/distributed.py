@@ -10,50 +10,12 @@ import datetime
 import os
 import random
 import socket
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megatron_soaes.config.job import ParallelConfig, ParallelConfigError
 from megatron_soaes.runtime import cpu_compat
-
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot be realised on the given world size or model."""
-
-
-@dataclass
-class ParallelConfig:
-    """Model-parallel sizes; data-parallel size is whatever is left of the world."""
-
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    context_parallel: int = 1
-    sequence_parallel: bool = False
-    virtual_pipeline: int | None = None
-
-    def model_parallel_size(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
-
-    def data_parallel_size(self, world_size: int) -> int:
-        self.validate(world_size)
-        return world_size // self.model_parallel_size()
-
-    def validate(self, world_size: int) -> None:
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ParallelConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
-        mp = self.model_parallel_size()
-        if world_size % mp:
-            raise ParallelConfigError(
-                f"world size {world_size} is not divisible by TP*PP*CP = "
-                f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.context_parallel} = {mp}"
-            )
-        if self.sequence_parallel and self.tensor_parallel == 1:
-            raise ParallelConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
-        if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
-            raise ParallelConfigError("parallel.virtual_pipeline needs pipeline_parallel > 1")
 
 
 def _env_int(*names: str, default: int) -> int:

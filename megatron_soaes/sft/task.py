@@ -1,4 +1,5 @@
-"""SFT task for the shared training loop: packed chat rows, answer-only loss, no cross-example attention."""
+"""SFT task for the trainer: packed chat rows, answer-only loss, no cross-example attention;
+`prepare` turns sft.epochs into train.steps for every entry point."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from megatron_soaes.data.gpt_data import ResumableBatches, collate, to_device
 from megatron_soaes.data.sft import PackedSFTDataset, Template, cached_pack
-from megatron_soaes.training.loop import masked_token_loss
+from megatron_soaes.training.task import BaseTask, masked_token_loss
 
 
 def _cache_dir(job) -> Path:
@@ -30,18 +31,22 @@ def train_rows(job, tokenizer, progress=True):
     return packed_rows(job, tokenizer, s.train, replay, progress)
 
 
-def prepare_sft_job(job, tokenizer=None):
-    """Pack (cached) and, when sft.epochs is set, derive train.steps from the row count."""
-    from megatron_soaes.data.tokenizer import load_tokenizer
+def with_steps_from_epochs(job, tokenizer, log=None):
+    """`job` with train.steps = ceil(sft.epochs * packed rows / global batch) (packing is cached), and
+    warm-up shortened to a tenth of that when it would not fit. A job with train.steps is unchanged."""
+    if job.sft is None or job.sft.epochs is None:
+        return job
+    from megatron_soaes.config import replace
+    from megatron_soaes.runtime import world_info
 
-    tokenizer = tokenizer or load_tokenizer(job.data.tokenizer)
-    rows, stats = train_rows(job, tokenizer)
-    if job.sft.epochs:
-        steps = max(1, math.ceil(job.sft.epochs * stats["rows"] / job.train.global_batch_size))
-        job = job.model_copy(update={"train": job.train.model_copy(update={"steps": steps})})
-        if job.optim.warmup_steps >= steps:
-            job = job.model_copy(update={"optim": job.optim.model_copy(update={"warmup_steps": steps // 10})})
-    return job, stats
+    first = world_info()[0] == 0
+    rows, stats = train_rows(job, tokenizer, progress=first)
+    steps = max(1, math.ceil(job.sft.epochs * stats["rows"] / job.train.global_batch_size))
+    optim = job.optim if job.optim.warmup_steps < steps else replace(job.optim, warmup_steps=steps // 10)
+    if log and first:
+        log(f"train.steps {steps}: sft.epochs {job.sft.epochs} x {stats['rows']} packed rows "
+            f"({stats['examples']} examples) / global batch {job.train.global_batch_size}")
+    return replace(job, train=replace(job.train, steps=steps), optim=optim, sft=replace(job.sft, epochs=None))
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -67,12 +72,15 @@ def packed_seq_params(segment_ids: torch.Tensor):
                            max_seqlen_kv=longest)
 
 
-class SFTTask:
-    def __init__(self, use_thd: bool | None = None):
-        self.use_thd = use_thd
+class SFTTask(BaseTask):
+    def __init__(self, use_thd: bool | None = None, log=print):
+        self.use_thd, self.log = use_thd, log
+
+    def prepare(self, job, tokenizer):
+        return with_steps_from_epochs(job, tokenizer, self.log)
 
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
-        from megatron_soaes.training.loop import use_transformer_engine
+        from megatron_soaes.models.megatron import use_transformer_engine
 
         if self.use_thd is None:
             self.use_thd = use_transformer_engine(job) and torch.cuda.is_available() and job.train.micro_batch_size == 1

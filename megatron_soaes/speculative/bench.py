@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_soaes.speculative.decode import SpecConfig, generate, speculative_generate
+from megatron_soaes.inference.generate import generate
+from megatron_soaes.speculative.decode import SpecConfig, speculative_generate
 
 
 def _sync(device) -> None:

@@ -17,7 +17,7 @@ def per_token_losses(model, rows):
 def main(tp, out):
     initialize(ParallelConfig(tensor_parallel=int(tp)), seed=0)
     from megatron_soaes.data.sft import SFTExamples, pack
-    from megatron_soaes.models.qwen2 import build_model, preset
+    from megatron_soaes.models import build_model, preset
 
     torch.manual_seed(0)
     cfg = preset("test")

@@ -30,10 +30,10 @@ def main():
 
     from megatron_soaes.checkpoint import qwen2_hf
     from megatron_soaes.checkpoint.load import load_model_weights
-    from megatron_soaes.models.qwen2 import Qwen2Config, build_model
+    from megatron_soaes.models import Qwen2Config, build_model
     from megatron_soaes.runtime import ParallelConfig, initialize
 
-    initialize(ParallelConfig(tp, pp))
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
     cfg = Qwen2Config.from_hf(hf_dir)
     model = build_model(cfg)
     load_model_weights(model, mc_dir)

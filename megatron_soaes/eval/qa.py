@@ -24,7 +24,7 @@ def load_qa(path, limit: int | None = None) -> list[list[dict]]:
 def answer(model, tokenizer, conversations: list[list[dict]], template: Template, max_new_tokens: int = 128,
            batch_size: int = 16, max_prompt_tokens: int | None = None) -> list[str]:
     """Greedy answers to the last user turn of each conversation (its reference answer is dropped)."""
-    from megatron_soaes.speculative.decode import generate
+    from megatron_soaes.inference.generate import generate
 
     prompts = []
     for conv in conversations:
@@ -42,7 +42,7 @@ def answer(model, tokenizer, conversations: list[list[dict]], template: Template
 
 def evaluate_qa(checkpoint, tokenizer, qa_file, template: Template, limit: int | None = 100,
                 max_new_tokens: int = 128, out_file=None) -> dict:
-    from megatron_soaes.speculative.model import load_inference_model
+    from megatron_soaes.inference.model import load_inference_model
 
     model = load_inference_model(checkpoint)
     convs = load_qa(qa_file, limit)

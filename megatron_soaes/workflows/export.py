@@ -48,7 +48,7 @@ def check_export(hf_dir, source_checkpoint=None, seq_len: int = 24) -> dict:
     """Load the export with transformers and compare its logits with our engine on the source checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_soaes.speculative.model import load_inference_model
+    from megatron_soaes.inference.model import load_inference_model
 
     hf_dir = Path(hf_dir)
     src = source_checkpoint or json.loads((hf_dir / "soaes_export.json").read_text())["source"]

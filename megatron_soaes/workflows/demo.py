@@ -1,7 +1,5 @@
-"""The README's first command for now: a tiny Qwen2 through HF -> Megatron -> HF with logit parity.
-
-(Later phases extend this into the whole CPT -> SFT -> distillation -> speculative pipeline.)
-"""
+"""`soaes demo`, the one-minute smoke run: a tiny random Qwen2 through HF -> Megatron -> HF,
+bit-exact round trip and logit parity at the chosen TP/PP."""
 
 from __future__ import annotations
 
@@ -12,29 +10,12 @@ from pathlib import Path
 import torch
 
 
-def make_random_hf_model(out_dir, preset_name: str = "tiny", seed: int = 0, dtype=torch.float32, **overrides):
-    """Save a randomly initialised HF Qwen2ForCausalLM with one of our presets' shapes."""
-    from transformers import Qwen2Config as HFQwen2Config
-    from transformers import Qwen2ForCausalLM
-
-    from megatron_soaes.models.qwen2 import preset
-
-    cfg = preset(preset_name, **overrides)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(HFQwen2Config(**cfg.to_hf("float32")))
-    with torch.no_grad():  # HF inits biases to zero; give them values so the QKV bias path is tested
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.02)
-    model.to(dtype).save_pretrained(str(out_dir))
-    return cfg
-
-
 def run_demo(out: str, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> int:
     from safetensors.torch import load_file
 
     from megatron_soaes.checkpoint.compare import compare_logits
     from megatron_soaes.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from megatron_soaes.models.random_init import make_random_hf_model
     from megatron_soaes.runtime.launch import ensure_world_size
 
     ensure_world_size(tensor_parallel * pipeline_parallel)

@@ -1,9 +1,6 @@
-"""Qwen2 / Qwen2.5 on megatron-core's GPTModel.
-
-The architecture is fully described by `Qwen2Config` (the HF ``config.json`` fields that matter);
-`build_model` turns it into a GPTModel at the current parallel layout. GQA, bias on QKV only,
-RMSNorm, SwiGLU, RoPE (base 1e6) and tied/untied embeddings are all megatron-core features;
-nothing here re-implements a layer.
+"""The model description: `Qwen2Config` (the HF ``config.json`` fields that matter), the published
+presets, and the vocabulary padding rule. The megatron model (`models.megatron`), the inference
+model (`inference.model`) and the checkpoint converters all build from this one description.
 """
 
 from __future__ import annotations
@@ -14,14 +11,20 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
 
 class ModelConfigError(ValueError):
     """A model config that cannot describe a Qwen2 model, or one that cannot be split as asked."""
+
+
+VOCAB_MULTIPLE = 128  # embedding rows are a multiple of this (every TP size a checkpoint may be resharded to)
+
+
+def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The embedding size for `n` tokens: the next multiple of `multiple` (the one padding rule)."""
+    return int(math.ceil(n / multiple) * multiple)
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Qwen2Config:
     tie_word_embeddings: bool = False
     head_dim: int | None = None
     # Megatron pads the embedding so every TP size it may be resharded to divides it.
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = VOCAB_MULTIPLE
     init_method_std: float = 0.02
     extra_hf: dict = field(default_factory=dict, repr=False)
 
@@ -61,8 +64,7 @@ class Qwen2Config:
 
     @property
     def padded_vocab_size(self) -> int:
-        m = self.make_vocab_size_divisible_by
-        return int(math.ceil(self.vocab_size / m) * m)
+        return pad_vocab(self.vocab_size, self.make_vocab_size_divisible_by)
 
     def num_parameters(self) -> int:
         h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
@@ -186,105 +188,15 @@ def preset(name: str, **overrides) -> Qwen2Config:
     return Qwen2Config(**{**PRESETS[name], **overrides})
 
 
-def have_transformer_engine() -> bool:
+def resolve_model_config(spec, tokenizer=None, where: str = "model") -> Qwen2Config:
+    """Qwen2Config from a config section with `preset` + `overrides` or `hf_config` (student or
+    teacher), checked against the tokenizer's vocabulary."""
+    from megatron_soaes.config import ConfigError
+
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def layer_spec(use_te: bool | None = None):
-    """TE fused layer spec when Transformer Engine is importable, megatron's local spec otherwise."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    if use_te is None:
-        use_te = have_transformer_engine()
-    if use_te:
-        if not have_transformer_engine():
-            raise RuntimeError("use_te=True but transformer_engine is not installed (pip install '.[gpu]')")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", **overrides):
-    """megatron-core TransformerConfig for this Qwen2 model at the current parallel layout."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer import TransformerConfig
-
-    if dtype not in _DTYPES:
-        raise ModelConfigError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg.check_parallel(tp, pp)
-    torch_dtype = _DTYPES[dtype]
-    kwargs = dict(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_key_value_heads,
-        kv_channels=cfg.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.rms_norm_eps,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=cfg.init_method_std,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        context_parallel_size=parallel_state.get_context_parallel_world_size(),
-        params_dtype=torch_dtype,
-        pipeline_dtype=torch_dtype,
-        bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
-        use_cpu_initialization=not torch.cuda.is_available(),
-        # Fused kernels are CUDA-only; megatron falls back to the torch path without them.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        attention_softmax_in_fp32=True,
-    )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
-
-
-def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = None, vp_stage=None, **overrides):
-    """GPTModel for this rank's pipeline stage. Call after `runtime.initialize`."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    tcfg = transformer_config(cfg, dtype, **overrides)
-    model = GPTModel(
-        config=tcfg,
-        transformer_layer_spec=layer_spec(use_te),
-        vocab_size=cfg.padded_vocab_size,
-        max_sequence_length=cfg.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(cfg.rope_theta),
-        rotary_percent=1.0,
-        vp_stage=vp_stage,
-    )
-    # Without TE/apex, megatron's local spec falls back to torch.nn norms created in fp32. A bf16/fp16
-    # model must hold every parameter in that dtype: megatron's mixed-precision optimizer maps its
-    # state to the model by assuming so (a mixed model saves optimizer state under the wrong names).
-    half = tcfg.params_dtype
-    if half != torch.float32:
-        for p in model.parameters():
-            if p.dtype == torch.float32:
-                p.data = p.data.to(half)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    return model
+        cfg = preset(spec.preset, **spec.overrides) if spec.preset else Qwen2Config.from_hf(spec.hf_config)
+    except (ModelConfigError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if tokenizer is not None and cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"{where}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    return cfg

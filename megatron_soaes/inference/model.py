@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_soaes.models.qwen2 import Qwen2Config
+from megatron_soaes.models.config import Qwen2Config
 
 
 class KVCache:

@@ -1,0 +1,288 @@
+"""One typed, validated config per job (YAML -> pydantic), torchtitan-style: a section per concern,
+a comment per field. Unknown keys and bad values are all reported at once, each as
+``file: section.field: problem``, before any work starts.
+
+A *template* (validated with ``template=True``) is a job whose run-specific fields (output
+directory, length, SFT data) are still open: a curriculum holds one and each stage is a typed patch
+of it (`config.curriculum.stage_job`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from megatron_soaes.config.base import ConfigError, StrictModel, is_template
+from megatron_soaes.utils.dtypes import DTYPE_CHOICES
+
+Dtype = Literal[DTYPE_CHOICES]
+
+
+class ParallelConfigError(ConfigError):
+    """A parallel layout that cannot be realised on the given world size or model."""
+
+
+class ModelSpec(StrictModel):
+    """Which architecture: a preset name (+ overrides) or an HF config.json / directory."""
+
+    preset: str | None = None
+    hf_config: str | None = None  # config.json or an HF directory
+    overrides: dict = Field(default_factory=dict)  # preset fields to change, e.g. vocab_size
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.preset is None) == (self.hf_config is None):
+            raise ValueError("give exactly one of preset or hf_config")
+        return self
+
+
+class ModelSection(ModelSpec):
+    init_checkpoint: str | None = None  # torch_dist weights to start from (converted HF or an earlier phase)
+
+
+class ParallelConfig(StrictModel):
+    """Model-parallel sizes; the data-parallel size is whatever is left of the world. Validated once,
+    here, for config files and for `runtime.initialize` alike."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False  # needs tensor_parallel > 1
+    virtual_pipeline: int | None = None  # interleaved schedule chunks (needs pipeline_parallel > 1)
+    use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def check_sizes(self) -> None:
+        """What holds for any world size."""
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParallelConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ParallelConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
+        if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
+            raise ParallelConfigError("parallel.virtual_pipeline needs pipeline_parallel > 1")
+
+    def validate_world(self, world_size: int) -> int:
+        """Raise unless the layout fits `world_size`; returns the data-parallel size."""
+        self.check_sizes()
+        mp = self.model_parallel_size()
+        if world_size % mp:
+            raise ParallelConfigError(
+                f"world size {world_size} is not divisible by TP*PP*CP = "
+                f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.context_parallel} = {mp}")
+        return world_size // mp
+
+    validate = validate_world  # runtime's name
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return self.validate_world(world_size)
+
+
+class DataSource(StrictModel):
+    path: str  # indexed dataset prefix (without .bin/.idx)
+    weight: float = Field(1.0, gt=0)  # blend weight
+    name: str | None = None  # shown in the per-source token counts (default: the file name)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+class DataSection(StrictModel):
+    tokenizer: str  # "qwen", a sentencepiece .model, a .tiktoken file or an HF tokenizer directory
+    seq_length: int = Field(ge=8)
+    train: list[DataSource] = Field(default_factory=list)  # indexed datasets (cpt; distill without sft)
+    valid: dict[str, list[DataSource]] = Field(default_factory=dict)  # named held-out sets
+    cache_dir: str | None = None  # megatron's dataset index cache (default: none, built in memory)
+
+
+class OptimSection(StrictModel):
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = Field(1.0, ge=0)  # 0: no clipping
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    wsd_decay_steps: int | None = None  # with schedule wsd: steps of the final decay
+
+
+class TrainSection(StrictModel):
+    steps: int | None = Field(None, ge=1)  # optimizer steps; or derived from sft.epochs (give one of them)
+    global_batch_size: int = Field(ge=1)  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = Field(1, ge=1)  # sequences per forward on one rank
+    dtype: Dtype = "bf16"  # bf16/fp16 need a GPU (megatron's mixed-precision optimizer is CUDA-only)
+    fp8: bool = False  # needs Transformer Engine
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when importable
+    seed: int = 1234
+    log_interval: int = Field(10, ge=1)
+    eval_interval: int = Field(0, ge=0)  # 0: only at the end
+    eval_iters: int = Field(4, ge=1)  # micro-batches per held-out set
+    save_interval: int = Field(0, ge=0)  # 0: only at the end
+    keep_last: int = Field(2, ge=1)  # checkpoints kept
+    output_dir: str | None = Field(None, validate_default=True)  # checkpoints/, metrics.jsonl, tensorboard/
+    peak_tflops: float | None = Field(None, gt=0)  # per-device peak for MFU; known GPUs are detected
+    tensorboard: bool = True  # scalars under <output_dir>/tensorboard when the tensorboard package is installed
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v, info: ValidationInfo):
+        if v is None and not is_template(info):
+            raise ValueError("Field required")
+        return v
+
+
+class TeacherSection(ModelSpec):
+    checkpoint: str  # torch_dist checkpoint (converted HF or an earlier phase); frozen
+    tensor_parallel: int | None = Field(None, ge=1)  # default: the student's (the only one supported co-located)
+    dtype: Dtype | None = None  # default: train.dtype
+
+
+class OnPolicySection(StrictModel):
+    fraction: float = Field(0.0, ge=0, le=1)  # share of micro-batches whose continuation the student writes
+    prompt_tokens: int = Field(64, ge=1)  # tokens of the sample kept as the prompt
+    temperature: float = Field(1.0, ge=0)  # student sampling temperature (0: greedy)
+
+
+class DistillSection(StrictModel):
+    teacher: TeacherSection | None = None  # online teacher; omit when training from offline logits
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    beta: float = Field(0.5, gt=0, lt=1)  # generalised JSD mixing weight
+    temperature: float = Field(1.0, gt=0)
+    kd_weight: float = Field(1.0, ge=0, le=1)  # loss = kd_weight * divergence + (1 - kd_weight) * CE(labels)
+    top_k: int | None = Field(None, ge=1)  # restrict both distributions to the teacher's top-k tokens
+    offline_logits: str | None = None  # directory written by `soaes distill-dump`
+    on_policy: OnPolicySection = Field(default_factory=OnPolicySection)
+
+    @model_validator(mode="after")
+    def _source(self):
+        if (self.teacher is None) == (self.offline_logits is None):
+            raise ValueError("give exactly one of distill.teacher (online) or distill.offline_logits")
+        if self.offline_logits and self.top_k is None:
+            raise ValueError("distill.top_k is required with offline_logits (the stored k or less)")
+        if self.offline_logits and self.on_policy.fraction > 0:
+            raise ValueError("on-policy distillation needs an online teacher")
+        return self
+
+
+class SFTFile(StrictModel):
+    path: str  # jsonl / json / parquet / HF datasets directory
+    repeat: int = Field(1, ge=1)  # epochs of this file within the stage
+
+
+class SFTSection(StrictModel):
+    train: list[SFTFile] = Field(default_factory=list, validate_default=True)  # chat records
+    valid: dict[str, list[SFTFile]] = Field(default_factory=dict)  # named held-out sets (loss only)
+    replay: list[SFTFile] = Field(default_factory=list)  # earlier stages' data to mix back in
+    replay_fraction: float = Field(0.0, ge=0, le=1)  # of this job's examples, drawn from `replay`
+    epochs: float | None = Field(None, gt=0)  # passes over the packed rows; sets train.steps (give one of them)
+    default_system: str | None = "You are a helpful assistant."  # for records without a system turn
+    last_turn_only: bool = False  # loss on the last assistant turn only
+    truncation: Literal["truncate", "drop"] = "truncate"  # conversations longer than seq_length
+    packing: bool = True  # several conversations per row (no cross-example attention)
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v, info: ValidationInfo):
+        if not v and not is_template(info):
+            raise ValueError("List should have at least 1 item after validation, not 0")
+        return v
+
+
+class JobConfig(StrictModel):
+    kind: Literal["cpt", "sft", "distill"] = "cpt"  # the task the trainer runs (training.task registry)
+    model: ModelSection
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection
+    distill: DistillSection | None = None  # kind distill
+    sft: SFTSection | None = None  # kind sft, or distillation on chat data
+
+    @model_validator(mode="after")
+    def _complete(self, info: ValidationInfo):
+        self.parallel.check_sizes()
+        if is_template(info):  # fields only; the cross-field rules wait for the complete job
+            return self
+        if (self.kind == "cpt" or (self.kind == "distill" and self.sft is None)) and not self.data.train:
+            raise ValueError(f"data.train: kind {self.kind} needs at least one indexed dataset (or, for distill, an sft section)")
+        if self.kind == "sft" and self.sft is None:
+            raise ValueError("kind: sft needs an sft section")
+        if self.kind == "cpt" and self.sft is not None:
+            raise ValueError("an sft section is only valid with kind sft or distill (distillation on chat data)")
+        if self.kind == "distill" and self.distill is None:
+            raise ValueError("kind: distill needs a distill section")
+        if self.kind != "distill" and self.distill is not None:
+            raise ValueError(f"a distill section is only valid with kind: distill (kind is {self.kind})")
+        if self.distill and self.distill.offline_logits and self.sft is not None:
+            raise ValueError("distill.offline_logits: stored teacher logits cover CPT data; use an online teacher with sft data")
+        epochs = self.sft.epochs if self.sft else None
+        if (self.train.steps is None) == (epochs is None):
+            raise ValueError("train.steps: give exactly one of train.steps or sft.epochs (which sets the steps "
+                             f"from the packed row count); got {'both' if epochs else 'neither'}")
+        if self.train.steps is not None and self.optim.warmup_steps >= self.train.steps:
+            raise ValueError(f"optim.warmup_steps {self.optim.warmup_steps} must be smaller than train.steps {self.train.steps}")
+        return self
+
+    @property
+    def steps(self) -> int:
+        """train.steps once known (after the task's `prepare` for sft.epochs)."""
+        if self.train.steps is None:
+            raise ConfigError("train.steps is derived from sft.epochs by the task's prepare(); call it first")
+        return self.train.steps
+
+    def check_world(self, world_size: int) -> int:
+        """Errors that need the world size; returns the data-parallel size."""
+        dp = self.parallel.validate_world(world_size)
+        t = self.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                              f"micro_batch_size {t.micro_batch_size} * data-parallel size {dp}")
+        if self.parallel.context_parallel > 1:
+            self._check_context_parallel()
+        return dp
+
+    def _check_context_parallel(self) -> None:
+        cp = self.parallel.context_parallel
+        if self.data.seq_length % (2 * cp):
+            raise ConfigError(f"parallel.context_parallel {cp}: data.seq_length {self.data.seq_length} must be "
+                              f"divisible by 2*CP = {2 * cp} (each rank holds two load-balanced chunks)")
+        if self.kind == "sft" or self.sft is not None:
+            raise ConfigError("parallel.context_parallel: packed SFT rows are not split across CP ranks; use CP=1")
+        if self.distill and (self.distill.offline_logits or self.distill.on_policy.fraction > 0):
+            raise ConfigError("parallel.context_parallel: offline teacher logits and on-policy rollouts need CP=1")
+
+    def check_paths(self) -> None:
+        for where, sources in [("data.train", self.data.train), *[(f"data.valid.{k}", v) for k, v in self.data.valid.items()]]:
+            for i, s in enumerate(sources):
+                for ext in (".bin", ".idx"):
+                    if not Path(s.path + ext).exists():
+                        raise ConfigError(f"{where}[{i}].path: {s.path}{ext} does not exist")
+        if self.model.init_checkpoint and not Path(self.model.init_checkpoint).exists():
+            raise ConfigError(f"model.init_checkpoint: {self.model.init_checkpoint} does not exist")
+        if self.sft:
+            s = self.sft
+            for where, files in [("sft.train", s.train), ("sft.replay", s.replay),
+                                 *[(f"sft.valid.{k}", v) for k, v in s.valid.items()]]:
+                for i, f in enumerate(files):
+                    if not Path(f.path).exists():
+                        raise ConfigError(f"{where}[{i}].path: {f.path} does not exist")
+        d = self.distill
+        if d and d.teacher and not Path(d.teacher.checkpoint).exists():
+            raise ConfigError(f"distill.teacher.checkpoint: {d.teacher.checkpoint} does not exist")
+        if d and d.offline_logits and not (Path(d.offline_logits) / "topk.json").exists():
+            raise ConfigError(f"distill.offline_logits: {d.offline_logits} has no topk.json (run soaes distill-dump)")
+
+    def source_names(self) -> dict[int, str]:
+        """Names of the training data sources, by blend index (for per-source token counts)."""
+        if self.data.train:
+            return {i: s.label for i, s in enumerate(self.data.train)}
+        if self.sft:
+            return {0: "+".join(Path(f.path).name.split(".")[0] for f in self.sft.train) or "sft"}
+        return {}

@@ -1,0 +1,98 @@
+"""The pipeline's config: the whole system on one small file (`examples/tiny/pipeline.yaml`).
+Each phase reads its own section; the pipeline turns them into complete `JobConfig`s and a
+curriculum `Recipe` (`workflows.pipeline`), so every training phase runs through the same trainer
+and the same task `prepare` as `soaes train`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from megatron_soaes.config.base import StrictModel as _Strict
+from megatron_soaes.config.base import load_config
+
+PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "evaluate", "export", "speculative", "report")
+class DataCfg(_Strict):
+    dir: str = "data/demo"
+    tokenizer: Literal["spm", "qwen"] = "spm"  # spm: a small BPE trained on the demo corpora; qwen: Qwen2.5's
+    spm_vocab_size: int = Field(8000, ge=1000)
+
+
+class BaseCfg(_Strict):
+    """The 'general' base model: a tiny Qwen2 pre-trained on general text only (People's Daily),
+    so that CPT's retention of general ability is measured against something that has some."""
+    preset: str = "tiny"
+    pretrain_steps: int = Field(60, ge=0)
+    seed: int = 0
+
+
+class TrainCfg(_Strict):
+    steps: int = Field(ge=1)
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    seq_length: int = 256
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+
+
+class CPTCfg(TrainCfg):
+    replay_weight: float = Field(0.3, ge=0, lt=1)  # share of general (replay) samples in the CPT blend
+
+
+class SFTStageCfg(_Strict):
+    name: str
+    data: str  # a demo SFT dataset name: consultation | recitation | soae_qa
+    epochs: float = 1.0
+    replay_fraction: float = 0.0
+
+
+class SFTCfg(_Strict):
+    stages: list[SFTStageCfg]
+    seq_length: int = 256
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    single_stage: bool = True
+
+
+class DistillCfg(_Strict):
+    student_preset: str = "tiny-draft"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    kd_weight: float = 1.0
+    steps: int = 100
+    seq_length: int = 256
+    lr: float = 2e-3
+
+
+class SpecCfg(_Strict):
+    num_prompts: int = 8
+    max_new_tokens: int = 48
+    gammas: list[int] = [2, 4]
+    trees: list[str] = ["2,2,1", "3,2,1,1", "dynamic"]
+    hf_assisted: bool = True
+
+
+class EvalCfg(_Strict):
+    qa_limit: int = 40
+    mcq_limit: int = 50
+    mcq_files: list[str] = ["1-2知识问答_val.csv", "3-6案例分析_val.csv"]
+    max_new_tokens: int = 64
+
+
+class PipelineConfig(_Strict):
+    name: str
+    output_dir: str
+    data: DataCfg = Field(default_factory=DataCfg)
+    base: BaseCfg = Field(default_factory=BaseCfg)
+    cpt: CPTCfg
+    sft: SFTCfg
+    distill: DistillCfg = Field(default_factory=DistillCfg)
+    speculative: SpecCfg = Field(default_factory=SpecCfg)
+    evaluation: EvalCfg = Field(default_factory=EvalCfg)
+
+
+def load_pipeline_config(path, overrides: list[str] | None = None) -> PipelineConfig:
+    return load_config(path, overrides, model=PipelineConfig)

@@ -1,0 +1,133 @@
+"""Qwen2 / Qwen2.5 on megatron-core's GPTModel: the layer spec (Transformer Engine or megatron's
+local layers), the TransformerConfig, and `build_model` for this rank's pipeline stage. GQA, bias
+on QKV only, RMSNorm, SwiGLU, RoPE and tied/untied embeddings are all megatron-core features;
+nothing here re-implements a layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_soaes.models.config import ModelConfigError, Qwen2Config
+from megatron_soaes.utils.dtypes import DTYPES
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_transformer_engine(job) -> bool:
+    """Whether `job` runs Transformer Engine layers (train.transformer_impl, fp8, context parallelism);
+    a clear error when it asks for TE without it."""
+    from megatron_soaes.config import ConfigError
+
+    t = job.train
+    have = have_transformer_engine()
+    if t.transformer_impl == "transformer_engine" and not have:
+        raise ConfigError("train.transformer_impl: transformer_engine is not installed (pip install '.[gpu]' on a "
+                          "CUDA machine)")
+    if job.parallel.context_parallel > 1 and (t.transformer_impl == "local" or not have):
+        raise ConfigError("parallel.context_parallel > 1 needs Transformer Engine attention (megatron-core's local "
+                          "attention has no context parallelism)")
+    if t.fp8 and (t.transformer_impl == "local" or not have):
+        raise ConfigError("train.fp8: FP8 needs Transformer Engine layers (pip install '.[gpu]' on a CUDA machine; "
+                          "transformer_impl must not be 'local')")
+    return have if t.transformer_impl == "auto" else t.transformer_impl == "transformer_engine"
+
+
+def layer_spec(use_te: bool | None = None):
+    """TE fused layer spec when Transformer Engine is importable, megatron's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te is None:
+        use_te = have_transformer_engine()
+    if use_te:
+        if not have_transformer_engine():
+            raise RuntimeError("use_te=True but transformer_engine is not installed (pip install '.[gpu]')")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", **overrides):
+    """megatron-core TransformerConfig for this Qwen2 model at the current parallel layout."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    if dtype not in DTYPES:
+        raise ModelConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cfg.check_parallel(tp, pp)
+    torch_dtype = DTYPES[dtype]
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        params_dtype=torch_dtype,
+        pipeline_dtype=torch_dtype,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # Fused kernels are CUDA-only; megatron falls back to the torch path without them.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = None, vp_stage=None, **overrides):
+    """GPTModel for this rank's pipeline stage. Call after `runtime.initialize`."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tcfg = transformer_config(cfg, dtype, **overrides)
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+        rotary_percent=1.0,
+        vp_stage=vp_stage,
+    )
+    # Without TE/apex, megatron's local spec falls back to torch.nn norms created in fp32. A bf16/fp16
+    # model must hold every parameter in that dtype: megatron's mixed-precision optimizer maps its
+    # state to the model by assuming so (a mixed model saves optimizer state under the wrong names).
+    half = tcfg.params_dtype
+    if half != torch.float32:
+        for p in model.parameters():
+            if p.dtype == torch.float32:
+                p.data = p.data.to(half)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

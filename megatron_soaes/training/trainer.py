@@ -1,0 +1,274 @@
+"""The one trainer. CPT, SFT and distillation plug in a `Task`; the trainer owns everything else:
+checks before work, parallel setup, the megatron-core model, DDP, optimizer and LR schedule,
+megatron's forward-backward schedules, NaN/Inf skips, evaluation, metrics and atomic, resumable
+checkpoints. `setup`, `train_step`, `evaluate` and `save` are separate so each reads on its own."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from megatron_soaes.config import ConfigError, JobConfig
+from megatron_soaes.training.metrics import MetricsLog, flops_per_token, peak_tflops
+from megatron_soaes.training.task import Task, task_for
+from megatron_soaes.utils.files import atomic_write_json
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens_per_s: float
+    skipped: bool
+
+
+def _comm_device() -> torch.device:
+    """NCCL reduces CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _reduce_reports(reports: list[dict], keys=("lm loss",)) -> dict[str, float]:
+    """Each key's sum/count over micro-batches and data-parallel ranks (valid on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    t = torch.zeros(len(keys), 2, dtype=torch.float64, device=_comm_device())
+    # CP ranks hold disjoint tokens of the same sequences: every one of them counts
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+        for r in reports:
+            for j, key in enumerate(keys):
+                if key in r:
+                    t[j] += r[key].double().to(t.device)
+    torch.distributed.all_reduce(t)
+    return {k: (t[j, 0] / t[j, 1]).item() for j, k in enumerate(keys) if t[j, 1] > 0}
+
+
+def _grads_finite(ddp) -> bool:
+    ok = torch.tensor([1.0], device=_comm_device())
+    for buf in ddp.buffers:
+        if not torch.isfinite(buf.grad_data).all():
+            ok.zero_()
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+class Trainer:
+    def __init__(self, job: JobConfig, task: Task | None = None, log: Callable[[str], None] = print):
+        self.job, self.task, self.log = job, task or task_for(job.kind), log
+
+    # ---- before any work ----
+    def check(self) -> JobConfig:
+        """Every error that can be found without starting work; returns the prepared job."""
+        from megatron_soaes.data.tokenizer import load_tokenizer
+        from megatron_soaes.models import resolve_model_config
+        from megatron_soaes.models.megatron import use_transformer_engine
+        from megatron_soaes.runtime import world_info
+
+        job = self.job
+        self.dp = job.check_world(world_info()[1])
+        job.check_paths()
+        if job.train.dtype != "fp32" and not torch.cuda.is_available():
+            raise ConfigError(f"train.dtype: {job.train.dtype} training needs a GPU (megatron-core's mixed-precision "
+                              "optimizer is CUDA-only); use fp32 on CPU")
+        self.use_te = use_transformer_engine(job)
+        self.tokenizer = load_tokenizer(job.data.tokenizer)
+        self.model_cfg = resolve_model_config(job.model, self.tokenizer)
+        self.model_cfg.check_parallel(job.parallel.tensor_parallel, job.parallel.pipeline_parallel)
+        self.job = self.task.prepare(job, self.tokenizer)
+        return self.job
+
+    # ---- setup ----
+    def setup(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_soaes.models import build_model
+        from megatron_soaes.runtime import initialize
+
+        job = self.check()
+        p, t, o = job.parallel, job.train, job.optim
+        initialize(p, seed=t.seed)
+        self.rank = torch.distributed.get_rank()
+        if self.rank != 0:
+            self.log = lambda msg: None  # one log stream, from global rank 0
+        self.out = Path(t.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        extra = {"sequence_parallel": p.sequence_parallel, "calculate_per_token_loss": True}
+        if t.fp8:
+            extra.update(fp8="hybrid")
+        model = build_model(self.model_cfg, dtype=t.dtype, use_te=self.use_te, **extra)
+        self.ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer), model)
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=t.dtype == "bf16",
+            fp16=t.dtype == "fp16", params_dtype=model.config.params_dtype,
+            use_distributed_optimizer=p.use_distributed_optimizer), [self.ddp])
+        wsd = o.schedule == "wsd"
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=t.steps, lr_decay_style="WSD" if wsd else o.schedule,
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+            wsd_decay_steps=o.wsd_decay_steps if wsd else None, lr_wsd_decay_style="linear" if wsd else None)
+        model.config.finalize_model_grads_func = finalize_model_grads
+        model.config.no_sync_func = self.ddp.no_sync
+        model.config.grad_scale_func = self.optimizer.scale_loss
+
+        self.start_step, consumed = self._restore()
+        self.batches, self.eval_sets = self.task.build(job, self.tokenizer, self.model_cfg,
+                                                       ps.get_data_parallel_rank(), self.dp, consumed)
+        self.report_keys = tuple(self.task.report_keys)
+        self.task.on_built(self.ddp, self.optimizer)
+        self.fb = get_forward_backward_func()
+        self.metrics = MetricsLog(self.out, self.rank == 0, t.tensorboard, self.start_step, self.log)
+        self.flops_per_token = flops_per_token(self.model_cfg, job.data.seq_length)
+        self.peak = peak_tflops(t.dtype, t.peak_tflops)
+        self.src_names = job.source_names()
+        if self.rank == 0:
+            atomic_write_json(self.out / "resolved_config.json", {
+                "job": job.model_dump(), "model": self.model_cfg.to_dict(),
+                "transformer_impl": "transformer_engine" if self.use_te else "local",
+                "world_size": torch.distributed.get_world_size(), "data_parallel": self.dp})
+
+    def _restore(self) -> tuple[int, int]:
+        """Resume from the newest complete checkpoint, or load the initial weights."""
+        from megatron_soaes.checkpoint.load import load_model_weights
+        from megatron_soaes.training import checkpointing as ckpt
+
+        self.source_tokens: dict[int, int] = {}  # tokens per blend source, whole run
+        resume = ckpt.latest_checkpoint(self.ckpt_dir)
+        if resume is not None:
+            common = ckpt.load(resume, self.ddp.module, self.optimizer, self.scheduler)
+            self.source_tokens = {int(k): int(v) for k, v in common.get("source_tokens", {}).items()}
+            self.log(f"resumed from {resume} at step {common['iteration']}")
+            return common["iteration"], common["consumed_samples"]
+        if self.job.model.init_checkpoint:
+            load_model_weights(self.ddp.module, self.job.model.init_checkpoint)
+            self.optimizer.reload_model_params()
+            self.log(f"initialised weights from {self.job.model.init_checkpoint}")
+        return 0, 0
+
+    # ---- one optimizer step ----
+    def _schedule(self, micro: list, forward_only: bool) -> tuple[float, dict[str, float]]:
+        t = self.job.train
+        reports = self.fb(forward_step_func=self.task.forward_step, data_iterator=iter(micro), model=[self.ddp],
+                          num_microbatches=len(micro), seq_length=self.job.data.seq_length,
+                          micro_batch_size=t.micro_batch_size, forward_only=forward_only)
+        parts = _reduce_reports(reports, self.report_keys)
+        return parts.get("lm loss", float("nan")), parts
+
+    def _count_sources(self, micro: list) -> None:
+        from megatron.core import parallel_state as ps
+
+        counts = torch.zeros(max(len(self.job.data.train), 1), dtype=torch.float64, device=_comm_device())
+        for mb in micro:
+            counts.index_add_(0, mb["source"].to(counts.device),
+                              torch.ones(len(mb["source"]), dtype=torch.float64, device=counts.device))
+        torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())  # the whole global batch
+        for i, c in enumerate(counts.tolist()):
+            if c:
+                self.source_tokens[i] = self.source_tokens.get(i, 0) + int(c) * self.job.data.seq_length
+
+    def train_step(self, step: int) -> tuple[StepRecord, dict[str, float]]:
+        from megatron_soaes.training import checkpointing as ckpt
+
+        self.ddp.train()
+        micro = self.batches.next_global_batch()
+        self._count_sources(micro)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss, parts = self._schedule(micro, forward_only=False)
+        finite = math.isfinite(loss) and _grads_finite(self.ddp)
+        grad_norm = None
+        if finite:
+            ok, grad_norm, _ = self.optimizer.step()
+            finite = bool(ok)
+        if finite:
+            self.scheduler.step(increment=1)
+        else:
+            self.log(f"step {step}: non-finite loss/gradients (loss={loss}); update skipped")
+        ckpt.fault_point("after_step", step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return StepRecord(step, loss, lr, None if grad_norm is None else float(grad_norm), 0.0, not finite), parts
+
+    # ---- evaluation ----
+    def evaluate(self, step: int) -> dict[str, float]:
+        res = {}
+        for name, micro in self.eval_sets.items():
+            loss, parts = self._schedule(micro, forward_only=True)
+            res[name] = loss
+            if len(parts) > 1:
+                res.update({f"{name}/{k}": v for k, v in parts.items() if k != "lm loss"})
+        if res:
+            self.log(f"step {step} | eval " + " | ".join(
+                f"{k} loss {v:.4f} ppl {math.exp(min(v, 50)):.2f}" if "/" not in k else f"{k} {v:.4f}"
+                for k, v in res.items()))
+            self.metrics.write({"step": step, "eval": res})
+        return res
+
+    # ---- checkpoints ----
+    def save(self, step: int) -> None:
+        from megatron_soaes.training import checkpointing as ckpt
+
+        common = {"iteration": step, "consumed_samples": self.batches.consumed, "job": self.job.model_dump(),
+                  "source_tokens": {str(k): v for k, v in self.source_tokens.items()}}
+        path = ckpt.save(self.ckpt_dir, step, self.ddp.module, self.optimizer, self.scheduler, common,
+                         self.model_cfg, self.job.train.keep_last)
+        self.log(f"saved {path}")
+
+    # ---- the loop ----
+    def _speed(self, rec: StepRecord, dt: float, tokens: int) -> dict:
+        rec.tokens_per_s = tokens / max(dt, 1e-9)
+        tflops = self.flops_per_token * rec.tokens_per_s / 1e12
+        world = torch.distributed.get_world_size()
+        return {"tokens_per_s": rec.tokens_per_s, "model_tflops": tflops,
+                "mfu": tflops / (self.peak * world) if self.peak else None}
+
+    def _log_step(self, rec: StepRecord, speed: dict) -> None:
+        t, seq = self.job.train, self.job.data.seq_length
+        mfu = f" | MFU {100 * speed['mfu']:.1f}%" if self.peak else ""
+        eta = (t.steps - rec.step) * t.global_batch_size * seq / max(rec.tokens_per_s, 1e-9)
+        per_src = ", ".join(f"{self.src_names.get(k, f'source {k}')}={v:,}" for k, v in sorted(self.source_tokens.items()))
+        norm = rec.grad_norm if rec.grad_norm is None else round(rec.grad_norm, 3)
+        self.log(f"step {rec.step}/{t.steps} | loss {rec.loss:.4f} | lr {rec.lr:.3e} | grad norm {norm} | "
+                 f"{rec.tokens_per_s:,.0f} tok/s | {speed['model_tflops']:.3f} TFLOP/s (model){mfu} | "
+                 f"ETA {eta:.0f}s | tokens {per_src}")
+
+    def run(self) -> list[StepRecord]:
+        self.setup()
+        t, seq = self.job.train, self.job.data.seq_length
+        history: list[StepRecord] = []
+        t_start, tokens_since = time.time(), 0
+        for step in range(self.start_step + 1, t.steps + 1):
+            rec, parts = self.train_step(step)
+            tokens_since += t.global_batch_size * seq
+            speed = {}
+            if step % t.log_interval == 0 or step == t.steps:
+                speed = self._speed(rec, time.time() - t_start, tokens_since)
+                self._log_step(rec, speed)
+                t_start, tokens_since = time.time(), 0
+            history.append(rec)
+            self.metrics.write({"step": step, "loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm,
+                                "skipped": rec.skipped, "source_tokens": self.source_tokens, **speed,
+                                **{k: v for k, v in parts.items() if k != "lm loss"}})
+            if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+                self.evaluate(step)
+            if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
+                self.save(step)
+        self.evaluate(t.steps)
+        self.metrics.close()
+        return history
+
+
+def train(job: JobConfig, task: Task | None = None, log: Callable[[str], None] = print) -> list[StepRecord]:
+    """Run `job` (its task looked up by `job.kind` unless given); returns the per-step records."""
+    return Trainer(job, task, log).run()

@@ -1,0 +1,122 @@
+"""Running the domain-progressive SFT curriculum (`config.curriculum.Recipe`): stages in order,
+each from the previous stage's final weights, through the one trainer.
+
+Stage k writes ``<output_dir>/stage<k>_<name>/`` (checkpoints, metrics.jsonl, qa_answers.jsonl)
+and, when finished and evaluated, ``stage.json``; a finished stage is skipped on re-runs, an
+unfinished one resumes from its last checkpoint. `compare` writes the progressive vs single-stage
+table and plot.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from megatron_soaes.checkpoint.load import resolve_checkpoint
+from megatron_soaes.config import ConfigError
+from megatron_soaes.config.curriculum import Recipe, parse_stages, stage_job
+from megatron_soaes.utils.files import atomic_write_json, atomic_write_text
+
+
+class StageResult(BaseModel):
+    """What a finished stage records in its stage.json (and the pipeline in its phase record)."""
+
+    stage: int
+    name: str
+    init_checkpoint: str
+    steps: int
+    data: dict  # packing statistics: examples, rows, fill, ...
+    final_train_loss: float | None
+    eval: dict[str, float]  # last held-out losses
+    checkpoint: str
+    run_dir: str  # the stage's output directory (metrics.jsonl, checkpoints/)
+    qa: dict[str, float] | None = None  # Rouge-1/2/L, BLEU-4 on the recipe's held-out QA
+
+
+def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = False, log=print) -> list[StageResult]:
+    """Run (or resume) the selected stages in order. Collective under torchrun/srun."""
+    import torch
+
+    from megatron_soaes.data.sft import Template
+    from megatron_soaes.eval.qa import evaluate_qa
+    from megatron_soaes.sft.task import SFTTask
+    from megatron_soaes.training import Trainer
+    from megatron_soaes.training.metrics import last_eval
+
+    records = []
+    for k in parse_stages(stages, len(recipe.stages)):
+        sdir, name = recipe.stage_dir(k), recipe.stages[k - 1].name
+        done = sdir / "stage.json"
+        if force and done.exists():
+            shutil.rmtree(sdir)
+        if done.exists():
+            log(f"stage {k} ({name}): done, skipped ({done})")
+            records.append(StageResult.model_validate_json(done.read_text()))
+            continue
+        if k == 1:
+            init = resolve_checkpoint(recipe.init_checkpoint)
+        else:
+            prev = recipe.stage_dir(k - 1)
+            if not (prev / "stage.json").exists():
+                raise ConfigError(f"stage {k} starts from stage {k - 1}, which has not finished ({prev}); "
+                                  f"run --stages {k - 1}-{k} or the whole recipe")
+            init = resolve_checkpoint(prev)
+        log(f"stage {k}/{len(recipe.stages)} ({name}): from {init}")
+        trainer = Trainer(stage_job(recipe, k, init), SFTTask(log=log), log=log)
+        hist = trainer.run()
+        job = trainer.job
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rec = StageResult(stage=k, name=name, init_checkpoint=str(init), steps=job.train.steps,
+                          data=trainer.task.stats, final_train_loss=hist[-1].loss if hist else None,
+                          eval=last_eval(sdir), checkpoint=str(resolve_checkpoint(sdir)), run_dir=str(sdir))
+        if rank == 0:
+            ev = recipe.evaluation
+            if ev.qa:
+                s = job.sft
+                rec.qa = evaluate_qa(rec.checkpoint, trainer.tokenizer, ev.qa, Template(s.default_system, s.last_turn_only),
+                                     ev.limit, ev.max_new_tokens, out_file=sdir / "qa_answers.jsonl")
+                log(f"stage {k} ({name}): " + ", ".join(f"{m} {v:.2f}" for m, v in rec.qa.items() if m != "n"))
+            atomic_write_text(done, rec.model_dump_json(indent=2))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        records.append(rec)
+    return records
+
+
+def compare(progressive: list[StageResult], single: list[StageResult], out_dir) -> dict:
+    """Final-stage vs single-stage QA metrics: a table (markdown + JSON) and a PNG."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p, s = progressive[-1].qa or {}, single[-1].qa or {}
+    rows = {m: {"progressive": p.get(m), "single_stage": s.get(m),
+                "ratio": (p[m] / s[m]) if p.get(m) is not None and s.get(m) else None}
+            for m in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}
+    lines = ["| metric | progressive | single-stage | ratio |", "|---|---|---|---|"]
+    for m, r in rows.items():
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {m} | {fmt(r['progressive'])} | {fmt(r['single_stage'])} | {fmt(r['ratio'])} |")
+    atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
+    atomic_write_json(out / "comparison.json", {"progressive": [r.model_dump() for r in progressive],
+                                                "single_stage": [r.model_dump() for r in single], "final": rows})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for ax, m in zip(axes, ("rouge-1", "bleu-4")):
+            xs = [f"{r.stage}:{r.name}" for r in progressive]
+            ax.plot(xs, [(r.qa or {}).get(m, float("nan")) for r in progressive], "o-", label="progressive stages")
+            if s.get(m) is not None:
+                ax.axhline(s[m], color="C1", ls="--", label="single-stage")
+            ax.set_title(m)
+            ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "comparison.png", dpi=120)
+    except ImportError:
+        pass
+    return rows

