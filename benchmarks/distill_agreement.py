@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from megatron_soaes.training.metrics import last_eval
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,11 +30,6 @@ def run(config: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
     subprocess.run([sys.executable, "-m", "megatron_soaes.cli", "train", "--config", str(path)], check=True,
                    cwd=ROOT, stdout=subprocess.DEVNULL)
-
-
-def last_eval(out: Path) -> dict:
-    evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
-    return evals[-1]
 
 
 def main() -> None:

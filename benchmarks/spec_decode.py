@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_soaes.inference import load_inference_model
+from megatron_soaes.utils.dtypes import torch_dtype
 from megatron_soaes.speculative.bench import format_table, plot, run_benchmark
 
 
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default="outputs/bench")
     args = ap.parse_args()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target = load_inference_model(args.target, dtype, args.device)

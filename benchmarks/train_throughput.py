@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_soaes.training.metrics import read_metrics
+
 CPU_VARIANTS = ["fp32 1 proc=1:", "fp32 TP=2=2:parallel.tensor_parallel=2", "fp32 DP=2=2:"]
 GPU_VARIANTS = ["bf16 local=1:train.dtype=bf16,train.transformer_impl=local",
                 "bf16 TE=1:train.dtype=bf16,train.transformer_impl=transformer_engine",
@@ -74,7 +76,7 @@ def run_variant(args, name: str, nproc: int, sets: list[str], out: Path) -> dict
                          env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))})
     if res.returncode:
         return dict(variant=name, nproc=nproc, skipped=f"failed ({res.returncode}): {res.stdout.strip()[-500:]}")
-    recs = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"tokens_per_s"' in line]
+    recs = [r for r in read_metrics(run_dir) if "tokens_per_s" in r]
     recs = recs[1:] or recs  # the first interval includes warm-up
     mean = lambda k: sum(r[k] for r in recs) / len(recs) if recs and recs[0].get(k) is not None else None  # noqa: E731
     return dict(variant=name, nproc=nproc, tokens_per_s=mean("tokens_per_s"), model_tflops=mean("model_tflops"),

@@ -72,8 +72,6 @@ def _distill_dump(args) -> int:
 
 
 def _generate(args) -> int:
-    import torch
-
     from megatron_soaes.data.tokenizer import load_tokenizer
     from megatron_soaes.inference import generate, load_inference_model
     from megatron_soaes.speculative import SpecConfig, speculative_generate
@@ -102,7 +100,8 @@ def _generate(args) -> int:
 
 def _sft(args) -> int:
     from megatron_soaes.config.curriculum import load_recipe, single_stage, stage_job
-    from megatron_soaes.workflows.curriculum import compare, run_curriculum
+    from megatron_soaes.workflows.curriculum import run_curriculum
+    from megatron_soaes.workflows.report import write_sft_comparison
 
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
@@ -121,7 +120,7 @@ def _sft(args) -> int:
     if done.exists() and records and records[-1].stage == len(recipe.stages):
         from megatron_soaes.workflows.curriculum import StageResult
 
-        rows = compare(records, [StageResult.model_validate_json(done.read_text())], recipe.output_dir)
+        rows = write_sft_comparison(records, [StageResult.model_validate_json(done.read_text())], recipe.output_dir)
         print(json.dumps(rows, indent=2))
     return 0
 

@@ -12,7 +12,6 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import ROOT

@@ -7,6 +7,7 @@ accounting. The iterator is a pure function of `consumed_samples`, so resume is 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +27,22 @@ class _MegatronTokenizerView:
         return {"class": "soaes", "name": self.name, "eod": self.eod, "vocab_size": self.vocab_size}
 
 
+class _NoCacheNotice(logging.Filter):
+    """Without data.cache_dir the dataset indexes are built in memory on purpose; megatron warns anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "because path_to_cache is None" not in record.getMessage()
+
+
 def build_gpt_dataset(sources, num_samples: int, seq_length: int, tokenizer, seed: int, cache_dir=None):
     """A (possibly blended) GPTDataset over `sources` ([(prefix, weight)]) with `num_samples` samples."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    for name in ("megatron.core.datasets.blended_dataset", "megatron.core.datasets.gpt_dataset"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoCacheNotice) for f in logger.filters):
+            logger.addFilter(_NoCacheNotice())
 
     prefixes = [p for p, _ in sources]
     weights = [float(w) for _, w in sources] if len(sources) > 1 else None

@@ -8,7 +8,6 @@ real Qwen2/2.5 BPE (``qwen.tiktoken`` ranks + Qwen2's pre-tokenisation and speci
 from __future__ import annotations
 
 import base64
-import math
 from pathlib import Path
 
 # Qwen2's pre-tokenisation pattern (single digits, case-insensitive contractions).

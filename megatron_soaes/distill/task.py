@@ -23,13 +23,10 @@ from megatron_soaes.training.task import masked_token_loss
 class DistillTask(CPTTask):
     report_keys = ("lm loss", "kd loss", "ce loss")
 
-    def __init__(self, log=print):
-        self.log = log
-
     def prepare(self, job, tokenizer):
         from megatron_soaes.sft.task import with_steps_from_epochs
 
-        return with_steps_from_epochs(job, tokenizer, self.log)
+        return with_steps_from_epochs(job, tokenizer)
 
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
         d = job.distill

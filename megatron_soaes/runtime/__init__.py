@@ -1,8 +1,7 @@
 """Process groups, seeds and the CPU compatibility layer for megatron-core."""
 
+from megatron_soaes.config.job import ParallelConfig, ParallelConfigError
 from megatron_soaes.runtime.distributed import (
-    ParallelConfig,
-    ParallelConfigError,
     initialize,
     set_seed,
     shutdown,

@@ -14,7 +14,7 @@ import socket
 import numpy as np
 import torch
 
-from megatron_soaes.config.job import ParallelConfig, ParallelConfigError
+from megatron_soaes.config.job import ParallelConfig
 from megatron_soaes.runtime import cpu_compat
 
 

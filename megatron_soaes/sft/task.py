@@ -31,7 +31,7 @@ def train_rows(job, tokenizer, progress=True):
     return packed_rows(job, tokenizer, s.train, replay, progress)
 
 
-def with_steps_from_epochs(job, tokenizer, log=None):
+def with_steps_from_epochs(job, tokenizer):
     """`job` with train.steps = ceil(sft.epochs * packed rows / global batch) (packing is cached), and
     warm-up shortened to a tenth of that when it would not fit. A job with train.steps is unchanged."""
     if job.sft is None or job.sft.epochs is None:
@@ -39,13 +39,9 @@ def with_steps_from_epochs(job, tokenizer, log=None):
     from megatron_soaes.config import replace
     from megatron_soaes.runtime import world_info
 
-    first = world_info()[0] == 0
-    rows, stats = train_rows(job, tokenizer, progress=first)
+    _, stats = train_rows(job, tokenizer, progress=world_info()[0] == 0)
     steps = max(1, math.ceil(job.sft.epochs * stats["rows"] / job.train.global_batch_size))
     optim = job.optim if job.optim.warmup_steps < steps else replace(job.optim, warmup_steps=steps // 10)
-    if log and first:
-        log(f"train.steps {steps}: sft.epochs {job.sft.epochs} x {stats['rows']} packed rows "
-            f"({stats['examples']} examples) / global batch {job.train.global_batch_size}")
     return replace(job, train=replace(job.train, steps=steps), optim=optim, sft=replace(job.sft, epochs=None))
 
 
@@ -73,11 +69,11 @@ def packed_seq_params(segment_ids: torch.Tensor):
 
 
 class SFTTask(BaseTask):
-    def __init__(self, use_thd: bool | None = None, log=print):
-        self.use_thd, self.log = use_thd, log
+    def __init__(self, use_thd: bool | None = None):
+        self.use_thd = use_thd
 
     def prepare(self, job, tokenizer):
-        return with_steps_from_epochs(job, tokenizer, self.log)
+        return with_steps_from_epochs(job, tokenizer)
 
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
         from megatron_soaes.models.megatron import use_transformer_engine

@@ -71,7 +71,10 @@ class Trainer:
         from megatron_soaes.runtime import world_info
 
         job = self.job
-        self.dp = job.check_world(world_info()[1])
+        rank, world, _ = world_info()
+        if rank != 0:
+            self.log = lambda msg: None  # one log stream, from global rank 0
+        self.dp = job.check_world(world)
         job.check_paths()
         if job.train.dtype != "fp32" and not torch.cuda.is_available():
             raise ConfigError(f"train.dtype: {job.train.dtype} training needs a GPU (megatron-core's mixed-precision "
@@ -81,6 +84,9 @@ class Trainer:
         self.model_cfg = resolve_model_config(job.model, self.tokenizer)
         self.model_cfg.check_parallel(job.parallel.tensor_parallel, job.parallel.pipeline_parallel)
         self.job = self.task.prepare(job, self.tokenizer)
+        if job.train.steps is None:
+            self.log(f"train.steps {self.job.train.steps}: sft.epochs {job.sft.epochs} over the packed rows, "
+                     f"global batch {job.train.global_batch_size}")
         return self.job
 
     # ---- setup ----
@@ -98,8 +104,6 @@ class Trainer:
         p, t, o = job.parallel, job.train, job.optim
         initialize(p, seed=t.seed)
         self.rank = torch.distributed.get_rank()
-        if self.rank != 0:
-            self.log = lambda msg: None  # one log stream, from global rank 0
         self.out = Path(t.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         extra = {"sequence_parallel": p.sequence_parallel, "calculate_per_token_loss": True}

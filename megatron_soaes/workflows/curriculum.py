@@ -3,21 +3,19 @@ each from the previous stage's final weights, through the one trainer.
 
 Stage k writes ``<output_dir>/stage<k>_<name>/`` (checkpoints, metrics.jsonl, qa_answers.jsonl)
 and, when finished and evaluated, ``stage.json``; a finished stage is skipped on re-runs, an
-unfinished one resumes from its last checkpoint. `compare` writes the progressive vs single-stage
-table and plot.
+unfinished one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from pydantic import BaseModel
 
 from megatron_soaes.checkpoint.load import resolve_checkpoint
 from megatron_soaes.config import ConfigError
 from megatron_soaes.config.curriculum import Recipe, parse_stages, stage_job
-from megatron_soaes.utils.files import atomic_write_json, atomic_write_text
+from megatron_soaes.utils.files import atomic_write_text
 
 
 class StageResult(BaseModel):
@@ -64,7 +62,7 @@ def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = Fals
                                   f"run --stages {k - 1}-{k} or the whole recipe")
             init = resolve_checkpoint(prev)
         log(f"stage {k}/{len(recipe.stages)} ({name}): from {init}")
-        trainer = Trainer(stage_job(recipe, k, init), SFTTask(log=log), log=log)
+        trainer = Trainer(stage_job(recipe, k, init), SFTTask(), log=log)
         hist = trainer.run()
         job = trainer.job
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -83,40 +81,3 @@ def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = Fals
             torch.distributed.barrier()
         records.append(rec)
     return records
-
-
-def compare(progressive: list[StageResult], single: list[StageResult], out_dir) -> dict:
-    """Final-stage vs single-stage QA metrics: a table (markdown + JSON) and a PNG."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    p, s = progressive[-1].qa or {}, single[-1].qa or {}
-    rows = {m: {"progressive": p.get(m), "single_stage": s.get(m),
-                "ratio": (p[m] / s[m]) if p.get(m) is not None and s.get(m) else None}
-            for m in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}
-    lines = ["| metric | progressive | single-stage | ratio |", "|---|---|---|---|"]
-    for m, r in rows.items():
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {m} | {fmt(r['progressive'])} | {fmt(r['single_stage'])} | {fmt(r['ratio'])} |")
-    atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
-    atomic_write_json(out / "comparison.json", {"progressive": [r.model_dump() for r in progressive],
-                                                "single_stage": [r.model_dump() for r in single], "final": rows})
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        for ax, m in zip(axes, ("rouge-1", "bleu-4")):
-            xs = [f"{r.stage}:{r.name}" for r in progressive]
-            ax.plot(xs, [(r.qa or {}).get(m, float("nan")) for r in progressive], "o-", label="progressive stages")
-            if s.get(m) is not None:
-                ax.axhline(s[m], color="C1", ls="--", label="single-stage")
-            ax.set_title(m)
-            ax.tick_params(axis="x", labelrotation=20, labelsize=7)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "comparison.png", dpi=120)
-    except ImportError:
-        pass
-    return rows

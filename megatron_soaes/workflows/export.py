@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_soaes.utils.files import atomic_write_json
+
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                  "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
@@ -37,10 +39,10 @@ def export_hf(checkpoint, out_dir, tokenizer_spec: str, dtype: str | None = "bf1
         for f in src.iterdir():
             if f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt"):
                 shutil.copy2(f, out / f.name)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": [tok.im_end_id, tok.eod_id], "pad_token_id": tok.eod_id, "do_sample": False}, indent=2))
-    (out / "soaes_export.json").write_text(json.dumps({"source": str(checkpoint), "tokenizer": tokenizer_spec}, indent=2))
+    atomic_write_json(out / "tokenizer_config.json", cfg)
+    atomic_write_json(out / "generation_config.json",
+                      {"eos_token_id": [tok.im_end_id, tok.eod_id], "pad_token_id": tok.eod_id, "do_sample": False})
+    atomic_write_json(out / "soaes_export.json", {"source": str(checkpoint), "tokenizer": tokenizer_spec})
     return out
 
 

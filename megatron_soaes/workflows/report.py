@@ -148,3 +148,40 @@ def write_report(name: str, out: Path, evaluation, distill, export, speculative,
         "table": table, "reference": {k: vars(v) for k, v in REFERENCE.items()},
         "evaluate": {k: v.model_dump() for k, v in ev.items()}, "speculative": spec})
     return out / "summary.md"
+
+
+def write_sft_comparison(progressive: list, single: list, out_dir) -> dict:
+    """Final-stage vs single-stage QA metrics: a table (markdown + JSON) and a PNG."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p, s = progressive[-1].qa or {}, single[-1].qa or {}
+    rows = {m: {"progressive": p.get(m), "single_stage": s.get(m),
+                "ratio": (p[m] / s[m]) if p.get(m) is not None and s.get(m) else None}
+            for m in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}
+    lines = ["| metric | progressive | single-stage | ratio |", "|---|---|---|---|"]
+    for m, r in rows.items():
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {m} | {fmt(r['progressive'])} | {fmt(r['single_stage'])} | {fmt(r['ratio'])} |")
+    atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
+    atomic_write_json(out / "comparison.json", {"progressive": [r.model_dump() for r in progressive],
+                                                "single_stage": [r.model_dump() for r in single], "final": rows})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for ax, m in zip(axes, ("rouge-1", "bleu-4")):
+            xs = [f"{r.stage}:{r.name}" for r in progressive]
+            ax.plot(xs, [(r.qa or {}).get(m, float("nan")) for r in progressive], "o-", label="progressive stages")
+            if s.get(m) is not None:
+                ax.axhline(s[m], color="C1", ls="--", label="single-stage")
+            ax.set_title(m)
+            ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "comparison.png", dpi=120)
+    except ImportError:
+        pass
+    return rows
