@@ -103,7 +103,7 @@ def test_context_parallel_checks(cpt_data, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     job = load_config(path)
     assert job.check_world(2) == 1  # a valid layout for 2 ranks
-    with pytest.raises(ConfigError, match="world size 1 is not divisible by TP\\*PP\\*CP = 2"):
+    with pytest.raises(ConfigError, match="world size 1 is not divisible by TP\\*PP\\*CP = 1\\*1\\*2 = 2"):
         train(job, CPTTask(), log=lambda s: None)
     from megatron_soaes.models import have_transformer_engine
     from megatron_soaes.models.megatron import use_transformer_engine
