@@ -43,12 +43,12 @@ def main() -> None:
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not (data / "spm.model").exists():
+    if not (data / "tokenizer.json").exists():
         from megatron_soaes.data.demo_data import prepare_demo_data
 
         prepare_demo_data(data)
     common = {
-        "data": {"tokenizer": str(data / "spm.model"), "seq_length": args.seq_length,
+        "data": {"tokenizer": str(data / "tokenizer.json"), "seq_length": args.seq_length,
                  "train": [{"path": str(data / "domain.train"), "weight": 0.7},
                            {"path": str(data / "general.train"), "weight": 0.3}],
                  "valid": {"domain": [{"path": str(data / "domain.valid")}],

@@ -9,7 +9,7 @@
 Every speculative output is checked token-for-token against the target-only greedy output.
 Writes <out>/spec_decode.json and <out>/spec_decode.png (speedup vs tree size).
 
-  python benchmarks/spec_decode.py --target T --draft D [--tokenizer spm.model --prompts file.jsonl]
+  python benchmarks/spec_decode.py --target T --draft D [--tokenizer data/demo/tokenizer.json --prompts file.jsonl]
 """
 
 from __future__ import annotations

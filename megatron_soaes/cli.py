@@ -140,10 +140,17 @@ def _pipeline(args) -> int:
     return 0
 
 
+def _serve_check(args) -> int:
+    from megatron_soaes.workflows.serving import check_serving, describe
+
+    print(describe(check_serving(args.target, args.draft, args.tp, args.num_speculative_tokens, args.max_model_len)))
+    return 0
+
+
 def _prepare(args) -> int:
     from megatron_soaes.data.demo_data import prepare_demo_data
 
-    print(f"demo data in {prepare_demo_data(args.out, vocab_size=args.vocab_size)}")
+    print(f"demo data in {prepare_demo_data(args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer)}")
     return 0
 
 
@@ -250,9 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--num-samples", type=int, default=None, help="default: steps * global_batch_size")
     dd.set_defaults(fn=_distill_dump)
 
-    pr = sub.add_parser("prepare-demo-data", help="demo corpora + sentencepiece tokenizer + indexed datasets")
+    sc = sub.add_parser("serve-check", help="dry run for serving a target with its draft under vLLM / SGLang: checks "
+                                           "the pair and the layout, prints the commands")
+    sc.add_argument("--target", required=True, help="exported target directory")
+    sc.add_argument("--draft", required=True, help="exported draft directory")
+    sc.add_argument("--tp", type=int, default=1, help="tensor-parallel size the engine will use")
+    sc.add_argument("--num-speculative-tokens", type=int, default=3)
+    sc.add_argument("--max-model-len", type=int, default=None)
+    sc.set_defaults(fn=_serve_check)
+
+    pr = sub.add_parser("prepare-demo-data", help="demo corpora + a tokenizer trained on them + indexed datasets")
     pr.add_argument("--out", default="data/demo")
     pr.add_argument("--vocab-size", type=int, default=8000)
+    pr.add_argument("--tokenizer", default="bpe", help="bpe (byte-level, Qwen2 format: tokenizer.json), spm "
+                                                      "(sentencepiece: spm.model) or a spec such as qwen")
     pr.set_defaults(fn=_prepare)
 
     d = sub.add_parser("demo", help="tiny Qwen2: build, convert HF->Megatron->HF, compare logits")
@@ -268,10 +286,11 @@ def main(argv=None) -> int:
     from megatron_soaes.checkpoint.convert import ConversionError
     from megatron_soaes.config import ConfigError
     from megatron_soaes.models.config import ModelConfigError
+    from megatron_soaes.workflows.export import ExportError
 
     try:
         return args.fn(args)
-    except (ConversionError, ModelConfigError, ConfigError, FileExistsError, ValueError) as e:
+    except (ConversionError, ModelConfigError, ConfigError, ExportError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

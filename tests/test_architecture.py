@@ -134,7 +134,7 @@ def test_sft_epochs_become_the_same_steps_in_train_distill_sft_and_pipeline(cpt_
     from megatron_soaes.data.tokenizer import load_tokenizer
     from megatron_soaes.sft.task import train_rows
 
-    data = tmp_path / "demo"
+    data = tmp_path / "demo-spm"  # the pipeline keeps each tokenizer's data in its own directory
     (data / "sft").mkdir(parents=True)
     (data / "spm.model").write_bytes((cpt_data / "spm.model").read_bytes())
     for split, n in (("train", 37), ("valid", 4)):
@@ -163,7 +163,7 @@ def test_sft_epochs_become_the_same_steps_in_train_distill_sft_and_pipeline(cpt_
                                    "job": {**common, "sft": {"default_system": None, "packing": True}},
                                    "stages": [{"name": "consultation", "train": [train_file], "epochs": 2.5}]})
     pipeline = write("pipeline.yaml", {
-        "name": "p", "output_dir": str(tmp_path / "o4"), "data": {"dir": str(data), "tokenizer": "spm"},
+        "name": "p", "output_dir": str(tmp_path / "o4"), "data": {"dir": str(tmp_path / "demo"), "tokenizer": "spm"},
         "base": {"preset": "test"}, "cpt": {"steps": 4, "seq_length": 128},
         "sft": {"stages": [{"name": "consultation", "data": "consultation", "epochs": 2.5}], "seq_length": 128,
                 "global_batch_size": 4, "micro_batch_size": 2, "single_stage": False},

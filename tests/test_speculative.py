@@ -77,6 +77,32 @@ def test_greedy_speculative_equals_target_greedy(pair, spec):
         assert speculative_generate(target, draft, [prompts[b]], 33, spec).tokens[0] == ref.tokens[b]
 
 
+@pytest.fixture(scope="module")
+def near_target(hf_models):
+    """A draft that agrees with the target most of the time: its weights plus small noise."""
+    from megatron_soaes.inference.model import Qwen2ForInference, load_weights
+
+    cfg, w = load_weights(hf_models["untied"])
+    g = torch.Generator().manual_seed(3)
+    return Qwen2ForInference(cfg, {k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g) for k, v in w.items()})
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.mode}-{s.max_nodes}")
+def test_ragged_batch_with_a_good_draft_finishes_rows_in_different_rounds(pair, near_target, spec):
+    """Rows finish (length or EOS) in different rounds and are frozen from then on: no cache overflow,
+    output = target-only greedy (this crashed with 'KV cache ... too small' before)."""
+    target, _ = pair
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, target.vocab_size, (int(n),), generator=g).tolist() for n in (30, 1, 3, 9, 17)]
+    for n_new in (7, 40):  # the longest prompt's row finishes first
+        ref = generate(target, prompts, n_new)
+        out = speculative_generate(target, near_target, prompts, n_new, spec)
+        assert out.tokens == ref.tokens and out.tau > 1.5  # the draft is accepted often
+        eos = ref.tokens[0][2]  # a token row 0 emits early: rows stop at different rounds
+        ref_eos = generate(target, prompts, n_new, eos_id=eos)
+        assert speculative_generate(target, near_target, prompts, n_new, spec, eos_id=eos).tokens == ref_eos.tokens
+
+
 def test_linear_packs_only_large_fp32_cpu_weights(monkeypatch):
     from megatron_soaes.inference.model import Linear
 

@@ -73,3 +73,16 @@ def test_bad_specs(tmp_path):
     bad.write_text("not-base64-and-no-rank\n")
     with pytest.raises(TokenizerError, match="bad.tiktoken: cannot read BPE ranks"):
         load_tokenizer(bad)
+
+
+def test_byte_level_bpe_demo_tokenizer(tmp_path):
+    """The demo tokenizer: Qwen2's pre-tokenisation over bytes, chat specials at ids 0-2, lossless."""
+    from megatron_soaes.data.tokenizer import load_tokenizer, train_bpe
+
+    texts = ["企业国有资产属于国家所有。", "国务院代表国家行使企业国有资产所有权。", "Hello world, 2024年!"] * 50
+    tok = load_tokenizer(str(train_bpe(texts, tmp_path / "t.json", vocab_size=400)))
+    assert (tok.eod_id, tok.im_start_id, tok.im_end_id) == (0, 1, 2)
+    s = "未见过的字：龘 😀 a<|im_end|>b"
+    assert tok.decode(tok.encode(s)) == s  # byte-level: nothing is unknown
+    assert tok.im_end_id not in tok.encode(s) and tok.im_end_id in tok.encode(s, allow_special=True)
+    assert train_bpe(texts, tmp_path / "u.json", vocab_size=400).read_bytes() == (tmp_path / "t.json").read_bytes()

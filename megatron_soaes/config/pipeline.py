@@ -15,8 +15,11 @@ from megatron_soaes.config.base import load_config
 PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "evaluate", "export", "speculative", "report")
 class DataCfg(_Strict):
     dir: str = "data/demo"
-    tokenizer: Literal["spm", "qwen"] = "spm"  # spm: a small BPE trained on the demo corpora; qwen: Qwen2.5's
-    spm_vocab_size: int = Field(8000, ge=1000)
+    # bpe: a small byte-level BPE in Qwen2's format trained on the demo corpora (exports to every engine);
+    # spm: a sentencepiece BPE (training only: transformers/vLLM load qwen2 tokenizers as byte-level BPE);
+    # qwen: the real Qwen2.5 vocabulary
+    tokenizer: Literal["bpe", "spm", "qwen"] = "bpe"
+    vocab_size: int = Field(8000, ge=1000)  # of the bpe / spm tokenizer trained on the demo corpora
 
 
 class BaseCfg(_Strict):

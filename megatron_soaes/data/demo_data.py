@@ -1,4 +1,4 @@
-"""Build the tiny example's data: demo corpora, a sentencepiece tokenizer, indexed datasets, SFT stages."""
+"""Build the tiny example's data: demo corpora, a tokenizer trained on them, indexed datasets, SFT stages."""
 
 from __future__ import annotations
 
@@ -7,29 +7,41 @@ from pathlib import Path
 
 from megatron_soaes.data.corpora import build_demo_corpora
 from megatron_soaes.data.preprocess import preprocess
-from megatron_soaes.data.tokenizer import train_sentencepiece
+from megatron_soaes.data.tokenizer import train_bpe, train_sentencepiece
 
 PARTS = ("domain.train", "general.train", "domain.valid", "general.valid", "domain.test", "general.test")
 
 
+DEMO_TOKENIZERS = {"bpe": "tokenizer.json", "spm": "spm.model"}  # trained on the demo corpora
+
+
+def demo_tokenizer(out_dir, tokenizer: str = "bpe") -> str:
+    """The tokenizer spec the demo data in `out_dir` is tokenized with."""
+    return str(Path(out_dir) / DEMO_TOKENIZERS[tokenizer]) if tokenizer in DEMO_TOKENIZERS else tokenizer
+
+
 def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 4000, workers: int = 2,
-                      tokenizer: str | None = None) -> Path:
-    """Idempotent: parts that already exist are kept. tokenizer=None trains the demo sentencepiece
-    model (`spm.model`); any other spec (e.g. "qwen") tokenizes the corpora with it instead."""
+                      tokenizer: str = "bpe") -> Path:
+    """Idempotent: parts that already exist are kept. tokenizer "bpe" trains the demo byte-level BPE
+    (`tokenizer.json`, Qwen2's format), "spm" a sentencepiece model (`spm.model`); any other spec
+    (e.g. "qwen") tokenizes the corpora with it instead."""
     out = Path(out_dir)
     corpora = out / "corpora"
     if not (corpora / "corpora.json").exists():
         build_demo_corpora(corpora)
-    spm = out / "spm.model" if tokenizer is None else tokenizer
-    if tokenizer is None and not Path(spm).exists():
+    spec = demo_tokenizer(out, tokenizer)
+    if tokenizer in DEMO_TOKENIZERS and not Path(spec).exists():
         texts = []
         for n in ("domain.train", "general.train"):
             with open(corpora / f"{n}.jsonl", encoding="utf-8") as f:
                 texts += [json.loads(line)["text"] for _, line in zip(range(tokenizer_docs // 2), f)]
-        train_sentencepiece(texts, out / "spm", vocab_size=vocab_size)
+        if tokenizer == "bpe":
+            train_bpe(texts, spec, vocab_size=vocab_size)
+        else:
+            train_sentencepiece(texts, out / "spm", vocab_size=vocab_size)
     for n in PARTS:
         if not (out / f"{n}.idx").exists():
-            preprocess(corpora / f"{n}.jsonl", out / n, str(spm), workers=workers)
+            preprocess(corpora / f"{n}.jsonl", out / n, spec, workers=workers)
     if not (out / "sft" / "sft_stats.json").exists():
         from megatron_soaes.data.sft_demo import build_sft_demo
 

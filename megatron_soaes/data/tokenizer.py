@@ -1,5 +1,6 @@
-"""Tokenizers behind one small interface: an HF tokenizer directory, a sentencepiece model, or the
-real Qwen2/2.5 BPE (``qwen.tiktoken`` ranks + Qwen2's pre-tokenisation and special tokens).
+"""Tokenizers behind one small interface: the real Qwen2/2.5 BPE (``qwen.tiktoken`` ranks + Qwen2's
+pre-tokenisation and special tokens), a byte-level BPE in Qwen2's format from a ``tokenizer.json``
+(the demo tokenizer, trained by `train_bpe`), a sentencepiece model, or an HF tokenizer directory.
 
 `model_vocab_size` is the embedding size a model for this tokenizer should have: Qwen2.5 pads its
 151,665 tokens to 151,936; other tokenizers round up to a multiple of 128.
@@ -8,6 +9,7 @@ real Qwen2/2.5 BPE (``qwen.tiktoken`` ranks + Qwen2's pre-tokenisation and speci
 from __future__ import annotations
 
 import base64
+import unicodedata
 from pathlib import Path
 
 # Qwen2's pre-tokenisation pattern (single digits, case-insensitive contractions).
@@ -95,6 +97,8 @@ class QwenTiktokenTokenizer(Tokenizer):
         return QWEN25_MODEL_VOCAB if self.vocab_size <= QWEN25_MODEL_VOCAB else super().model_vocab_size
 
     def encode(self, text, allow_special=False):
+        if not unicodedata.is_normalized("NFC", text):  # Qwen2's tokenizer.json normalises (NFC) first
+            text = unicodedata.normalize("NFC", text)
         if allow_special:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode(text, disallowed_special=())
@@ -151,6 +155,40 @@ class SentencePieceTokenizer(Tokenizer):
         return i
 
 
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE in Qwen2's format from a ``tokenizer.json``: NFC, Qwen2's pre-tokenisation
+    pattern, byte-level BPE, the chat specials. transformers' (and so vLLM's) Qwen2Tokenizer rebuilds
+    exactly this pipeline from the file's vocabulary and merges, so an exported model gets the same ids
+    in every engine -- which a sentencepiece model cannot (transformers >= 5 loads every qwen2 model's
+    tokenizer as Qwen2Tokenizer)."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as Backend
+
+        self.path = Path(path)
+        try:
+            self.tok = Backend.from_file(str(self.path))
+            self.plain = Backend.from_file(str(self.path))  # special-token strings in text stay text
+        except Exception as e:  # noqa: BLE001  (tokenizers raises bare Exceptions)
+            raise TokenizerError(f"{self.path}: cannot read tokenizer.json ({e})") from None
+        self.plain.encode_special_tokens = True
+        self.name = f"bpe:{self.path}"
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eod_id = self.token_id("<|endoftext|>")
+
+    def encode(self, text, allow_special=False):
+        return (self.tok if allow_special else self.plain).encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, token):
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise TokenizerError(f"{token!r} is not in the vocabulary of {self.path}")
+        return i
+
+
 class HFTokenizer(Tokenizer):
     """Any HF tokenizer directory (no remote code)."""
 
@@ -179,8 +217,8 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """'qwen' (the real Qwen2.5 vocabulary), a *.tiktoken ranks file, a *.model sentencepiece file,
-    or an HF tokenizer directory."""
+    """'qwen' (the real Qwen2.5 vocabulary), a *.tiktoken ranks file, a byte-level BPE *.json
+    (`train_bpe`), a *.model sentencepiece file, or an HF tokenizer directory."""
     spec = str(spec)
     if spec in ("qwen", "qwen2", "qwen2.5"):
         from megatron_soaes.data.assets import fetch
@@ -191,13 +229,15 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         return QwenTiktokenTokenizer(path)
     if spec.endswith(".model"):
         return SentencePieceTokenizer(path)
+    if spec.endswith(".json"):
+        return BPETokenizer(path)
     if path.is_dir():
         if (path / "tokenizer.model").exists() and not (path / "tokenizer.json").exists():
             return SentencePieceTokenizer(path / "tokenizer.model")
         if (path / "qwen.tiktoken").exists() and not (path / "tokenizer.json").exists():
             return QwenTiktokenTokenizer(path / "qwen.tiktoken")
         return HFTokenizer(path)
-    raise TokenizerError(f"{spec}: not a tokenizer (expected 'qwen', *.tiktoken, *.model or an HF directory)")
+    raise TokenizerError(f"{spec}: not a tokenizer (expected 'qwen', *.tiktoken, *.json, *.model or an HF directory)")
 
 
 def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000, character_coverage: float = 0.995) -> Path:
@@ -224,3 +264,57 @@ def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000,
         minloglevel=2,
     )
     return model_prefix.with_suffix(".model")
+
+
+def train_bpe(texts, out_file: str | Path, vocab_size: int = 8000) -> Path:
+    """Train the demo tokenizer: a byte-level BPE in Qwen2's format (see `BPETokenizer`) with
+    Qwen's chat specials first (ids 0-2), written atomically as a tokenizer.json."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+
+    tok = Backend(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(CHAT_SPECIALS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tok.save(str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def sentencepiece_to_tokenizer_json(model_path: str | Path, out_file: str | Path) -> Path:
+    """The same segmentation as a sentencepiece BPE model (identity normalisation, no dummy prefix,
+    byte fallback: how `train_sentencepiece` trains) as an HF `tokenizer.json`, for engines that load
+    it with `PreTrainedTokenizerFast` (transformers' AutoTokenizer replaces it for qwen2 models)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as Backend
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]  # type 1 normal, 2 unk, 3 control, 4 user, 6 byte
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    merges = []
+    for piece, score, kind in pieces:  # every split of a normal piece into two pieces, ranked by its score
+        if kind == 1:
+            merges += [(-score, vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+                       for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+    merges.sort()
+    tok = Backend(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges],
+                             unk_token=sp.id_to_piece(sp.unk_id()), byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p, _, kind in pieces if kind in (2, 3, 4)])
+    out = Path(out_file)
+    tok.save(str(out))
+    return out
+

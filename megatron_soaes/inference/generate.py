@@ -91,8 +91,12 @@ def finish(out: list[list[int]], max_new_tokens: int, eos_id: int | None) -> lis
     return res
 
 
+def row_done(seq: list[int], max_new_tokens: int, eos_id: int | None) -> bool:
+    return len(seq) >= max_new_tokens or (eos_id is not None and eos_id in seq)
+
+
 def all_done(out, max_new_tokens, eos_id) -> bool:
-    return all(len(s) >= max_new_tokens or (eos_id is not None and eos_id in s) for s in out)
+    return all(row_done(s, max_new_tokens, eos_id) for s in out)
 
 
 @torch.no_grad()

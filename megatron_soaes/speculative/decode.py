@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from megatron_soaes.inference.generate import (GenerationResult, all_done, check_prompts, finish, prefill,
-                                                probs_from_logits, sample)
+                                                probs_from_logits, row_done, sample)
 from megatron_soaes.inference.model import Qwen2ForInference
 from megatron_soaes.speculative.verify import tree_verify
 
@@ -230,16 +230,20 @@ def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, pr
     gen = torch.Generator(device=target.device).manual_seed(seed)
     t0 = time.perf_counter()
     B = len(prompts)
-    room = max(map(len, prompts)) + max_new_tokens + 1
+    tree_depth = spec.depth if spec.mode == "dynamic" else len(spec.branching)
     cap = spec.max_nodes if spec.mode != "dynamic" else 1 + spec.topk + (spec.depth - 1) * spec.topk ** 2
-    tcache, root = prefill(target, prompts, room + spec.max_nodes + 1)
-    dcache, _ = prefill(draft, prompts, room + cap + 1)
+    # Cache sizes that cannot overflow: a row commits only while it is unfinished (fewer than
+    # max_new_tokens emitted, no EOS), so its cache ends at most at len(prompt) - 1 + (max_new_tokens - 1)
+    # + (tree_depth + 1) committed slots, and every forward writes at most one tree block past that.
+    committed = max(map(len, prompts)) + max_new_tokens + tree_depth
+    tcache, root = prefill(target, prompts, committed + spec.max_nodes)
+    dcache, _ = prefill(draft, prompts, committed + cap + 1)
     out: list[list[int]] = [[] for _ in range(B)]
     accepted_hist, forwards = [], 0
     ar = torch.arange(B, device=target.device)
-    tree_depth = spec.depth if spec.mode == "dynamic" else len(spec.branching)
     pending = None  # [B] last accepted token not yet in the draft cache (fed with the next root)
     while not all_done(out, max_new_tokens, eos_id):
+        active = torch.tensor([not row_done(o, max_new_tokens, eos_id) for o in out], device=target.device)
         tree = (_dynamic_tree(draft, dcache, root, spec, pending) if spec.mode == "dynamic"
                 else _static_tree(draft, dcache, root, spec, temperature, top_p, gen, pending))
         logits = target.forward(tree.tokens, tcache.lengths[:, None] + tree.depth, tcache, block_mask=tree.anc)
@@ -249,6 +253,7 @@ def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, pr
         path, length, nxt = tree_verify(tree.parents, tree.tokens, p, tree.draft_probs, u,
                                         implementation=verify_impl)
         path, length, nxt = path.to(target.device), length.to(target.device), nxt.to(target.device)
+        length = length * active  # finished rows are frozen: nothing committed, nothing emitted
         tcache.commit(path, length)
         # draft cache: the written prefix of the path; the last accepted node may not have been run
         pslot = tree.draft_slot.gather(1, path.clamp(min=0))
@@ -266,10 +271,10 @@ def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, pr
                 draft.forward(last[:, None], dcache.lengths[:, None], dcache)
                 dcache.lengths += need.long()
         for b, (toks, k) in enumerate(zip(tree.tokens.gather(1, path.clamp(min=0)).tolist(), length.tolist())):
-            out[b].extend(toks[1:k])
-        for b, t in enumerate(nxt.tolist()):
-            out[b].append(t)
-        accepted_hist.append(float((length - 1).float().mean()))
-        root = nxt
+            if k:
+                out[b].extend(toks[1:k])
+                out[b].append(int(nxt[b]))
+        accepted_hist.append(float((length[active] - 1).float().mean()))
+        root = torch.where(active, nxt, root)
     res = finish(out, max_new_tokens, eos_id)
     return GenerationResult(res, time.perf_counter() - t0, forwards, sum(map(len, res)), accepted_hist, tree_depth)

@@ -74,6 +74,10 @@ class ExportCheck(BaseModel):
     loads_in_transformers: bool
     max_abs_logit_diff_vs_source: float
     top1_agreement: float
+    tokenizer_class: str  # what transformers' AutoTokenizer (and so vLLM) loads
+    tokenizer_texts: int  # texts on which its ids equal ours
+    tokenizer_chat_prompts: int  # chat prompts on which its template equals training's
+    tokenizer_matches: bool
 
 
 class ExportResult(PhaseResult):
@@ -111,13 +115,16 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, log=print):
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.output_dir)
-        self.data = Path(cfg.data.dir) if cfg.data.tokenizer == "spm" else Path(cfg.data.dir + "-qwen")
+        t = cfg.data.tokenizer
+        self.data = Path(cfg.data.dir) if t == "bpe" else Path(f"{cfg.data.dir}-{t}")  # one tokenization per dir
         self.planning = False  # dry run: unfinished phases' checkpoints are placeholders
 
     # ---- helpers ----
     @property
     def tokenizer_spec(self) -> str:
-        return str(self.data / "spm.model") if self.cfg.data.tokenizer == "spm" else "qwen"
+        from megatron_soaes.data.demo_data import demo_tokenizer
+
+        return demo_tokenizer(self.data, self.cfg.data.tokenizer)
 
     @functools.cached_property
     def tokenizer(self):
@@ -187,7 +194,7 @@ class Pipeline:
         from megatron_soaes.data.demo_data import prepare_demo_data
 
         c = self.cfg.data
-        prepare_demo_data(self.data, vocab_size=c.spm_vocab_size, tokenizer="qwen" if c.tokenizer == "qwen" else None)
+        prepare_demo_data(self.data, vocab_size=c.vocab_size, tokenizer=c.tokenizer)
         return DataResult(dir=str(self.data), tokenizer=self.tokenizer_spec,
                           stats=json.loads((self.data / "sft" / "sft_stats.json").read_text()))
 
@@ -306,15 +313,21 @@ class Pipeline:
 
     def phase_export(self) -> ExportResult:
         """Target and draft to HF directories in the trained dtype (so the transformers check compares
-        the same weights), each loaded back by transformers and compared with our engine."""
-        from megatron_soaes.workflows.export import check_export, export_hf
+        the same weights), each loaded back by transformers and compared with our engine: logits, and
+        the tokenizer on held-out documents and chat prompts. The draft must fit the target."""
+        from megatron_soaes.eval.qa import load_qa
+        from megatron_soaes.workflows.export import check_export, check_pair, export_hf, load_json_lines
 
         dist = self.result("distill")
+        texts = [*load_json_lines(self.data / "corpora" / "domain.test.jsonl", 32),
+                 *load_json_lines(self.data / "corpora" / "general.test.jsonl", 32)]
+        convs = load_qa(self.sft_file("soae_qa", "test"), 32)
         checks = {}
         for name, ckpt in (("target", dist.target), ("draft", dist.checkpoint)):
             dst = self.out / "export" / name
-            export_hf(ckpt, dst, self.tokenizer_spec, dtype=None)
-            checks[name] = ExportCheck(dir=str(dst), **check_export(dst))
+            export_hf(ckpt, dst, self.tokenizer_spec, dtype=None, default_system=None)
+            checks[name] = ExportCheck(dir=str(dst), **check_export(dst, texts=texts, conversations=convs))
+        check_pair(checks["target"].dir, checks["draft"].dir)
         return ExportResult(**checks)
 
     def phase_speculative(self) -> SpeculativeResult:

@@ -1,0 +1,53 @@
+"""Serving an exported target with its distilled draft under vLLM or SGLang: a dry run that checks
+the pair and the layout before any engine starts, and the exact commands to run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from megatron_soaes.utils.files import read_json
+from megatron_soaes.workflows.export import ExportError, check_pair
+
+
+def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_tokens: int = 3,
+                  max_model_len: int | None = None) -> dict:
+    """Everything an engine would refuse late (or run wrong): the draft fits the target (vocabulary,
+    special tokens, context), the TP size divides the target's heads, the lengths fit."""
+    check_pair(target, draft)
+    cfg = read_json(Path(target) / "config.json")
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        n = cfg.get(key, cfg["num_attention_heads"])
+        if n % tensor_parallel and tensor_parallel % n:
+            raise ExportError(f"{target}: tensor parallel {tensor_parallel} does not divide {key} {n}")
+    if num_speculative_tokens < 1:
+        raise ExportError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+    limit = cfg["max_position_embeddings"]
+    if max_model_len and max_model_len > limit:
+        raise ExportError(f"max_model_len {max_model_len} exceeds the target's max_position_embeddings {limit}")
+    return {"target": str(target), "draft": str(draft), "tensor_parallel": tensor_parallel,
+            "num_speculative_tokens": num_speculative_tokens, "max_model_len": max_model_len or limit}
+
+
+def vllm_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, port: int = 8000) -> list[str]:
+    spec = json.dumps({"method": "draft_model", "model": str(draft), "num_speculative_tokens": k})
+    return ["vllm", "serve", str(target), "--tensor-parallel-size", str(tensor_parallel), "--dtype", "bfloat16",
+            "--max-model-len", str(max_model_len), "--speculative-config", spec, "--port", str(port)]
+
+
+def sglang_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, port: int = 30000) -> list[str]:
+    return ["python", "-m", "sglang.launch_server", "--model-path", str(target), "--tp", str(tensor_parallel),
+            "--dtype", "bfloat16", "--context-length", str(max_model_len), "--speculative-algorithm", "STANDALONE",
+            "--speculative-draft-model-path", str(draft), "--speculative-num-steps", str(k),
+            "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1), "--port", str(port)]
+
+
+def describe(plan: dict) -> str:
+    args = (plan["target"], plan["draft"], plan["tensor_parallel"], plan["num_speculative_tokens"], plan["max_model_len"])
+    return "\n".join([
+        f"serving OK: target {plan['target']}, draft {plan['draft']} (same vocabulary and special tokens), "
+        f"TP {plan['tensor_parallel']}, {plan['num_speculative_tokens']} speculative tokens, max_model_len "
+        f"{plan['max_model_len']}",
+        "vLLM:   " + shlex.join(vllm_command(*args)),
+        "SGLang: " + shlex.join(sglang_command(*args))])

