@@ -7,7 +7,7 @@ from pathlib import Path
 
 from megatron_soaes.data.corpora import build_demo_corpora
 from megatron_soaes.data.preprocess import preprocess
-from megatron_soaes.data.tokenizer import train_bpe, train_sentencepiece
+from megatron_soaes.data.tokenizer import load_tokenizer, train_bpe, train_sentencepiece
 
 PARTS = ("domain.train", "general.train", "domain.valid", "general.valid", "domain.test", "general.test")
 
@@ -39,8 +39,10 @@ def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 400
             train_bpe(texts, spec, vocab_size=vocab_size)
         else:
             train_sentencepiece(texts, out / "spm", vocab_size=vocab_size)
+    name = load_tokenizer(spec).name  # parts tokenized with another tokenizer (an older demo) are redone
     for n in PARTS:
-        if not (out / f"{n}.idx").exists():
+        stats = out / f"{n}.stats.json"
+        if not (out / f"{n}.idx").exists() or not stats.exists() or json.loads(stats.read_text()).get("tokenizer") != name:
             preprocess(corpora / f"{n}.jsonl", out / n, spec, workers=workers)
     if not (out / "sft" / "sft_stats.json").exists():
         from megatron_soaes.data.sft_demo import build_sft_demo
