@@ -120,6 +120,9 @@ class TrainSection(StrictModel):
     dtype: Dtype = "bf16"  # bf16/fp16 need a GPU (megatron's mixed-precision optimizer is CUDA-only)
     fp8: bool = False  # needs Transformer Engine
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when importable
+    # core attention: auto = TE's with TE layers, else SDPA (fused kernels, causal without a mask);
+    # megatron_local = megatron-core's unfused DotProductAttention (the reference)
+    attention: Literal["auto", "sdpa", "megatron_local", "transformer_engine"] = "auto"
     seed: int = 1234
     log_interval: int = Field(10, ge=1)
     eval_interval: int = Field(0, ge=0)  # 0: only at the end

@@ -39,9 +39,10 @@ class Teacher:
         self.cfg = teacher_config(section, tokenizer)
         check_pair(job, student_cfg, self.cfg)
         dtype = section.dtype or job.train.dtype
-        from megatron_soaes.models.megatron import use_transformer_engine
+        from megatron_soaes.models.megatron import select_attention, use_transformer_engine
 
-        self.model = build_model(self.cfg, dtype=dtype, use_te=use_transformer_engine(job),
+        use_te = use_transformer_engine(job)
+        self.model = build_model(self.cfg, dtype=dtype, use_te=use_te, attention=select_attention(job, use_te),
                                  sequence_parallel=job.parallel.sequence_parallel)
         load_model_weights(self.model, section.checkpoint)
         self.model.eval()

@@ -40,8 +40,27 @@ def use_transformer_engine(job) -> bool:
     return have if t.transformer_impl == "auto" else t.transformer_impl == "transformer_engine"
 
 
-def layer_spec(use_te: bool | None = None):
-    """TE fused layer spec when Transformer Engine is importable, megatron's local spec otherwise."""
+ATTENTION_CHOICES = ("auto", "sdpa", "megatron_local", "transformer_engine")
+
+
+def select_attention(job, use_te: bool) -> str:
+    """The core attention `job` runs (train.attention): TE's with TE layers, else SDPA (auto), or
+    megatron's unfused local one; a clear error for a combination that cannot run."""
+    from megatron_soaes.config import ConfigError
+
+    want = job.train.attention
+    if want == "transformer_engine" and not use_te:
+        raise ConfigError("train.attention: transformer_engine needs Transformer Engine layers (installed, and "
+                          "train.transformer_impl auto or transformer_engine)")
+    if want in ("sdpa", "megatron_local") and use_te:
+        raise ConfigError(f"train.attention: {want} runs in megatron's local layers; set train.transformer_impl: local "
+                          "(Transformer Engine layers bring their own attention)")
+    return "transformer_engine" if use_te else ("sdpa" if want == "auto" else want)
+
+
+def layer_spec(use_te: bool | None = None, attention: str = "auto"):
+    """TE fused layer spec when Transformer Engine is importable, megatron's local spec otherwise; in
+    the local spec the core attention is SDPA (`models.attention`) unless attention="megatron_local"."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
@@ -50,7 +69,14 @@ def layer_spec(use_te: bool | None = None):
         if not have_transformer_engine():
             raise RuntimeError("use_te=True but transformer_engine is not installed (pip install '.[gpu]')")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention in ("auto", "sdpa"):
+        from megatron_soaes.models.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif attention != "megatron_local":
+        raise ModelConfigError(f"attention must be one of {ATTENTION_CHOICES} for local layers, got {attention!r}")
+    return spec
 
 
 def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", **overrides):
@@ -101,7 +127,8 @@ def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", **overrides):
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = None, vp_stage=None, **overrides):
+def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = None, vp_stage=None,
+                attention: str = "auto", **overrides):
     """GPTModel for this rank's pipeline stage. Call after `runtime.initialize`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -109,7 +136,7 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
     tcfg = transformer_config(cfg, dtype, **overrides)
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(use_te, attention),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),

@@ -67,7 +67,7 @@ class Trainer:
         """Every error that can be found without starting work; returns the prepared job."""
         from megatron_soaes.data.tokenizer import load_tokenizer
         from megatron_soaes.models import resolve_model_config
-        from megatron_soaes.models.megatron import use_transformer_engine
+        from megatron_soaes.models.megatron import select_attention, use_transformer_engine
         from megatron_soaes.runtime import world_info
 
         job = self.job
@@ -80,6 +80,7 @@ class Trainer:
             raise ConfigError(f"train.dtype: {job.train.dtype} training needs a GPU (megatron-core's mixed-precision "
                               "optimizer is CUDA-only); use fp32 on CPU")
         self.use_te = use_transformer_engine(job)
+        self.attention = select_attention(job, self.use_te)
         self.tokenizer = load_tokenizer(job.data.tokenizer)
         self.model_cfg = resolve_model_config(job.model, self.tokenizer)
         self.model_cfg.check_parallel(job.parallel.tensor_parallel, job.parallel.pipeline_parallel)
@@ -109,7 +110,8 @@ class Trainer:
         extra = {"sequence_parallel": p.sequence_parallel, "calculate_per_token_loss": True}
         if t.fp8:
             extra.update(fp8="hybrid")
-        model = build_model(self.model_cfg, dtype=t.dtype, use_te=self.use_te, **extra)
+        model = build_model(self.model_cfg, dtype=t.dtype, use_te=self.use_te, attention=self.attention, **extra)
+        self.log(f"layers: {'Transformer Engine' if self.use_te else 'megatron local'}, attention: {self.attention}")
         self.ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer), model)
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
@@ -140,7 +142,7 @@ class Trainer:
         if self.rank == 0:
             atomic_write_json(self.out / "resolved_config.json", {
                 "job": job.model_dump(), "model": self.model_cfg.to_dict(),
-                "transformer_impl": "transformer_engine" if self.use_te else "local",
+                "transformer_impl": "transformer_engine" if self.use_te else "local", "attention": self.attention,
                 "world_size": torch.distributed.get_world_size(), "data_parallel": self.dp})
 
     def _restore(self) -> tuple[int, int]:

@@ -1,0 +1,47 @@
+"""Core attention for megatron's local layer spec on `torch.nn.functional.scaled_dot_product_attention`.
+
+megatron-core's own non-TE core attention (`DotProductAttention`) copies K/V for GQA
+(`repeat_interleave`), materialises a [b*np, s, s] score buffer, softmaxes in plain torch and runs
+two bmm's; SDPA runs a fused kernel (flash / memory-efficient on CUDA, a fused CPU kernel otherwise)
+with the causal mask implicit. Subclassing keeps megatron's per-rank head bookkeeping, softmax
+scale and (empty) sharded state dict, so checkpoints are the same with either.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class SDPAttention(DotProductAttention):
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np*hn].
+
+        `attention_mask` follows megatron: bool, True where attention is NOT allowed, broadcastable to
+        [b, np, sq, sk]; None means causal (or none, for a padding-free non-causal mask type)."""
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed THD sequences: use the block-causal attention_mask with SDPA")
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by SDPAttention")
+        if self.config.softmax_type != "vanilla":
+            raise NotImplementedError(f"softmax_type {self.config.softmax_type} is not supported by SDPAttention")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        mask_type = attn_mask_type or self.attn_mask_type
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        dropout = self.attention_dropout.p if self.training else 0.0
+        if attention_mask is None:
+            # causal without a materialised mask; GQA without copying K/V (the fused kernels support it)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale,
+                                                 is_causal=mask_type == AttnMaskType.causal and q.shape[2] > 1,
+                                                 enable_gqa=groups > 1)
+        else:
+            # with an explicit mask, enable_gqa would select the O(s^2) math kernel: expand K/V instead
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout,
+                                                 scale=self.softmax_scale)
+        sq, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
