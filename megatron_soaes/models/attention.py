@@ -9,7 +9,6 @@ scale and (empty) sharded state dict, so checkpoints are the same with either.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType

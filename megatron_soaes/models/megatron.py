@@ -40,6 +40,20 @@ def use_transformer_engine(job) -> bool:
     return have if t.transformer_impl == "auto" else t.transformer_impl == "transformer_engine"
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """The local spec's norm (torch's RMSNorm, as megatron's WrappedTorchNorm builds it) that also runs
+    with sequence parallelism, which WrappedTorchNorm refuses: its weight is marked `sequence_parallel`,
+    so megatron's grad finalisation sums the per-rank sequence-shard gradients over the TP group (what
+    TE's norms do). Same parameter names, so checkpoints do not change."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm"):
+        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
+            raise ModelConfigError("megatron_soaes RMSNorm: normalization must be RMSNorm without zero-centred gamma")
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 ATTENTION_CHOICES = ("auto", "sdpa", "megatron_local", "transformer_engine")
 
 
@@ -70,6 +84,7 @@ def layer_spec(use_te: bool | None = None, attention: str = "auto"):
             raise RuntimeError("use_te=True but transformer_engine is not installed (pip install '.[gpu]')")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     if attention in ("auto", "sdpa"):
         from megatron_soaes.models.attention import SDPAttention
 
@@ -134,9 +149,16 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
     from megatron.core.models.gpt import GPTModel
 
     tcfg = transformer_config(cfg, dtype, **overrides)
+    spec = layer_spec(use_te, attention)
+    if not use_te and not (use_te is None and have_transformer_engine()):
+        # the block's final norm too (megatron would build WrappedTorchNorm, which refuses sequence parallelism)
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tcfg, vp_stage=vp_stage),
+                                          layer_norm=RMSNorm)
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(use_te, attention),
+        transformer_layer_spec=spec,
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),

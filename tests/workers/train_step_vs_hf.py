@@ -1,7 +1,8 @@
 """Run under torchrun: one megatron-core fwd/bwd (pipeline schedule, DDP, finalize_model_grads)
 at TP/PP on CPU, and compare the loss and every local gradient shard with HF transformers.
 
-Usage: torchrun --nproc-per-node N train_step_vs_hf.py HF_DIR MCORE_DIR TP PP OUT_JSON
+Usage: torchrun --nproc-per-node N train_step_vs_hf.py HF_DIR MCORE_DIR TP PP OUT_JSON [sp]
+(sp: sequence parallelism on, with megatron_soaes' local-spec RMSNorm; no Transformer Engine)
 """
 
 import json
@@ -23,6 +24,7 @@ def local_shard(t, tensor, tp_rank, tp):
 
 def main():
     hf_dir, mc_dir, tp, pp, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    sp = sys.argv[6:] == ["sp"]
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -33,9 +35,10 @@ def main():
     from megatron_soaes.models import Qwen2Config, build_model
     from megatron_soaes.runtime import ParallelConfig, initialize
 
-    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp))
     cfg = Qwen2Config.from_hf(hf_dir)
-    model = build_model(cfg)
+    model = build_model(cfg, sequence_parallel=sp)
+    assert model.config.sequence_parallel == sp
     load_model_weights(model, mc_dir)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     ddp.zero_grad_buffer()
