@@ -78,8 +78,18 @@ def _generate(args) -> int:
     from megatron_soaes.utils.dtypes import torch_dtype
 
     dtype = torch_dtype(args.dtype)
+    tp, rank = None, 0
+    if args.tp > 1:  # the target split over args.tp processes (relaunched under torchrun); the draft replicated
+        from megatron_soaes.inference.tp import TensorParallel
+        from megatron_soaes.runtime import ParallelConfig, initialize
+        from megatron_soaes.runtime.launch import ensure_world_size
+
+        ensure_world_size(args.tp)
+        initialize(ParallelConfig(tensor_parallel=args.tp), seed=args.seed)
+        tp = TensorParallel.from_env()
+        rank = tp.rank
     tok = load_tokenizer(args.tokenizer or args.target)
-    target = load_inference_model(args.target, dtype, args.device)
+    target = load_inference_model(args.target, dtype, args.device, tp=tp)
     prompts = [tok.encode(p) for p in args.prompt]
     kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_id=tok.eod_id)
     if args.draft:
@@ -88,6 +98,8 @@ def _generate(args) -> int:
                                    args.max_new_tokens, spec, **kw)
     else:
         res = generate(target, prompts, args.max_new_tokens, **kw)
+    if rank:
+        return 0
     for p, out in zip(args.prompt, res.tokens):
         print(json.dumps({"prompt": p, "completion": tok.decode(out)}, ensure_ascii=False))
     stats = {"tokens_per_s": round(res.tokens_per_s, 2), "new_tokens": res.new_tokens,
@@ -215,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the target (relaunches under torchrun)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     g.set_defaults(fn=_generate)
 

@@ -360,3 +360,30 @@ def test_native_op_rejects_bad_input():
     # the op's own checks (defence in depth, called directly)
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         torch.ops.soaes.tree_verify(torch.tensor([[-1, 0]]), torch.tensor([[0, 9]]), p, torch.empty(0), torch.rand(1, 2, 2))
+
+
+@pytest.mark.parametrize("name", ["tied", "untied"])
+def test_tensor_parallel_inference_equals_one_process(hf_models, tmp_path, name):
+    """TP=2 on two gloo processes (GQA 8/2, q/k/v and gate/up split by rows, o/down by columns, vocab-split
+    LM head) gives exactly the TP=1 tokens: greedy, seeded sampling, chain and tree speculation."""
+    from pathlib import Path
+
+    from conftest import read_json, torchrun
+
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    make_random_hf_model(tmp_path / "draft", "test", seed=9, num_layers=2)
+    out = tmp_path / "tp.json"
+    torchrun(2, Path(__file__).parent / "workers" / "tp_generate.py", hf_models[name], tmp_path / "draft", out)
+    for r in read_json(out):
+        assert (r["tp"], r["local_heads"], r["local_kv_heads"], r["cache_heads"]) == (2, 4, 1, 1)
+        assert r["logit_diff"] < 1e-5, r
+        assert all(r[k] for k in ("greedy", "sampled", "chain", "tree", "chain_sampled", "tree_sampled")), r
+
+
+def test_tensor_parallel_that_does_not_divide_is_refused_before_loading(hf_models):
+    from megatron_soaes.inference.tp import TensorParallel, TensorParallelError
+
+    with pytest.raises(TensorParallelError, match="tensor parallel 3 does not divide num_attention_heads 8"):
+        load_inference_model(hf_models["tied"], tp=TensorParallel(size=3, rank=0))
+

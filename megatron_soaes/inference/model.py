@@ -9,19 +9,21 @@ cache to the accepted path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from megatron_soaes.inference.tp import TensorParallel
 from megatron_soaes.models.config import Qwen2Config
 
 
 class KVCache:
     """K/V for every layer, [L, B, Hkv, S, D]; slots [0, lengths[b]) are committed tokens."""
 
-    def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device):
-        shape = (cfg.num_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device, kv_heads: int | None = None):
+        shape = (cfg.num_layers, batch, kv_heads or cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -91,24 +93,37 @@ class Linear:
 
 
 class Qwen2ForInference:
-    def __init__(self, cfg: Qwen2Config, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu",
-                 packed: bool = True):
+    def __init__(self, cfg: Qwen2Config, weights, dtype=torch.float32, device="cpu", packed: bool = True,
+                 tp: TensorParallel | None = None):
+        """`weights`: HF-named tensors (a dict, or a lazy mapping that reads each on access: only this
+        rank's slices are kept, so no rank holds the whole model at TP > 1)."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
-        self.embed = w["model.embed_tokens.weight"]
-        self.norm = w["model.norm.weight"]
-        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"], pack=packed)
+        self.tp = tp = tp or TensorParallel()
+        tp.check(cfg)
+        self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
+
+        def w(name, shard=None):  # read one tensor, keep this rank's part, cast and place it
+            t = weights[name]
+            return (shard(t) if shard else t).to(device=self.device, dtype=dtype)
+
+        self.embed = w("model.embed_tokens.weight")  # replicated
+        self.norm = w("model.norm.weight")
+        head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        self.vocab_rows = head.shape[0]  # logits gathered from the vocab-split head are trimmed to this
+        self.lm_head = Linear(tp.vocab_rows(head).to(device=self.device, dtype=dtype), pack=packed)
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
+            qkv = [w(a + f"{x}_proj.weight", tp.rows) for x in "qkv"]
+            bias = [w(a + f"{x}_proj.bias", tp.rows) for x in "qkv"]
             self.layers.append(dict(
-                ln1=w[p + "input_layernorm.weight"], ln2=w[p + "post_attention_layernorm.weight"],
-                qkv=Linear(torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
-                           torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]]), packed),
-                o=Linear(w[a + "o_proj.weight"], pack=packed),
-                gate_up=Linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]), pack=packed),
-                down=Linear(w[p + "mlp.down_proj.weight"], pack=packed)))
+                ln1=w(p + "input_layernorm.weight"), ln2=w(p + "post_attention_layernorm.weight"),
+                qkv=Linear(torch.cat(qkv), torch.cat(bias), packed),
+                o=Linear(w(a + "o_proj.weight", tp.cols), pack=packed),
+                gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight", tp.rows), w(p + "mlp.up_proj.weight", tp.rows)]),
+                               pack=packed),
+                down=Linear(w(p + "mlp.down_proj.weight", tp.cols), pack=packed)))
         d = cfg.head_dim
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=self.device) / d))
         self._rope = torch.empty(0, 2, d, dtype=dtype, device=self.device)  # [pos, cos/sin, d], grown on demand
@@ -118,7 +133,7 @@ class Qwen2ForInference:
         return self.cfg.vocab_size
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device, kv_heads=self.kv_heads)
 
     def _rope_table(self, n: int) -> torch.Tensor:
         if self._rope.shape[0] < n:
@@ -163,7 +178,7 @@ class Qwen2ForInference:
         slots = cache.lengths[:, None] + write_offset + torch.arange(n, device=self.device)
         cs = self._rope_table(int(positions.max()) + 1)[positions]  # [B, n, 2, d]
         cos, sin = cs[:, None, :, 0], cs[:, None, :, 1]
-        H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, Hkv, d = self.heads, self.kv_heads, cfg.head_dim  # this rank's heads
         x = F.embedding(tokens, self.embed)
         idx = slots[:, None, :, None].expand(B, Hkv, n, d)
         for li, L in enumerate(self.layers):
@@ -174,14 +189,40 @@ class Qwen2ForInference:
             cache.v[li].scatter_(2, idx, qkv[:, H + Hkv:])
             att = F.scaled_dot_product_attention(qk[:, :H], cache.k[li][:, :, :end], cache.v[li][:, :, :end],
                                                  attn_mask=mask, enable_gqa=H != Hkv)
-            x = x + L["o"](att.transpose(1, 2).reshape(B, n, H * d))
+            x = x + self.tp.all_reduce(L["o"](att.transpose(1, 2).reshape(B, n, H * d)))
             gate, up = L["gate_up"](_rms_norm(x, L["ln2"], cfg.rms_norm_eps)).chunk(2, dim=-1)
-            x = x + L["down"](F.silu(gate) * up)
-        return self.lm_head(_rms_norm(x, self.norm, cfg.rms_norm_eps)).float()
+            x = x + self.tp.all_reduce(L["down"](F.silu(gate) * up))
+        logits = self.lm_head(_rms_norm(x, self.norm, cfg.rms_norm_eps)).float()
+        return self.tp.gather_vocab(logits, self.vocab_rows)
 
 
-def load_weights(path: str | Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
-    """HF-named tensors from an HF safetensors directory or a megatron-soaes torch_dist checkpoint."""
+class LazyWeights(Mapping):
+    """HF-named tensors read on access (a torch_dist layer is converted once, when first touched), so a
+    tensor-parallel rank keeps only its slices and holds one full tensor at a time."""
+
+    def __init__(self, names, read_global, read_layer):
+        self.names, self.read_global, self.read_layer = list(names), read_global, read_layer
+        self._global, self._layer = None, (None, {})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            if self._layer[0] != i:
+                self._layer = (i, self.read_layer(i))
+            return self._layer[1][name]
+        if self._global is None:
+            self._global = self.read_global()
+        return self._global[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def load_weights(path: str | Path) -> tuple[Qwen2Config, Mapping[str, torch.Tensor]]:
+    """HF-named tensors (read lazily) from an HF safetensors directory or a megatron-soaes torch_dist checkpoint."""
     from megatron_soaes.checkpoint import qwen2_hf
     from megatron_soaes.checkpoint.meta import META_FILE, read_model_config
 
@@ -191,18 +232,20 @@ def load_weights(path: str | Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]
 
         cfg = read_model_config(path)
         reader = DcpReader(path)
-        weights = qwen2_hf.megatron_to_hf_global(cfg, reader.read)
-        for i in range(cfg.num_layers):
-            weights.update(qwen2_hf.megatron_to_hf_layer(cfg, reader.read, i))
-        return cfg, weights
+        return cfg, LazyWeights(qwen2_hf.hf_tensor_shapes(cfg), lambda: qwen2_hf.megatron_to_hf_global(cfg, reader.read),
+                                lambda i: qwen2_hf.megatron_to_hf_layer(cfg, reader.read, i))
     from megatron_soaes.checkpoint.convert import HFCheckpoint
 
     cfg = Qwen2Config.from_hf(path)
     ckpt = HFCheckpoint(path)
     ckpt.validate(cfg)
-    return cfg, {name: ckpt.get(name) for name in qwen2_hf.hf_tensor_shapes(cfg)}
+    names = list(qwen2_hf.hf_tensor_shapes(cfg))
+    return cfg, LazyWeights(names, lambda: {n: ckpt.get(n) for n in names if not n.startswith("model.layers.")},
+                            lambda i: {n: ckpt.get(n) for n in names if n.startswith(f"model.layers.{i}.")})
 
 
-def load_inference_model(path, dtype=torch.float32, device="cpu", packed: bool = True) -> Qwen2ForInference:
+def load_inference_model(path, dtype=torch.float32, device="cpu", packed: bool = True,
+                         tp: TensorParallel | None = None) -> Qwen2ForInference:
+    """At TP > 1 (under torchrun), each rank keeps its shard: `tp=TensorParallel.from_env()`."""
     cfg, weights = load_weights(path)
-    return Qwen2ForInference(cfg, weights, dtype, device, packed)
+    return Qwen2ForInference(cfg, weights, dtype, device, packed, tp)
