@@ -10,6 +10,7 @@ Every speculative output is checked token-for-token against the target-only gree
 Writes <out>/spec_decode.json and <out>/spec_decode.png (speedup vs tree size).
 
   python benchmarks/spec_decode.py --target T --draft D [--tokenizer data/demo/tokenizer.json --prompts file.jsonl]
+      [--batch-sizes 1 4 16] [--tp 2]
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gammas", type=int, nargs="*", default=[2, 4, 6])
     ap.add_argument("--trees", nargs="*", default=["2,1,1", "2,2,1,1", "3,2,2,1,1", "4,3,2,1,1", "dynamic"])
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[1], help="decode the prompts this many at a time")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel target (relaunches under torchrun; draft replicated)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-hf", action="store_true")
@@ -72,7 +75,17 @@ def main() -> None:
     dtype = torch_dtype(args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = load_inference_model(args.target, dtype, args.device)
+    tp, rank = None, 0
+    if args.tp > 1:
+        from megatron_soaes.inference.tp import TensorParallel
+        from megatron_soaes.runtime import ParallelConfig, initialize
+        from megatron_soaes.runtime.launch import ensure_world_size
+
+        ensure_world_size(args.tp)
+        initialize(ParallelConfig(tensor_parallel=args.tp))
+        tp = TensorParallel.from_env()
+        rank, args.no_hf = tp.rank, True
+    target = load_inference_model(args.target, dtype, args.device, tp=tp)
     draft = load_inference_model(args.draft, dtype, args.device)
     prompts = load_prompts(args, target.vocab_size)
     n = args.max_new_tokens
@@ -81,8 +94,13 @@ def main() -> None:
     if not args.no_hf:
         tmp = tempfile.TemporaryDirectory()
         hf_dirs = (as_hf_dir(args.target, Path(tmp.name) / "target"), as_hf_dir(args.draft, Path(tmp.name) / "draft"))
-    rows = run_benchmark(target, draft, prompts, n, args.gammas, args.trees, hf_dirs, log=lambda s: None)
-    print(f"{len(prompts)} prompts x {n} new tokens, device {args.device}, {args.dtype}")
+    rows = []
+    for b in args.batch_sizes:
+        rows += run_benchmark(target, draft, prompts, n, args.gammas, args.trees, hf_dirs, log=lambda s: None, batch_size=b)
+    if rank:
+        return
+    print(f"{len(prompts)} prompts x {n} new tokens, device {args.device}, {args.dtype}, TP {args.tp}, "
+          f"batch sizes {args.batch_sizes} (speedup: against target-only at the same batch size)")
     print(format_table(rows))
     (out / "spec_decode.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "spec_decode.png", f"speculative decoding ({args.device})")

@@ -18,31 +18,40 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, prompts, device):
-    fn([prompts[0]])  # warm-up
+def _timed(fn, prompts, device, batch: int = 1):
+    """Run `fn` over `prompts` in batches (after one warm-up batch): per-prompt tokens, seconds, results."""
+    groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    fn(groups[0])  # warm-up
     _sync(device)
-    results = [fn([p]) for p in prompts]
-    return results, sum(r.seconds for r in results)
+    results = [fn(g) for g in groups]
+    return [t for r in results for t in r.tokens], sum(r.seconds for r in results), results
+
+
+def _mean(results, attr) -> float:
+    return sum(getattr(r, attr) for r in results) / len(results)
 
 
 def run_benchmark(target, draft, prompts: list[list[int]], max_new_tokens: int, gammas=(2, 4), trees=("2,2,1", "dynamic"),
-                  hf_dirs: tuple | None = None, eos_id: int | None = None, log=print) -> list[dict]:
+                  hf_dirs: tuple | None = None, eos_id: int | None = None, log=print, batch_size: int = 1) -> list[dict]:
+    """Target-only vs speculative settings on the same prompts, decoded `batch_size` at a time;
+    every output is compared with target-only greedy at batch 1 (so batching is checked too)."""
     dev, n = target.device, max_new_tokens
-    base, base_s = _timed(lambda ps: generate(target, ps, n, eos_id=eos_id), prompts, dev)
-    ref = [r.tokens[0] for r in base]
+    ref, base_s, _ = _timed(lambda ps: generate(target, ps, n, eos_id=eos_id), prompts, dev)
+    base_tokens = ref
+    if batch_size > 1:
+        base_tokens, base_s, _ = _timed(lambda ps: generate(target, ps, n, eos_id=eos_id), prompts, dev, batch_size)
     ntok = sum(len(t) for t in ref)
-    rows = [dict(method="target only (ours)", nodes=1, tokens_per_s=ntok / base_s, tau=1.0, alpha=None, speedup=1.0,
-                 exact=True)]
+    rows = [dict(method="target only (ours)", batch=batch_size, nodes=1, tokens_per_s=ntok / base_s, tau=1.0, alpha=None,
+                 speedup=1.0, exact=base_tokens == ref)]
     specs = [(f"chain gamma={g}", SpecConfig("chain", gamma=g)) for g in gammas]
     specs += [(f"tree {t}", SpecConfig.parse(t)) for t in trees]
     for name, spec in specs:
-        res, secs = _timed(lambda ps, spec=spec: speculative_generate(target, draft, ps, n, spec, eos_id=eos_id),
-                           prompts, dev)
-        rows.append(dict(method=name, nodes=spec.max_nodes, tokens_per_s=ntok / secs,
-                         tau=sum(r.tau for r in res) / len(res), alpha=sum(r.alpha for r in res) / len(res),
-                         speedup=base_s / secs, exact=[r.tokens[0] for r in res] == ref))
-        log(f"spec-decode: {name}: tau {rows[-1]['tau']:.2f}, speedup {rows[-1]['speedup']:.2f}x")
-    if hf_dirs:
+        toks, secs, res = _timed(lambda ps, spec=spec: speculative_generate(target, draft, ps, n, spec, eos_id=eos_id),
+                                 prompts, dev, batch_size)
+        rows.append(dict(method=name, batch=batch_size, nodes=spec.max_nodes, tokens_per_s=ntok / secs,
+                         tau=_mean(res, "tau"), alpha=_mean(res, "alpha"), speedup=base_s / secs, exact=toks == ref))
+        log(f"spec-decode (batch {batch_size}): {name}: tau {rows[-1]['tau']:.2f}, speedup {rows[-1]['speedup']:.2f}x")
+    if hf_dirs and batch_size == 1:
         rows += _hf_rows(hf_dirs, prompts, n, dev, target.dtype, ref, ntok, base_s, eos_id)
     return rows
 
@@ -68,18 +77,18 @@ def _hf_rows(hf_dirs, prompts, n, device, dtype, ref, ntok, base_s, eos_id) -> l
         out[name] = (time.perf_counter() - t0, toks)
     g_s, g_out = out["hf greedy"]
     a_s, a_out = out["hf assisted"]
-    return [dict(method="HF greedy (transformers)", nodes=1, tokens_per_s=ntok / g_s, tau=1.0, alpha=None,
+    return [dict(method="HF greedy (transformers)", batch=1, nodes=1, tokens_per_s=ntok / g_s, tau=1.0, alpha=None,
                  speedup=base_s / g_s, exact=g_out == ref),
-            dict(method="HF assisted generation", nodes=None, tokens_per_s=ntok / a_s, tau=None, alpha=None,
+            dict(method="HF assisted generation", batch=1, nodes=None, tokens_per_s=ntok / a_s, tau=None, alpha=None,
                  speedup=base_s / a_s, exact=a_out == ref, speedup_vs_hf_greedy=g_s / a_s)]
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'method':<28} {'nodes':>5} {'tok/s':>9} {'tau':>6} {'alpha':>6} {'speedup':>8} exact"]
+    lines = [f"{'method':<28} {'batch':>5} {'nodes':>5} {'tok/s':>9} {'tau':>6} {'alpha':>6} {'speedup':>8} exact"]
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"{r['method']:<28} {fmt(r['nodes'], 'd'):>5} {r['tokens_per_s']:>9.1f} {fmt(r['tau'], '.2f'):>6} "
-                     f"{fmt(r['alpha'], '.2f'):>6} {r['speedup']:>7.2f}x {r['exact']}")
+        lines.append(f"{r['method']:<28} {r.get('batch', 1):>5} {fmt(r['nodes'], 'd'):>5} {r['tokens_per_s']:>9.1f} "
+                     f"{fmt(r['tau'], '.2f'):>6} {fmt(r['alpha'], '.2f'):>6} {r['speedup']:>7.2f}x {r['exact']}")
     return "\n".join(lines)
 
 

@@ -87,6 +87,7 @@ class ExportResult(PhaseResult):
 
 class SpecRow(BaseModel):
     method: str
+    batch: int = 1
     nodes: int | None
     tokens_per_s: float
     tau: float | None
