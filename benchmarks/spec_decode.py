@@ -45,6 +45,29 @@ def load_prompts(args, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_prompts)]
 
 
+def model_config(spec: str):
+    """The config of a checkpoint / HF directory, or of a preset name (for dry runs before the weights exist)."""
+    from megatron_soaes.checkpoint.meta import META_FILE, read_model_config
+    from megatron_soaes.models import Qwen2Config, preset
+
+    p = Path(spec)
+    if (p / META_FILE).exists():
+        return read_model_config(p)
+    return Qwen2Config.from_hf(p) if p.exists() else preset(spec)
+
+
+def check_layout(target: str, draft: str, tp: int) -> str:
+    from megatron_soaes.inference.tp import TensorParallel
+
+    t, d = model_config(target), model_config(draft)
+    TensorParallel(size=tp).check(t)
+    if t.padded_vocab_size != d.padded_vocab_size:
+        raise ValueError(f"draft vocabulary {d.vocab_size} differs from the target's {t.vocab_size}")
+    gb = lambda c: c.num_parameters() * 2 / 1e9  # noqa: E731  (bf16 weights)
+    return (f"OK: target {target} ({gb(t):.0f} GB bf16, {gb(t) / tp:.1f} GB per rank at TP {tp}), draft {draft} "
+            f"({gb(d):.1f} GB, replicated on every rank)")
+
+
 def as_hf_dir(path: str, dst: Path) -> Path:
     p = Path(path)
     if (p / "config.json").exists():
@@ -71,7 +94,17 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default="outputs/bench")
+    ap.add_argument("--dry-run", action="store_true", help="check the pair and the TP layout from the configs (a "
+                                                           "directory or a preset name), load nothing")
     args = ap.parse_args()
+    if args.dry_run:
+        from megatron_soaes.inference.tp import TensorParallelError
+
+        try:
+            print(check_layout(args.target, args.draft, args.tp))
+        except (TensorParallelError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
+        return
     dtype = torch_dtype(args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

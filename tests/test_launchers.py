@@ -59,3 +59,16 @@ def test_example_job_configs_validate(config):
     """Every example job config (tiny, spec pair, GPU) is a valid job for one process."""
     res = soaes("train", "--config", config, "--dry-run", "--world-size", "1", "--skip-path-check")
     assert res.returncode == 0 and "config OK" in res.stdout, res.stderr
+
+
+def test_speculative_72b_tp8_script_layout():
+    """The TP-8 speculative benchmark script's layout: Qwen2.5-72B split 8 ways with the 7B draft replicated."""
+    tp = sbatch_world("spec_decode_72b_tp8.sbatch")
+    bench = [sys.executable, str(ROOT / "benchmarks" / "spec_decode.py"), "--dry-run", "--draft", "qwen2.5-7b"]
+    ok = subprocess.run(bench + ["--target", "qwen2.5-72b", "--tp", str(tp)], capture_output=True, text=True, cwd=ROOT)
+    assert tp == 8 and ok.returncode == 0 and "18.2 GB per rank at TP 8" in ok.stdout, ok.stderr
+    bad = subprocess.run(bench + ["--target", "qwen2.5-72b", "--tp", "3"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: tensor parallel 3 does not divide num_attention_heads 64"
+    other = subprocess.run(bench + ["--target", "tiny", "--tp", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode == 1 and "differs from the target's" in other.stderr
+
