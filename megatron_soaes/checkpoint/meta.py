@@ -15,7 +15,7 @@ META_FILE = "soaes_model.json"
 
 
 def write_meta(directory: Path, cfg: Qwen2Config, **extra) -> None:
-    data = {"format": "megatron-soaes", "architecture": "Qwen2ForCausalLM", "model": cfg.to_dict(), **extra}
+    data = {"format": "megatron-soaes", "architecture": cfg.architecture, "model": cfg.to_dict(), **extra}
     (Path(directory) / META_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
 

@@ -1,4 +1,5 @@
-"""Tensor-name and layout mapping between HF ``Qwen2ForCausalLM`` and megatron-core GPTModel.
+"""Tensor-name and layout mapping between HF ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and
+megatron-core GPTModel (Qwen3: no q/k/v bias, ``q_norm``/``k_norm`` = megatron's ``q_layernorm``/``k_layernorm``).
 
 Megatron keys are the *sharded* (checkpoint) keys: per-layer tensors are stacked on a leading
 layer axis, input norms live under ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``,
@@ -35,7 +36,9 @@ def megatron_tensors(cfg: Qwen2Config) -> list[MTensor]:
         MTensor("embedding.word_embeddings.weight", (vp, h), False, 0),
         MTensor(L + "self_attention.linear_qkv.layer_norm_weight", (h,), True, None),
         MTensor(L + "self_attention.linear_qkv.weight", (qkv, h), True, 0),
-        MTensor(L + "self_attention.linear_qkv.bias", (qkv,), True, 0),
+        *([MTensor(L + "self_attention.linear_qkv.bias", (qkv,), True, 0)] if cfg.attention_bias else []),
+        *([MTensor(L + "self_attention.q_layernorm.weight", (d,), True, None),
+           MTensor(L + "self_attention.k_layernorm.weight", (d,), True, None)] if cfg.qk_norm else []),
         MTensor(L + "self_attention.linear_proj.weight", (h, nh * d), True, 1),
         MTensor(L + "mlp.linear_fc1.layer_norm_weight", (h,), True, None),
         MTensor(L + "mlp.linear_fc1.weight", (2 * f, h), True, 0, glu=True),
@@ -59,16 +62,18 @@ def hf_tensor_shapes(cfg: Qwen2Config) -> dict[str, tuple]:
             p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (nh * d, h),
-            p + "self_attn.q_proj.bias": (nh * d,),
             p + "self_attn.k_proj.weight": (ng * d, h),
-            p + "self_attn.k_proj.bias": (ng * d,),
             p + "self_attn.v_proj.weight": (ng * d, h),
-            p + "self_attn.v_proj.bias": (ng * d,),
             p + "self_attn.o_proj.weight": (h, nh * d),
             p + "mlp.gate_proj.weight": (f, h),
             p + "mlp.up_proj.weight": (f, h),
             p + "mlp.down_proj.weight": (h, f),
         })
+        if cfg.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (nh * d,), p + "self_attn.k_proj.bias": (ng * d,),
+                           p + "self_attn.v_proj.bias": (ng * d,)})
+        if cfg.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return shapes
 
 
@@ -110,17 +115,22 @@ def hf_to_megatron_global(cfg: Qwen2Config, get) -> dict[str, torch.Tensor]:
 def hf_to_megatron_layer(cfg: Qwen2Config, get, i: int) -> dict[str, torch.Tensor]:
     p = f"model.layers.{i}."
     a = p + "self_attn."
-    return {
+    out = {
         L + "self_attention.linear_qkv.layer_norm_weight": get(p + "input_layernorm.weight"),
         L + "self_attention.linear_qkv.weight": _group_qkv(
             cfg, get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")),
-        L + "self_attention.linear_qkv.bias": _group_qkv(
-            cfg, get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")),
         L + "self_attention.linear_proj.weight": get(a + "o_proj.weight"),
         L + "mlp.linear_fc1.layer_norm_weight": get(p + "post_attention_layernorm.weight"),
         L + "mlp.linear_fc1.weight": torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
         L + "mlp.linear_fc2.weight": get(p + "mlp.down_proj.weight"),
     }
+    if cfg.attention_bias:
+        out[L + "self_attention.linear_qkv.bias"] = _group_qkv(
+            cfg, get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"))
+    if cfg.qk_norm:
+        out[L + "self_attention.q_layernorm.weight"] = get(a + "q_norm.weight")
+        out[L + "self_attention.k_layernorm.weight"] = get(a + "k_norm.weight")
+    return out
 
 
 def megatron_to_hf_global(cfg: Qwen2Config, get) -> dict[str, torch.Tensor]:
@@ -140,12 +150,17 @@ def megatron_to_hf_layer(cfg: Qwen2Config, get, i: int) -> dict[str, torch.Tenso
     p = f"model.layers.{i}."
     a = p + "self_attn."
     q, k, v = _ungroup_qkv(cfg, get(L + "self_attention.linear_qkv.weight", i))
-    qb, kb, vb = _ungroup_qkv(cfg, get(L + "self_attention.linear_qkv.bias", i))
     gate, up = torch.chunk(get(L + "mlp.linear_fc1.weight", i), 2, dim=0)
-    return {
+    out = {}
+    if cfg.attention_bias:
+        qb, kb, vb = _ungroup_qkv(cfg, get(L + "self_attention.linear_qkv.bias", i))
+        out.update({a + "q_proj.bias": qb.clone(), a + "k_proj.bias": kb.clone(), a + "v_proj.bias": vb.clone()})
+    if cfg.qk_norm:
+        out.update({a + "q_norm.weight": get(L + "self_attention.q_layernorm.weight", i),
+                    a + "k_norm.weight": get(L + "self_attention.k_layernorm.weight", i)})
+    return out | {
         p + "input_layernorm.weight": get(L + "self_attention.linear_qkv.layer_norm_weight", i),
         a + "q_proj.weight": q.clone(), a + "k_proj.weight": k.clone(), a + "v_proj.weight": v.clone(),
-        a + "q_proj.bias": qb.clone(), a + "k_proj.bias": kb.clone(), a + "v_proj.bias": vb.clone(),
         a + "o_proj.weight": get(L + "self_attention.linear_proj.weight", i),
         p + "post_attention_layernorm.weight": get(L + "mlp.linear_fc1.layer_norm_weight", i),
         p + "mlp.gate_proj.weight": gate.clone(),

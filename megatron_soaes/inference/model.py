@@ -1,4 +1,4 @@
-"""Qwen2 for inference: plain PyTorch with a per-sequence KV cache and tree attention.
+"""Qwen2 / Qwen3 for inference: plain PyTorch with a per-sequence KV cache and tree attention.
 
 Same `Qwen2Config` and the same checkpoints as the megatron model (HF directories or our torch_dist
 checkpoints, mapped by `checkpoint.qwen2_hf`), so there is one architecture description; this file
@@ -116,10 +116,12 @@ class Qwen2ForInference:
             p = f"model.layers.{i}."
             a = p + "self_attn."
             qkv = [w(a + f"{x}_proj.weight", tp.rows) for x in "qkv"]
-            bias = [w(a + f"{x}_proj.bias", tp.rows) for x in "qkv"]
+            bias = torch.cat([w(a + f"{x}_proj.bias", tp.rows) for x in "qkv"]) if cfg.attention_bias else None
             self.layers.append(dict(
                 ln1=w(p + "input_layernorm.weight"), ln2=w(p + "post_attention_layernorm.weight"),
-                qkv=Linear(torch.cat(qkv), torch.cat(bias), packed),
+                q_norm=w(a + "q_norm.weight") if cfg.qk_norm else None,  # per head, replicated (Qwen3)
+                k_norm=w(a + "k_norm.weight") if cfg.qk_norm else None,
+                qkv=Linear(torch.cat(qkv), bias, packed),
                 o=Linear(w(a + "o_proj.weight", tp.cols), pack=packed),
                 gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight", tp.rows), w(p + "mlp.up_proj.weight", tp.rows)]),
                                pack=packed),
@@ -184,6 +186,9 @@ class Qwen2ForInference:
         for li, L in enumerate(self.layers):
             qkv = L["qkv"](_rms_norm(x, L["ln1"], cfg.rms_norm_eps)).view(B, n, H + 2 * Hkv, d).transpose(1, 2)
             qk = qkv[:, :H + Hkv]
+            if L["q_norm"] is not None:  # Qwen3: RMSNorm over each q and k head before RoPE
+                qk = torch.cat([_rms_norm(qk[:, :H], L["q_norm"], cfg.rms_norm_eps),
+                                _rms_norm(qk[:, H:], L["k_norm"], cfg.rms_norm_eps)], 1)
             qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
             cache.k[li].scatter_(2, idx, qk[:, H:])
             cache.v[li].scatter_(2, idx, qkv[:, H + Hkv:])

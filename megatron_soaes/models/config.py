@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+# architecture -> (model_type, family defaults): Qwen2/2.5 have a bias on q/k/v; Qwen3 (dense) has none
+# and an RMSNorm over each query and key head (megatron-core's qk_layernorm) with an explicit head_dim.
+FAMILIES = {"Qwen2ForCausalLM": ("qwen2", dict(attention_bias=True, qk_norm=False)),
+            "Qwen3ForCausalLM": ("qwen3", dict(attention_bias=False, qk_norm=True))}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
 class ModelConfigError(ValueError):
@@ -43,9 +47,17 @@ class Qwen2Config:
     # Megatron pads the embedding so every TP size it may be resharded to divides it.
     make_vocab_size_divisible_by: int = VOCAB_MULTIPLE
     init_method_std: float = 0.02
+    architecture: str = "Qwen2ForCausalLM"  # the HF class; picks the family defaults below
+    attention_bias: bool | None = None  # bias on q/k/v (default: the family's)
+    qk_norm: bool | None = None  # RMSNorm on each q and k head before RoPE (default: the family's)
     extra_hf: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        if self.architecture not in FAMILIES:
+            raise ModelConfigError(f"unknown architecture {self.architecture!r}; supported: {', '.join(FAMILIES)}")
+        for k, v in FAMILIES[self.architecture][1].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ModelConfigError(
@@ -69,7 +81,7 @@ class Qwen2Config:
     def num_parameters(self) -> int:
         h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        layer = 2 * h + h * (q + 2 * kv) + (q + 2 * kv) + q * h + 3 * h * f
+        layer = 2 * h + h * (q + 2 * kv) + (q + 2 * kv) * self.attention_bias + q * h + 3 * h * f + 2 * d * self.qk_norm
         emb = self.padded_vocab_size * h
         return self.num_layers * layer + h + emb * (1 if self.tie_word_embeddings else 2)
 
@@ -102,7 +114,9 @@ class Qwen2Config:
             except json.JSONDecodeError as e:
                 raise ModelConfigError(f"{path}: invalid JSON ({e})") from None
         archs = hf.get("architectures") or []
-        if hf.get("model_type") not in ("qwen2", None) or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
+        by_type = {t: a for a, (t, _) in FAMILIES.items()}
+        arch = archs[0] if archs else by_type.get(hf.get("model_type", "qwen2"))
+        if arch not in FAMILIES or hf.get("model_type", FAMILIES[arch][0]) != FAMILIES[arch][0]:
             raise ModelConfigError(
                 f"{source}: unknown architecture {archs or hf.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -123,6 +137,8 @@ class Qwen2Config:
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 head_dim=hf.get("head_dim"),
+                architecture=arch,
+                attention_bias=hf.get("attention_bias", FAMILIES[arch][1]["attention_bias"]),
                 extra_hf={k: hf[k] for k in ("bos_token_id", "eos_token_id", "torch_dtype") if k in hf},
             )
         except KeyError as e:
@@ -130,8 +146,9 @@ class Qwen2Config:
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict:
         return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
+            "architectures": [self.architecture],
+            "model_type": FAMILIES[self.architecture][0],
+            **({"attention_bias": self.attention_bias} if self.architecture != "Qwen2ForCausalLM" else {}),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -179,6 +196,15 @@ PRESETS: dict[str, dict] = {
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
     "test": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512),
+    # Qwen3 dense: no q/k/v bias, per-head q/k RMSNorm, head_dim larger than hidden / heads (as Qwen3 releases)
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
+                       architecture="Qwen3ForCausalLM"),
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=40960,
+                     architecture="Qwen3ForCausalLM"),
+    "test-qwen3": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=512, architecture="Qwen3ForCausalLM"),
 }
 
 

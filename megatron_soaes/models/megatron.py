@@ -72,7 +72,7 @@ def select_attention(job, use_te: bool) -> str:
     return "transformer_engine" if use_te else ("sdpa" if want == "auto" else want)
 
 
-def layer_spec(use_te: bool | None = None, attention: str = "auto"):
+def layer_spec(use_te: bool | None = None, attention: str = "auto", qk_norm: bool = False):
     """TE fused layer spec when Transformer Engine is importable, megatron's local spec otherwise; in
     the local spec the core attention is SDPA (`models.attention`) unless attention="megatron_local"."""
     from megatron.core.models.gpt import gpt_layer_specs
@@ -82,9 +82,12 @@ def layer_spec(use_te: bool | None = None, attention: str = "auto"):
     if use_te:
         if not have_transformer_engine():
             raise RuntimeError("use_te=True but transformer_engine is not installed (pip install '.[gpu]')")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
+    if qk_norm:  # per-head q/k RMSNorm (Qwen3)
+        attn = spec.submodules.self_attention.submodules
+        attn.q_layernorm = attn.k_layernorm = RMSNorm
     if attention in ("auto", "sdpa"):
         from megatron_soaes.models.attention import SDPAttention
 
@@ -115,7 +118,8 @@ def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", **overrides):
         normalization="RMSNorm",
         layernorm_epsilon=cfg.rms_norm_eps,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=cfg.attention_bias,
+        qk_layernorm=cfg.qk_norm,
         gated_linear_unit=True,
         activation_func=F.silu,
         hidden_dropout=0.0,
@@ -149,7 +153,7 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
     from megatron.core.models.gpt import GPTModel
 
     tcfg = transformer_config(cfg, dtype, **overrides)
-    spec = layer_spec(use_te, attention)
+    spec = layer_spec(use_te, attention, qk_norm=cfg.qk_norm)
     if not use_te and not (use_te is None and have_transformer_engine()):
         # the block's final norm too (megatron would build WrappedTorchNorm, which refuses sequence parallelism)
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
