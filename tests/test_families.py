@@ -1,7 +1,8 @@
 """Model families beyond Qwen2.5: Qwen3 (dense: no q/k/v bias, per-head q/k RMSNorm, explicit head_dim)
-through conversion, the megatron model (TP/PP), the inference model and speculative decoding, each
-against random-initialised `transformers` Qwen3ForCausalLM models."""
+and Llama 3.x (no biases, Llama 3 RoPE scaling) through conversion, the megatron model (TP/PP), the
+inference model and speculative decoding, each against random-initialised `transformers` models."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,37 +15,54 @@ from conftest import ROOT, read_json, torchrun
 TOL = 1e-5
 
 
+FAMILIES = {"qwen3": ("test-qwen3", "Qwen3ForCausalLM"), "llama3": ("test-llama3", "LlamaForCausalLM")}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """{"tied": dir, "untied": dir, "arch": ...}: random HF models of the family (transformers builds them)."""
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    preset_name, arch = FAMILIES[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    out = {"arch": arch, "name": request.param}
+    for name, tied in (("tied", True), ("untied", False)):
+        make_random_hf_model(d / name, preset_name, seed=3 + tied, tie_word_embeddings=tied)
+        out[name] = d / name
+    cfg = json.loads((out["tied"] / "config.json").read_text())
+    assert cfg["architectures"] == [arch]
+    if arch == "Qwen3ForCausalLM":  # head_dim is not hidden / heads
+        assert cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]
+    return out
+
+
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
     from megatron_soaes.models.random_init import make_random_hf_model
 
     d = tmp_path_factory.mktemp("qwen3")
-    out = {}
-    for name, tied in (("tied", True), ("untied", False)):
-        make_random_hf_model(d / name, "test-qwen3", seed=3 + tied, tie_word_embeddings=tied)
-        out[name] = d / name
-    cfg = json.loads((out["tied"] / "config.json").read_text())
-    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]
-    return out
+    make_random_hf_model(d / "tied", "test-qwen3", seed=4, tie_word_embeddings=True)
+    return {"tied": d / "tied"}
 
 
 @pytest.mark.parametrize("name", ["tied", "untied"])
-def test_qwen3_megatron_and_inference_logits_equal_hf(qwen3, name):
+def test_megatron_and_inference_logits_equal_hf(family, name):
     from megatron_soaes.checkpoint.compare import compare_logits, hf_logits
     from megatron_soaes.inference import load_inference_model
 
-    stats = compare_logits(qwen3[name], 1, 1)
+    stats = compare_logits(family[name], 1, 1, seq_len=96)  # beyond the test Llama's original 64 positions
     assert stats["max_abs_diff"] < TOL and stats["top1_agreement"] == 1.0
-    m = load_inference_model(qwen3[name])
-    toks = torch.randint(0, m.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
-    ours = m.forward(toks, torch.arange(20).expand(2, 20), m.new_cache(2, 24))
-    assert (ours - hf_logits(qwen3[name], toks)).abs().max() < TOL
+    m = load_inference_model(family[name])
+    toks = torch.randint(0, m.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
+    ours = m.forward(toks, torch.arange(96).expand(2, 96), m.new_cache(2, 100))
+    assert (ours - hf_logits(family[name], toks)).abs().max() < TOL
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_qwen3_logits_two_processes(qwen3, tmp_path, tp, pp):
+def test_logits_two_processes(family, tmp_path, tp, pp):
     out = tmp_path / "stats.json"
-    torchrun(2, ROOT / "tools" / "compare_logits.py", "--hf", qwen3["untied"], "--tp", tp, "--pp", pp, "--json", out)
+    torchrun(2, ROOT / "tools" / "compare_logits.py", "--hf", family["untied"], "--tp", tp, "--pp", pp, "--seq-len", 96,
+             "--json", out)
     stats = read_json(out)
     assert stats["max_abs_diff"] < TOL and stats["top1_agreement"] == 1.0
 
@@ -61,25 +79,29 @@ def test_qwen3_train_step_gradients_at_tp2_equal_hf(qwen3, tmp_path):
         assert abs(r["loss"] - r["ref_loss"]) < 1e-5, r
 
 
-def test_qwen3_round_trip_at_tp2_pp2_is_bit_exact(qwen3, tmp_path):
+def test_round_trip_at_tp2_pp2_is_bit_exact(family, tmp_path):
     from megatron_soaes.checkpoint.convert import hf_to_megatron, megatron_to_hf
     from megatron_soaes.checkpoint.meta import read_meta
+    from megatron_soaes.models import Qwen2Config
 
-    hf_to_megatron(qwen3["untied"], tmp_path / "mc", 2, 2, progress=False)
-    assert read_meta(tmp_path / "mc")["architecture"] == "Qwen3ForCausalLM"
+    hf_to_megatron(family["untied"], tmp_path / "mc", 2, 2, progress=False)
+    assert read_meta(tmp_path / "mc")["architecture"] == family["arch"]
     megatron_to_hf(tmp_path / "mc", tmp_path / "back", progress=False)
-    a, b = load_file(qwen3["untied"] / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
-    assert set(a) == set(b) and any("q_norm" in k for k in a) and not any(k.endswith("q_proj.bias") for k in a)
+    a, b = load_file(family["untied"] / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(a) == set(b) and not any(k.endswith("q_proj.bias") for k in a)
+    assert any("q_norm" in k for k in a) == (family["arch"] == "Qwen3ForCausalLM")
     assert all(torch.equal(a[k], b[k]) for k in a)
     back = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert back["architectures"] == ["Qwen3ForCausalLM"] and back["attention_bias"] is False
+    assert back["architectures"] == [family["arch"]] and back["attention_bias"] is False
+    same = lambda c: dataclasses.replace(c, extra_hf={})  # noqa: E731  (the model, not the file's dtype)
+    assert same(Qwen2Config.from_hf(tmp_path / "back")) == same(Qwen2Config.from_hf(family["untied"]))
 
 
-def test_qwen3_speculative_greedy_equals_target_greedy(qwen3):
+def test_speculative_greedy_equals_target_greedy(family):
     from megatron_soaes.inference import generate, load_inference_model
     from megatron_soaes.speculative import SpecConfig, speculative_generate
 
-    target, draft = load_inference_model(qwen3["untied"]), load_inference_model(qwen3["tied"])
+    target, draft = load_inference_model(family["untied"]), load_inference_model(family["tied"])
     prompts = [[5, 9, 200, 7], [1], list(range(30, 52))]
     ref = generate(target, prompts, 16).tokens
     for spec in (SpecConfig("chain", gamma=3), SpecConfig("tree", branching=(2, 2, 1)), SpecConfig("dynamic", topk=2, depth=3, budget=6)):
@@ -106,3 +128,24 @@ def test_qwen3_bad_input_is_a_one_line_error(qwen3, tmp_path):
     with pytest.raises(ModelConfigError, match="rope_scaling"):
         Qwen2Config.from_hf({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     assert Path(bad).exists()
+
+
+def test_llama3_rope_scaling_is_read_from_either_format_and_matters(tmp_path):
+    """Released Llama 3.1 configs write `rope_scaling` + `rope_theta`; transformers 5 writes `rope_parameters`.
+    The scaling changes the model (so the logit tests above exercise it)."""
+    from megatron_soaes.checkpoint.compare import hf_logits
+    from megatron_soaes.models import ModelConfigError, Qwen2Config, preset
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    released = {**preset("llama3.1-8b").to_hf(), "rope_scaling": scaling, "rope_theta": 500000.0}
+    released.pop("rope_parameters", None)
+    assert dataclasses.replace(Qwen2Config.from_hf(released), extra_hf={}) == preset("llama3.1-8b")
+    with pytest.raises(ModelConfigError, match="only rope_type llama3 is supported"):
+        Qwen2Config.from_hf({**released, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    make_random_hf_model(tmp_path / "scaled", "test-llama3", seed=0)
+    make_random_hf_model(tmp_path / "plain", "test-llama3", seed=0, rope_scaling=None)
+    toks = torch.randint(0, 1024, (1, 96), generator=torch.Generator().manual_seed(0))
+    assert (hf_logits(tmp_path / "scaled", toks) - hf_logits(tmp_path / "plain", toks)).abs().max() > 1e-3
+

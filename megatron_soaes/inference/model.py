@@ -127,7 +127,7 @@ class Qwen2ForInference:
                                pack=packed),
                 down=Linear(w(p + "mlp.down_proj.weight", tp.cols), pack=packed)))
         d = cfg.head_dim
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=self.device) / d))
+        self.inv_freq = cfg.rope_inv_freq(self.device).double()  # RoPE, Llama 3 scaling included
         self._rope = torch.empty(0, 2, d, dtype=dtype, device=self.device)  # [pos, cos/sin, d], grown on demand
 
     @property

@@ -15,7 +15,9 @@ from pathlib import Path
 # architecture -> (model_type, family defaults): Qwen2/2.5 have a bias on q/k/v; Qwen3 (dense) has none
 # and an RMSNorm over each query and key head (megatron-core's qk_layernorm) with an explicit head_dim.
 FAMILIES = {"Qwen2ForCausalLM": ("qwen2", dict(attention_bias=True, qk_norm=False)),
-            "Qwen3ForCausalLM": ("qwen3", dict(attention_bias=False, qk_norm=True))}
+            "Qwen3ForCausalLM": ("qwen3", dict(attention_bias=False, qk_norm=True)),
+            "LlamaForCausalLM": ("llama", dict(attention_bias=False, qk_norm=False))}
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
@@ -50,6 +52,7 @@ class Qwen2Config:
     architecture: str = "Qwen2ForCausalLM"  # the HF class; picks the family defaults below
     attention_bias: bool | None = None  # bias on q/k/v (default: the family's)
     qk_norm: bool | None = None  # RMSNorm on each q and k head before RoPE (default: the family's)
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings}
     extra_hf: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -58,6 +61,14 @@ class Qwen2Config:
         for k, v in FAMILIES[self.architecture][1].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind != "llama3":
+                raise ModelConfigError(f"rope_scaling {self.rope_scaling!r}: only rope_type llama3 is supported")
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ModelConfigError(f"rope_scaling llama3 needs {missing}")
+            self.rope_scaling = {"rope_type": "llama3", **{k: self.rope_scaling[k] for k in LLAMA3_ROPE_KEYS}}
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ModelConfigError(
@@ -121,9 +132,10 @@ class Qwen2Config:
                 f"{source}: unknown architecture {archs or hf.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        if hf.get("rope_scaling"):
-            raise ModelConfigError(f"{source}: rope_scaling {hf['rope_scaling']!r} is not supported")
-        rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e6))
+        # released checkpoints write rope_scaling; transformers 5 writes rope_parameters (with rope_theta in it)
+        params = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+        rope_theta = hf.get("rope_theta") or params.get("rope_theta", 1e6)
         try:
             return cls(
                 vocab_size=hf["vocab_size"],
@@ -139,16 +151,21 @@ class Qwen2Config:
                 head_dim=hf.get("head_dim"),
                 architecture=arch,
                 attention_bias=hf.get("attention_bias", FAMILIES[arch][1]["attention_bias"]),
+                rope_scaling=scaling,
                 extra_hf={k: hf[k] for k in ("bos_token_id", "eos_token_id", "torch_dtype") if k in hf},
             )
         except KeyError as e:
             raise ModelConfigError(f"{source}: missing field {e.args[0]!r}") from None
+        except ModelConfigError as e:
+            raise ModelConfigError(f"{source}: {e}") from None
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict:
         return {
             "architectures": [self.architecture],
             "model_type": FAMILIES[self.architecture][0],
             **({"attention_bias": self.attention_bias} if self.architecture != "Qwen2ForCausalLM" else {}),
+            **({"mlp_bias": False} if self.architecture == "LlamaForCausalLM" else {}),
+            **({"rope_scaling": dict(self.rope_scaling)} if self.rope_scaling else {}),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -174,6 +191,24 @@ class Qwen2Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def rope_inv_freq(self, device=None) -> "torch.Tensor":
+        """RoPE inverse frequencies (fp32), with Llama 3's frequency-dependent scaling when configured
+        (as transformers computes them): the megatron model and the inference model both use these."""
+        import torch
+
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / d))
+        if not self.rope_scaling:
+            return inv
+        r = self.rope_scaling
+        factor, low, high, old = (r[k] for k in LLAMA3_ROPE_KEYS)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled)
 
 
 # Published Qwen2.5 shapes (config.json of the HF releases); `tiny*` are for tests and the demo.
@@ -203,6 +238,19 @@ PRESETS: dict[str, dict] = {
     "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=40960,
                      architecture="Qwen3ForCausalLM"),
+    # Llama 3.x: no biases, rope_theta 5e5, Llama 3 RoPE scaling (3.1: factor 8; 3.2: factor 32)
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                        architecture="LlamaForCausalLM", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "llama3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_attention_heads=64,
+                         num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                         architecture="LlamaForCausalLM", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                         high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "test-llama3": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4, num_attention_heads=8,
+                        num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
+                        architecture="LlamaForCausalLM", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_position_embeddings=64)),
     "test-qwen3": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4, num_attention_heads=8,
                        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, architecture="Qwen3ForCausalLM"),
 }

@@ -173,6 +173,9 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
+    if cfg.rope_scaling:  # Llama 3 scaling with the checkpoint's own factors (megatron's flag fixes some of them)
+        rope = model.rotary_pos_emb
+        rope.inv_freq = cfg.rope_inv_freq(rope.inv_freq.device)
     # Without TE/apex, megatron's local spec falls back to torch.nn norms created in fp32. A bf16/fp16
     # model must hold every parameter in that dtype: megatron's mixed-precision optimizer maps its
     # state to the model by assuming so (a mixed model saves optimizer state under the wrong names).
