@@ -10,6 +10,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 # architecture -> (model_type, family defaults): Qwen2/2.5 have a bias on q/k/v; Qwen3 (dense) has none
