@@ -149,3 +149,18 @@ def test_llama3_rope_scaling_is_read_from_either_format_and_matters(tmp_path):
     toks = torch.randint(0, 1024, (1, 96), generator=torch.Generator().manual_seed(0))
     assert (hf_logits(tmp_path / "scaled", toks) - hf_logits(tmp_path / "plain", toks)).abs().max() > 1e-3
 
+
+
+# Total parameters on the model cards (Qwen2.5, Qwen3 dense, Llama 3.1 / 3.2), in billions.
+PUBLISHED = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.61, "qwen2.5-72b": 72.7,
+             "qwen3-0.6b": 0.6, "qwen3-1.7b": 1.7, "qwen3-4b": 4.0, "qwen3-8b": 8.2, "qwen3-14b": 14.8, "qwen3-32b": 32.8,
+             "llama3.1-8b": 8.03, "llama3.1-70b": 70.6, "llama3.2-1b": 1.24, "llama3.2-3b": 3.21}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_have_the_published_parameter_counts(name):
+    from megatron_soaes.models import preset
+
+    cfg = preset(name)
+    assert cfg.num_parameters() / 1e9 == pytest.approx(PUBLISHED[name], rel=0.012)
+    assert cfg.to_hf()["architectures"] == [cfg.architecture]
