@@ -26,7 +26,7 @@ def test_from_hf_directory(tmp_path):
 
 
 @pytest.mark.parametrize("mutate,msg", [
-    (lambda c: c.update(architectures=["LlamaForCausalLM"], model_type="llama"), "unknown architecture"),
+    (lambda c: c.update(architectures=["MixtralForCausalLM"], model_type="mixtral"), "unknown architecture"),  # Llama is supported now
     (lambda c: c.pop("hidden_size"), "missing field 'hidden_size'"),
     (lambda c: c.update(num_key_value_heads=3), "not divisible by num_key_value_heads 3"),
     (lambda c: c.update(rope_scaling={"type": "yarn", "factor": 4}), "rope_scaling"),

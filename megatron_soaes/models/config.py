@@ -215,6 +215,20 @@ class Qwen2Config:
         return torch.where(medium, smoothed, scaled)
 
 
+def _qwen3(hidden, inter, layers, heads, tied, **kw) -> dict:
+    return dict(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=8, head_dim=128, tie_word_embeddings=tied, max_position_embeddings=40960,
+                architecture="Qwen3ForCausalLM", **kw)
+
+
+def _llama3(hidden, inter, layers, heads, head_dim, factor, tied, original=8192, **kw) -> dict:
+    return dict(dict(vocab_size=128256, num_key_value_heads=8, max_position_embeddings=131072), hidden_size=hidden,
+                intermediate_size=inter, num_layers=layers, num_attention_heads=heads, head_dim=head_dim,
+                tie_word_embeddings=tied, rope_theta=500000.0, rms_norm_eps=1e-5, architecture="LlamaForCausalLM",
+                rope_scaling=dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=original), **kw)
+
+
 # Published Qwen2.5 shapes (config.json of the HF releases); `tiny*` are for tests and the demo.
 PRESETS: dict[str, dict] = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
@@ -235,48 +249,23 @@ PRESETS: dict[str, dict] = {
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
     "test": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512),
-    # Qwen3 dense: no q/k/v bias, per-head q/k RMSNorm, head_dim larger than hidden / heads (as Qwen3 releases)
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
-                       architecture="Qwen3ForCausalLM"),
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=40960,
-                     architecture="Qwen3ForCausalLM"),
-    # Llama 3.x: no biases, rope_theta 5e5, Llama 3 RoPE scaling (3.1: factor 8; 3.2: factor 32)
-    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                        architecture="LlamaForCausalLM", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                        high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "llama3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_attention_heads=64,
-                         num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                         architecture="LlamaForCausalLM", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                         high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
-                       architecture="Qwen3ForCausalLM"),
-    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
-                     architecture="Qwen3ForCausalLM"),
-    "qwen3-14b": dict(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_layers=40, num_attention_heads=40,
-                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=40960,
-                      architecture="Qwen3ForCausalLM"),
-    "qwen3-32b": dict(vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_layers=64, num_attention_heads=64,
-                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=40960,
-                      architecture="Qwen3ForCausalLM"),
-    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5,
-                        max_position_embeddings=131072, architecture="LlamaForCausalLM",
-                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "llama3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28, num_attention_heads=24,
-                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5,
-                        max_position_embeddings=131072, architecture="LlamaForCausalLM",
-                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "test-llama3": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4, num_attention_heads=8,
-                        num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
-                        architecture="LlamaForCausalLM", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                        high_freq_factor=4.0, original_max_position_embeddings=64)),
+    # Qwen3 dense (model cards): hidden, intermediate, layers, heads, tied embeddings
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, tied=True),
+    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, tied=True),
+    "qwen3-4b": _qwen3(2560, 9728, 36, 32, tied=True),
+    "qwen3-8b": _qwen3(4096, 12288, 36, 32, tied=False),
+    "qwen3-14b": _qwen3(5120, 17408, 40, 40, tied=False),
+    "qwen3-32b": _qwen3(5120, 25600, 64, 64, tied=False),
+    # Llama 3.1 (RoPE factor 8) and 3.2 (factor 32): hidden, intermediate, layers, heads, head_dim
+    "llama3.1-8b": _llama3(4096, 14336, 32, 32, 128, factor=8.0, tied=False),
+    "llama3.1-70b": _llama3(8192, 28672, 80, 64, 128, factor=8.0, tied=False),
+    "llama3.2-1b": _llama3(2048, 8192, 16, 32, 64, factor=32.0, tied=True),
+    "llama3.2-3b": _llama3(3072, 8192, 28, 24, 128, factor=32.0, tied=True),
+    # test shapes per family: Qwen3 with head_dim != hidden / heads; Llama with a short original context
     "test-qwen3": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4, num_attention_heads=8,
                        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, architecture="Qwen3ForCausalLM"),
+    "test-llama3": _llama3(64, 160, 4, 8, 8, factor=8.0, tied=False, vocab_size=1024, num_key_value_heads=2,
+                           max_position_embeddings=512, original=64),
 }
 
 
