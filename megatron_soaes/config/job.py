@@ -93,7 +93,7 @@ class DataSource(StrictModel):
 
 
 class DataSection(StrictModel):
-    tokenizer: str  # "qwen", a sentencepiece .model, a .tiktoken file or an HF tokenizer directory
+    tokenizer: str  # "qwen", a byte-level BPE tokenizer.json, a sentencepiece .model, a .tiktoken file or an HF directory
     seq_length: int = Field(ge=8)
     train: list[DataSource] = Field(default_factory=list)  # indexed datasets (cpt; distill without sft)
     valid: dict[str, list[DataSource]] = Field(default_factory=dict)  # named held-out sets

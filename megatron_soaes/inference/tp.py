@@ -38,12 +38,9 @@ class TensorParallel:
             if n % self.size:
                 raise TensorParallelError(f"tensor parallel {self.size} does not divide {what} {n}")
 
-    def rows(self, t: torch.Tensor, parts: int = 1) -> torch.Tensor:
-        """This rank's slice of dim 0 (of each of `parts` stacked blocks, e.g. heads of q, k and v)."""
-        if self.size == 1:
-            return t
-        return torch.cat([blk.chunk(self.size, 0)[self.rank] for blk in t.chunk(parts, 0)]) if parts > 1 else \
-            t.chunk(self.size, 0)[self.rank]
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of dim 0 (output features: heads, intermediate units)."""
+        return t if self.size == 1 else t.chunk(self.size, 0)[self.rank]
 
     def cols(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.size == 1 else t.chunk(self.size, -1)[self.rank]
