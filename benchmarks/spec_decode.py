@@ -47,13 +47,10 @@ def load_prompts(args, vocab: int) -> list[list[int]]:
 
 def model_config(spec: str):
     """The config of a checkpoint / HF directory, or of a preset name (for dry runs before the weights exist)."""
-    from megatron_soaes.checkpoint.meta import META_FILE, read_model_config
-    from megatron_soaes.models import Qwen2Config, preset
+    from megatron_soaes.checkpoint.meta import model_config_of
+    from megatron_soaes.models import preset
 
-    p = Path(spec)
-    if (p / META_FILE).exists():
-        return read_model_config(p)
-    return Qwen2Config.from_hf(p) if p.exists() else preset(spec)
+    return model_config_of(spec) if Path(spec).exists() else preset(spec)
 
 
 def check_layout(target: str, draft: str, tp: int) -> str:

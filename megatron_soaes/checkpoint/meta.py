@@ -30,6 +30,11 @@ def read_model_config(directory: str | Path) -> Qwen2Config:
     return Qwen2Config(**read_meta(directory)["model"])
 
 
+def model_config_of(path: str | Path) -> Qwen2Config:
+    """The model config of a megatron-soaes checkpoint or of an HF directory / config.json."""
+    return read_model_config(path) if (Path(path) / META_FILE).exists() else Qwen2Config.from_hf(path)
+
+
 @contextmanager
 def atomic_directory(target: str | Path, overwrite: bool = False):
     """Yield a temporary sibling directory; on success it replaces `target` in one rename."""

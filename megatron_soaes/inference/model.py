@@ -229,19 +229,18 @@ class LazyWeights(Mapping):
 def load_weights(path: str | Path) -> tuple[Qwen2Config, Mapping[str, torch.Tensor]]:
     """HF-named tensors (read lazily) from an HF safetensors directory or a megatron-soaes torch_dist checkpoint."""
     from megatron_soaes.checkpoint import qwen2_hf
-    from megatron_soaes.checkpoint.meta import META_FILE, read_model_config
+    from megatron_soaes.checkpoint.meta import META_FILE, model_config_of
 
     path = Path(path)
+    cfg = model_config_of(path)
     if (path / META_FILE).exists():
         from megatron_soaes.checkpoint.dcp_io import DcpReader
 
-        cfg = read_model_config(path)
         reader = DcpReader(path)
         return cfg, LazyWeights(qwen2_hf.hf_tensor_shapes(cfg), lambda: qwen2_hf.megatron_to_hf_global(cfg, reader.read),
                                 lambda i: qwen2_hf.megatron_to_hf_layer(cfg, reader.read, i))
     from megatron_soaes.checkpoint.convert import HFCheckpoint
 
-    cfg = Qwen2Config.from_hf(path)
     ckpt = HFCheckpoint(path)
     ckpt.validate(cfg)
     names = list(qwen2_hf.hf_tensor_shapes(cfg))

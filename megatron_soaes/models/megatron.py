@@ -153,8 +153,10 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
     from megatron.core.models.gpt import GPTModel
 
     tcfg = transformer_config(cfg, dtype, **overrides)
+    if use_te is None:
+        use_te = have_transformer_engine()
     spec = layer_spec(use_te, attention, qk_norm=cfg.qk_norm)
-    if not use_te and not (use_te is None and have_transformer_engine()):
+    if not use_te:
         # the block's final norm too (megatron would build WrappedTorchNorm, which refuses sequence parallelism)
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
