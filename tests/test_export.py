@@ -61,7 +61,7 @@ def test_bpe_export_tokenizes_like_us_in_transformers(cpt_data, bpe, checkpoints
     text = "企业国有资产属于国家所有。"
     assert hf(text).input_ids == ours.encode(text) and len(ours.encode(text)) > 3
     cfg, gen = (json.loads((out / f).read_text()) for f in ("config.json", "generation_config.json"))
-    assert cfg["eos_token_id"] == ours.im_end_id and gen["eos_token_id"] == [ours.im_end_id, ours.eod_id]
+    assert cfg["eos_token_id"] == ours.stop_id and gen["eos_token_id"] == [ours.stop_id, ours.eod_id]
     assert cfg["pad_token_id"] == gen["pad_token_id"] == ours.eod_id and cfg["bos_token_id"] is gen["bos_token_id"] is None
 
 
@@ -88,6 +88,34 @@ def test_qwen_vocabulary_export_tokenizes_like_us(cpt_data, checkpoints, tmp_pat
     res = check_tokenizer(out, texts=_docs(cpt_data, "domain.valid", 30) + ["e\u0301 composed later"],
                           conversations=_conversations())
     assert res["tokenizer_matches"] and res["tokenizer_class"] == "Qwen2Tokenizer"
+
+
+@pytest.mark.parametrize("preset,vocab", [("test-llama3", "llama3"), ("test-qwen3", "qwen3")])
+def test_family_vocabulary_exports(preset, vocab, tmp_path):
+    """A Llama 3 / Qwen3 model with its published vocabulary: transformers loads the export as that
+    family, gives our logits and our ids, renders training's chat format, and (Llama) adds BOS."""
+    from transformers import AutoTokenizer
+
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+    from megatron_soaes.data.tokenizer import load_tokenizer
+    from megatron_soaes.models.random_init import make_random_hf_model
+    from megatron_soaes.workflows.export import check_export, export_hf
+
+    tok = load_tokenizer(vocab)
+    make_random_hf_model(tmp_path / "hf", preset, seed=1, vocab_size=tok.model_vocab_size, tie_word_embeddings=True)
+    ckpt = hf_to_megatron(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    out = export_hf(ckpt, tmp_path / "out", vocab, dtype=None, default_system="你是法律助手。")
+    res = check_export(out, conversations=_conversations())
+    assert res["tokenizer_matches"] and res["max_abs_logit_diff_vs_source"] < 1e-4
+    cfg = json.loads((out / "config.json").read_text())
+    hf = AutoTokenizer.from_pretrained(str(out))
+    if vocab == "llama3":
+        assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["rope_scaling"]["rope_type"] == "llama3"
+        assert hf("Hello world").input_ids == [128000, 9906, 1917]
+        assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128009)
+    else:
+        assert cfg["architectures"] == ["Qwen3ForCausalLM"] and hf.convert_tokens_to_ids("<think>") == 151667
+        assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (None, 151645)
 
 
 def test_sentencepiece_export_is_exact_but_refused_for_engines(cpt_data, checkpoints, tmp_path):

@@ -86,3 +86,38 @@ def test_byte_level_bpe_demo_tokenizer(tmp_path):
     assert tok.decode(tok.encode(s)) == s  # byte-level: nothing is unknown
     assert tok.im_end_id not in tok.encode(s) and tok.im_end_id in tok.encode(s, allow_special=True)
     assert train_bpe(texts, tmp_path / "u.json", vocab_size=400).read_bytes() == (tmp_path / "t.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return load_tokenizer("llama3")
+
+
+def test_llama3_published_ids(llama3):
+    """Meta's Llama 3 ranks (from the llama-models package) with the 3.1/3.2 specials: the ids the
+    released tokenizer gives, plain and chat-rendered (Llama 3's header format, BOS once)."""
+    from megatron_soaes.data.sft import Template
+
+    assert llama3.vocab_size == llama3.model_vocab_size == 128256
+    named = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
+             "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009,
+             "<|python_tag|>": 128010, "<|reserved_special_token_247|>": 128255}
+    assert {t: llama3.token_id(t) for t in named} == named
+    assert (llama3.bos_id, llama3.eod_id, llama3.stop_id) == (128000, 128001, 128009)
+    assert llama3.encode("Hello world") == [9906, 1917]
+    assert len(llama3.encode("2024")) == 2  # Llama 3 groups digits in threes, Qwen splits them
+    prompt, mask = Template(None).render([{"role": "user", "content": "Hello"}], llama3, for_generation=True)
+    assert prompt == [128000, 128006, 882, 128007, 271, 9906, 128009, 128006, 78191, 128007, 271] and not any(mask)
+    ids, mask = Template(None).render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], llama3)
+    assert [i for i, m in zip(ids, mask) if m] == [9906, 128009]  # the answer and its <|eot_id|> are learned
+
+
+def test_qwen3_special_tokens():
+    q3 = load_tokenizer("qwen3")
+    assert q3.vocab_size == 151669 and q3.model_vocab_size == 151936
+    published = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<tool_call>": 151657,
+                 "</tool_call>": 151658, "<tool_response>": 151665, "</tool_response>": 151666, "<think>": 151667,
+                 "</think>": 151668}
+    assert {t: q3.token_id(t) for t in published} == published
+    assert q3.encode("<think>\n\n</think>\n\n", allow_special=True) == [151667, 271, 151668, 271]
+    assert q3.encode("Hello world") == [9707, 1879] and q3.stop_id == 151645

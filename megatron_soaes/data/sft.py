@@ -1,12 +1,13 @@
-"""Supervised fine-tuning data: chat records -> Qwen2 chat template -> (packed) training rows.
+"""Supervised fine-tuning data: chat records -> the tokenizer's chat format -> (packed) training rows.
 
 Record shapes accepted (jsonl / json / parquet / an HF `datasets` directory):
   {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}      (multi-turn)
   {"instruction": ..., "input": ..., "output": ..., "system"?: ...}                 (Alpaca)
   {"system"?: ..., "query": ..., "response": ..., "history"?: [[q, a], ...]}        (ms-swift)
   {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}         (ShareGPT)
-Rendered as ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn. The loss covers assistant
-content and its closing <|im_end|> (so the model learns to stop), nothing else; optionally only
+Rendered in the tokenizer's `data.chat.ChatFormat` (ChatML ``<|im_start|>{role}\\n{content}<|im_end|>\\n``
+for Qwen, Llama 3's headers for Llama). The loss covers assistant content and its closing turn-end
+token (so the model learns to stop), nothing else; optionally only
 the last assistant turn. Packing puts several examples in one row; `segment_ids` keep them from
 attending to each other and `position_ids` restart per example.
 """
@@ -119,17 +120,19 @@ class Template:
         if for_generation:
             if messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
-        start, end, nl = tok.im_start_id, tok.im_end_id, tok.encode("\n")
+        chat = tok.chat
+        end, tail = tok.token_id(chat.turn_end), tok.encode(chat.after_turn)
         last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if not for_generation else -1
-        ids, mask = [], []
+        ids = [tok.token_id(chat.bos)] if chat.bos else []
+        mask = [0] * len(ids)
         for i, m in enumerate(messages):
-            head = [start] + tok.encode(f"{m['role']}\n")
+            head = tok.encode(chat.header(m["role"]), allow_special=True)
             body = tok.encode(m["content"]) + [end]
             learn = not for_generation and m["role"] == "assistant" and (not self.last_turn_only or i == last_assistant)
-            ids += head + body + nl
-            mask += [0] * len(head) + [int(learn)] * len(body) + [0] * len(nl)
+            ids += head + body + tail
+            mask += [0] * len(head) + [int(learn)] * len(body) + [0] * len(tail)
         if for_generation:
-            header = [start] + tok.encode("assistant\n")
+            header = tok.encode(chat.header("assistant"), allow_special=True)
             ids += header
             mask += [0] * len(header)
         return ids, mask

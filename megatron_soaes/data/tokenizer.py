@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_soaes.data.chat import CHATML, LLAMA3, ChatFormat
 
 # Qwen2's pre-tokenisation pattern (single digits, case-insensitive contractions).
 QWEN2_PATTERN = (
@@ -23,6 +26,7 @@ QWEN2_SPECIAL_TOKENS = [
     "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
     "<|repo_name|>", "<|file_sep|>",
 ]
+QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 QWEN25_MODEL_VOCAB = 151936
 CHAT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -37,6 +41,8 @@ class Tokenizer:
     name: str
     vocab_size: int
     eod_id: int
+    bos_id: int | None = None  # opens every document and conversation (Llama 3); None for Qwen
+    chat: ChatFormat = CHATML
 
     @property
     def model_vocab_size(self) -> int:
@@ -58,6 +64,11 @@ class Tokenizer:
         raise NotImplementedError
 
     @property
+    def stop_id(self) -> int:
+        """The token an assistant turn ends with (<|im_end|>, <|eot_id|>): where generation stops."""
+        return self.token_id(self.chat.turn_end)
+
+    @property
     def im_start_id(self) -> int:
         return self.token_id("<|im_start|>")
 
@@ -66,12 +77,49 @@ class Tokenizer:
         return self.token_id("<|im_end|>")
 
 
-class QwenTiktokenTokenizer(Tokenizer):
-    """The Qwen2/2.5 vocabulary, offline, from the BPE ranks file."""
+@dataclass(frozen=True)
+class TiktokenVocab:
+    """A published tiktoken vocabulary: BPE ranks (an asset), pre-tokenisation, the special tokens
+    that follow the ranks (in id order), and the embedding size the released models use."""
 
-    def __init__(self, ranks_path: str | Path):
+    asset: str
+    pattern: str
+    specials: tuple[str, ...]
+    eod: str
+    chat: ChatFormat
+    model_vocab: int
+    nfc: bool = False  # Qwen's tokenizer.json normalises (NFC) first; Llama 3's does not
+    bos: str | None = None  # prepended to every document (Llama 3 pre-training)
+    tokenizer_class: str = "PreTrainedTokenizerFast"  # what the HF releases' tokenizer_config names
+
+
+# Llama 3.1/3.2 text models: 256 specials after the 128,000 ranks (names as the HF releases ship them).
+_LLAMA3_NAMED = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                 "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+LLAMA3_SPECIAL_TOKENS = _LLAMA3_NAMED + tuple(f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - 11))
+LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+VOCABS = {
+    "qwen2": TiktokenVocab("qwen.tiktoken", QWEN2_PATTERN, tuple(QWEN2_SPECIAL_TOKENS), "<|endoftext|>", CHATML,
+                           QWEN25_MODEL_VOCAB, nfc=True, tokenizer_class="Qwen2Tokenizer"),
+    # Qwen3: the same ranks, four more added tokens (tool responses, thinking), the same embedding size
+    "qwen3": TiktokenVocab("qwen.tiktoken", QWEN2_PATTERN, tuple(QWEN2_SPECIAL_TOKENS) + QWEN3_EXTRA_TOKENS,
+                           "<|endoftext|>", CHATML, QWEN25_MODEL_VOCAB, nfc=True, tokenizer_class="Qwen2Tokenizer"),
+    "llama3": TiktokenVocab("llama3.tiktoken", LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, "<|end_of_text|>", LLAMA3,
+                            128256, bos="<|begin_of_text|>"),
+}
+VOCAB_ALIASES = {"qwen": "qwen2", "qwen2.5": "qwen2", "llama3.1": "llama3", "llama3.2": "llama3"}
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A published vocabulary (Qwen2/2.5, Qwen3, Llama 3.x), offline, from its BPE ranks file."""
+
+    def __init__(self, ranks_path: str | Path, vocab: str = "qwen2"):
         import tiktoken
 
+        self.vocab = VOCABS[vocab]
         path = Path(ranks_path)
         ranks = {}
         try:
@@ -84,20 +132,21 @@ class QwenTiktokenTokenizer(Tokenizer):
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{path}: cannot read BPE ranks ({e})") from None
         n = len(ranks)
-        self.special = {t: n + i for i, t in enumerate(QWEN2_SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name="qwen2", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks,
+        self.special = {t: n + i for i, t in enumerate(self.vocab.specials)}
+        self.enc = tiktoken.Encoding(name=vocab, pat_str=self.vocab.pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special)
-        self.name = f"qwen-tiktoken:{path}"
-        self.ranks_path = path
-        self.vocab_size = n + len(QWEN2_SPECIAL_TOKENS)
-        self.eod_id = self.special["<|endoftext|>"]
+        self.name = f"{vocab}-tiktoken:{path}"
+        self.vocab_name, self.ranks_path, self.chat = vocab, path, self.vocab.chat
+        self.vocab_size = n + len(self.special)
+        self.eod_id = self.special[self.vocab.eod]
+        self.bos_id = self.special[self.vocab.bos] if self.vocab.bos else None
 
     @property
     def model_vocab_size(self) -> int:
-        return QWEN25_MODEL_VOCAB if self.vocab_size <= QWEN25_MODEL_VOCAB else super().model_vocab_size
+        return max(self.vocab.model_vocab, super().model_vocab_size if self.vocab_size > self.vocab.model_vocab else 0)
 
     def encode(self, text, allow_special=False):
-        if not unicodedata.is_normalized("NFC", text):  # Qwen2's tokenizer.json normalises (NFC) first
+        if self.vocab.nfc and not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
         if allow_special:
             return self.enc.encode(text, allowed_special="all")
@@ -107,15 +156,28 @@ class QwenTiktokenTokenizer(Tokenizer):
         return self.enc.decode([int(i) for i in ids if int(i) < self.vocab_size])
 
     def save_tokenizer_json(self, out_dir: str | Path) -> Path:
-        """The same BPE as an HF `tokenizer.json` (what Qwen2.5 releases ship), for transformers and
-        Megatron-LM's HuggingFaceTokenizer. Built from the ranks file directly (no blobfile needed)."""
+        """The same BPE as an HF `tokenizer.json` (what the releases ship), for transformers, vLLM and
+        Megatron-LM's HuggingFaceTokenizer. Built from the ranks file directly (no blobfile needed);
+        Llama 3's adds <|begin_of_text|> when asked for special tokens, as Meta's does."""
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import processors
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
         out = Path(out_dir) / "tokenizer.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        tok = TikTokenConverter(vocab_file=str(self.ranks_path), pattern=self.vocab.pattern,
+                                extra_special_tokens=self.special).converted()
+        if not self.vocab.nfc:
+            tok = Backend.from_str(tok.to_str())
+            tok.normalizer = None
+        if self.vocab.bos:
+            b = self.vocab.bos
+            tok.post_processor = processors.Sequence([
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(single=f"{b}:0 $A:0", pair=f"{b}:0 $A:0 {b}:1 $B:1",
+                                              special_tokens=[(b, self.bos_id)])])
         tmp = out.with_name(out.name + ".tmp")
-        TikTokenConverter(vocab_file=str(self.ranks_path), pattern=QWEN2_PATTERN,
-                          extra_special_tokens=self.special).converted().save(str(tmp))
+        tok.save(str(tmp))
         tmp.replace(out)
         return out
 
@@ -126,6 +188,9 @@ class QwenTiktokenTokenizer(Tokenizer):
         if len(ids) != 1:
             raise TokenizerError(f"{token!r} is not a single token")
         return ids[0]
+
+
+QwenTiktokenTokenizer = TiktokenTokenizer  # the name earlier releases exported
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -198,6 +263,9 @@ class HFTokenizer(Tokenizer):
         self.tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
         self.name = f"hf:{directory}"
         self.vocab_size = len(self.tok)
+        vocab = self.tok.get_vocab()
+        if LLAMA3.turn_end in vocab and LLAMA3.bos in vocab:
+            self.chat, self.bos_id = LLAMA3, vocab[LLAMA3.bos]
         eod = self.tok.eos_token_id
         if eod is None:
             eod = self.tok.convert_tokens_to_ids("<|endoftext|>")
@@ -217,16 +285,18 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """'qwen' (the real Qwen2.5 vocabulary), a *.tiktoken ranks file, a byte-level BPE *.json
-    (`train_bpe`), a *.model sentencepiece file, or an HF tokenizer directory."""
+    """A published vocabulary by name ('qwen2' (= 'qwen', Qwen2.5), 'qwen3', 'llama3'), a Qwen *.tiktoken
+    ranks file, a byte-level BPE *.json (`train_bpe`), a *.model sentencepiece file, or an HF tokenizer
+    directory."""
     spec = str(spec)
-    if spec in ("qwen", "qwen2", "qwen2.5"):
+    if VOCAB_ALIASES.get(spec, spec) in VOCABS:
         from megatron_soaes.data.assets import fetch
 
-        return QwenTiktokenTokenizer(fetch("qwen.tiktoken"))
+        name = VOCAB_ALIASES.get(spec, spec)
+        return TiktokenTokenizer(fetch(VOCABS[name].asset), name)
     path = Path(spec)
     if spec.endswith(".tiktoken"):
-        return QwenTiktokenTokenizer(path)
+        return TiktokenTokenizer(path)
     if spec.endswith(".model"):
         return SentencePieceTokenizer(path)
     if spec.endswith(".json"):
@@ -235,9 +305,9 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         if (path / "tokenizer.model").exists() and not (path / "tokenizer.json").exists():
             return SentencePieceTokenizer(path / "tokenizer.model")
         if (path / "qwen.tiktoken").exists() and not (path / "tokenizer.json").exists():
-            return QwenTiktokenTokenizer(path / "qwen.tiktoken")
+            return TiktokenTokenizer(path / "qwen.tiktoken")
         return HFTokenizer(path)
-    raise TokenizerError(f"{spec}: not a tokenizer (expected 'qwen', *.tiktoken, *.json, *.model or an HF directory)")
+    raise TokenizerError(f"{spec}: not a tokenizer (expected {', '.join(VOCABS)}, *.tiktoken, *.json, *.model or an HF directory)")
 
 
 def train_sentencepiece(texts, model_prefix: str | Path, vocab_size: int = 8000, character_coverage: float = 0.995) -> Path:

@@ -31,9 +31,9 @@ def answer(model, tokenizer, conversations: list[list[dict]], template: Template
         prompts.append(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)
     out = []
     for i in range(0, len(prompts), batch_size):
-        res = generate(model, prompts[i:i + batch_size], max_new_tokens, eos_id=tokenizer.im_end_id)
+        res = generate(model, prompts[i:i + batch_size], max_new_tokens, eos_id=tokenizer.stop_id)
         for toks in res.tokens:
-            if toks and toks[-1] == tokenizer.im_end_id:
+            if toks and toks[-1] == tokenizer.stop_id:
                 toks = toks[:-1]
             out.append(tokenizer.decode(toks).strip())
     return out

@@ -1,6 +1,6 @@
 """Export for inference: a megatron-soaes checkpoint -> an HF directory (safetensors, config,
 generation config, tokenizer and the chat template training used) that transformers, vLLM and
-SGLang load as a Qwen2ForCausalLM and tokenize exactly as we do.
+SGLang load as the model's family (Qwen2, Qwen3, Llama) and tokenize exactly as we do.
 
 The tokenizer is the part engines get wrong silently: transformers >= 5 (and so vLLM) loads every
 qwen2 model's tokenizer as `Qwen2Tokenizer`, which rebuilds a byte-level BPE pipeline (NFC, Qwen2's
@@ -24,25 +24,14 @@ class ExportError(ValueError):
     """An export that an engine would not run as we do; the message says what differs."""
 
 
-def chat_template(default_system: str | None) -> str:
-    """Jinja for the chat format training used (`data.sft.Template`): Qwen2's im_start/im_end turns,
-    `default_system` inserted when a conversation has no system turn."""
-    system = ""
-    if default_system is not None:
-        system = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n" + default_system.replace("'", "\\'")
-                  + "<|im_end|>\\n' }}{% endif %}")
-    return (system + "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-            "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
 def _tokenizer_files(tok, spec: str, out: Path) -> dict:
     """Write the tokenizer file(s) into `out`; returns the tokenizer_config fields they need."""
-    from megatron_soaes.data.tokenizer import (BPETokenizer, QwenTiktokenTokenizer, SentencePieceTokenizer,
+    from megatron_soaes.data.tokenizer import (BPETokenizer, SentencePieceTokenizer, TiktokenTokenizer,
                                                sentencepiece_to_tokenizer_json)
 
-    if isinstance(tok, QwenTiktokenTokenizer):
-        tok.save_tokenizer_json(out)  # the Qwen2 byte-level BPE with its specials, as Qwen2.5 releases ship it
-        return {"tokenizer_class": "Qwen2Tokenizer"}
+    if isinstance(tok, TiktokenTokenizer):
+        tok.save_tokenizer_json(out)  # the byte-level BPE with its specials, as the family's releases ship it
+        return {"tokenizer_class": tok.vocab.tokenizer_class}
     if isinstance(tok, BPETokenizer):
         shutil.copy2(tok.path, out / "tokenizer.json")
         return {"tokenizer_class": "Qwen2Tokenizer"}
@@ -69,18 +58,18 @@ def export_hf(checkpoint, out_dir, tokenizer_spec: str, dtype: str | None = "bf1
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         megatron_to_hf(checkpoint, tmp, dtype=dtype, overwrite=True, progress=False)
         cfg = read_json(tmp / "config.json")
-        ids = {"bos_token_id": None, "eos_token_id": tok.im_end_id, "pad_token_id": tok.eod_id}
+        # generation stops at the chat format's turn end (what SFT taught), or at the end of a document
+        ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_id, "pad_token_id": tok.eod_id}
         atomic_write_json(tmp / "config.json", {**cfg, **ids})
         atomic_write_json(tmp / "generation_config.json", {
-            "bos_token_id": None, "eos_token_id": [tok.im_end_id, tok.eod_id], "pad_token_id": tok.eod_id,
-            "do_sample": False})
+            **ids, "eos_token_id": [tok.stop_id, tok.eod_id], "do_sample": False})
         atomic_write_json(tmp / "tokenizer_config.json", {
             "errors": "replace", "add_prefix_space": False, "split_special_tokens": False,
             **_tokenizer_files(tok, tokenizer_spec, tmp),
-            "chat_template": chat_template(default_system),
+            "chat_template": tok.chat.jinja(default_system),
             "model_max_length": max_model_len or cfg.get("max_position_embeddings", 32768),
-            "clean_up_tokenization_spaces": False,
-            "bos_token": None, "unk_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+            "clean_up_tokenization_spaces": False, "bos_token": tok.chat.bos, "unk_token": None,
+            "eos_token": tok.chat.turn_end, "pad_token": tok.decode([tok.eod_id])})
         atomic_write_json(tmp / "soaes_export.json", {"source": str(checkpoint), "tokenizer": tokenizer_spec,
                                                       "default_system": default_system})
     return Path(out_dir)
@@ -131,7 +120,7 @@ def check_tokenizer(hf_dir, texts=(), conversations=()) -> dict:
         if a != b:
             raise ExportError(f"{where}: the chat template renders {prompt[-1]['content'][:30]!r} as {b[:16]}..., "
                               f"training as {a[:16]}...")
-    for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+    for name in filter(None, (ours.decode([ours.eod_id]), ours.chat.turn_start, ours.chat.turn_end, ours.chat.bos)):
         if theirs.convert_tokens_to_ids(name) != ours.token_id(name):
             raise ExportError(f"{where}: {name} is {theirs.convert_tokens_to_ids(name)}, ours {ours.token_id(name)}")
     cfg, gen = read_json(hf_dir / "config.json"), read_json(hf_dir / "generation_config.json")
@@ -139,7 +128,8 @@ def check_tokenizer(hf_dir, texts=(), conversations=()) -> dict:
     if cfg["eos_token_id"] not in stops or cfg["eos_token_id"] != theirs.eos_token_id:
         raise ExportError(f"{hf_dir}: EOS differs: config.json {cfg['eos_token_id']}, generation_config {stops}, "
                           f"tokenizer {theirs.eos_token_id}")
-    if not cfg["pad_token_id"] == gen["pad_token_id"] == theirs.pad_token_id or cfg["bos_token_id"] != gen["bos_token_id"]:
+    if (not cfg["pad_token_id"] == gen["pad_token_id"] == theirs.pad_token_id
+            or not cfg["bos_token_id"] == gen["bos_token_id"] == theirs.bos_token_id):
         raise ExportError(f"{hf_dir}: BOS/PAD differ between config.json, generation_config.json and the tokenizer")
     return {"tokenizer_class": type(theirs).__name__, "tokenizer_texts": len(SAMPLE_TEXTS) + len(texts),
             "tokenizer_chat_prompts": len(conversations), "tokenizer_matches": True}
