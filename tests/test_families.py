@@ -164,3 +164,37 @@ def test_presets_have_the_published_parameter_counts(name):
     cfg = preset(name)
     assert cfg.num_parameters() / 1e9 == pytest.approx(PUBLISHED[name], rel=0.02)  # cards round to 2-3 digits
     assert cfg.to_hf()["architectures"] == [cfg.architecture]
+
+
+def test_mixed_family_draft_and_target_are_refused(cpt_data, tmp_path, capsys):
+    """A Llama draft for a Qwen3 target: refused by the decoder, by `soaes distill` (the student is the
+    future draft) before any model is built, and by the export pair check -- one line each."""
+    import yaml
+
+    from megatron_soaes.cli import main
+    from megatron_soaes.inference import load_inference_model
+    from megatron_soaes.models.config import ModelConfigError
+    from megatron_soaes.models.random_init import make_random_hf_model
+    from megatron_soaes.speculative import speculative_generate
+    from megatron_soaes.workflows.export import ExportError, check_pair
+
+    for name in ("test-qwen3", "test-llama3"):
+        make_random_hf_model(tmp_path / name, name, seed=0)
+        (tmp_path / name / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelConfigError, match="draft is a llama model .* but the target is qwen3"):
+        speculative_generate(load_inference_model(tmp_path / "test-qwen3"), load_inference_model(tmp_path / "test-llama3"),
+                             [[1, 2, 3]], 4)
+    with pytest.raises(ExportError, match="a llama model but the target .* is qwen3: draft and target must be one family"):
+        check_pair(tmp_path / "test-qwen3", tmp_path / "test-llama3")
+    v = {"overrides": {"vocab_size": 4096}}
+    job = {"kind": "distill", "model": {"preset": "test-llama3", **v},
+           "data": {"tokenizer": str(cpt_data / "spm.model"), "seq_length": 64,
+                    "train": [{"path": str(cpt_data / "domain.train")}]},
+           "train": {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "output_dir": str(tmp_path / "o")},
+           "distill": {"teacher": {"preset": "test-qwen3", **v, "checkpoint": str(tmp_path / "nowhere")}}}
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(job))
+    capsys.readouterr()
+    assert main(["distill", "--config", str(tmp_path / "d.yaml"), "--dry-run", "--skip-path-check"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "the student) is a llama model" in err[0] and "the target is qwen3" in err[0], err
+    assert not (tmp_path / "o").exists()

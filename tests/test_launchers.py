@@ -23,7 +23,9 @@ def sbatch_world(script):
 
 
 @pytest.mark.parametrize("script,config", [("cpt_qwen2.5_7b.sbatch", "cpt_7b.yaml"), ("cpt_qwen2.5_72b.sbatch", "cpt_72b.yaml"),
-                                           ("distill_72b_to_7b.sbatch", "distill_72b_7b.yaml")])
+                                           ("distill_72b_to_7b.sbatch", "distill_72b_7b.yaml"),
+                                           ("cpt_qwen3_8b.sbatch", "cpt_qwen3_8b.yaml"),
+                                           ("cpt_llama3.1_8b.sbatch", "cpt_llama3.1_8b.yaml")])
 def test_training_configs_fit_their_sbatch_layout(script, config):
     world = sbatch_world(script)
     res = soaes("train", "--config", str(SLURM / "configs" / config), "--dry-run", "--world-size", str(world),

@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--output-prefix", required=True)
-    p.add_argument("--tokenizer", required=True, help="'qwen', *.tiktoken, *.model or an HF tokenizer dir")
+    p.add_argument("--tokenizer", required=True, help="qwen (Qwen2.5), qwen3, llama3, *.tiktoken, *.model or an HF tokenizer dir")
     p.add_argument("--text-key", default="text")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")

@@ -17,9 +17,15 @@ class DataCfg(_Strict):
     dir: str = "data/demo"
     # bpe: a small byte-level BPE in Qwen2's format trained on the demo corpora (exports to every engine);
     # spm: a sentencepiece BPE (training only: transformers/vLLM load qwen2 tokenizers as byte-level BPE);
-    # qwen: the real Qwen2.5 vocabulary
-    tokenizer: Literal["bpe", "spm", "qwen"] = "bpe"
+    # qwen / qwen3 / llama3: a published vocabulary (Qwen2.5, Qwen3, Llama 3.x; chat format follows it)
+    tokenizer: Literal["bpe", "spm", "qwen", "qwen3", "llama3"] = "bpe"
     vocab_size: int = Field(8000, ge=1000)  # of the bpe / spm tokenizer trained on the demo corpora
+
+
+class ModelCfg(_Strict):
+    """Which model family every phase builds (base, CPT, SFT, the distilled draft): the presets' shapes
+    as Qwen2/2.5 (QKV bias), Qwen3 (q/k norm, no bias) or Llama 3.x (RoPE scaling); no phase asks."""
+    family: Literal["qwen2", "qwen3", "llama3"] = "qwen2"
 
 
 class BaseCfg(_Strict):
@@ -89,6 +95,7 @@ class PipelineConfig(_Strict):
     name: str
     output_dir: str
     data: DataCfg = Field(default_factory=DataCfg)
+    model: ModelCfg = Field(default_factory=ModelCfg)
     base: BaseCfg = Field(default_factory=BaseCfg)
     cpt: CPTCfg
     sft: SFTCfg

@@ -284,6 +284,11 @@ class HFTokenizer(Tokenizer):
         return i
 
 
+def tokenizer_available(spec: str | Path) -> bool:
+    """Whether `load_tokenizer(spec)` can work here (a published vocabulary, or a path that exists)."""
+    return VOCAB_ALIASES.get(str(spec), str(spec)) in VOCABS or Path(spec).exists()
+
+
 def load_tokenizer(spec: str | Path) -> Tokenizer:
     """A published vocabulary by name ('qwen2' (= 'qwen', Qwen2.5), 'qwen3', 'llama3'), a Qwen *.tiktoken
     ranks file, a byte-level BPE *.json (`train_bpe`), a *.model sentencepiece file, or an HF tokenizer

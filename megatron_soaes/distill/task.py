@@ -24,8 +24,20 @@ class DistillTask(CPTTask):
     report_keys = ("lm loss", "kd loss", "ce loss")
 
     def prepare(self, job, tokenizer):
+        """The student (the future draft) must be the teacher's (the target's) family: checked here,
+        before any model is built."""
+        from megatron_soaes.models import resolve_model_config
+        from megatron_soaes.models.config import ModelConfigError, check_same_family
         from megatron_soaes.sft.task import with_steps_from_epochs
 
+        if job.distill.teacher is not None:
+            from megatron_soaes.distill.teacher import teacher_config
+
+            try:
+                check_same_family(teacher_config(job.distill.teacher, tokenizer),
+                                  resolve_model_config(job.model, tokenizer), "model (the student)")
+            except ModelConfigError as e:
+                raise ConfigError(f"distill.teacher: {e}") from None
         return with_steps_from_epochs(job, tokenizer)
 
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):

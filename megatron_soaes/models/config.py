@@ -90,6 +90,11 @@ class Qwen2Config:
             )
 
     @property
+    def family(self) -> str:
+        """The HF model_type: qwen2, qwen3 or llama."""
+        return FAMILIES[self.architecture][0]
+
+    @property
     def padded_vocab_size(self) -> int:
         return pad_vocab(self.vocab_size, self.make_vocab_size_divisible_by)
 
@@ -267,6 +272,24 @@ PRESETS: dict[str, dict] = {
     "test-llama3": _llama3(64, 160, 4, 8, 8, factor=8.0, tied=False, vocab_size=1024, num_key_value_heads=2,
                            max_position_embeddings=512, original=64),
 }
+
+
+# Any preset's shape in another family: its architecture, plus what the family's releases fix (Llama 3.1's
+# RoPE base, scaling and norm epsilon). The pipeline's `model.family` applies one of these.
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "qwen2": dict(architecture="Qwen2ForCausalLM"),
+    "qwen3": dict(architecture="Qwen3ForCausalLM"),
+    "llama3": {k: v for k, v in _llama3(0, 0, 0, 0, None, factor=8.0, tied=False).items()
+               if k in ("architecture", "rope_theta", "rms_norm_eps", "rope_scaling")},
+}
+
+
+def check_same_family(target: Qwen2Config, other: Qwen2Config, what: str = "draft") -> None:
+    """A draft (or the student distilled into one) and its target must be one family: the vocabulary,
+    special tokens and chat format come with it, and engines pair drafts with targets per family."""
+    if other.family != target.family:
+        raise ModelConfigError(f"{what} is a {other.family} model ({other.architecture}) but the target is "
+                               f"{target.family} ({target.architecture}): draft and target must be one family")
 
 
 def preset(name: str, **overrides) -> Qwen2Config:

@@ -20,6 +20,7 @@ import torch
 from megatron_soaes.inference.generate import (GenerationResult, all_done, check_prompts, finish, prefill,
                                                 probs_from_logits, row_done, sample)
 from megatron_soaes.inference.model import Qwen2ForInference
+from megatron_soaes.models.config import check_same_family
 from megatron_soaes.speculative.verify import tree_verify
 
 
@@ -225,6 +226,7 @@ def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, pr
                          verify_impl: str = "auto") -> GenerationResult:
     spec = spec or SpecConfig()
     check_prompts(prompts, max_new_tokens, target)
+    check_same_family(target.cfg, draft.cfg)
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"draft vocabulary {draft.vocab_size} != target vocabulary {target.vocab_size}")
     gen = torch.Generator(device=target.device).manual_seed(seed)

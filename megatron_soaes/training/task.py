@@ -79,11 +79,16 @@ def prepare_job(job: JobConfig, task: Task | None = None, tokenizer=None) -> Job
 def dry_run(job: JobConfig, world_size: int = 1, check_paths: bool = True, task: Task | None = None) -> str:
     """Check `job` against a world size (and its paths), prepare it as the trainer would, and say what
     would run: the layout, the batch split and the number of steps. Builds nothing."""
+    from megatron_soaes.data.tokenizer import tokenizer_available
+
     dp = job.check_world(world_size)
     if check_paths:
         job.check_paths()
-    if job.train.steps is None and (check_paths or all(Path(f.path).exists() for f in job.sft.train)):
-        job = prepare_job(job, task)  # packs (cached) to count the rows
+    # the task's own checks (e.g. the distillation pair) whenever the tokenizer is here; SFT epochs also
+    # need the data: it is packed (cached) to count the rows
+    ready = check_paths or tokenizer_available(job.data.tokenizer)
+    if ready and (job.train.steps is not None or check_paths or all(Path(f.path).exists() for f in job.sft.train)):
+        job = prepare_job(job, task)
     steps = "train.steps from sft.epochs (data not checked)" if job.train.steps is None else f"train.steps {job.train.steps}"
     p, t = job.parallel, job.train
     return (f"OK for world size {world_size}: kind {job.kind}, TP {p.tensor_parallel} x PP {p.pipeline_parallel} x "

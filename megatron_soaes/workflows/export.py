@@ -164,6 +164,9 @@ def check_pair(target_dir, draft_dir) -> None:
         if not (p / "config.json").exists() or not (p / "tokenizer.json").exists():
             raise ExportError(f"{p}: not an exported model directory (config.json and tokenizer.json expected)")
     tc, dc = read_json(t / "config.json"), read_json(d / "config.json")
+    if tc.get("model_type") != dc.get("model_type"):
+        raise ExportError(f"draft {d}: a {dc.get('model_type')} model but the target ({t}) is {tc.get('model_type')}: "
+                          "draft and target must be one family")
     tt, dt = read_json(t / "tokenizer.json"), read_json(d / "tokenizer.json")
     if tt["model"].get("vocab") != dt["model"].get("vocab") or tt["model"].get("merges") != dt["model"].get("merges"):
         raise ExportError(f"draft {d}: its vocabulary differs from the target's ({t}); speculative decoding needs one tokenizer")

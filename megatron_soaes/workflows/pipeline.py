@@ -140,8 +140,15 @@ class Pipeline:
 
         return pad_vocab(self.tokenizer.vocab_size)
 
+    @property
+    def overrides(self) -> dict:
+        """What every model of this pipeline changes in its preset: the vocabulary, the family."""
+        from megatron_soaes.models.config import FAMILY_OVERRIDES
+
+        return {"vocab_size": self.vocab_size, **FAMILY_OVERRIDES[self.cfg.model.family]}
+
     def model(self, preset: str, init_checkpoint: str | None = None) -> ModelSection:
-        return ModelSection(preset=preset, overrides={"vocab_size": self.vocab_size}, init_checkpoint=init_checkpoint)
+        return ModelSection(preset=preset, overrides=self.overrides, init_checkpoint=init_checkpoint)
 
     def phase_file(self, phase: str) -> Path:
         return self.out / "phases" / f"{phase}.json"
@@ -207,7 +214,7 @@ class Pipeline:
         b = self.cfg.base
         init_dir = self.out / "base" / "init"
         if not init_dir.exists():
-            make_random_hf_model(self.out / "base" / "hf_init", b.preset, seed=b.seed, vocab_size=self.vocab_size)
+            make_random_hf_model(self.out / "base" / "hf_init", b.preset, seed=b.seed, **self.overrides)
             hf_to_megatron(self.out / "base" / "hf_init", init_dir, overwrite=True, progress=False)
         if b.pretrain_steps == 0:
             return TrainResult(checkpoint=str(init_dir))
@@ -281,7 +288,7 @@ class Pipeline:
         target = self.checkpoint("sft")
         t = TrainCfg(steps=d.steps, seq_length=d.seq_length, lr=d.lr, min_lr=d.lr / 10,
                      global_batch_size=s.global_batch_size, micro_batch_size=s.micro_batch_size)
-        teacher = TeacherSection(preset=self.cfg.base.preset, overrides={"vocab_size": self.vocab_size}, checkpoint=target)
+        teacher = TeacherSection(preset=self.cfg.base.preset, overrides=self.overrides, checkpoint=target)
         return self._job(
             "distill", self.model(d.student_preset), t, self.out / "distill",
             sft=SFTSection(train=[SFTFile(path=self.sft_file(st.data, "train")) for st in s.stages],
