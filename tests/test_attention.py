@@ -83,3 +83,42 @@ def test_attention_choice_is_checked_before_work():
         select_attention(job("transformer_engine"), use_te=False)
     with pytest.raises(ConfigError, match="set train.transformer_impl: local"):
         select_attention(job("sdpa"), use_te=True)
+
+
+def _sft_job(attention="auto", **sft):
+    from megatron_soaes.config import parse_config
+
+    return parse_config({"kind": "sft", "model": {"preset": "test"}, "data": {"tokenizer": "t.json", "seq_length": 64},
+                         "train": {"steps": 1, "global_batch_size": 4, "micro_batch_size": 2, "output_dir": "/tmp/o",
+                                   "attention": attention},
+                         "sft": {"train": [{"path": "a.jsonl"}], **sft}}, "test job")
+
+
+def test_packed_attention_choice_is_checked_before_work():
+    """auto: dense mask on CPU (flex would be eager there), flex on CUDA without TE; flex needs SDPA
+    layers, thd needs TE on a GPU -- ConfigErrors naming the field."""
+    from megatron_soaes.config import ConfigError
+    from megatron_soaes.sft.task import select_packed_attention
+
+    assert select_packed_attention(_sft_job()) == "dense_mask"
+    assert select_packed_attention(_sft_job(packed_attention="flex")) == "flex"
+    with pytest.raises(ConfigError, match="sft.packed_attention: flex runs in the SDPA core attention"):
+        select_packed_attention(_sft_job("megatron_local", packed_attention="flex"))
+    with pytest.raises(ConfigError, match="sft.packed_attention: thd needs Transformer Engine layers on a GPU"):
+        select_packed_attention(_sft_job(packed_attention="thd"))
+
+
+def test_fusions_follow_the_device(megatron_state):
+    """CPU: every fusion off. CUDA without TE: the jit_fuser ones and the native CE fusion on, the
+    TE/apex kernels (RoPE, gradient accumulation) off; with TE those too. The config builds either way."""
+    from megatron_soaes.models import preset, transformer_config
+    from megatron_soaes.models.megatron import FUSION_FLAGS, fusions
+
+    cpu = transformer_config(preset("test"))
+    assert not any(getattr(cpu, k) is True for k in FUSION_FLAGS)
+    gpu = fusions(use_te=False, cuda=True)
+    assert gpu["bias_activation_fusion"] and gpu["bias_dropout_fusion"] and gpu["cross_entropy_loss_fusion"]
+    assert gpu["cross_entropy_fusion_impl"] == "native" and not gpu["apply_rope_fusion"] and not gpu["gradient_accumulation_fusion"]
+    assert fusions(use_te=True, cuda=True)["apply_rope_fusion"] and fusions(use_te=True, cuda=True)["cross_entropy_fusion_impl"] == "te"
+    cfg = transformer_config(preset("test"), **gpu)
+    assert cfg.bias_activation_fusion and cfg.cross_entropy_loss_fusion

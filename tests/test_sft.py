@@ -129,13 +129,14 @@ def test_answer_only_loss_ignores_prompt_labels(tok):
         assert loss_and_grads(changed)[0] != base
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_packed_loss_equals_unpacked(tmp_path, tp):
+@pytest.mark.parametrize("tp,kind", [(1, "dense_mask"), (2, "dense_mask"), (1, "flex"), (2, "flex")])
+def test_packed_loss_equals_unpacked(tmp_path, tp, kind):
+    """Dense block-causal mask and FlexAttention's document mask (the no-TE path for micro-batch > 1)."""
     from conftest import ROOT, read_json, torchrun
 
-    torchrun(tp, ROOT / "tests" / "workers" / "sft_packing.py", tp, tmp_path / "out.json")
+    torchrun(tp, ROOT / "tests" / "workers" / "sft_packing.py", tp, tmp_path / "out.json", kind)
     res = read_json(tmp_path / "out.json")
-    assert res["n"] == 39 and res["max_diff"] < 1e-5
+    assert res["n"] == 60 and res["rows"] >= 2 and res["max_diff"] < 1e-5
     assert res["packed_masked_sum"] == pytest.approx(res["unpacked_masked_sum"], rel=1e-6)
 
 
@@ -196,6 +197,10 @@ def test_curriculum_chains_stages_and_resumes(small_sft, cpt_data, tmp_path):
     for r in recs:
         assert set(r.qa) >= {"rouge-1", "rouge-2", "rouge-l", "bleu-4"}
         assert (out / f"stage{r.stage}_{r.name}" / "qa_answers.jsonl").exists()
+    # the run's config dump names the attention, the packed-rows path and the fusions (all off on CPU)
+    dump = json.loads((out / "stage1_consultation" / "resolved_config.json").read_text())
+    assert dump["attention"] == "sdpa" and dump["job"]["sft"]["packed_attention"] == "dense_mask"
+    assert dump["fusions"]["bias_activation_fusion"] is False and dump["fusions"]["cross_entropy_fusion_impl"] == "native"
     # stage k+1 started from stage k's final checkpoint
     assert recs[1].init_checkpoint == recs[0].checkpoint and recs[2].init_checkpoint == recs[1].checkpoint
     # re-running skips finished stages

@@ -189,6 +189,11 @@ class SFTSection(StrictModel):
     last_turn_only: bool = False  # loss on the last assistant turn only
     truncation: Literal["truncate", "drop"] = "truncate"  # conversations longer than seq_length
     packing: bool = True  # several conversations per row (no cross-example attention)
+    # how packed rows keep examples apart: thd = Transformer Engine's cu_seqlens kernels (micro-batch 1);
+    # flex = FlexAttention with a document block mask (SDPA layers, any micro-batch, O(s) memory);
+    # dense_mask = an explicit [b, 1, s, s] block-causal mask; auto: thd with TE on CUDA at micro-batch 1,
+    # else flex on CUDA, else dense_mask (CPU)
+    packed_attention: Literal["auto", "thd", "flex", "dense_mask"] = "auto"
 
     @field_validator("train")
     @classmethod

@@ -22,6 +22,7 @@ from megatron_soaes.training.task import masked_token_loss
 
 class DistillTask(CPTTask):
     report_keys = ("lm loss", "kd loss", "ce loss")
+    packed_attention = "dense_mask"  # SFT-data distillation: set in build
 
     def prepare(self, job, tokenizer):
         """The student (the future draft) must be the teacher's (the target's) family: checked here,
@@ -57,9 +58,11 @@ class DistillTask(CPTTask):
             self.store = TopKStore(d.offline_logits, job, job.steps * job.train.global_batch_size, d.top_k)
             self.report_keys = ("lm loss", "kd loss", "ce loss")
         if job.sft is not None:
-            from megatron_soaes.sft.task import SFTTask
+            from megatron_soaes.sft.task import SFTTask, select_packed_attention
 
-            return SFTTask(use_thd=False).build(job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples)
+            # the teacher and the student see the same mask object: no THD (the teacher runs unpacked)
+            self.packed_attention = "flex" if select_packed_attention(job) == "flex" else "dense_mask"
+            return SFTTask(self.packed_attention).build(job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples)
         return super().build(job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples)
 
     def on_built(self, model, optimizer):
@@ -104,9 +107,9 @@ class DistillTask(CPTTask):
             b = self._rollout(model, b)
         mask = None
         if "segment_ids" in b:
-            from megatron_soaes.sft.task import block_causal_mask
+            from megatron_soaes.sft.task import packed_mask
 
-            mask = block_causal_mask(b["segment_ids"])
+            mask = packed_mask(b["segment_ids"], self.packed_attention)
         teacher = {}
         if self.teacher is not None:
             teacher["teacher_logits"] = self.teacher.logits(b["tokens"], b["position_ids"], mask)

@@ -9,9 +9,58 @@ scale and (empty) sharded state dict, so checkpoints are the same with either.
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+
+def have_flex_attention() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _flex():
+    """flex_attention, compiled on CUDA (eager flex is a reference implementation that materialises
+    the scores: fine for CPU tests, not for speed)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.cuda.is_available():
+        return torch.compile(flex_attention, dynamic=False)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # deliberate on CPU
+    return flex_attention
+
+
+class DocumentMask:
+    """Packed rows' attention as the model's `attention_mask`: causal inside each example of a row, no
+    attention across examples (segment ids [b, s]; padding is its own segment, as in the dense mask).
+    `SDPAttention` runs it through FlexAttention with a block-sparse mask built once per forward and
+    shared by every layer -- O(s) memory at any micro-batch size, and no Transformer Engine."""
+
+    def __init__(self, segment_ids: torch.Tensor):
+        self.segment_ids = segment_ids
+        self._block = None
+
+    def block_mask(self):
+        if self._block is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            seg = self.segment_ids
+            b, s = seg.shape
+
+            def same_example_causal(bi, h, q, kv):
+                return (seg[bi, q] == seg[bi, kv]) & (q >= kv)
+
+            self._block = create_block_mask(same_example_causal, b, None, s, s, device=seg.device)
+        return self._block
 
 
 class SDPAttention(DotProductAttention):
@@ -20,7 +69,8 @@ class SDPAttention(DotProductAttention):
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np*hn].
 
         `attention_mask` follows megatron: bool, True where attention is NOT allowed, broadcastable to
-        [b, np, sq, sk]; None means causal (or none, for a padding-free non-causal mask type)."""
+        [b, np, sq, sk]; None means causal (or none, for a padding-free non-causal mask type); a
+        `DocumentMask` runs packed rows through FlexAttention."""
         if packed_seq_params is not None:
             raise NotImplementedError("packed THD sequences: use the block-causal attention_mask with SDPA")
         if attention_bias is not None:
@@ -31,7 +81,12 @@ class SDPAttention(DotProductAttention):
         mask_type = attn_mask_type or self.attn_mask_type
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         dropout = self.attention_dropout.p if self.training else 0.0
-        if attention_mask is None:
+        if isinstance(attention_mask, DocumentMask):
+            if dropout:
+                raise NotImplementedError("attention dropout with FlexAttention (packed rows)")
+            out = _flex()(q, k, v, block_mask=attention_mask.block_mask(), scale=self.softmax_scale,
+                          enable_gqa=groups > 1)
+        elif attention_mask is None:
             # causal without a materialised mask; GQA without copying K/V (the fused kernels support it)
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale,
                                                  is_causal=mask_type == AttnMaskType.causal and q.shape[2] > 1,

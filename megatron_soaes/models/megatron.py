@@ -97,8 +97,25 @@ def layer_spec(use_te: bool | None = None, attention: str = "auto", qk_norm: boo
     return spec
 
 
-def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", **overrides):
-    """megatron-core TransformerConfig for this Qwen2 model at the current parallel layout."""
+FUSION_FLAGS = ("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion",
+                "cross_entropy_fusion_impl", "masked_softmax_fusion", "gradient_accumulation_fusion",
+                "apply_rope_fusion")
+
+
+def fusions(use_te: bool, cuda: bool | None = None) -> dict:
+    """megatron-core's fusion switches for this device. On CUDA, bias-SwiGLU and bias-dropout-add
+    (megatron's `jit_fuser`, i.e. torch.compile) and the native vocab-parallel cross-entropy fusion need
+    neither TE nor apex: on. RoPE fusion and gradient-accumulation fusion are TE/apex kernels: on only
+    with TE. The masked-softmax fusion is apex's and only serves megatron's unfused attention: off.
+    On CPU: all off (the torch paths)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return dict(bias_activation_fusion=cuda, bias_dropout_fusion=cuda, cross_entropy_loss_fusion=cuda,
+                cross_entropy_fusion_impl="te" if use_te else "native", masked_softmax_fusion=False,
+                gradient_accumulation_fusion=cuda and use_te, apply_rope_fusion=cuda and use_te)
+
+
+def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool = False, **overrides):
+    """megatron-core TransformerConfig for this model at the current parallel layout."""
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
 
@@ -133,12 +150,7 @@ def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", **overrides):
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         use_cpu_initialization=not torch.cuda.is_available(),
-        # Fused kernels are CUDA-only; megatron falls back to the torch path without them.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
+        **fusions(use_te),
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
     )
@@ -152,9 +164,9 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    tcfg = transformer_config(cfg, dtype, **overrides)
     if use_te is None:
         use_te = have_transformer_engine()
+    tcfg = transformer_config(cfg, dtype, use_te, **overrides)
     spec = layer_spec(use_te, attention, qk_norm=cfg.qk_norm)
     if not use_te:
         # the block's final norm too (megatron would build WrappedTorchNorm, which refuses sequence parallelism)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_soaes.config import ConfigError
 from megatron_soaes.data.gpt_data import ResumableBatches, collate, to_device
 from megatron_soaes.data.sft import PackedSFTDataset, Template, cached_pack
 from megatron_soaes.training.task import BaseTask, masked_token_loss
@@ -53,6 +54,15 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(same & causal)[:, None]
 
 
+def packed_mask(segment_ids: torch.Tensor, kind: str = "dense_mask"):
+    """The attention_mask that keeps packed examples apart: a FlexAttention document mask, or dense."""
+    if kind == "flex":
+        from megatron_soaes.models.attention import DocumentMask
+
+        return DocumentMask(segment_ids)
+    return block_causal_mask(segment_ids)
+
+
 def packed_seq_params(segment_ids: torch.Tensor):
     """THD / cu_seqlens for Transformer Engine's fused attention (micro-batch size 1)."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -68,18 +78,47 @@ def packed_seq_params(segment_ids: torch.Tensor):
                            max_seqlen_kv=longest)
 
 
+def select_packed_attention(job) -> str:
+    """`sft.packed_attention` resolved for this machine; a choice that cannot run is a ConfigError
+    naming the field, before any work."""
+    from megatron_soaes.models.attention import have_flex_attention
+    from megatron_soaes.models.megatron import select_attention, use_transformer_engine
+
+    use_te = use_transformer_engine(job)
+    attention, want = select_attention(job, use_te), job.sft.packed_attention
+    cuda = torch.cuda.is_available()
+    if want == "auto":
+        want = ("thd" if use_te and cuda and job.train.micro_batch_size == 1
+                else "flex" if cuda and attention == "sdpa" and have_flex_attention() else "dense_mask")
+    if want == "thd" and not (use_te and cuda):
+        raise ConfigError("sft.packed_attention: thd needs Transformer Engine layers on a GPU; "
+                          "use flex (SDPA layers) or dense_mask")
+    if want == "thd" and job.train.micro_batch_size != 1:
+        raise ConfigError(f"sft.packed_attention: thd needs train.micro_batch_size 1, got {job.train.micro_batch_size}")
+    if want == "flex" and attention != "sdpa":
+        raise ConfigError(f"sft.packed_attention: flex runs in the SDPA core attention, not {attention} "
+                          "(set train.attention: sdpa)")
+    if want == "flex" and not have_flex_attention():
+        raise ConfigError(f"sft.packed_attention: flex needs torch.nn.attention.flex_attention (torch >= 2.5), "
+                          f"this torch is {torch.__version__}")
+    return want
+
+
 class SFTTask(BaseTask):
-    def __init__(self, use_thd: bool | None = None):
-        self.use_thd = use_thd
+    def __init__(self, packed_attention: str | None = None):
+        self.packed_attention = packed_attention
 
     def prepare(self, job, tokenizer):
-        return with_steps_from_epochs(job, tokenizer)
+        """Steps from epochs, and the packed-attention path resolved (so the run's config dump names it)."""
+        from megatron_soaes.config import replace
+
+        job = with_steps_from_epochs(job, tokenizer)
+        if job.sft is not None and job.sft.packed_attention == "auto" and self.packed_attention is None:
+            job = replace(job, sft=replace(job.sft, packed_attention=select_packed_attention(job)))
+        return job
 
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
-        from megatron_soaes.models.megatron import use_transformer_engine
-
-        if self.use_thd is None:
-            self.use_thd = use_transformer_engine(job) and torch.cuda.is_available() and job.train.micro_batch_size == 1
+        self.packed_attention = self.packed_attention or select_packed_attention(job)
         t = job.train
         rows, self.stats = train_rows(job, tokenizer, progress=torch.distributed.get_rank() == 0)
         batches = ResumableBatches(PackedSFTDataset(rows, t.seed), t.global_batch_size, t.micro_batch_size,
@@ -95,9 +134,10 @@ class SFTTask(BaseTask):
 
     def forward_step(self, data_iterator, model):
         b = to_device(next(data_iterator))
-        if self.use_thd:
+        if self.packed_attention == "thd":
             out = model(b["tokens"], b["position_ids"], None, labels=b["labels"],
                         packed_seq_params=packed_seq_params(b["segment_ids"]))
         else:
-            out = model(b["tokens"], b["position_ids"], block_causal_mask(b["segment_ids"]), labels=b["labels"])
+            out = model(b["tokens"], b["position_ids"], packed_mask(b["segment_ids"], self.packed_attention),
+                        labels=b["labels"])
         return out, partial(masked_token_loss, b["loss_mask"])

@@ -111,7 +111,12 @@ class Trainer:
         if t.fp8:
             extra.update(fp8="hybrid")
         model = build_model(self.model_cfg, dtype=t.dtype, use_te=self.use_te, attention=self.attention, **extra)
-        self.log(f"layers: {'Transformer Engine' if self.use_te else 'megatron local'}, attention: {self.attention}")
+        from megatron_soaes.models.megatron import FUSION_FLAGS
+
+        self.fusions = {k: getattr(model.config, k) for k in FUSION_FLAGS}
+        on = [k.removesuffix("_fusion") for k, v in self.fusions.items() if v is True]
+        self.log(f"layers: {'Transformer Engine' if self.use_te else 'megatron local'}, attention: {self.attention}, "
+                 f"fusions: {', '.join(on) or 'none'}")
         self.ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer), model)
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
@@ -143,7 +148,7 @@ class Trainer:
             atomic_write_json(self.out / "resolved_config.json", {
                 "job": job.model_dump(), "model": self.model_cfg.to_dict(),
                 "transformer_impl": "transformer_engine" if self.use_te else "local", "attention": self.attention,
-                "world_size": torch.distributed.get_world_size(), "data_parallel": self.dp})
+                "fusions": self.fusions, "world_size": torch.distributed.get_world_size(), "data_parallel": self.dp})
 
     def _restore(self) -> tuple[int, int]:
         """Resume from the newest complete checkpoint, or load the initial weights."""
