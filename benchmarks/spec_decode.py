@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="capture draft steps and tree verification as CUDA graphs")
     ap.add_argument("--out", default="outputs/bench")
     ap.add_argument("--dry-run", action="store_true", help="check the pair and the TP layout from the configs (a "
                                                            "directory or a preset name), load nothing")
@@ -115,8 +116,8 @@ def main() -> None:
         initialize(ParallelConfig(tensor_parallel=args.tp))
         tp = TensorParallel.from_env()
         rank, args.no_hf = tp.rank, True
-    target = load_inference_model(args.target, dtype, args.device, tp=tp)
-    draft = load_inference_model(args.draft, dtype, args.device)
+    target = load_inference_model(args.target, dtype, args.device, tp=tp, cuda_graphs=args.cuda_graphs)
+    draft = load_inference_model(args.draft, dtype, args.device, cuda_graphs=args.cuda_graphs)
     prompts = load_prompts(args, target.vocab_size)
     n = args.max_new_tokens
 

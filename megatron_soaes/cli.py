@@ -89,13 +89,13 @@ def _generate(args) -> int:
         tp = TensorParallel.from_env()
         rank = tp.rank
     tok = load_tokenizer(args.tokenizer or args.target)
-    target = load_inference_model(args.target, dtype, args.device, tp=tp)
+    target = load_inference_model(args.target, dtype, args.device, tp=tp, cuda_graphs=args.cuda_graphs)
     prompts = [tok.encode(p) for p in args.prompt]
     kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_id=tok.eod_id)
     if args.draft:
         spec = SpecConfig.parse(args.tree, args.gamma, args.topk, args.depth, args.budget)
-        res = speculative_generate(target, load_inference_model(args.draft, dtype, args.device), prompts,
-                                   args.max_new_tokens, spec, **kw)
+        draft = load_inference_model(args.draft, dtype, args.device, cuda_graphs=args.cuda_graphs)
+        res = speculative_generate(target, draft, prompts, args.max_new_tokens, spec, **kw)
     else:
         res = generate(target, prompts, args.max_new_tokens, **kw)
     if rank:
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the target (relaunches under torchrun)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each decode step / tree verification as a captured CUDA graph (CUDA only)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     g.set_defaults(fn=_generate)
 

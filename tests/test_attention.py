@@ -95,13 +95,14 @@ def _sft_job(attention="auto", **sft):
 
 
 def test_packed_attention_choice_is_checked_before_work():
-    """auto: dense mask on CPU (flex would be eager there), flex on CUDA without TE; flex needs SDPA
-    layers, thd needs TE on a GPU -- ConfigErrors naming the field."""
+    """auto: dense mask on CPU (FlexAttention has no CPU backward), flex on CUDA without TE; flex needs
+    SDPA layers and a GPU, thd needs TE on a GPU -- ConfigErrors naming the field."""
     from megatron_soaes.config import ConfigError
     from megatron_soaes.sft.task import select_packed_attention
 
     assert select_packed_attention(_sft_job()) == "dense_mask"
-    assert select_packed_attention(_sft_job(packed_attention="flex")) == "flex"
+    with pytest.raises(ConfigError, match="sft.packed_attention: flex trains on a GPU only"):
+        select_packed_attention(_sft_job(packed_attention="flex"))
     with pytest.raises(ConfigError, match="sft.packed_attention: flex runs in the SDPA core attention"):
         select_packed_attention(_sft_job("megatron_local", packed_attention="flex"))
     with pytest.raises(ConfigError, match="sft.packed_attention: thd needs Transformer Engine layers on a GPU"):

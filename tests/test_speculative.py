@@ -103,6 +103,25 @@ def test_ragged_batch_with_a_good_draft_finishes_rows_in_different_rounds(pair, 
         assert speculative_generate(target, near_target, prompts, n_new, spec, eos_id=eos).tokens == ref_eos.tokens
 
 
+def test_static_shapes_give_the_same_tokens(hf_models, near_target):
+    """The CUDA-graph-ready forward (whole cache under a mask, RoPE table sized with the cache, no host
+    sync) decodes exactly as the dynamic one: target-only and speculative, ragged batch, every mode.
+    On CPU there is no capture (`cuda_graphs` refuses a CPU device); the GPU check measures it."""
+    from megatron_soaes.inference.model import Qwen2ForInference, load_weights
+
+    cfg, w = load_weights(hf_models["untied"])
+    dyn, static = Qwen2ForInference(cfg, w), Qwen2ForInference(cfg, w, static_shapes=True)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, cfg.vocab_size, (int(n),), generator=g).tolist() for n in (12, 1, 5, 20)]
+    ref = generate(dyn, prompts, 24)
+    assert generate(static, prompts, 24).tokens == ref.tokens
+    for spec in (SpecConfig("chain", gamma=3), SpecConfig("tree", branching=(2, 2, 1)), SpecConfig("dynamic", topk=2, depth=3, budget=6)):
+        out = speculative_generate(static, near_target, prompts, 24, spec)
+        assert out.tokens == ref.tokens and out.tau > 1.5
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        Qwen2ForInference(cfg, w, cuda_graphs=True)
+
+
 def test_linear_packs_only_large_fp32_cpu_weights(monkeypatch):
     from megatron_soaes.inference.model import Linear
 

@@ -93,13 +93,26 @@ class Linear:
 
 
 class Qwen2ForInference:
+    GRAPH_MAX_BLOCK = 128  # forwards of at most this many block slots are captured (draft steps, trees)
+
     def __init__(self, cfg: Qwen2Config, weights, dtype=torch.float32, device="cpu", packed: bool = True,
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, static_shapes: bool = False, cuda_graphs: bool = False):
         """`weights`: HF-named tensors (a dict, or a lazy mapping that reads each on access: only this
-        rank's slices are kept, so no rank holds the whole model at TP > 1)."""
+        rank's slices are kept, so no rank holds the whole model at TP > 1).
+
+        static_shapes: every forward attends over the whole cache under a mask and reads RoPE from a
+        table sized at cache creation -- no host sync, one shape per (batch, block) -- which is what
+        CUDA graphs need. cuda_graphs: capture each such forward once (torch.compile, mode
+        "reduce-overhead") and replay it: a draft step or a tree verification becomes one launch."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.tp = tp = tp or TensorParallel()
         tp.check(cfg)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
+        if cuda_graphs and tp.size > 1:
+            raise ValueError("cuda_graphs with tensor parallelism is not supported yet (run TP eagerly)")
+        self.static_shapes, self.cuda_graphs = static_shapes or cuda_graphs, cuda_graphs
+        self._step = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if cuda_graphs else self._forward
         self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
 
         def w(name, shard=None):  # read one tensor, keep this rank's part, cast and place it
@@ -135,7 +148,13 @@ class Qwen2ForInference:
         return self.cfg.vocab_size
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device, kv_heads=self.kv_heads)
+        cache = KVCache(self.cfg, batch, max_len, self.dtype, self.device, kv_heads=self.kv_heads)
+        if self.static_shapes:
+            self._rope_table(max_len)  # every position a forward can write (slots < max_len), built once
+        if self.cuda_graphs:  # fixed addresses: the captured graphs update the cache in place
+            for t in (cache.k, cache.v, cache.lengths):
+                torch._dynamo.mark_static_address(t)
+        return cache
 
     def _rope_table(self, n: int) -> torch.Tensor:
         if self._rope.shape[0] < n:
@@ -145,19 +164,20 @@ class Qwen2ForInference:
             self._rope = torch.stack([ang.cos(), ang.sin()], 1).to(self.dtype)
         return self._rope
 
-    def _attention_mask(self, cache: KVCache, block_mask, n: int, W: int, end: int):
+    def _attention_mask(self, lengths: torch.Tensor, block_mask, n: int, W: int, end: int):
         """[B, 1, n, end] bool, or None when every key is visible (one new token, no ragged batch)."""
-        B = cache.lengths.shape[0]
-        if block_mask is None and n == 1 and W == 1 and (B == 1 or bool((cache.lengths == cache.lengths[0]).all())):
+        B = lengths.shape[0]
+        static = self.static_shapes
+        if not static and block_mask is None and n == 1 and W == 1 and (B == 1 or bool((lengths == lengths[0]).all())):
             return None
         if block_mask is None:
             block_mask = torch.arange(W, device=self.device)[None, :] <= (W - n + torch.arange(n, device=self.device))[:, None]
             block_mask = block_mask.expand(B, n, W)
-        if B == 1:  # committed keys, then the block
-            L = int(cache.lengths[0])
+        if B == 1 and not static:  # committed keys, then the block
+            L = int(lengths[0])
             return torch.cat([torch.ones(1, n, L, dtype=torch.bool, device=self.device), block_mask], -1)[:, None]
         s = torch.arange(end, device=self.device)
-        rel = s[None, :] - cache.lengths[:, None]  # [B, end] block offset of each key slot
+        rel = s[None, :] - lengths[:, None]  # [B, end] block offset of each key slot
         in_block = (rel >= 0) & (rel < W)
         visible = torch.gather(block_mask, 2, rel.clamp(0, W - 1)[:, None, :].expand(B, n, end)) & in_block[:, None, :]
         return (visible | (rel < 0)[:, None, :])[:, None]
@@ -170,15 +190,25 @@ class Qwen2ForInference:
         Keys visible to new token j of sequence b: every committed slot, plus block slots
         (offset < write_offset + n) where ``block_mask[b, j, offset]``; causal inside the block if None.
         """
-        cfg = self.cfg
-        B, n = tokens.shape
-        W = write_offset + n
+        W = write_offset + tokens.shape[1]
+        if self.static_shapes:  # sizing is the caller's (speculative decoding's is provable): no host sync
+            # decode blocks replay captured graphs; a prompt (one forward per request) runs eagerly
+            step = self._step if W <= self.GRAPH_MAX_BLOCK else self._forward
+            return step(tokens, positions, cache.k, cache.v, cache.lengths, cache.max_len, block_mask, write_offset)
         end = int(cache.lengths.max()) + W
         if end > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} tokens is too small (needs {end})")
-        mask = self._attention_mask(cache, block_mask, n, W, end)
-        slots = cache.lengths[:, None] + write_offset + torch.arange(n, device=self.device)
-        cs = self._rope_table(int(positions.max()) + 1)[positions]  # [B, n, 2, d]
+        return self._forward(tokens, positions, cache.k, cache.v, cache.lengths, end, block_mask, write_offset)
+
+    def _forward(self, tokens, positions, k_cache, v_cache, lengths, end: int, block_mask, write_offset: int):
+        """The forward proper over keys [0, end): the cache as tensors, so it can be captured."""
+        cfg = self.cfg
+        B, n = tokens.shape
+        W = write_offset + n
+        mask = self._attention_mask(lengths, block_mask, n, W, end)
+        slots = lengths[:, None] + write_offset + torch.arange(n, device=self.device)
+        rope = self._rope if self.static_shapes else self._rope_table(int(positions.max()) + 1)
+        cs = rope[positions]  # [B, n, 2, d]
         cos, sin = cs[:, None, :, 0], cs[:, None, :, 1]
         H, Hkv, d = self.heads, self.kv_heads, cfg.head_dim  # this rank's heads
         x = F.embedding(tokens, self.embed)
@@ -190,9 +220,9 @@ class Qwen2ForInference:
                 qk = torch.cat([_rms_norm(qk[:, :H], L["q_norm"], cfg.rms_norm_eps),
                                 _rms_norm(qk[:, H:], L["k_norm"], cfg.rms_norm_eps)], 1)
             qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
-            cache.k[li].scatter_(2, idx, qk[:, H:])
-            cache.v[li].scatter_(2, idx, qkv[:, H + Hkv:])
-            att = F.scaled_dot_product_attention(qk[:, :H], cache.k[li][:, :, :end], cache.v[li][:, :, :end],
+            k_cache[li].scatter_(2, idx, qk[:, H:])
+            v_cache[li].scatter_(2, idx, qkv[:, H + Hkv:])
+            att = F.scaled_dot_product_attention(qk[:, :H], k_cache[li][:, :, :end], v_cache[li][:, :, :end],
                                                  attn_mask=mask, enable_gqa=H != Hkv)
             x = x + self.tp.all_reduce(L["o"](att.transpose(1, 2).reshape(B, n, H * d)))
             gate, up = L["gate_up"](_rms_norm(x, L["ln2"], cfg.rms_norm_eps)).chunk(2, dim=-1)
@@ -249,7 +279,8 @@ def load_weights(path: str | Path) -> tuple[Qwen2Config, Mapping[str, torch.Tens
 
 
 def load_inference_model(path, dtype=torch.float32, device="cpu", packed: bool = True,
-                         tp: TensorParallel | None = None) -> Qwen2ForInference:
+                         tp: TensorParallel | None = None, static_shapes: bool = False,
+                         cuda_graphs: bool = False) -> Qwen2ForInference:
     """At TP > 1 (under torchrun), each rank keeps its shard: `tp=TensorParallel.from_env()`."""
     cfg, weights = load_weights(path)
-    return Qwen2ForInference(cfg, weights, dtype, device, packed, tp)
+    return Qwen2ForInference(cfg, weights, dtype, device, packed, tp, static_shapes, cuda_graphs)

@@ -98,6 +98,9 @@ def select_packed_attention(job) -> str:
     if want == "flex" and attention != "sdpa":
         raise ConfigError(f"sft.packed_attention: flex runs in the SDPA core attention, not {attention} "
                           "(set train.attention: sdpa)")
+    if want == "flex" and not cuda:
+        raise ConfigError("sft.packed_attention: flex trains on a GPU only (FlexAttention has no backward on CPU); "
+                          "use dense_mask")
     if want == "flex" and not have_flex_attention():
         raise ConfigError(f"sft.packed_attention: flex needs torch.nn.attention.flex_attention (torch >= 2.5), "
                           f"this torch is {torch.__version__}")
