@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo pipeline test test-slow test-serving test-all bench-spec clean
+.PHONY: venv demo pipeline test test-slow test-serving test-all bench-spec gpu-check clean
 
 $(STAMP): requirements/cpu.txt setup.py csrc/tree_verify.cpp csrc/tree_verify.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench-spec: $(STAMP)
 	    --draft $(SPEC)/draft/checkpoints/iter_0000200 --tokenizer data/demo/tokenizer.json \
 	    --prompts data/demo/corpora/domain.test.jsonl --num-prompts 16 --prompt-len 48 --max-new-tokens 64 \
 	    --gammas 2 3 4 --trees 2,1 2,1,1 2,2,1 3,1,1 dynamic:2,4,8 --out $(SPEC)/bench
+
+# Every GPU-only check and benchmark in one command on a CUDA machine (README "The GPU check"): results
+# in benchmarks/results/gpu/. Uses the machine's python3 (a CUDA torch), not the CPU .venv.
+gpu-check:
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(SERVING) outputs .pytest_cache

@@ -89,7 +89,7 @@ def main() -> None:
     if "throughput" in args.parts or "parity" in args.parts:
         steps = "4" if smoke else "20"
         shapes = [("0.5b", "examples/gpu/cpt_throughput.yaml"), ("1.5b", "examples/gpu/cpt_throughput_1.5b.yaml")]
-        base = "train.dtype=fp32,model.preset=tiny,data.seq_length=256" if smoke else "train.dtype=bf16"
+        base = "train.dtype=fp32,model.preset=tiny,data.seq_length=256,optim.warmup_steps=1" if smoke else "train.dtype=bf16"
         variants = {"0.5b": [f"local attention=1:{base},train.attention=megatron_local",
                              f"SDPA=1:{base},train.attention=sdpa",
                              f"SDPA mbs8=1:{base},train.attention=sdpa,train.micro_batch_size=8,train.global_batch_size=32",
@@ -145,8 +145,8 @@ def main() -> None:
                  "--set", f"train.output_dir={pair}/draft",
                  "--set", f"distill.teacher.checkpoint={pair}/target/checkpoints/iter_{int(steps):07d}"]
         if smoke:
-            target += ["--set", "model.preset=tiny"]
-            draft += ["--set", "distill.teacher.preset=tiny"]
+            target += ["--set", "model.preset=tiny", "--set", "optim.warmup_steps=1"]
+            draft += ["--set", "distill.teacher.preset=tiny", "--set", "optim.warmup_steps=1"]
         r1 = run(target, 240, out / "spec_target.log")
         r2 = run(draft, 240, out / "spec_draft.log") if r1["rc"] == 0 else {"skipped": "target training failed"}
         spec = {"train_target": r1, "train_draft": r2}
@@ -192,7 +192,16 @@ def summary(report: dict) -> str:
             if r["method"] != "target only (ours)":
                 lines.append(f"  speculative ({tag}) batch {r['batch']} {r['method']}: {r['speedup']:.2f}x, tau {r['tau']:.2f}, "
                              f"exact {r['exact']}")
-    failed = [k for k, v in report.items() if isinstance(v, dict) and (v.get("error") or v.get("rc") not in (None, 0))]
+    def broken(v) -> bool:
+        if isinstance(v, dict):
+            return bool(v.get("error")) or v.get("rc") not in (None, 0) or any(broken(x) for x in v.values())
+        if isinstance(v, list):
+            return any(broken(x) for x in v)
+        return False
+
+    failed = [k for k, v in report.items() if k != "env" and broken(v)]
+    failed += [f"throughput {r['variant']}" for part in report.get("throughput", {}).values() for r in part.get("rows") or []
+               if str(r.get("skipped", "")).startswith("failed")]
     lines.append(f"  parts with errors: {', '.join(failed) or 'none'}")
     return "\n".join(lines)
 

@@ -219,12 +219,14 @@ def test_sigkill_during_save_then_resume_is_exact(cpt_data, tmp_path, fault):
 
 
 @pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2",
+                                    "parallel.tensor_parallel=2;parallel.sequence_parallel=true",
                                     pytest.param("parallel.pipeline_parallel=2", marks=pytest.mark.slow),
                                     pytest.param("train.seed=1234", marks=pytest.mark.slow)],  # DP=2
-                         ids=["tp2", "pp2", "dp2"])
+                         ids=["tp2", "tp2-sp", "pp2", "dp2"])
 def test_resume_at_a_different_layout(cpt_data, tmp_path, layout):
-    """Save on 1 process, resume on 2 at TP=2, PP=2 or DP=2 (megatron dist_checkpointing reshards model and
-    optimizer; the data position is global, so DP ranks continue the same sample order)."""
+    """Save on 1 process, resume on 2 at TP=2 (also with sequence parallelism and no TE: our norm's
+    weights are replicated, so the checkpoint is the same), PP=2 or DP=2 (megatron dist_checkpointing
+    reshards model and optimizer; the data position is global, so DP ranks continue the same sample order)."""
     from conftest import ROOT, torchrun
 
     from megatron_soaes.training.cpt import CPTTask
@@ -236,7 +238,8 @@ def test_resume_at_a_different_layout(cpt_data, tmp_path, layout):
     shutil.copytree(ref / "checkpoints" / "iter_0000008", run / "checkpoints" / "iter_0000008")
     (run / "checkpoints" / "latest").write_text("iter_0000008")
     cfg = write_config(cpt_data, run, steps=16)
-    torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg, "--set", layout)
+    torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg,
+             *[a for kv in layout.split(";") for a in ("--set", kv)])
     full, got = losses(ref), losses(run)
     assert sorted(got) == list(range(9, 17))
     for s in range(9, 17):

@@ -29,13 +29,17 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     for row in ("General-ability retention after CPT", "Domain perplexity", "Rouge-1: base / CPT / SFT progressive",
                 "BLEU-4: base / CPT / SFT progressive", "Progressive vs single-stage SFT, Rouge-1 ratio",
                 "Progressive vs single-stage SFT, BLEU-4 ratio", "Speculative decoding speedup",
-                "Mean accepted length tau", "identical to target-only greedy", "Export: transformers loads it"):
+                "Mean accepted length tau", "identical to target-only greedy", "Export: transformers loads it",
+                "Distillation vs CE-only draft (same student, steps, data)", "Distillation vs CE-only draft: tau",
+                "General MCQ accuracy"):
         line = next(ln for ln in report.splitlines() if row in ln)
         assert "| - |" not in line.split(row)[1][:12], line  # a real number in the "this run" column
     for png in ("loss_curves.png", "metrics_per_phase.png", "speedup_vs_tree.png"):
         assert (out / "report" / png).stat().st_size > 10_000
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert all(r["exact"] for r in summary["speculative"] if r["method"].startswith(("chain", "tree")))
+    assert all(r["exact"] for r in summary["speculative"] + summary["speculative_ce_draft"]
+               if r["method"].startswith(("chain", "tree")))
+    assert {r["method"] for r in summary["speculative_ce_draft"]} >= {"chain gamma=2", "tree dynamic"}
     export = json.loads((out / "phases" / "export.json").read_text())
     # exported in the trained dtype (fp32): transformers gives our logits
     assert export["target"]["top1_agreement"] == 1.0 and export["target"]["max_abs_logit_diff_vs_source"] < 1e-4
@@ -43,7 +47,7 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
 
     # re-running skips every phase
     again = run_pipeline(out)
-    assert again.count("done, skipped") == 10 and "running" not in again.replace("[pipeline] ", "")
+    assert again.count("done, skipped") == 11 and "running" not in again.replace("[pipeline] ", "")
 
     # killed in the middle of distillation (after its mid-run checkpoint): later phases never ran
     distill_loss = [json.loads(x)["loss"] for x in open(out / "distill" / "metrics.jsonl") if '"loss"' in x]
@@ -73,3 +77,29 @@ def test_pipeline_with_the_real_qwen_vocabulary(tmp_path):
     assert meta["model"]["vocab_size"] == 151680  # 151,665 tokens padded to a multiple of 128
     losses = [json.loads(x)["loss"] for x in open(out / "cpt" / "metrics.jsonl") if '"loss"' in x]
     assert len(losses) == 3 and all(10 < v < 13 for v in losses)  # ~ln(151,680) = 11.9 at the start
+
+
+@pytest.mark.parametrize("family,arch", [("qwen3", "Qwen3ForCausalLM"), ("llama3", "LlamaForCausalLM")])
+def test_pipeline_model_family_switch(tmp_path, family, arch):
+    """`--set model.family=...`: every model of the pipeline is that family (data, base, CPT here; the
+    whole pipeline per family is in the slow tier)."""
+    out = tmp_path / family
+    run_pipeline(out, "--set", f"model.family={family}", "--set", "base.pretrain_steps=2", "--set", "cpt.steps=3",
+                 "--until", "cpt")
+    meta = json.loads(next((out / "cpt" / "checkpoints").glob("iter_*/soaes_model.json")).read_text())
+    assert meta["architecture"] == arch
+    hf = json.loads((out / "base" / "hf_init" / "config.json").read_text())
+    assert hf["architectures"] == [arch] and (family != "llama3" or hf["rope_scaling"]["rope_type"] == "llama3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_whole_pipeline_per_family(tmp_path, family):
+    """The whole tiny pipeline per family: training, evaluation, export (transformers loads it as the
+    family and gives our logits), speculative decoding lossless."""
+    out = tmp_path / family
+    run_pipeline(out, "--set", f"model.family={family}")
+    export = json.loads((out / "phases" / "export.json").read_text())
+    assert export["target"]["max_abs_logit_diff_vs_source"] < 1e-4 and export["target"]["tokenizer_matches"]
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert all(r["exact"] for r in summary["speculative"])

@@ -12,7 +12,8 @@ from pydantic import Field
 from megatron_soaes.config.base import StrictModel as _Strict
 from megatron_soaes.config.base import load_config
 
-PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "evaluate", "export", "speculative", "report")
+PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "distill_ce", "evaluate", "export", "speculative",
+          "report")
 class DataCfg(_Strict):
     dir: str = "data/demo"
     # bpe: a small byte-level BPE in Qwen2's format trained on the demo corpora (exports to every engine);
@@ -74,6 +75,15 @@ class DistillCfg(_Strict):
     steps: int = 100
     seq_length: int = 256
     lr: float = 2e-3
+    # the distillation data: the target's own greedy answers to the SFT training prompts (sequence-level
+    # KD: the draft learns what the target says, which is what speculative decoding accepts), or the
+    # SFT data itself
+    data: Literal["target_answers", "sft"] = "target_answers"
+    prompts: int = Field(384, ge=1)  # SFT training prompts answered by the target (spread over the stages)
+    answer_tokens: int = Field(64, ge=1)  # new tokens per answer
+    # also train the same student on the SFT data with cross-entropy alone (kd_weight 0, same steps): the
+    # draft one would train without distillation; the report shows what distilling from the target adds
+    ce_baseline: bool = True
 
 
 class SpecCfg(_Strict):

@@ -39,15 +39,25 @@ def perplexity(model, tokenizer, jsonl, max_docs: int = 64, max_tokens: int = 25
                 docs.append(ids)
             if len(docs) >= max_docs:
                 break
-    nll, n = 0.0, 0
+    nll, n, hits = 0.0, 0, 0
     for i in range(0, len(docs), batch_size):
         batch = docs[i:i + batch_size]
         logits = _forward(model, batch)
         for j, s in enumerate(batch):
             t = torch.tensor(s[1:], device=logits.device)
             nll += F.cross_entropy(logits[j, :len(s) - 1], t, reduction="sum").item()
+            hits += int((logits[j, :len(s) - 1].argmax(-1) == t).sum())
             n += len(s) - 1
-    return {"ppl": math.exp(nll / max(n, 1)), "tokens": n, "docs": len(docs)}
+    # top1: next-token accuracy -- a general-ability measure that moves even for models too small for MCQ
+    return {"ppl": math.exp(nll / max(n, 1)), "top1": hits / max(n, 1), "tokens": n, "docs": len(docs)}
+
+
+MCQ_CHANCE = 0.25  # four options
+
+
+def at_chance(accuracy: float, questions: int, chance: float = MCQ_CHANCE) -> bool:
+    """Whether an MCQ accuracy is within two standard errors of guessing: then it measures nothing."""
+    return abs(accuracy - chance) <= 2 * math.sqrt(chance * (1 - chance) / max(questions, 1))
 
 
 def read_mcq(path, limit: int | None = None) -> list[dict]:
@@ -104,7 +114,8 @@ def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=No
     model = load_inference_model(checkpoint)
     res = {"checkpoint": str(checkpoint)}
     if general_text:
-        res["general_ppl"] = perplexity(model, tokenizer, general_text)["ppl"]
+        g = perplexity(model, tokenizer, general_text)
+        res["general_ppl"], res["general_top1"] = g["ppl"], g["top1"]
     if domain_text:
         res["domain_ppl"] = perplexity(model, tokenizer, domain_text)["ppl"]
     if mcq_files:

@@ -168,7 +168,9 @@ class Qwen2ForInference:
         """[B, 1, n, end] bool, or None when every key is visible (one new token, no ragged batch)."""
         B = lengths.shape[0]
         static = self.static_shapes
-        if not static and block_mask is None and n == 1 and W == 1 and (B == 1 or bool((lengths == lengths[0]).all())):
+        # one new token under a causal block sees every key written so far: no mask (SDPA's fast path),
+        # unless rows of a ragged batch end at different slots
+        if not static and block_mask is None and n == 1 and (B == 1 or bool((lengths == lengths[0]).all())):
             return None
         if block_mask is None:
             block_mask = torch.arange(W, device=self.device)[None, :] <= (W - n + torch.arange(n, device=self.device))[:, None]

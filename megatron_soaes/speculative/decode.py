@@ -135,9 +135,10 @@ def _static_tree(draft, cache, root, spec: SpecConfig, temperature, top_p, gen, 
     for d, ((lo, hi), k) in enumerate(zip(levels, spec.branching)):
         if d == 0:
             logits = _root_logits(draft, cache, root, pending)
-        else:
+        else:  # a chain's node sees every node before it: causal, no mask needed
+            chain = hi - lo == 1 and all(b == 1 for b in spec.branching[:d])
             logits = draft.forward(tokens[:, lo:hi], cache.lengths[:, None] + d, cache,
-                                   block_mask=anc[:, lo:hi, :hi], write_offset=lo)
+                                   block_mask=None if chain else anc[:, lo:hi, :hi], write_offset=lo)
         if not sampled:
             top = logits.topk(k, dim=-1).indices  # [B, hi - lo, k]: children in parent order
             tokens[:, nxt:nxt + (hi - lo) * k] = top.reshape(B, -1)

