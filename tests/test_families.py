@@ -126,7 +126,7 @@ def test_qwen3_bad_input_is_a_one_line_error(qwen3, tmp_path):
     with pytest.raises(ModelConfigError, match="unknown architecture"):
         Qwen2Config.from_hf({**cfg, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"})
     with pytest.raises(ModelConfigError, match="rope_scaling"):
-        Qwen2Config.from_hf({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        Qwen2Config.from_hf({**cfg, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
     assert Path(bad).exists()
 
 
@@ -142,8 +142,13 @@ def test_llama3_rope_scaling_is_read_from_either_format_and_matters(tmp_path):
     released = {**preset("llama3.1-8b").to_hf(), "rope_scaling": scaling, "rope_theta": 500000.0}
     released.pop("rope_parameters", None)
     assert dataclasses.replace(Qwen2Config.from_hf(released), extra_hf={}) == preset("llama3.1-8b")
-    with pytest.raises(ModelConfigError, match="only rope_type llama3 is supported"):
+    with pytest.raises(ModelConfigError, match="supported rope types are llama3 and yarn"):
+        Qwen2Config.from_hf({**released, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
+    with pytest.raises(ModelConfigError, match=r"rope_scaling yarn needs \['original_max_position_embeddings'\]"):
         Qwen2Config.from_hf({**released, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ModelConfigError, match=r"rope_scaling yarn: keys \['mscale'\] are not supported"):
+        Qwen2Config.from_hf({**released, "rope_scaling": {"type": "yarn", "factor": 4.0, "mscale": 0.7,
+                                                          "original_max_position_embeddings": 8192}})
     make_random_hf_model(tmp_path / "scaled", "test-llama3", seed=0)
     make_random_hf_model(tmp_path / "plain", "test-llama3", seed=0, rope_scaling=None)
     toks = torch.randint(0, 1024, (1, 96), generator=torch.Generator().manual_seed(0))
@@ -198,3 +203,31 @@ def test_mixed_family_draft_and_target_are_refused(cpt_data, tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and "the student) is a llama model" in err[0] and "the target is qwen3" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["test", "test-qwen3"])
+def test_yarn_long_context_matches_hf(name, tmp_path):
+    """YaRN as Qwen documents it (`{"type": "yarn", "factor": 4, "original_max_position_embeddings"}`):
+    interpolated low frequencies and the 0.1 ln(factor) + 1 attention factor, in megatron (RoPE
+    frequencies + megatron's own YaRN cos/sin scale) and the inference model, equal to HF beyond the
+    original context; the scaling changes the model, and survives conversion both ways."""
+    from megatron_soaes.checkpoint.compare import compare_logits, hf_logits
+    from megatron_soaes.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from megatron_soaes.inference import load_inference_model
+    from megatron_soaes.models import Qwen2Config
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    make_random_hf_model(tmp_path / "yarn", name, seed=0, rope_scaling=yarn)
+    make_random_hf_model(tmp_path / "plain", name, seed=0)
+    toks = torch.randint(0, 1024, (1, 96), generator=torch.Generator().manual_seed(0))
+    ref = hf_logits(tmp_path / "yarn", toks)
+    assert (ref - hf_logits(tmp_path / "plain", toks)).abs().max() > 1e-3
+    assert compare_logits(tmp_path / "yarn", 1, 1, seq_len=96)["max_abs_diff"] < TOL
+    m = load_inference_model(tmp_path / "yarn")
+    assert (m.forward(toks, torch.arange(96)[None], m.new_cache(1, 96)) - ref).abs().max() < TOL
+    hf_to_megatron(tmp_path / "yarn", tmp_path / "mc", progress=False)
+    megatron_to_hf(tmp_path / "mc", tmp_path / "back", progress=False)
+    back = Qwen2Config.from_hf(tmp_path / "back")
+    assert back.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                 "beta_fast": 32.0, "beta_slow": 1.0}

@@ -94,6 +94,7 @@ class Linear:
 
 class Qwen2ForInference:
     GRAPH_MAX_BLOCK = 128  # forwards of at most this many block slots are captured (draft steps, trees)
+    CACHE_STEP = 256  # static-shape caches are sized in these steps
 
     def __init__(self, cfg: Qwen2Config, weights, dtype=torch.float32, device="cpu", packed: bool = True,
                  tp: TensorParallel | None = None, static_shapes: bool = False, cuda_graphs: bool = False):
@@ -112,7 +113,13 @@ class Qwen2ForInference:
         if cuda_graphs and tp.size > 1:
             raise ValueError("cuda_graphs with tensor parallelism is not supported yet (run TP eagerly)")
         self.static_shapes, self.cuda_graphs = static_shapes or cuda_graphs, cuda_graphs
-        self._step = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if cuda_graphs else self._forward
+        self._step = self._forward
+        if cuda_graphs:  # one graph per (batch, block, cache size): allow the handful a decoder uses
+            from torch import _dynamo
+
+            name = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
+            self._step = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
         self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
 
         def w(name, shard=None):  # read one tensor, keep this rank's part, cast and place it
@@ -148,6 +155,8 @@ class Qwen2ForInference:
         return self.cfg.vocab_size
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if self.static_shapes:  # sizes in steps of CACHE_STEP, so captured graphs are reused across requests
+            max_len = -(-max_len // self.CACHE_STEP) * self.CACHE_STEP
         cache = KVCache(self.cfg, batch, max_len, self.dtype, self.device, kv_heads=self.kv_heads)
         if self.static_shapes:
             self._rope_table(max_len)  # every position a forward can write (slots < max_len), built once
@@ -161,7 +170,8 @@ class Qwen2ForInference:
             n = max(n, 2 * self._rope.shape[0], 256)
             ang = torch.arange(n, dtype=torch.float64, device=self.device)[:, None] * self.inv_freq
             ang = torch.cat([ang, ang], -1)
-            self._rope = torch.stack([ang.cos(), ang.sin()], 1).to(self.dtype)
+            scale = self.cfg.rope_attention_factor()  # YaRN's attention factor, on cos and sin as transformers does
+            self._rope = torch.stack([ang.cos() * scale, ang.sin() * scale], 1).to(self.dtype)
         return self._rope
 
     def _attention_mask(self, lengths: torch.Tensor, block_mask, n: int, W: int, end: int):

@@ -22,6 +22,27 @@ FAMILIES = {"Qwen2ForCausalLM": ("qwen2", dict(attention_bias=True, qk_norm=Fals
             "Qwen3ForCausalLM": ("qwen3", dict(attention_bias=False, qk_norm=True)),
             "LlamaForCausalLM": ("llama", dict(attention_bias=False, qk_norm=False))}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+YARN_ROPE_KEYS = ("factor", "original_max_position_embeddings")
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0}  # as transformers and Qwen's configs use them
+_ROPE_META = {"rope_type", "type", "rope_theta"}  # transformers 5 keeps these in rope_parameters
+
+
+def _check_rope_scaling(r: dict) -> dict:
+    """The scalings applied exactly (Llama 3's, YaRN as Qwen documents it); anything else a one-line error."""
+    kind = r.get("rope_type", r.get("type"))
+    if kind == "llama3":
+        required, optional = LLAMA3_ROPE_KEYS, {}
+    elif kind == "yarn":
+        required, optional = YARN_ROPE_KEYS, YARN_DEFAULTS
+    else:
+        raise ModelConfigError(f"rope_scaling {r!r}: supported rope types are llama3 and yarn")
+    missing = [k for k in required if k not in r]
+    if missing:
+        raise ModelConfigError(f"rope_scaling {kind} needs {missing}")
+    unknown = sorted(set(r) - set(required) - set(optional) - _ROPE_META)
+    if unknown:  # mscale / attention_factor / truncate variants: not what Qwen ships, not matched exactly here
+        raise ModelConfigError(f"rope_scaling {kind}: keys {unknown} are not supported")
+    return {"rope_type": kind, **{k: r[k] for k in required}, **{k: r.get(k) or v for k, v in optional.items()}}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
@@ -56,7 +77,9 @@ class Qwen2Config:
     architecture: str = "Qwen2ForCausalLM"  # the HF class; picks the family defaults below
     attention_bias: bool | None = None  # bias on q/k/v (default: the family's)
     qk_norm: bool | None = None  # RMSNorm on each q and k head before RoPE (default: the family's)
-    rope_scaling: dict | None = None  # {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings}
+    # {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings} (Llama 3.1+) or
+    # {"rope_type": "yarn", factor, original_max_position_embeddings[, beta_fast, beta_slow]} (Qwen long context)
+    rope_scaling: dict | None = None
     extra_hf: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -66,13 +89,7 @@ class Qwen2Config:
             if getattr(self, k) is None:
                 setattr(self, k, v)
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind != "llama3":
-                raise ModelConfigError(f"rope_scaling {self.rope_scaling!r}: only rope_type llama3 is supported")
-            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
-            if missing:
-                raise ModelConfigError(f"rope_scaling llama3 needs {missing}")
-            self.rope_scaling = {"rope_type": "llama3", **{k: self.rope_scaling[k] for k in LLAMA3_ROPE_KEYS}}
+            self.rope_scaling = _check_rope_scaling(self.rope_scaling)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ModelConfigError(
@@ -211,6 +228,17 @@ class Qwen2Config:
         if not self.rope_scaling:
             return inv
         r = self.rope_scaling
+        if r["rope_type"] == "yarn":  # interpolate the low frequencies, keep the high ones, ramp between
+            factor, old = r["factor"], r["original_max_position_embeddings"]
+
+            def dim_for(rotations):
+                return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(self.rope_theta))
+
+            lo = max(math.floor(dim_for(r["beta_fast"])), 0)
+            hi = min(math.ceil(dim_for(r["beta_slow"])), d - 1)
+            ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - lo) / (hi - lo if hi > lo else 0.001)).clamp(0, 1)
+            inter = 1.0 / (factor * (1.0 / inv))  # as transformers rounds it: 1 / (factor * theta^(2i/d))
+            return inter * ramp + inv * (1 - ramp)
         factor, low, high, old = (r[k] for k in LLAMA3_ROPE_KEYS)
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / low, inv / factor, inv)
@@ -218,6 +246,14 @@ class Qwen2Config:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / high) * ~(wavelen > old / low)
         return torch.where(medium, smoothed, scaled)
+
+
+    def rope_attention_factor(self) -> float:
+        """YaRN scales cos and sin (so q.k) by 0.1 ln(factor) + 1; 1 otherwise."""
+        r = self.rope_scaling
+        if r and r["rope_type"] == "yarn" and r["factor"] > 1:
+            return 0.1 * math.log(r["factor"]) + 1.0
+        return 1.0
 
 
 def _qwen3(hidden, inter, layers, heads, tied, **kw) -> dict:

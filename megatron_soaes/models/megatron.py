@@ -154,8 +154,14 @@ def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool = Fal
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
     )
+    yarn = cfg.rope_attention_factor() != 1.0
+    if yarn:  # megatron's fused RoPE kernels drop YaRN's cos/sin scale: the unfused path applies it
+        kwargs["apply_rope_fusion"] = False
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    tcfg = TransformerConfig(**kwargs)
+    if yarn:  # megatron's attention scales cos/sin by 0.1 ln(factor) + 1 when this attribute is set
+        tcfg.yarn_rotary_scaling_factor = cfg.rope_scaling["factor"]
+    return tcfg
 
 
 def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = None, vp_stage=None,
@@ -187,7 +193,7 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
-    if cfg.rope_scaling:  # Llama 3 scaling with the checkpoint's own factors (megatron's flag fixes some of them)
+    if cfg.rope_scaling:  # Llama 3 / YaRN frequencies with the checkpoint's own factors (as transformers computes them)
         rope = model.rotary_pos_emb
         rope.inv_freq = cfg.rope_inv_freq(rope.inv_freq.device)
     # Without TE/apex, megatron's local spec falls back to torch.nn norms created in fp32. A bf16/fp16
