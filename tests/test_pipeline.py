@@ -30,7 +30,7 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
                 "BLEU-4: base / CPT / SFT progressive", "Progressive vs single-stage SFT, Rouge-1 ratio",
                 "Progressive vs single-stage SFT, BLEU-4 ratio", "Speculative decoding speedup",
                 "Mean accepted length tau", "identical to target-only greedy", "Export: transformers loads it",
-                "Distillation vs CE-only draft (same student, steps, data)", "Distillation vs CE-only draft: tau",
+                "Distilled vs CE-only draft (same student and steps)", "Distillation vs CE-only draft: tau",
                 "General MCQ accuracy"):
         line = next(ln for ln in report.splitlines() if row in ln)
         assert "| - |" not in line.split(row)[1][:12], line  # a real number in the "this run" column

@@ -138,9 +138,9 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         ce_best, ce = _best(ce_spec), distill_ce.eval
         same = next((r for r in ce_spec if r["method"] == best["method"]), ce_best)
         rows += [
-            ("Distillation vs CE-only draft (same student, steps, data): top-1 agreement with the target",
+            ("Distilled vs CE-only draft (same student and steps): top-1 agreement, teacher-forced on reference answers",
              f"{_fmt(de.get('soae_qa/top1 agree'))} vs {_fmt(ce.get('soae_qa/top1 agree'))}", None),
-            (f"Distillation vs CE-only draft: tau / speedup with {best['method']}",
+            (f"Distillation vs CE-only draft: tau / speedup with {best['method']} (on the target's own answers)",
              f"{best['tau']:.2f} / {best['speedup']:.2f}x vs {same['tau']:.2f} / {same['speedup']:.2f}x", None)]
     if hf:
         rows.append(("HF transformers assisted generation, same pair (speedup vs our target-only)",
