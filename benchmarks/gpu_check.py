@@ -90,11 +90,12 @@ def main() -> None:
         steps = "4" if smoke else "20"
         shapes = [("0.5b", "examples/gpu/cpt_throughput.yaml"), ("1.5b", "examples/gpu/cpt_throughput_1.5b.yaml")]
         base = "train.dtype=fp32,model.preset=tiny,data.seq_length=256,optim.warmup_steps=1" if smoke else "train.dtype=bf16"
-        variants = {"0.5b": [f"local attention=1:{base},train.attention=megatron_local",
-                             f"SDPA=1:{base},train.attention=sdpa",
-                             f"SDPA mbs8=1:{base},train.attention=sdpa,train.micro_batch_size=8,train.global_batch_size=32",
+        local = f"{base},train.transformer_impl=local"  # megatron's local layers even where TE imports
+        variants = {"0.5b": [f"local attention=1:{local},train.attention=megatron_local",
+                             f"SDPA=1:{local},train.attention=sdpa",
+                             f"SDPA mbs8=1:{local},train.attention=sdpa,train.micro_batch_size=8,train.global_batch_size=32",
                              f"TE=1:{base},train.transformer_impl=transformer_engine"],
-                    "1.5b": [f"SDPA=1:{base},train.attention=sdpa"]}
+                    "1.5b": [f"SDPA=1:{local},train.attention=sdpa"]}
         report["throughput"] = {}
         for name, config in shapes[:1] if smoke else shapes:
             cmd = [py, bench / "train_throughput.py", "--config", config, "--steps", steps, "--log-interval", "2" if smoke else "5",

@@ -118,6 +118,14 @@ def test_static_shapes_give_the_same_tokens(hf_models, near_target):
     for spec in (SpecConfig("chain", gamma=3), SpecConfig("tree", branching=(2, 2, 1)), SpecConfig("dynamic", topk=2, depth=3, budget=6)):
         out = speculative_generate(static, near_target, prompts, 24, spec)
         assert out.tokens == ref.tokens and out.tau > 1.5
+    # the same model as target and draft: two live caches never share buffers; a finished one's are reused
+    assert speculative_generate(static, static, prompts, 24, SpecConfig("chain", gamma=2)).tokens == ref.tokens
+    c = static.new_cache(4, 100)
+    k = c.k
+    assert c.max_len == 256
+    del c
+    live = static.new_cache(4, 100)
+    assert live.k is k and static.new_cache(4, 100).k is not k
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         Qwen2ForInference(cfg, w, cuda_graphs=True)
 

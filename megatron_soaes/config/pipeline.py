@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from megatron_soaes.config.base import StrictModel as _Strict
 from megatron_soaes.config.base import load_config
@@ -84,6 +84,13 @@ class DistillCfg(_Strict):
     # also train the same student on the SFT data with cross-entropy alone (kd_weight 0, same steps): the
     # draft one would train without distillation; the report shows what distilling from the target adds
     ce_baseline: bool = True
+
+    @model_validator(mode="after")
+    def _answers_fit(self):
+        if self.answer_tokens >= self.seq_length:
+            raise ValueError(f"answer_tokens {self.answer_tokens} must be smaller than seq_length {self.seq_length} "
+                             "(the prompt keeps the rest)")
+        return self
 
 
 class SpecCfg(_Strict):

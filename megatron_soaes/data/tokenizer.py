@@ -64,6 +64,11 @@ class Tokenizer:
         raise NotImplementedError
 
     @property
+    def eod_token(self) -> str:
+        """The end-of-document token's string (the PAD of exports)."""
+        return self.decode([self.eod_id])
+
+    @property
     def stop_id(self) -> int:
         """The token an assistant turn ends with (<|im_end|>, <|eot_id|>): where generation stops."""
         return self.token_id(self.chat.turn_end)
@@ -116,10 +121,10 @@ VOCAB_ALIASES = {"qwen": "qwen2", "qwen2.5": "qwen2", "llama3.1": "llama3", "lla
 class TiktokenTokenizer(Tokenizer):
     """A published vocabulary (Qwen2/2.5, Qwen3, Llama 3.x), offline, from its BPE ranks file."""
 
-    def __init__(self, ranks_path: str | Path, vocab: str = "qwen2"):
+    def __init__(self, ranks_path: str | Path, vocab: str | None = None):
+        """vocab: a key of VOCABS, or None to tell it by the number of ranks (Qwen 151,643, Llama 3 128,000)."""
         import tiktoken
 
-        self.vocab = VOCABS[vocab]
         path = Path(ranks_path)
         ranks = {}
         try:
@@ -132,6 +137,11 @@ class TiktokenTokenizer(Tokenizer):
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{path}: cannot read BPE ranks ({e})") from None
         n = len(ranks)
+        if vocab is None:
+            vocab = {151643: "qwen2", 128000: "llama3"}.get(n)
+            if vocab is None:
+                raise TokenizerError(f"{path}: {n} BPE ranks match no known vocabulary (Qwen 151,643, Llama 3 128,000)")
+        self.vocab = VOCABS[vocab]
         self.special = {t: n + i for i, t in enumerate(self.vocab.specials)}
         self.enc = tiktoken.Encoding(name=vocab, pat_str=self.vocab.pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special)
@@ -213,6 +223,10 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
 
+    @property
+    def eod_token(self) -> str:
+        return self.sp.id_to_piece(self.eod_id)  # decode() drops control pieces such as </s>
+
     def token_id(self, token):
         i = self.sp.piece_to_id(token)
         if i == self.sp.unk_id() and token != self.sp.id_to_piece(self.sp.unk_id()):
@@ -285,8 +299,14 @@ class HFTokenizer(Tokenizer):
 
 
 def tokenizer_available(spec: str | Path) -> bool:
-    """Whether `load_tokenizer(spec)` can work here (a published vocabulary, or a path that exists)."""
-    return VOCAB_ALIASES.get(str(spec), str(spec)) in VOCABS or Path(spec).exists()
+    """Whether `load_tokenizer(spec)` works here without a download (a cached published vocabulary,
+    or a path that exists)."""
+    name = VOCAB_ALIASES.get(str(spec), str(spec))
+    if name in VOCABS:
+        from megatron_soaes.data.assets import default_cache_dir
+
+        return (default_cache_dir() / VOCABS[name].asset).exists()
+    return Path(spec).exists()
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:

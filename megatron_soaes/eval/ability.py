@@ -55,9 +55,14 @@ def perplexity(model, tokenizer, jsonl, max_docs: int = 64, max_tokens: int = 25
 MCQ_CHANCE = 0.25  # four options
 
 
+def chance_band(questions: int, chance: float = MCQ_CHANCE) -> float:
+    """Two standard errors of guessing's accuracy over `questions` questions."""
+    return 2 * math.sqrt(chance * (1 - chance) / max(questions, 1))
+
+
 def at_chance(accuracy: float, questions: int, chance: float = MCQ_CHANCE) -> bool:
     """Whether an MCQ accuracy is within two standard errors of guessing: then it measures nothing."""
-    return abs(accuracy - chance) <= 2 * math.sqrt(chance * (1 - chance) / max(questions, 1))
+    return abs(accuracy - chance) <= chance_band(questions, chance)
 
 
 def read_mcq(path, limit: int | None = None) -> list[dict]:

@@ -65,7 +65,7 @@ def prefill(model: Qwen2ForInference, prompts: list[list[int]], max_len: int):
         for b, p in enumerate(prompts):
             toks[b, :len(p) - 1] = torch.tensor(p[:-1])
         toks = toks.to(model.device)
-        model.forward(toks, torch.arange(n, device=model.device).expand(B, n), cache)
+        model.forward(toks, torch.arange(n, device=model.device).expand(B, n), cache, capture=False)  # once per request
     cache.lengths.copy_(torch.tensor([len(p) - 1 for p in prompts]))
     root = torch.tensor([p[-1] for p in prompts], device=model.device)
     return cache, root

@@ -9,6 +9,7 @@ cache to the accepted path.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,11 +23,18 @@ from megatron_soaes.models.config import Qwen2Config
 class KVCache:
     """K/V for every layer, [L, B, Hkv, S, D]; slots [0, lengths[b]) are committed tokens."""
 
-    def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device, kv_heads: int | None = None):
-        shape = (cfg.num_layers, batch, kv_heads or cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device, kv_heads: int | None = None,
+                 buffers: tuple | None = None):
+        """buffers: (k, v, lengths) of an earlier cache of this shape to reuse (slots past `lengths` are
+        never read, so only the lengths are reset)."""
+        if buffers is not None:
+            self.k, self.v, self.lengths = buffers
+            self.lengths.zero_()
+        else:
+            shape = (cfg.num_layers, batch, kv_heads or cfg.num_key_value_heads, max_len, cfg.head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+            self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
 
     def commit(self, keep: torch.Tensor, count: torch.Tensor) -> None:
@@ -113,13 +121,15 @@ class Qwen2ForInference:
         if cuda_graphs and tp.size > 1:
             raise ValueError("cuda_graphs with tensor parallelism is not supported yet (run TP eagerly)")
         self.static_shapes, self.cuda_graphs = static_shapes or cuda_graphs, cuda_graphs
-        self._step = self._forward
+        self._step, self._cache_pool = self._forward, {}
         if cuda_graphs:  # one graph per (batch, block, cache size): allow the handful a decoder uses
             from torch import _dynamo
 
             name = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
             self._step = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
+            for t in self._weights():  # fixed addresses: not copied into the graphs' inputs on every replay
+                torch._dynamo.mark_static_address(t)
         self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
 
         def w(name, shard=None):  # read one tensor, keep this rank's part, cast and place it
@@ -150,19 +160,34 @@ class Qwen2ForInference:
         self.inv_freq = cfg.rope_inv_freq(self.device).double()  # RoPE, Llama 3 scaling included
         self._rope = torch.empty(0, 2, d, dtype=dtype, device=self.device)  # [pos, cos/sin, d], grown on demand
 
+    def _weights(self):
+        yield from (self.embed, self.norm, self.lm_head.weight)
+        for layer in self.layers:
+            for v in layer.values():
+                if isinstance(v, Linear):
+                    yield from (t for t in (v.weight, v.bias, v.packed) if t is not None)
+                elif v is not None:
+                    yield v
+
     @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        if self.static_shapes:  # sizes in steps of CACHE_STEP, so captured graphs are reused across requests
-            max_len = -(-max_len // self.CACHE_STEP) * self.CACHE_STEP
-        cache = KVCache(self.cfg, batch, max_len, self.dtype, self.device, kv_heads=self.kv_heads)
-        if self.static_shapes:
-            self._rope_table(max_len)  # every position a forward can write (slots < max_len), built once
-        if self.cuda_graphs:  # fixed addresses: the captured graphs update the cache in place
+        if not self.static_shapes:
+            return KVCache(self.cfg, batch, max_len, self.dtype, self.device, kv_heads=self.kv_heads)
+        max_len = -(-max_len // self.CACHE_STEP) * self.CACHE_STEP  # sizes in steps: graphs are reused
+        self._rope_table(max_len)  # every position a forward can write (slots < max_len), built once
+        # captured graphs read the cache at fixed addresses: reuse the buffers of a cache of this shape
+        # once its previous owner is gone (a live one, e.g. the same model as target and draft, gets new ones)
+        owner, buffers = self._cache_pool.get((batch, max_len), (None, None))
+        reuse = buffers is not None and owner() is None
+        cache = KVCache(self.cfg, batch, max_len, self.dtype, self.device, kv_heads=self.kv_heads,
+                        buffers=buffers if reuse else None)
+        if self.cuda_graphs and not reuse:
             for t in (cache.k, cache.v, cache.lengths):
                 torch._dynamo.mark_static_address(t)
+        self._cache_pool[(batch, max_len)] = (weakref.ref(cache), (cache.k, cache.v, cache.lengths))
         return cache
 
     def _rope_table(self, n: int) -> torch.Tensor:
@@ -195,17 +220,17 @@ class Qwen2ForInference:
         return (visible | (rel < 0)[:, None, :])[:, None]
 
     @torch.no_grad()
-    def forward(self, tokens, positions, cache: KVCache, block_mask=None, write_offset: int = 0):
+    def forward(self, tokens, positions, cache: KVCache, block_mask=None, write_offset: int = 0, capture: bool = True):
         """Logits [B, n, V] for `tokens` [B, n] at `positions`, writing their K/V at block slots
         ``cache.lengths + write_offset + j`` (lengths are not advanced: see `KVCache.commit`).
 
         Keys visible to new token j of sequence b: every committed slot, plus block slots
         (offset < write_offset + n) where ``block_mask[b, j, offset]``; causal inside the block if None.
+        capture: with cuda_graphs, replay a captured graph (decode steps, trees); prompts pass False.
         """
         W = write_offset + tokens.shape[1]
         if self.static_shapes:  # sizing is the caller's (speculative decoding's is provable): no host sync
-            # decode blocks replay captured graphs; a prompt (one forward per request) runs eagerly
-            step = self._step if W <= self.GRAPH_MAX_BLOCK else self._forward
+            step = self._step if capture and W <= self.GRAPH_MAX_BLOCK else self._forward
             return step(tokens, positions, cache.k, cache.v, cache.lengths, cache.max_len, block_mask, write_offset)
         end = int(cache.lengths.max()) + W
         if end > cache.max_len:

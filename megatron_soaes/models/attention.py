@@ -26,14 +26,14 @@ def have_flex_attention() -> bool:
 
 
 @functools.cache
-def _flex():
-    """flex_attention, compiled on CUDA (eager flex is a reference implementation that materialises
-    the scores: fine for CPU tests, not for speed)."""
+def _flex(cuda: bool):
+    """flex_attention, compiled for CUDA tensors (eager flex is a reference implementation that
+    materialises the scores: fine for CPU tests, not for speed)."""
     import warnings
 
     from torch.nn.attention.flex_attention import flex_attention
 
-    if torch.cuda.is_available():
+    if cuda:
         return torch.compile(flex_attention, dynamic=False)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # deliberate on CPU
     return flex_attention
@@ -43,7 +43,8 @@ class DocumentMask:
     """Packed rows' attention as the model's `attention_mask`: causal inside each example of a row, no
     attention across examples (segment ids [b, s]; padding is its own segment, as in the dense mask).
     `SDPAttention` runs it through FlexAttention with a block-sparse mask built once per forward and
-    shared by every layer -- O(s) memory at any micro-batch size, and no Transformer Engine."""
+    shared by every layer: no [b, heads, s, s] scores at any micro-batch size, and no Transformer
+    Engine (on CUDA the block mask is built compiled, without a dense [s, s] intermediate)."""
 
     def __init__(self, segment_ids: torch.Tensor):
         self.segment_ids = segment_ids
@@ -59,7 +60,8 @@ class DocumentMask:
             def same_example_causal(bi, h, q, kv):
                 return (seg[bi, q] == seg[bi, kv]) & (q >= kv)
 
-            self._block = create_block_mask(same_example_causal, b, None, s, s, device=seg.device)
+            self._block = create_block_mask(same_example_causal, b, None, s, s, device=seg.device,
+                                            _compile=seg.is_cuda)
         return self._block
 
 
@@ -84,8 +86,8 @@ class SDPAttention(DotProductAttention):
         if isinstance(attention_mask, DocumentMask):
             if dropout:
                 raise NotImplementedError("attention dropout with FlexAttention (packed rows)")
-            out = _flex()(q, k, v, block_mask=attention_mask.block_mask(), scale=self.softmax_scale,
-                          enable_gqa=groups > 1)
+            out = _flex(q.is_cuda)(q, k, v, block_mask=attention_mask.block_mask(), scale=self.softmax_scale,
+                                   enable_gqa=groups > 1)
         elif attention_mask is None:
             # causal without a materialised mask; GQA without copying K/V (the fused kernels support it)
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale,

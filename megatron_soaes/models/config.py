@@ -228,7 +228,7 @@ class Qwen2Config:
         if not self.rope_scaling:
             return inv
         r = self.rope_scaling
-        if r["rope_type"] == "yarn":  # interpolate the low frequencies, keep the high ones, ramp between
+        if r["rope_type"] == "yarn":  # transformers' _compute_yarn_parameters (truncate=True), op for op
             factor, old = r["factor"], r["original_max_position_embeddings"]
 
             def dim_for(rotations):
@@ -236,9 +236,10 @@ class Qwen2Config:
 
             lo = max(math.floor(dim_for(r["beta_fast"])), 0)
             hi = min(math.ceil(dim_for(r["beta_slow"])), d - 1)
-            ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - lo) / (hi - lo if hi > lo else 0.001)).clamp(0, 1)
-            inter = 1.0 / (factor * (1.0 / inv))  # as transformers rounds it: 1 / (factor * theta^(2i/d))
-            return inter * ramp + inv * (1 - ramp)
+            hi = hi + 0.001 if lo == hi else hi
+            pos_freqs = self.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)
+            extrapolation = 1 - ((torch.arange(d // 2, dtype=torch.float32, device=device) - lo) / (hi - lo)).clamp(0, 1)
+            return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
         factor, low, high, old = (r[k] for k in LLAMA3_ROPE_KEYS)
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / low, inv / factor, inv)

@@ -102,16 +102,29 @@ FUSION_FLAGS = ("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_
                 "apply_rope_fusion")
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def fusions(use_te: bool, cuda: bool | None = None) -> dict:
     """megatron-core's fusion switches for this device. On CUDA, bias-SwiGLU and bias-dropout-add
-    (megatron's `jit_fuser`, i.e. torch.compile) and the native vocab-parallel cross-entropy fusion need
-    neither TE nor apex: on. RoPE fusion and gradient-accumulation fusion are TE/apex kernels: on only
-    with TE. The masked-softmax fusion is apex's and only serves megatron's unfused attention: off.
-    On CPU: all off (the torch paths)."""
+    (megatron's `jit_fuser`, i.e. torch.compile) and the vocab-parallel cross-entropy fusion (native,
+    or TE's kernel where megatron found one) need neither TE nor apex: on. Gradient-accumulation fusion
+    needs apex's `fused_weight_gradient_mlp_cuda` (megatron's own output layer asks for it even with TE
+    layers) and RoPE fusion TE's kernels: on only when those are there. The masked-softmax fusion is
+    apex's and only serves megatron's unfused attention: off. On CPU: all off (the torch paths)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    te_ce = False
+    if use_te:
+        from megatron.core.models.common.language_module import language_module
+
+        te_ce = getattr(language_module, "te_parallel_cross_entropy", None) is not None
     return dict(bias_activation_fusion=cuda, bias_dropout_fusion=cuda, cross_entropy_loss_fusion=cuda,
-                cross_entropy_fusion_impl="te" if use_te else "native", masked_softmax_fusion=False,
-                gradient_accumulation_fusion=cuda and use_te, apply_rope_fusion=cuda and use_te)
+                cross_entropy_fusion_impl="te" if te_ce else "native", masked_softmax_fusion=False,
+                gradient_accumulation_fusion=cuda and _importable("fused_weight_gradient_mlp_cuda"),
+                apply_rope_fusion=cuda and use_te)
 
 
 def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool = False, **overrides):

@@ -117,7 +117,10 @@ class SFTTask(BaseTask):
 
         job = with_steps_from_epochs(job, tokenizer)
         if job.sft is not None and job.sft.packed_attention == "auto" and self.packed_attention is None:
-            job = replace(job, sft=replace(job.sft, packed_attention=select_packed_attention(job)))
+            try:
+                job = replace(job, sft=replace(job.sft, packed_attention=select_packed_attention(job)))
+            except ConfigError:  # a dry run on a machine unlike the job's (a login node): decided where it runs
+                pass
         return job
 
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):

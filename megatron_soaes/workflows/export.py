@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_soaes.models.config import ModelConfigError, Qwen2Config, check_same_family
 from megatron_soaes.utils.files import atomic_write_json, read_json
 
 
@@ -69,7 +70,7 @@ def export_hf(checkpoint, out_dir, tokenizer_spec: str, dtype: str | None = "bf1
             "chat_template": tok.chat.jinja(default_system),
             "model_max_length": max_model_len or cfg.get("max_position_embeddings", 32768),
             "clean_up_tokenization_spaces": False, "bos_token": tok.chat.bos, "unk_token": None,
-            "eos_token": tok.chat.turn_end, "pad_token": tok.decode([tok.eod_id])})
+            "eos_token": tok.chat.turn_end, "pad_token": tok.eod_token})
         atomic_write_json(tmp / "soaes_export.json", {"source": str(checkpoint), "tokenizer": tokenizer_spec,
                                                       "default_system": default_system})
     return Path(out_dir)
@@ -120,7 +121,7 @@ def check_tokenizer(hf_dir, texts=(), conversations=()) -> dict:
         if a != b:
             raise ExportError(f"{where}: the chat template renders {prompt[-1]['content'][:30]!r} as {b[:16]}..., "
                               f"training as {a[:16]}...")
-    for name in filter(None, (ours.decode([ours.eod_id]), ours.chat.turn_start, ours.chat.turn_end, ours.chat.bos)):
+    for name in filter(None, (ours.eod_token, ours.chat.turn_start, ours.chat.turn_end, ours.chat.bos)):
         if theirs.convert_tokens_to_ids(name) != ours.token_id(name):
             raise ExportError(f"{where}: {name} is {theirs.convert_tokens_to_ids(name)}, ours {ours.token_id(name)}")
     cfg, gen = read_json(hf_dir / "config.json"), read_json(hf_dir / "generation_config.json")
@@ -164,9 +165,10 @@ def check_pair(target_dir, draft_dir) -> None:
         if not (p / "config.json").exists() or not (p / "tokenizer.json").exists():
             raise ExportError(f"{p}: not an exported model directory (config.json and tokenizer.json expected)")
     tc, dc = read_json(t / "config.json"), read_json(d / "config.json")
-    if tc.get("model_type") != dc.get("model_type"):
-        raise ExportError(f"draft {d}: a {dc.get('model_type')} model but the target ({t}) is {tc.get('model_type')}: "
-                          "draft and target must be one family")
+    try:
+        check_same_family(Qwen2Config.from_hf(tc), Qwen2Config.from_hf(dc), f"draft {d}")
+    except ModelConfigError as e:
+        raise ExportError(str(e)) from None
     tt, dt = read_json(t / "tokenizer.json"), read_json(d / "tokenizer.json")
     if tt["model"].get("vocab") != dt["model"].get("vocab") or tt["model"].get("merges") != dt["model"].get("merges"):
         raise ExportError(f"draft {d}: its vocabulary differs from the target's ({t}); speculative decoding needs one tokenizer")

@@ -291,9 +291,13 @@ class Pipeline:
 
         if not self.cfg.distill.ce_baseline:
             return DistillResult(skipped=True)
-        job = self.distill_job(kd_weight=0.0, out="distill_ce", data="sft")
+        job = self.distill_ce_job()
         ckpt = self._train(job)
         return DistillResult(checkpoint=ckpt, target=job.distill.teacher.checkpoint, eval=last_eval(self.out / "distill_ce"))
+
+    def distill_ce_job(self) -> JobConfig:
+        """The CE-only baseline draft: the same student and steps, on the SFT data."""
+        return self.distill_job(kd_weight=0.0, out="distill_ce", data="sft")
 
     def target_answers(self) -> str:
         """The target's greedy answers to SFT training prompts, as chat records (written once, atomically):
@@ -304,7 +308,12 @@ class Pipeline:
 
         d, stages = self.cfg.distill, self.cfg.sft.stages
         path = self.out / "distill" / "target_answers.jsonl"
-        if path.exists() or self.planning:
+        if self.planning:
+            return str(path)
+        # answers of this target with these settings: a redone SFT phase or new settings write them again
+        source = {"target": self.checkpoint("sft"), "prompts": d.prompts, "answer_tokens": d.answer_tokens}
+        meta = path.with_suffix(".source.json")
+        if path.exists() and meta.exists() and json.loads(meta.read_text()) == source:
             return str(path)
         convs = [c for st in stages for c in load_qa(self.sft_file(st.data, "train"), -(-d.prompts // len(stages)))]
         target = load_inference_model(self.checkpoint("sft"))
@@ -313,6 +322,7 @@ class Pipeline:
                          max_prompt_tokens=d.seq_length - d.answer_tokens)
         recs = [{"messages": c[:-1] + [{"role": "assistant", "content": a}]} for c, a in zip(convs, answers) if a]
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+        atomic_write_text(meta, json.dumps(source))
         self.log(f"distill data: the target answered {len(recs)} SFT prompts ({time.time() - t0:.0f}s)")
         return str(path)
 
@@ -438,8 +448,7 @@ class Pipeline:
                     lines.append(f"{phase} stage {k} ({st.name}): {dry_run(job, world_size, check_paths=False)}")
             lines.append(f"distill: {dry_run(self.distill_job(), world_size, check_paths=False)}")
             if self.cfg.distill.ce_baseline:
-                job = self.distill_job(kd_weight=0.0, out="distill_ce")
-                lines.append(f"distill_ce: {dry_run(job, world_size, check_paths=False)}")
+                lines.append(f"distill_ce: {dry_run(self.distill_ce_job(), world_size, check_paths=False)}")
         finally:
             self.planning = False
         return lines

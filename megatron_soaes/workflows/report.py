@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_soaes.eval.ability import MCQ_CHANCE, at_chance
+from megatron_soaes.eval.ability import MCQ_CHANCE, at_chance, chance_band
 from megatron_soaes.utils.files import atomic_write_json, atomic_write_text
 
 
@@ -79,9 +79,13 @@ def _plots(out: Path, phases: list, runs: list[tuple[str, Path]]) -> None:
 FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama3": "Llama 3"}
 
 
+def _ours(rows: list[dict]) -> list[dict]:
+    """Our speculative settings (not target-only, not HF's)."""
+    return [r for r in rows if r["method"].startswith(("chain", "tree"))]
+
+
 def _best(rows: list[dict]) -> dict | None:
-    ours = [r for r in rows if r["method"].startswith(("chain", "tree"))]
-    return max(ours, key=lambda r: r["speedup"]) if ours else None
+    return max(_ours(rows), key=lambda r: r["speedup"], default=None)
 
 
 def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, speculative, runs: list[tuple[str, Path]],
@@ -97,7 +101,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     _plots(out, phases, runs)
 
     spec = [r.model_dump() for r in speculative.rows]
-    ours_spec = [r for r in spec if r["method"].startswith(("chain", "tree"))]
+    ours_spec = _ours(spec)
     best = _best(spec)
     ce_spec = [r.model_dump() for r in speculative.ce_rows]
     hf = next((r for r in spec if r["method"] == "HF assisted generation"), None)
@@ -107,7 +111,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     chance = [at_chance(m.mcq["accuracy"], m.mcq["questions"]) for m in (base, cpt)]
     mcq = f"{base.mcq['accuracy']:.3f} -> {cpt.mcq['accuracy']:.3f}"
     if all(chance):
-        mcq += f" (chance {MCQ_CHANCE:.2f} +- {2 * (MCQ_CHANCE * (1 - MCQ_CHANCE) / base.mcq['questions']) ** 0.5:.2f}: says nothing here)"
+        mcq += f" (chance {MCQ_CHANCE:.2f} +- {chance_band(base.mcq['questions']):.2f}: says nothing here)"
     rows = [
         ("General-ability retention after CPT (general-text next-token accuracy, after / before)",
          _fmt(_ratio(cpt.general_top1, base.general_top1), ".1%"), "general_retention"),
@@ -132,7 +136,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         (f"Speculative decoding speedup (best: {best['method']}, CPU)", f"{best['speedup']:.2f}x", "spec_speedup"),
         ("Mean accepted length tau / acceptance rate alpha (best)", f"{best['tau']:.2f} / {best['alpha']:.2f}", None),
         ("Speculative output identical to target-only greedy (all methods)",
-         str(all(r["exact"] for r in ours_spec + ce_spec)), "spec_lossless"),
+         str(all(r["exact"] for r in ours_spec + _ours(ce_spec))), "spec_lossless"),
     ]
     if ce_spec and not distill_ce.skipped:
         ce_best, ce = _best(ce_spec), distill_ce.eval
