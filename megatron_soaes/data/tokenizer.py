@@ -94,7 +94,6 @@ class TiktokenVocab:
     chat: ChatFormat
     model_vocab: int
     nfc: bool = False  # Qwen's tokenizer.json normalises (NFC) first; Llama 3's does not
-    bos: str | None = None  # prepended to every document (Llama 3 pre-training)
     tokenizer_class: str = "PreTrainedTokenizerFast"  # what the HF releases' tokenizer_config names
 
 
@@ -113,7 +112,7 @@ VOCABS = {
     "qwen3": TiktokenVocab("qwen.tiktoken", QWEN2_PATTERN, tuple(QWEN2_SPECIAL_TOKENS) + QWEN3_EXTRA_TOKENS,
                            "<|endoftext|>", CHATML, QWEN25_MODEL_VOCAB, nfc=True, tokenizer_class="Qwen2Tokenizer"),
     "llama3": TiktokenVocab("llama3.tiktoken", LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, "<|end_of_text|>", LLAMA3,
-                            128256, bos="<|begin_of_text|>"),
+                            128256),
 }
 VOCAB_ALIASES = {"qwen": "qwen2", "qwen2.5": "qwen2", "llama3.1": "llama3", "llama3.2": "llama3"}
 
@@ -146,10 +145,10 @@ class TiktokenTokenizer(Tokenizer):
         self.enc = tiktoken.Encoding(name=vocab, pat_str=self.vocab.pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special)
         self.name = f"{vocab}-tiktoken:{path}"
-        self.vocab_name, self.ranks_path, self.chat = vocab, path, self.vocab.chat
+        self.ranks_path, self.chat = path, self.vocab.chat
         self.vocab_size = n + len(self.special)
         self.eod_id = self.special[self.vocab.eod]
-        self.bos_id = self.special[self.vocab.bos] if self.vocab.bos else None
+        self.bos_id = self.special[self.chat.bos] if self.chat.bos else None  # documents open as chats do
 
     @property
     def model_vocab_size(self) -> int:
@@ -180,8 +179,8 @@ class TiktokenTokenizer(Tokenizer):
         if not self.vocab.nfc:
             tok = Backend.from_str(tok.to_str())
             tok.normalizer = None
-        if self.vocab.bos:
-            b = self.vocab.bos
+        if self.chat.bos:
+            b = self.chat.bos
             tok.post_processor = processors.Sequence([
                 processors.ByteLevel(trim_offsets=False),
                 processors.TemplateProcessing(single=f"{b}:0 $A:0", pair=f"{b}:0 $A:0 {b}:1 $B:1",
@@ -298,11 +297,17 @@ class HFTokenizer(Tokenizer):
         return i
 
 
+def _vocab_name(spec) -> str | None:
+    """The VOCABS key a spec names ('qwen' -> 'qwen2', ...), or None for a path."""
+    name = VOCAB_ALIASES.get(str(spec), str(spec))
+    return name if name in VOCABS else None
+
+
 def tokenizer_available(spec: str | Path) -> bool:
     """Whether `load_tokenizer(spec)` works here without a download (a cached published vocabulary,
     or a path that exists)."""
-    name = VOCAB_ALIASES.get(str(spec), str(spec))
-    if name in VOCABS:
+    name = _vocab_name(spec)
+    if name:
         from megatron_soaes.data.assets import default_cache_dir
 
         return (default_cache_dir() / VOCABS[name].asset).exists()
@@ -314,10 +319,10 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     ranks file, a byte-level BPE *.json (`train_bpe`), a *.model sentencepiece file, or an HF tokenizer
     directory."""
     spec = str(spec)
-    if VOCAB_ALIASES.get(spec, spec) in VOCABS:
+    name = _vocab_name(spec)
+    if name:
         from megatron_soaes.data.assets import fetch
 
-        name = VOCAB_ALIASES.get(spec, spec)
         return TiktokenTokenizer(fetch(VOCABS[name].asset), name)
     path = Path(spec)
     if spec.endswith(".tiktoken"):

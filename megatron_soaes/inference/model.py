@@ -122,14 +122,6 @@ class Qwen2ForInference:
             raise ValueError("cuda_graphs with tensor parallelism is not supported yet (run TP eagerly)")
         self.static_shapes, self.cuda_graphs = static_shapes or cuda_graphs, cuda_graphs
         self._step, self._cache_pool = self._forward, {}
-        if cuda_graphs:  # one graph per (batch, block, cache size): allow the handful a decoder uses
-            from torch import _dynamo
-
-            name = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"
-            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
-            self._step = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
-            for t in self._weights():  # fixed addresses: not copied into the graphs' inputs on every replay
-                torch._dynamo.mark_static_address(t)
         self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
 
         def w(name, shard=None):  # read one tensor, keep this rank's part, cast and place it
@@ -159,6 +151,14 @@ class Qwen2ForInference:
         d = cfg.head_dim
         self.inv_freq = cfg.rope_inv_freq(self.device).double()  # RoPE, Llama 3 scaling included
         self._rope = torch.empty(0, 2, d, dtype=dtype, device=self.device)  # [pos, cos/sin, d], grown on demand
+        if cuda_graphs:  # one graph per (batch, block, cache size): allow the handful a decoder uses
+            from torch import _dynamo
+
+            name = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
+            self._step = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
+            for t in self._weights():  # fixed addresses: not copied into the graphs' inputs on every replay
+                _dynamo.mark_static_address(t)
 
     def _weights(self):
         yield from (self.embed, self.norm, self.lm_head.weight)
@@ -186,7 +186,7 @@ class Qwen2ForInference:
                         buffers=buffers if reuse else None)
         if self.cuda_graphs and not reuse:
             for t in (cache.k, cache.v, cache.lengths):
-                torch._dynamo.mark_static_address(t)
+                torch._dynamo.mark_static_address(t)  # imported in __init__ (cuda_graphs)
         self._cache_pool[(batch, max_len)] = (weakref.ref(cache), (cache.k, cache.v, cache.lengths))
         return cache
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 FAMILIES = {"Qwen2ForCausalLM": ("qwen2", dict(attention_bias=True, qk_norm=False)),
             "Qwen3ForCausalLM": ("qwen3", dict(attention_bias=False, qk_norm=True)),
             "LlamaForCausalLM": ("llama", dict(attention_bias=False, qk_norm=False))}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_ROPE_KEYS = ("factor", "original_max_position_embeddings")
 YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0}  # as transformers and Qwen's configs use them
@@ -43,7 +44,6 @@ def _check_rope_scaling(r: dict) -> dict:
     if unknown:  # mscale / attention_factor / truncate variants: not what Qwen ships, not matched exactly here
         raise ModelConfigError(f"rope_scaling {kind}: keys {unknown} are not supported")
     return {"rope_type": kind, **{k: r[k] for k in required}, **{k: r.get(k) or v for k, v in optional.items()}}
-SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
 class ModelConfigError(ValueError):
@@ -224,7 +224,8 @@ class Qwen2Config:
         import torch
 
         d = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / d))
+        pos_freqs = self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / d)
+        inv = 1.0 / pos_freqs
         if not self.rope_scaling:
             return inv
         r = self.rope_scaling
@@ -237,9 +238,8 @@ class Qwen2Config:
             lo = max(math.floor(dim_for(r["beta_fast"])), 0)
             hi = min(math.ceil(dim_for(r["beta_slow"])), d - 1)
             hi = hi + 0.001 if lo == hi else hi
-            pos_freqs = self.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)
             extrapolation = 1 - ((torch.arange(d // 2, dtype=torch.float32, device=device) - lo) / (hi - lo)).clamp(0, 1)
-            return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+            return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + inv * extrapolation
         factor, low, high, old = (r[k] for k in LLAMA3_ROPE_KEYS)
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / low, inv / factor, inv)
@@ -247,7 +247,6 @@ class Qwen2Config:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / high) * ~(wavelen > old / low)
         return torch.where(medium, smoothed, scaled)
-
 
     def rope_attention_factor(self) -> float:
         """YaRN scales cos and sin (so q.k) by 0.1 ln(factor) + 1; 1 otherwise."""
@@ -263,12 +262,17 @@ def _qwen3(hidden, inter, layers, heads, tied, **kw) -> dict:
                 architecture="Qwen3ForCausalLM", **kw)
 
 
+def _llama3_family(factor: float = 8.0, original: int = 8192) -> dict:
+    """What every Llama 3.x release fixes whatever its shape: RoPE base and scaling, norm epsilon."""
+    return dict(architecture="LlamaForCausalLM", rope_theta=500000.0, rms_norm_eps=1e-5,
+                rope_scaling=dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=original))
+
+
 def _llama3(hidden, inter, layers, heads, head_dim, factor, tied, original=8192, **kw) -> dict:
     return dict(dict(vocab_size=128256, num_key_value_heads=8, max_position_embeddings=131072), hidden_size=hidden,
                 intermediate_size=inter, num_layers=layers, num_attention_heads=heads, head_dim=head_dim,
-                tie_word_embeddings=tied, rope_theta=500000.0, rms_norm_eps=1e-5, architecture="LlamaForCausalLM",
-                rope_scaling=dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=original), **kw)
+                tie_word_embeddings=tied, **_llama3_family(factor, original), **kw)
 
 
 # Published Qwen2.5 shapes (config.json of the HF releases); `tiny*` are for tests and the demo.
@@ -316,8 +320,7 @@ PRESETS: dict[str, dict] = {
 FAMILY_OVERRIDES: dict[str, dict] = {
     "qwen2": dict(architecture="Qwen2ForCausalLM"),
     "qwen3": dict(architecture="Qwen3ForCausalLM"),
-    "llama3": {k: v for k, v in _llama3(0, 0, 0, 0, None, factor=8.0, tied=False).items()
-               if k in ("architecture", "rope_theta", "rms_norm_eps", "rope_scaling")},
+    "llama3": _llama3_family(),  # Llama 3.1's
 }
 
 

@@ -110,8 +110,8 @@ class ReportResult(PhaseResult):
 
 RESULTS: dict[str, type[PhaseResult]] = {
     "data": DataResult, "base": TrainResult, "cpt": TrainResult, "sft": CurriculumResult,
-    "sft_single": CurriculumResult, "distill": DistillResult, "distill_ce": DistillResult, "evaluate": EvaluateResult, "export": ExportResult,
-    "speculative": SpeculativeResult, "report": ReportResult}
+    "sft_single": CurriculumResult, "distill": DistillResult, "distill_ce": DistillResult, "evaluate": EvaluateResult,
+    "export": ExportResult, "speculative": SpeculativeResult, "report": ReportResult}
 assert tuple(RESULTS) == PHASES
 
 
@@ -279,21 +279,20 @@ class Pipeline:
         return CurriculumResult(stages=recs, checkpoint=recs[-1].checkpoint)
 
     def phase_distill(self) -> DistillResult:
-        from megatron_soaes.training.metrics import last_eval
-
-        job = self.distill_job()
-        ckpt = self._train(job)
-        return DistillResult(checkpoint=ckpt, target=job.distill.teacher.checkpoint, eval=last_eval(self.out / "distill"))
+        return self._train_draft(self.distill_job())
 
     def phase_distill_ce(self) -> DistillResult:
         """The baseline draft: the same student and steps on the SFT data, cross-entropy only."""
-        from megatron_soaes.training.metrics import last_eval
-
         if not self.cfg.distill.ce_baseline:
             return DistillResult(skipped=True)
-        job = self.distill_ce_job()
+        return self._train_draft(self.distill_ce_job())
+
+    def _train_draft(self, job: JobConfig) -> DistillResult:
+        from megatron_soaes.training.metrics import last_eval
+
         ckpt = self._train(job)
-        return DistillResult(checkpoint=ckpt, target=job.distill.teacher.checkpoint, eval=last_eval(self.out / "distill_ce"))
+        return DistillResult(checkpoint=ckpt, target=job.distill.teacher.checkpoint,
+                             eval=last_eval(Path(job.train.output_dir)))
 
     def distill_ce_job(self) -> JobConfig:
         """The CE-only baseline draft: the same student and steps, on the SFT data."""

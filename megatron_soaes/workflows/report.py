@@ -139,8 +139,8 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
          str(all(r["exact"] for r in ours_spec + _ours(ce_spec))), "spec_lossless"),
     ]
     if ce_spec and not distill_ce.skipped:
-        ce_best, ce = _best(ce_spec), distill_ce.eval
-        same = next((r for r in ce_spec if r["method"] == best["method"]), ce_best)
+        ce = distill_ce.eval
+        same = next((r for r in ce_spec if r["method"] == best["method"]), None) or _best(ce_spec)
         rows += [
             ("Distilled vs CE-only draft (same student and steps): top-1 agreement, teacher-forced on reference answers",
              f"{_fmt(de.get('soae_qa/top1 agree'))} vs {_fmt(ce.get('soae_qa/top1 agree'))}", None),
