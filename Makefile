@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo pipeline test test-slow test-serving test-all bench-spec gpu-check clean
+.PHONY: venv demo pipeline test test-fast test-slow test-serving test-all bench-spec gpu-check clean
 
 $(STAMP): requirements/cpu.txt setup.py csrc/tree_verify.cpp csrc/tree_verify.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,8 +21,13 @@ demo: $(STAMP)
 pipeline: $(STAMP)
 	$(BIN)/soaes pipeline --config examples/tiny/pipeline.yaml
 
-# Default tier: < 20 min on 2 cores. Slow tier: multi-process and larger runs marked @pytest.mark.slow.
+# The CPU tiers in one pytest run (what CI runs, with the serving tier after it): the default tier and
+# the slow tier (kill -9 at save start, resume at PP=2 / DP=2, the whole pipeline per family, the GPU
+# check's smoke run). test-fast: the default tier alone; test-slow: the slow tier alone.
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not serving" --durations=30 tests
+
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not serving" tests
 
 test-slow: $(STAMP)
@@ -37,8 +42,7 @@ test-serving: $(STAMP)
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; \
 	SOAES_SERVING_PYTHON=$(SERVING)/bin/python $(BIN)/python -m pytest -q -s -m serving tests
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not serving" tests
+test-all: test test-serving
 
 # CPU speculative decoding on a pair big enough to show it: the `small` target (8 layers, 512 hidden)
 # pre-trained on the demo corpora, `tiny-draft` distilled from it, then the side-by-side benchmark.

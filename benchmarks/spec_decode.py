@@ -6,8 +6,8 @@
   static and dynamic token trees           - same, by tree size
   HF transformers generate(assistant_model=draft) on the same pair in HF format, and HF greedy alone
 
-Every speculative output is checked token-for-token against the target-only greedy output.
-Writes <out>/spec_decode.json and <out>/spec_decode.png (speedup vs tree size).
+Every speculative output is checked token-for-token against the target-only greedy output; the run
+exits 1 when any differs. Writes <out>/spec_decode.json (with its provenance) and <out>/spec_decode.png.
 
   python benchmarks/spec_decode.py --target T --draft D [--tokenizer data/demo/tokenizer.json --prompts file.jsonl]
       [--batch-sizes 1 4 16] [--tp 2]
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from provenance import write_results
 
 from megatron_soaes.inference import load_inference_model
 from megatron_soaes.utils.dtypes import torch_dtype
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--cuda-graphs", action="store_true", help="capture draft steps and tree verification as CUDA graphs")
     ap.add_argument("--out", default="outputs/bench")
+    ap.add_argument("--plant-bug", action="store_true", help="a lossy verifier (wrong bonus token): the run must fail")
     ap.add_argument("--dry-run", action="store_true", help="check the pair and the TP layout from the configs (a "
                                                            "directory or a preset name), load nothing")
     args = ap.parse_args()
@@ -103,6 +105,8 @@ def main() -> None:
         except (TensorParallelError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
         return
+    if args.plant_bug:
+        plant_lossy_verifier()
     dtype = torch_dtype(args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,8 +137,26 @@ def main() -> None:
     print(f"{len(prompts)} prompts x {n} new tokens, device {args.device}, {args.dtype}, TP {args.tp}, "
           f"batch sizes {args.batch_sizes} (speedup: against target-only at the same batch size)")
     print(format_table(rows))
-    (out / "spec_decode.json").write_text(json.dumps(rows, indent=2))
+    write_results(out / "spec_decode.json", rows, settings=dict(
+        target=args.target, draft=args.draft, prompts=args.prompts, num_prompts=len(prompts), prompt_len=args.prompt_len,
+        max_new_tokens=n, device=args.device, dtype=args.dtype, tp=args.tp, cuda_graphs=args.cuda_graphs))
     plot(rows, out / "spec_decode.png", f"speculative decoding ({args.device})")
+    inexact = [f"batch {r['batch']} {r['method']}" for r in rows if not r["exact"]]
+    if inexact:
+        raise SystemExit(f"error: output differs from target-only greedy: {', '.join(inexact)}")
+
+
+def plant_lossy_verifier() -> None:
+    """For checking the checkers: the bonus token after each accepted path is off by one."""
+    from megatron_soaes.speculative import decode
+
+    real = decode.tree_verify
+
+    def lossy(*a, **kw):
+        path, length, nxt = real(*a, **kw)
+        return path, length, (nxt + 1) % a[2].shape[-1]
+
+    decode.tree_verify = lossy
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ skipped with the reason, not silently dropped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from megatron_soaes.training.metrics import read_metrics
+from provenance import write_results
 
 CPU_VARIANTS = ["fp32 1 proc=1:", "fp32 TP=2=2:parallel.tensor_parallel=2", "fp32 DP=2=2:"]
 GPU_VARIANTS = ["bf16 local=1:train.dtype=bf16,train.transformer_impl=local",
@@ -101,6 +101,8 @@ def main() -> None:
         reason = why_not(sets, nproc)
         row = dict(variant=name, nproc=nproc, skipped=reason) if reason else run_variant(args, name, nproc, sets, out)
         rows.append(row)
+        # after every variant, so a run cut short (a time limit) still reports the ones it finished
+        write_results(out / "train_throughput.json", rows, settings=dict(config=args.config, steps=args.steps))
         print(f"{name}: " + (f"skipped ({row['skipped']})" if row.get("skipped") else
                              f"{row['tokens_per_s']:,.0f} tok/s"), flush=True)
     base = next((r["tokens_per_s"] for r in rows if r.get("tokens_per_s")), None)
@@ -114,7 +116,8 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         print(f"{r['variant']:<16} {r['nproc']:>5} {r['tokens_per_s']:>10,.0f} {r['ratio']:>5.2f}x "
               f"{r['model_tflops']:>8.3f} {mfu:>6}  final loss {r['final_loss']:.3f}")
-    (out / "train_throughput.json").write_text(json.dumps(rows, indent=2))
+    write_results(out / "train_throughput.json", rows, settings=dict(config=args.config, steps=args.steps,
+                                                                     log_interval=args.log_interval))
     ran = [r for r in rows if not r.get("skipped")]
     if ran:
         import matplotlib

@@ -11,10 +11,10 @@ Qwen2.5's. Prints microseconds per call and the speedup over the reference; chec
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from provenance import write_results
 
 from megatron_soaes.speculative.verify import native_available, tree_verify, tree_verify_reference
 
@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--vocab", type=int, nargs="+", default=[8064, 151936])
+    ap.add_argument("--repeat", type=int, default=50, help="timed calls of the native op")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plant-bug", action="store_true", help="corrupt the op's accepted lengths (the check must fail)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if not native_available(dev.type):
@@ -60,9 +62,11 @@ def main() -> None:
             dev_args = [a.to(dev) if a is not None else None for a in cpu_args]
             ref_out = tree_verify_reference(*cpu_args)
             nat_out = tree_verify(*dev_args, implementation="native")
+            if args.plant_bug:  # one token too many accepted wherever the path could be longer
+                nat_out = (nat_out[0], (nat_out[1] + 1).clamp(max=N), nat_out[2])
             same = all(torch.equal(a.cpu(), b) for a, b in zip(nat_out, ref_out))
             t_ref = _time(lambda: tree_verify_reference(*cpu_args), 5, lambda: None)
-            t_nat = _time(lambda: tree_verify(*dev_args, implementation="native"), 50, sync)
+            t_nat = _time(lambda: tree_verify(*dev_args, implementation="native"), args.repeat, sync)
             rows.append(dict(vocab=V, nodes=N, batch=B, draft=kind, device=dev.type, reference_us=round(t_ref, 1),
                              native_us=round(t_nat, 1), speedup=round(t_ref / t_nat, 1), same_output=same,
                              accepted=float(ref_out[1].float().mean())))
@@ -70,8 +74,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['vocab']:>7} {r['draft']:>20} {r['reference_us']:>13} {r['native_us']:>16} {r['speedup']:>7}x {str(r['same_output']):>5} {r['accepted']:.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_results(args.json, rows)
+    if not all(r["same_output"] for r in rows):
+        raise SystemExit("error: the native op's output differs from the PyTorch reference")
 
 
 if __name__ == "__main__":

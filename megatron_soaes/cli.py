@@ -35,8 +35,12 @@ def _compare(args) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(stats, f, indent=2)
-    ok = stats["max_abs_diff"] <= args.tolerance
-    return 0 if ok else 1
+    from megatron_soaes.checkpoint.compare import parity_failure
+
+    why = parity_failure(stats)
+    if why and torch.distributed.get_rank() == 0:
+        print(f"error: logits differ from transformers': {why}", file=sys.stderr)
+    return 1 if why else 0
 
 
 def _fetch(args) -> int:
@@ -195,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, default=2)
     m.add_argument("--seq-len", type=int, default=32)
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--tolerance", type=float, default=1e-5)
     m.add_argument("--json", default=None)
     m.set_defaults(fn=_compare)
 
@@ -298,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        from megatron_soaes.runtime.cpu_compat import keep_freed_memory
+
+        keep_freed_memory()  # every CPU command, inference and evaluation included
     from megatron_soaes.checkpoint.convert import ConversionError
     from megatron_soaes.config import ConfigError
     from megatron_soaes.models.config import ModelConfigError

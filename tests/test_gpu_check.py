@@ -1,5 +1,6 @@
-"""`make gpu-check` at tiny shapes on CPU (--smoke): every part runs and reports, so a GPU run only
-has to measure. Slow tier (several training processes)."""
+"""`make gpu-check` at tiny shapes on CPU (--smoke): every part runs, reports and holds its figures to
+their bounds, so a GPU run only has to measure; and a planted bug (a wrong verify op, a lossy decoder)
+makes the check fail naming the part."""
 
 import json
 import subprocess
@@ -10,21 +11,40 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.slow
-def test_gpu_check_smoke_runs_every_part(tmp_path):
+@pytest.fixture(scope="module")
+def demo_data():
     if not (ROOT / "data" / "demo" / "tokenizer.json").exists():
         subprocess.run([sys.executable, "-m", "megatron_soaes.cli", "prepare-demo-data", "--out", "data/demo"],
                        cwd=ROOT, check=True, capture_output=True)
-    res = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=1500)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "parts with errors: none" in res.stdout
+
+
+def gpu_check(out, *args):
+    return subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1500)
+
+
+@pytest.mark.parametrize("part", ["verify", "speculative"])
+def test_a_planted_bug_fails_the_check_naming_the_part(demo_data, tmp_path, part):
+    res = gpu_check(tmp_path, "--parts", "env", part, "--plant", part)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"gpu-check FAILED: {part}" in res.stdout
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    rows = {r["variant"]: r for r in report["throughput"]["0.5b"]["rows"]}
+    assert report["wrong"][part] and not report["parts"]["env"]["wrong"]
+    assert report["provenance"]["commit"] and "--plant" in report["provenance"]["command"]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_part(demo_data, tmp_path):
+    res = gpu_check(tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "gpu-check passed" in res.stdout
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert list(parts) == ["env", "parity", "packed", "verify", "speculative", "throughput"]
+    rows = {r["variant"]: r for r in parts["throughput"]["0.5b"]["rows"]}
     assert rows["SDPA"]["tokens_per_s"] > 0 and rows["local attention"]["tokens_per_s"] > 0
     assert "not installed" in rows["TE"]["skipped"]
-    assert report["parity"]["max_rel_diff"] < 1e-5  # fp32 on CPU: the same losses
-    assert report["packed"]["max_abs_loss_diff"] < 1e-5
-    assert report["verify"]["skipped"] == "no CUDA device"
-    assert all(r["exact"] for r in report["speculative"]["eager"]["rows"])
+    assert parts["parity"]["max_rel_diff"] < 1e-5  # fp32 on CPU: the same losses
+    assert parts["packed"]["max_abs_loss_diff"] < 1e-5
+    assert all(r["same_output"] for r in parts["verify"]["rows"])  # the C++ op on CPU
+    assert all(r["exact"] for r in parts["speculative"]["eager"]["rows"])
     assert (tmp_path / "gpu_check.png").stat().st_size > 10_000

@@ -66,6 +66,30 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     assert (out / "report" / "summary.md").exists()
 
 
+def test_force_phase_redoes_it_and_everything_downstream(tmp_path):
+    """--force-phase cpt: CPT's steps run again from scratch (not a resume of its finished run), the
+    phases that read it run again, those upstream are kept; a misspelt phase is an error (exit 2)."""
+    out = tmp_path / "force"
+    short = ["--set", "base.pretrain_steps=2", "--set", "cpt.steps=3", "--set", "sft.single_stage=false"]
+    run_pipeline(out, *short, "--until", "sft")
+    sft_done = json.loads((out / "phases" / "sft.json").read_text())
+    log = run_pipeline(out, *short, "--force-phase", "cpt", "--until", "sft")
+    assert "[pipeline] data: done, skipped" in log and "[pipeline] base: done, skipped" in log
+    assert "[pipeline] cpt: running" in log and "[pipeline] sft: running" in log
+    assert "step 3/3" in log and "resumed from" not in log  # CPT trained again, from its init
+    steps = [json.loads(x)["step"] for x in open(out / "cpt" / "metrics.jsonl") if '"loss"' in x]
+    assert steps == [1, 2, 3]
+    redone = json.loads((out / "phases" / "sft.json").read_text())
+    assert redone["stages"][0]["steps"] == sft_done["stages"][0]["steps"] and "stage 1/3" in log
+
+    for bad in (["--force-phase", "cptt"], ["--until", "sftt"]):
+        cmd = [sys.executable, "-m", "megatron_soaes.cli", "pipeline", "--config",
+               str(ROOT / "examples/tiny/pipeline_ci.yaml"), "--set", f"output_dir={out}", *bad]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        assert res.returncode == 2 and "unknown pipeline phase" in res.stderr, res.stderr
+    assert (out / "cpt" / "checkpoints").exists()  # a refused command changes nothing
+
+
 def test_pipeline_with_the_real_qwen_vocabulary(tmp_path):
     """The one-line switch to Qwen2.5's 151,665-token BPE: data, base model and CPT run (fewer steps)."""
     out = tmp_path / "qwen"

@@ -237,6 +237,15 @@ def test_curriculum_chains_stages_and_resumes(small_sft, cpt_data, tmp_path):
     assert all(resumed[s] == full[s] for s in resumed)
     assert rk_recs[2].final_train_loss == pytest.approx(recs[2].final_train_loss, rel=1e-6)
 
+    # force on stage 2: trained again from scratch (its steps run again, deterministically) and stage 3,
+    # which started from it, removed as stale
+    log = []
+    redo = run_curriculum(recipe, "2", force=True, log=log.append)
+    assert [r["step"] for r in map(json.loads, open(s2 / "metrics.jsonl")) if "loss" in r] == list(range(1, steps2 + 1))
+    assert any(line.startswith(f"step {steps2}/{steps2}") for line in log)
+    assert redo[0].final_train_loss == pytest.approx(recs[1].final_train_loss, rel=1e-6)
+    assert not (out / "stage3_soae_qa").exists() and any("stale" in line for line in log)
+
 
 def test_single_stage_baseline_sees_the_union(small_sft, cpt_data, tmp_path):
     from megatron_soaes.data.tokenizer import load_tokenizer

@@ -414,3 +414,23 @@ def test_tensor_parallel_that_does_not_divide_is_refused_before_loading(hf_model
     with pytest.raises(TensorParallelError, match="tensor parallel 3 does not divide num_attention_heads 8"):
         load_inference_model(hf_models["tied"], tp=TensorParallel(size=3, rank=0))
 
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 4])
+def test_chain_acceptance_is_what_teacher_forced_agreement_predicts(pair, near_target, gamma):
+    """Greedy chain speculation accepts exactly the draft's teacher-forced matches on the target's own
+    output: the number of target forwards equals `chain_rounds` of those matches, for a near-copy draft
+    (accepts often) and a random one (nearly never). A decoder that dropped acceptable tokens (a baseline
+    draft accepting nothing although it agrees with the target) fails here."""
+    from megatron_soaes.speculative.bench import chain_rounds, draft_agreement
+
+    target, random_draft = pair
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, target.vocab_size, (int(n),), generator=g).tolist() for n in (5, 12, 20)]
+    ref = generate(target, prompts, 24).tokens
+    for draft in (near_target, random_draft):
+        matches = draft_agreement(draft, prompts, ref)
+        for p, m in zip(prompts, matches):
+            out = speculative_generate(target, draft, [p], 24, SpecConfig("chain", gamma=gamma))
+            assert out.target_forwards == chain_rounds(m, gamma)
+    assert sum(map(sum, draft_agreement(near_target, prompts, ref))) > 30  # the near copy does agree

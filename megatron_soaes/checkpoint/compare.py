@@ -17,14 +17,31 @@ def hf_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
+# Parity judged the way it scales: against the size of the logits (a real model's are tens; fp32 sums
+# taken in another order, as TP takes them, differ by ~1e-6 of that, where an absolute bound sized for
+# tiny random models fails them) plus top-1 agreement. A wrong conversion misses both by orders.
+PARITY = {"fp32": {"rtol": 1e-4, "min_top1": 0.99}, "half": {"rtol": 3e-2, "min_top1": 0.9}}
+
+
 def logit_stats(ours: torch.Tensor, ref: torch.Tensor) -> dict:
     diff = (ours.float() - ref.float()).abs()
     return {
         "max_abs_diff": diff.max().item(),
+        "max_rel_diff": diff.max().item() / max(ref.float().abs().max().item(), 1e-12),
         "mean_abs_diff": diff.mean().item(),
         "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
         "num_tokens": int(ref.shape[0] * ref.shape[1]),
     }
+
+
+def parity_failure(stats: dict, precision: str = "fp32") -> str | None:
+    """Why `stats` (logit_stats) are not parity at this precision ("fp32", or "half" when either side
+    ran in bf16/fp16), or None when they are."""
+    b = PARITY[precision]
+    if stats["max_rel_diff"] > b["rtol"] or stats["top1_agreement"] < b["min_top1"]:
+        return (f"max |logit diff| {stats['max_abs_diff']:.3g} = {stats['max_rel_diff']:.2e} of the largest logit "
+                f"(bound {b['rtol']:g}), top-1 agreement {stats['top1_agreement']:.3f} (bound {b['min_top1']})")
+    return None
 
 
 def compare_logits(hf_dir, tensor_parallel: int = 1, pipeline_parallel: int = 1, mcore_dir=None,

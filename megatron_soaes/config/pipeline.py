@@ -14,6 +14,25 @@ from megatron_soaes.config.base import load_config
 
 PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "distill_ce", "evaluate", "export", "speculative",
           "report")
+# what each phase reads: redoing a phase (--force-phase) redoes everything downstream of it
+INPUTS = {"data": (), "base": ("data",), "cpt": ("base",), "sft": ("cpt",), "sft_single": ("cpt",),
+          "distill": ("sft",), "distill_ce": ("sft",), "evaluate": ("base", "cpt", "sft", "sft_single"),
+          "export": ("distill",), "speculative": ("distill", "distill_ce", "export"),
+          "report": ("evaluate", "distill", "distill_ce", "export", "speculative", "sft", "sft_single")}
+assert tuple(INPUTS) == PHASES
+
+
+def downstream(phases) -> list[str]:
+    """`phases` and every phase that reads their results, directly or not, in pipeline order."""
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        raise ValueError(f"unknown pipeline phase(s) {', '.join(map(repr, unknown))}; the phases are {', '.join(PHASES)}")
+    out = set(phases)
+    for p in PHASES:  # in order: a phase's inputs are settled before it
+        if any(i in out for i in INPUTS[p]):
+            out.add(p)
+    return [p for p in PHASES if p in out]
+
 class DataCfg(_Strict):
     dir: str = "data/demo"
     # bpe: a small byte-level BPE in Qwen2's format trained on the demo corpora (exports to every engine);

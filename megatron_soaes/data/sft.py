@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from megatron_soaes.data.chat import ChatTemplateError
+
 
 class SFTDataError(ValueError):
     pass
@@ -120,22 +122,11 @@ class Template:
         if for_generation:
             if messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
-        chat = tok.chat
-        end, tail = tok.token_id(chat.turn_end), tok.encode(chat.after_turn)
-        last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if not for_generation else -1
-        ids = [tok.token_id(chat.bos)] if chat.bos else []
-        mask = [0] * len(ids)
-        for i, m in enumerate(messages):
-            head = tok.encode(chat.header(m["role"]), allow_special=True)
-            body = tok.encode(m["content"]) + [end]
-            learn = not for_generation and m["role"] == "assistant" and (not self.last_turn_only or i == last_assistant)
-            ids += head + body + tail
-            mask += [0] * len(head) + [int(learn)] * len(body) + [0] * len(tail)
-        if for_generation:
-            header = tok.encode(chat.header("assistant"), allow_special=True)
-            ids += header
-            mask += [0] * len(header)
-        return ids, mask
+            learn = set()
+        else:
+            turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            learn = {turns[-1]} if self.last_turn_only else set(turns)
+        return tok.chat.render(messages, tok, learn, for_generation)
 
 
 def example_hash(messages: list[dict]) -> int:
@@ -163,8 +154,11 @@ def tokenize_files(files: list[tuple[str, int]], tok, seq_length: int, template:
              "dropped_no_target": 0, "bad_records": 0, "files": {}}
     limit = seq_length + 1
 
-    def add(messages):
-        ids, mask = template.render(messages, tok)
+    def add(messages, where="extra example"):
+        try:
+            ids, mask = template.render(messages, tok)
+        except ChatTemplateError as e:
+            raise SFTDataError(f"{where}: {e}") from None
         if len(ids) > limit:
             if truncation == "drop":
                 stats["dropped_too_long"] += 1
@@ -187,14 +181,14 @@ def tokenize_files(files: list[tuple[str, int]], tok, seq_length: int, template:
         for where, rec in tqdm(read_records(path), desc=f"tokenizing {Path(path).name}", disable=not progress,
                                unit="rec", leave=False):
             try:
-                msgs.append(to_messages(rec, where))
+                msgs.append((where, to_messages(rec, where)))
             except SFTDataError:
                 if strict:
                     raise
                 stats["bad_records"] += 1
         for _ in range(repeat):
-            for m in msgs:
-                add(m)
+            for where, m in msgs:
+                add(m, where)
         stats["files"][str(path)] = stats["examples"] - n0
     for m in extra or []:
         add(m)

@@ -13,7 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_soaes.data.chat import CHATML, LLAMA3, ChatFormat
+from megatron_soaes.data.chat import CHATML, LLAMA3, ChatFormat, JinjaChat
 
 # Qwen2's pre-tokenisation pattern (single digits, case-insensitive contractions).
 QWEN2_PATTERN = (
@@ -268,7 +268,8 @@ class BPETokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """Any HF tokenizer directory (no remote code)."""
+    """Any HF tokenizer directory (no remote code). Its own `chat_template`, when it has one, is the chat
+    format (`JinjaChat`); without one, Llama 3's headers when the vocabulary has them, else ChatML."""
 
     def __init__(self, directory: str | Path):
         from transformers import AutoTokenizer
@@ -277,7 +278,16 @@ class HFTokenizer(Tokenizer):
         self.name = f"hf:{directory}"
         self.vocab_size = len(self.tok)
         vocab = self.tok.get_vocab()
-        if LLAMA3.turn_end in vocab and LLAMA3.bos in vocab:
+        template = self.tok.chat_template
+        if isinstance(template, dict):  # named templates: the default one
+            template = template.get("default")
+        if template:
+            if not self.tok.is_fast:
+                raise TokenizerError(f"{directory}: a chat template needs a fast tokenizer (tokenizer.json) for "
+                                     "its answer spans")
+            self.chat = JinjaChat.from_tokenizer(self.tok, str(directory))
+            self.bos_id = self.tok.bos_token_id if self.chat.bos else None
+        elif LLAMA3.turn_end in vocab and LLAMA3.bos in vocab:
             self.chat, self.bos_id = LLAMA3, vocab[LLAMA3.bos]
         eod = self.tok.eos_token_id
         if eod is None:
@@ -286,6 +296,12 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text, allow_special=False):
         return self.tok.encode(text, add_special_tokens=False, split_special_tokens=not allow_special)
+
+    def encode_with_offsets(self, text) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of a rendered chat (special tokens as tokens, as apply_chat_template tokenizes) and each
+        token's character span."""
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
 
     def decode(self, ids):
         return self.tok.decode([int(i) for i in ids])

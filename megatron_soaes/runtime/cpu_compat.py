@@ -13,7 +13,9 @@ here, so that the rest of the code base uses megatron-core unmodified:
 6. the CUDA RNG tracker (``fork()`` of the model-parallel RNG state) -> a tracker that
    keeps torch's CPU generator states instead, so TP dropout stays reproducible.
 
-`install()` is idempotent and does nothing when CUDA is available.
+`install()` is idempotent and does nothing when CUDA is available. It also keeps freed memory in the
+process (`keep_freed_memory`): a CPU step's large activations are otherwise handed back to the kernel
+and page-faulted in again at every step.
 """
 
 from __future__ import annotations
@@ -150,11 +152,29 @@ def _patch_optimizer():
         importlib.import_module(name).clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
 
 
+def keep_freed_memory() -> bool:
+    """glibc serves every block over 32 MB with mmap and returns freed heap memory over its trim threshold
+    to the kernel, so each training step's activations, logits and gradients are zero-filled and faulted
+    in anew: measured on 2 cores, a third of a distillation process's time went to the kernel
+    (sys 8.4 s of 17.6 s wall; 4.9 s of 14.6 s with this). Keep it in the heap instead (mallopt, for this
+    process; glibc only, a no-op elsewhere). Returns whether it took effect."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 62))
+    except (OSError, AttributeError):
+        return False
+
+
 def install() -> bool:
     """Install the CPU compatibility layer. Returns True if it is active."""
     global _INSTALLED
     if torch.cuda.is_available():
         return False
+    keep_freed_memory()
     if _INSTALLED:
         return True
     torch.cuda.current_device = lambda: torch.device("cpu")

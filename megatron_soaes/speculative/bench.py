@@ -4,6 +4,8 @@ assisted generation on the same pair; every output is checked against target-onl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -42,14 +44,18 @@ def run_benchmark(target, draft, prompts: list[list[int]], max_new_tokens: int, 
         base_tokens, base_s, _ = _timed(lambda ps: generate(target, ps, n, eos_id=eos_id), prompts, dev, batch_size)
     ntok = sum(len(t) for t in ref)
     rows = [dict(method="target only (ours)", batch=batch_size, nodes=1, tokens_per_s=ntok / base_s, tau=1.0, alpha=None,
-                 speedup=1.0, exact=base_tokens == ref)]
+                 speedup=1.0, exact=base_tokens == ref,
+                 outputs_sha1=hashlib.sha1(json.dumps(ref).encode()).hexdigest())]  # to compare runs (CUDA graphs)
+    matches = draft_agreement(draft, prompts, ref)
+    agreement = sum(map(sum, matches)) / max(1, sum(map(len, matches)))
     specs = [(f"chain gamma={g}", SpecConfig("chain", gamma=g)) for g in gammas]
     specs += [(f"tree {t}", SpecConfig.parse(t)) for t in trees]
     for name, spec in specs:
         toks, secs, res = _timed(lambda ps, spec=spec: speculative_generate(target, draft, ps, n, spec, eos_id=eos_id),
                                  prompts, dev, batch_size)
         rows.append(dict(method=name, batch=batch_size, nodes=spec.max_nodes, tokens_per_s=ntok / secs,
-                         tau=_mean(res, "tau"), alpha=_mean(res, "alpha"), speedup=base_s / secs, exact=toks == ref))
+                         tau=_mean(res, "tau"), alpha=_mean(res, "alpha"), speedup=base_s / secs, exact=toks == ref,
+                         draft_agreement=agreement))
         log(f"spec-decode (batch {batch_size}): {name}: tau {rows[-1]['tau']:.2f}, speedup {rows[-1]['speedup']:.2f}x")
     if hf_dirs and batch_size == 1:
         rows += _hf_rows(hf_dirs, prompts, n, dev, target.dtype, ref, ntok, base_s, eos_id)
@@ -81,6 +87,37 @@ def _hf_rows(hf_dirs, prompts, n, device, dtype, ref, ntok, base_s, eos_id) -> l
                  speedup=base_s / g_s, exact=g_out == ref),
             dict(method="HF assisted generation", batch=1, nodes=None, tokens_per_s=ntok / a_s, tau=None, alpha=None,
                  speedup=base_s / a_s, exact=a_out == ref, speedup_vs_hf_greedy=g_s / a_s)]
+
+
+@torch.no_grad()
+def draft_agreement(draft, prompts: list[list[int]], outputs: list[list[int]]) -> list[list[bool]]:
+    """Teacher-forced on the target's own outputs: at each output position, whether the draft's greedy
+    token (given the prompt and the target's tokens so far) is the target's. Greedy speculation accepts
+    exactly these (`chain_rounds`), so this -- not agreement on reference answers -- is what a draft's
+    acceptance rate must be compared with."""
+    out = []
+    for p, o in zip(prompts, outputs):
+        if not o:
+            out.append([])
+            continue
+        seq = torch.tensor([p + o[:-1]], device=draft.device)
+        n = seq.shape[1]
+        logits = draft.forward(seq, torch.arange(n, device=draft.device)[None], draft.new_cache(1, n), capture=False)
+        pred = logits[0, len(p) - 1:].argmax(-1).tolist()
+        out.append([a == b for a, b in zip(pred, o)])
+    return out
+
+
+def chain_rounds(matches: list[bool], gamma: int) -> int:
+    """Target forwards greedy chain speculation takes for one sequence whose draft matches are
+    `matches` (`draft_agreement`): each round accepts the run of matches (at most gamma) plus one token."""
+    p = rounds = 0
+    while p < len(matches):
+        k = 0
+        while k < gamma and p + k < len(matches) and matches[p + k]:
+            k += 1
+        p, rounds = p + k + 1, rounds + 1
+    return rounds
 
 
 def format_table(rows: list[dict]) -> str:

@@ -3,19 +3,18 @@ each from the previous stage's final weights, through the one trainer.
 
 Stage k writes ``<output_dir>/stage<k>_<name>/`` (checkpoints, metrics.jsonl, qa_answers.jsonl)
 and, when finished and evaluated, ``stage.json``; a finished stage is skipped on re-runs, an
-unfinished one resumes from its last checkpoint.
+unfinished one resumes from its last checkpoint. `force` redoes the selected stages from scratch and
+removes every later stage (each starts from the one before, so it would be stale).
 """
 
 from __future__ import annotations
-
-import shutil
 
 from pydantic import BaseModel
 
 from megatron_soaes.checkpoint.load import resolve_checkpoint
 from megatron_soaes.config import ConfigError
 from megatron_soaes.config.curriculum import Recipe, parse_stages, stage_job
-from megatron_soaes.utils.files import atomic_write_text
+from megatron_soaes.utils.files import atomic_write_text, remove_atomically
 
 
 class StageResult(BaseModel):
@@ -44,11 +43,17 @@ def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = Fals
     from megatron_soaes.training.metrics import last_eval
 
     records = []
-    for k in parse_stages(stages, len(recipe.stages)):
+    selected = parse_stages(stages, len(recipe.stages))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if force and rank == 0:
+        for k in range(selected[0], len(recipe.stages) + 1):
+            if remove_atomically(recipe.stage_dir(k)):
+                log(f"stage {k} ({recipe.stages[k - 1].name}): previous run removed ({'forced' if k in selected else 'stale'})")
+    if force and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    for k in selected:
         sdir, name = recipe.stage_dir(k), recipe.stages[k - 1].name
         done = sdir / "stage.json"
-        if force and done.exists():
-            shutil.rmtree(sdir)
         if done.exists():
             log(f"stage {k} ({name}): done, skipped ({done})")
             records.append(StageResult.model_validate_json(done.read_text()))
@@ -65,7 +70,6 @@ def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = Fals
         trainer = Trainer(stage_job(recipe, k, init), SFTTask(), log=log)
         hist = trainer.run()
         job = trainer.job
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         rec = StageResult(stage=k, name=name, init_checkpoint=str(init), steps=job.train.steps,
                           data=trainer.task.stats, final_train_loss=hist[-1].loss if hist else None,
                           eval=last_eval(sdir), checkpoint=str(resolve_checkpoint(sdir)), run_dir=str(sdir))

@@ -137,10 +137,12 @@ def check_tokenizer(hf_dir, texts=(), conversations=()) -> dict:
 
 
 def check_export(hf_dir, source_checkpoint=None, seq_len: int = 24, texts=(), conversations=()) -> dict:
-    """Load the export with transformers: its logits against our engine on the source checkpoint,
-    and its tokenizer against ours (`check_tokenizer`)."""
+    """Load the export with transformers: its logits against our engine on the source checkpoint (held
+    to `checkpoint.compare.PARITY`: relative to the logits' size, at the export's precision; an
+    ExportError beyond it), and its tokenizer against ours (`check_tokenizer`)."""
     from transformers import AutoModelForCausalLM
 
+    from megatron_soaes.checkpoint.compare import logit_stats, parity_failure
     from megatron_soaes.inference.model import load_inference_model
 
     hf_dir = Path(hf_dir)
@@ -151,9 +153,14 @@ def check_export(hf_dir, source_checkpoint=None, seq_len: int = 24, texts=(), co
     with torch.no_grad():
         a = hf(toks).logits.float()
     b = ours.forward(toks, torch.arange(seq_len)[None], ours.new_cache(1, seq_len))
-    diff = (a - b).abs().max().item()
-    return {"loads_in_transformers": True, "max_abs_logit_diff_vs_source": diff,
-            "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+    stats = logit_stats(b, a)
+    saved = read_json(hf_dir / "config.json")
+    half = str(saved.get("dtype") or saved.get("torch_dtype")) in ("bfloat16", "float16") or ours.dtype != torch.float32
+    why = parity_failure(stats, "half" if half else "fp32")
+    if why:
+        raise ExportError(f"{hf_dir}: transformers' logits differ from the source checkpoint {src}: {why}")
+    return {"loads_in_transformers": True, "max_abs_logit_diff_vs_source": stats["max_abs_diff"],
+            "max_rel_logit_diff_vs_source": stats["max_rel_diff"], "top1_agreement": stats["top1_agreement"],
             **check_tokenizer(hf_dir, texts, conversations)}
 
 

@@ -24,7 +24,7 @@ from megatron_soaes.config import (DataSection, DataSource, DistillSection, JobC
                                    SFTFile, SFTSection, TeacherSection, TrainSection)
 from megatron_soaes.config.curriculum import Recipe, Stage
 from megatron_soaes.config.pipeline import PHASES, PipelineConfig, TrainCfg, load_pipeline_config
-from megatron_soaes.utils.files import atomic_write_text
+from megatron_soaes.utils.files import atomic_write_text, remove_atomically
 from megatron_soaes.workflows.curriculum import StageResult
 
 __all__ = ["PHASES", "Pipeline", "PipelineConfig", "load_pipeline_config"]
@@ -75,6 +75,7 @@ class ExportCheck(BaseModel):
     dir: str
     loads_in_transformers: bool
     max_abs_logit_diff_vs_source: float
+    max_rel_logit_diff_vs_source: float = 0.0  # of the largest logit; bounded by checkpoint.compare.PARITY
     top1_agreement: float
     tokenizer_class: str  # what transformers' AutoTokenizer (and so vLLM) loads
     tokenizer_texts: int  # texts on which its ids equal ours
@@ -97,6 +98,7 @@ class SpecRow(BaseModel):
     speedup: float
     exact: bool
     speedup_vs_hf_greedy: float | None = None
+    draft_agreement: float | None = None  # teacher-forced top-1 agreement with the target's own greedy output
 
 
 class SpeculativeResult(PhaseResult):
@@ -405,8 +407,8 @@ class Pipeline:
             ce_rows = run_benchmark(target, load_inference_model(ce.checkpoint), prompts, sp.max_new_tokens, sp.gammas,
                                     sp.trees, log=self.log)
             self.log("CE-only draft:\n" + format_table(ce_rows))
-        (self.out / "report").mkdir(parents=True, exist_ok=True)
-        plot(rows, self.out / "report" / "speedup_vs_tree.png", "speculative decoding, tiny pair (CPU)")
+        (self.out / "speculative").mkdir(parents=True, exist_ok=True)
+        plot(rows, self.out / "speculative" / "speedup_vs_tree.png", "speculative decoding, tiny pair (CPU)")
         return SpeculativeResult(rows=rows, ce_rows=ce_rows)
 
     def loss_runs(self) -> list[tuple[str, Path]]:
@@ -424,6 +426,10 @@ class Pipeline:
     def phase_report(self) -> ReportResult:
         from megatron_soaes.workflows.report import write_report
 
+        import shutil
+
+        (self.out / "report").mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.out / "speculative" / "speedup_vs_tree.png", self.out / "report" / "speedup_vs_tree.png")
         path = write_report(self.cfg.name, self.out / "report", self.result("evaluate"), self.result("distill"),
                             self.result("distill_ce"), self.result("export"), self.result("speculative"),
                             self.loss_runs(), family=self.cfg.model.family)
@@ -452,11 +458,38 @@ class Pipeline:
             self.planning = False
         return lines
 
+    def outputs(self, phase: str) -> list[Path]:
+        """What a phase writes (moved aside when it is redone)."""
+        return {"data": [self.data], "base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
+                "sft_single": [self.out / "sft-single"], "distill": [self.out / "distill"],
+                "distill_ce": [self.out / "distill_ce"], "export": [self.out / "export"],
+                "speculative": [self.out / "speculative"], "report": [self.out / "report"]}.get(phase, [])
+
+    def invalidate(self, phases: list[str]) -> None:
+        """Forget the phases' results first (so a run killed from here on redoes them), then remove their
+        outputs (moved aside in one rename: nothing half-deleted is ever resumed from)."""
+        for phase in phases:
+            self.phase_file(phase).unlink(missing_ok=True)
+        for phase in phases:
+            for path in self.outputs(phase):
+                if remove_atomically(path):
+                    self.log(f"[pipeline] {phase}: previous output {path} removed")
+
     def run(self, force: bool = False, force_phase: list[str] | None = None, until: str | None = None) -> dict:
+        """Run the phases in order, skipping those already done. force: redo every phase; force_phase: redo
+        these and every phase downstream of them (their results would be stale)."""
+        from megatron_soaes.config.pipeline import downstream
+
+        redo = list(PHASES) if force else downstream(force_phase or [])
+        if until is not None and until not in PHASES:
+            raise ValueError(f"--until: unknown pipeline phase {until!r}; the phases are {', '.join(PHASES)}")
+        if redo:
+            self.log(f"[pipeline] redoing {', '.join(redo)}")
+            self.invalidate(redo)
         results = {}
         for phase in PHASES:
             rec = self.done(phase)
-            if rec is not None and not force and phase not in (force_phase or []):
+            if rec is not None:
                 self.log(f"[pipeline] {phase}: done, skipped")
             else:
                 t0 = time.time()

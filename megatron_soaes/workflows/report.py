@@ -144,6 +144,9 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         rows += [
             ("Distilled vs CE-only draft (same student and steps): top-1 agreement, teacher-forced on reference answers",
              f"{_fmt(de.get('soae_qa/top1 agree'))} vs {_fmt(ce.get('soae_qa/top1 agree'))}", None),
+            ("Distilled vs CE-only draft: top-1 agreement, teacher-forced on the target's own greedy answers "
+             "(what greedy speculation accepts)", f"{_fmt(best.get('draft_agreement'))} vs {_fmt(same.get('draft_agreement'))}",
+             None),
             (f"Distillation vs CE-only draft: tau / speedup with {best['method']} (on the target's own answers)",
              f"{best['tau']:.2f} / {best['speedup']:.2f}x vs {same['tau']:.2f} / {same['speedup']:.2f}x", None)]
     if hf:

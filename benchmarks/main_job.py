@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""The main job's figures as a results file: runs `soaes pipeline` on a config (every phase redone, so
+the times are this code's), then records each phase's wall time and the report's figures (the
+speculative rows of both drafts, the evaluation per phase, the export check) with their provenance.
+The README's main-job figures are rendered from this file (benchmarks/tables.py).
+
+  python benchmarks/main_job.py --config examples/tiny/pipeline.yaml --out benchmarks/results/pipeline_tiny.json
+  python benchmarks/main_job.py --collect outputs/tiny --out ...     # an existing run, not re-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from provenance import write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def collect(out_dir: Path) -> dict:
+    phases = {p.stem: json.loads(p.read_text()) for p in sorted((out_dir / "phases").glob("*.json"))}
+    from megatron_soaes.config.pipeline import PHASES
+
+    summary = json.loads((out_dir / "report" / "summary.json").read_text())
+    return {"phase_seconds": {p: phases[p]["seconds"] for p in PHASES if p in phases},
+            "table": summary["table"], "evaluate": summary["evaluate"],
+            "export": {k: phases["export"][k] for k in ("target", "draft")} if "export" in phases else None,
+            "speculative": summary["speculative"], "speculative_ce_draft": summary["speculative_ce_draft"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="examples/tiny/pipeline.yaml")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--collect", default=None, help="an existing pipeline output directory")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.collect:
+        out_dir, wall = Path(args.collect), None
+    else:
+        from megatron_soaes.workflows.pipeline import load_pipeline_config
+
+        out_dir = Path(load_pipeline_config(args.config, args.set).output_dir)
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "megatron_soaes.cli", "pipeline", "--config", args.config, "--force"]
+        for s in args.set:
+            cmd += ["--set", s]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        wall = time.time() - t0
+    rows = collect(out_dir)
+    rows["wall_seconds"] = wall if wall is not None else sum(rows["phase_seconds"].values())
+    write_results(args.out, [], settings={"config": args.config, "set": args.set, "output_dir": str(out_dir)}, **rows)
+    print(f"wrote {args.out}: {rows['wall_seconds']:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""The README's result tables, rendered from the committed results files they cite, so no figure in
+a table can drift from its file: each table sits between ``<!-- table: NAME -->`` and
+``<!-- /table -->`` and is exactly `render(NAME)` of ``benchmarks/results/NAME.json`` (a test holds
+the README to it).
+
+  python benchmarks/tables.py            # check: exit 1 naming the tables that differ
+  python benchmarks/tables.py --write    # rewrite the README's tables from the files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+MARK = re.compile(r"<!-- table: (?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def source_line(data: dict, name: str) -> str:
+    p = data["provenance"]
+    m = p["machine"]
+    where = m.get("gpu") or f"{m['cores']} cores ({m['cpu']})"
+    return (f"`benchmarks/results/{name}.json`: commit {p['commit']}{' (+ local changes)' if p.get('dirty') else ''}, "
+            f"{p['date']}, {where}, `{p['command']}`")
+
+
+def spec_decode(data: dict) -> list[str]:
+    lines = ["| method | batch | nodes | tokens/s | tau | alpha | speedup | identical to greedy |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['method']} | {r.get('batch', 1)} | {_f(r['nodes'], 'd')} | {r['tokens_per_s']:.1f} | "
+                     f"{_f(r['tau'], '.2f')} | {_f(r['alpha'], '.2f')} | {r['speedup']:.2f}x | {'yes' if r['exact'] else 'NO'} |")
+    return lines
+
+
+def train_throughput(data: dict) -> list[str]:
+    lines = ["| variant | processes | tokens/s | ratio | final loss |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r.get("skipped"):
+            lines.append(f"| {r['variant']} | {r['nproc']} | skipped: {r['skipped'][:60]} | - | - |")
+        else:
+            lines.append(f"| {r['variant']} | {r['nproc']} | {r['tokens_per_s']:,.0f} | {r.get('ratio', 1):.3f} | "
+                         f"{r['final_loss']:.6f} |")
+    return lines
+
+
+def pipeline(data: dict) -> list[str]:
+    secs = data["phase_seconds"]
+    lines = ["| " + " | ".join(secs) + " | all |", "|" + "---|" * (len(secs) + 1),
+             "| " + " | ".join(f"{v:.0f} s" for v in secs.values()) + f" | {data['wall_seconds'] / 60:.1f} min |", "",
+             "| draft | method | tau | alpha | speedup | agreement with the target's own output | identical to greedy |",
+             "|---|---|---|---|---|---|---|"]
+    for who, rows in (("distilled", data["speculative"]), ("CE-only", data["speculative_ce_draft"])):
+        for r in rows:
+            if r["method"].startswith(("chain", "tree")):
+                lines.append(f"| {who} | {r['method']} | {r['tau']:.2f} | {r['alpha']:.2f} | {r['speedup']:.2f}x | "
+                             f"{_f(r.get('draft_agreement'), '.3f')} | {'yes' if r['exact'] else 'NO'} |")
+    return lines
+
+
+RENDER = {"spec_decode": spec_decode, "train_throughput": train_throughput, "pipeline": pipeline}
+
+
+def render(name: str) -> str:
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    kind = next(k for k in RENDER if name.startswith(k))
+    return "\n".join([source_line(data, name), "", *RENDER[kind](data), ""]) + "\n"
+
+
+def check(text: str) -> list[str]:
+    """Names of the README tables that differ from their files."""
+    return [m["name"] for m in MARK.finditer(text) if m["body"] != render(m["name"])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    text = README.read_text(encoding="utf-8")
+    if args.write:
+        new = MARK.sub(lambda m: f"<!-- table: {m['name']} -->\n{render(m['name'])}<!-- /table -->", text)
+        README.write_text(new, encoding="utf-8")
+        print(f"rewrote {len(MARK.findall(text))} tables")
+        return
+    stale = check(text)
+    if stale:
+        sys.exit(f"README tables differ from their results files: {', '.join(stale)} (python benchmarks/tables.py --write)")
+    print("README tables match their results files")
+
+
+if __name__ == "__main__":
+    main()
