@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,24 +63,32 @@ class Check:
         self.report: dict = {"smoke": smoke, "tolerances": TOLERANCES, "provenance": provenance(args_line), "parts": {}}
 
     def left(self, part: str) -> int:
-        return int(max(0, min(LIMITS.get(part, 60), self.deadline - time.time())))
+        """Seconds the next command of `part` may take (CPU smoke runs get more: 2 cores, not a GPU)."""
+        return int(max(0, min(LIMITS.get(part, 60) * (4 if self.smoke else 1), self.deadline - time.time())))
 
     def save(self) -> None:
         tmp = self.out / "gpu_check.json.tmp"
         tmp.write_text(json.dumps(self.report, indent=2))
         tmp.replace(self.out / "gpu_check.json")
 
-    def run(self, cmd: list, limit: int, log: Path) -> dict:
-        """One command of a part; its output goes to `log`, the tail into the result when it fails."""
+    def run(self, cmd: list, limit: int, log: Path, results=()) -> dict:
+        """One command of a part; its output goes to `log`, the tail into the result when it fails. `results`
+        (files or directories it writes) are removed first: a failed run never reports an earlier run's figures.
+        The command runs in a process group of its own, killed whole at the time limit (a training it started
+        must not go on holding the GPU)."""
+        for path in map(Path, results):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         t0 = time.time()
         if limit < 5:
-            return {"rc": "not run", "error": "no time left in the budget"}
+            return {"rc": "not reached", "error": "no time left in the budget"}
+        p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
-            res = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, timeout=limit, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            out, rc = res.stdout, res.returncode
-        except subprocess.TimeoutExpired as e:
-            out, rc = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""), f"timeout after {limit}s"
+            out, rc = p.communicate(timeout=limit)[0], p.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, rc = p.communicate()[0], f"timeout after {limit}s"
+        out = out.decode(errors="replace")
         log.write_text(out)
         print(out[-2000:], flush=True)
         r = {"seconds": round(time.time() - t0, 1), "rc": rc}
@@ -118,14 +128,14 @@ def part_parity(c: Check, py: str) -> dict:
     cmd = [py, "benchmarks/train_throughput.py", "--config", "examples/gpu/cpt_throughput.yaml", "--steps", "3",
            "--log-interval", "1", "--out", out, "--variant", f"local attention=1:{local},train.attention=megatron_local",
            "--variant", f"SDPA=1:{local},train.attention=sdpa"]
-    r = c.run(cmd, c.left("parity"), c.out / "parity.log")
+    r = c.run(cmd, c.left("parity"), c.out / "parity.log", results=[out])
     a, b = losses(out / "local_attention"), losses(out / "SDPA")
     steps = sorted(set(a) & set(b))
     rel = [abs(b[s] - a[s]) / abs(a[s]) for s in steps]
     r.update(steps=steps, local_attention=[a[s] for s in steps], sdpa=[b[s] for s in steps], rel_diff=rel,
              max_rel_diff=max(rel) if rel else None, wrong=[])
     if not steps:
-        r["wrong"].append("no common logged steps (a run failed)")
+        r["wrong"].append(f"no common logged steps ({r['rc']})")
     elif rel[0] > TOLERANCES["parity_first_rel"] or max(rel) > TOLERANCES["parity_rel"]:
         r["wrong"].append(f"local vs SDPA losses differ: rel {['%.2e' % x for x in rel]} (bounds "
                           f"{TOLERANCES['parity_first_rel']} at step 1, {TOLERANCES['parity_rel']} after)")
@@ -136,11 +146,11 @@ def part_packed(c: Check, py: str, dev: str, dtype: str) -> dict:
     shape = ["--preset", "test", "--seq", "256", "--mbs", "2", "--steps", "1"] if c.smoke else \
             ["--preset", "qwen2.5-0.5b", "--seq", "2048", "--mbs", "4", "--per-row", "8", "--steps", "3"]
     r = c.run([py, "benchmarks/packed_attention.py", "--device", dev, "--dtype", dtype, "--json", c.out / "packed.json",
-               *shape], c.left("packed"), c.out / "packed.log")
+               *shape], c.left("packed"), c.out / "packed.log", results=[c.out / "packed.json"])
     r.update((read_rows(c.out / "packed.json") or [{}])[0])
     r["wrong"] = []
     if "max_abs_loss_diff" not in r:
-        r["wrong"].append("no result")
+        r["wrong"].append(f"no result ({r['rc']})")
     elif r["mean_rel_loss_diff"] > TOLERANCES["packed_mean_rel"] or r["max_abs_loss_diff"] > TOLERANCES["packed_max_abs"]:
         r["wrong"].append(f"flex vs dense per-token losses differ: mean rel {r['mean_rel_loss_diff']:.2e}, max abs "
                           f"{r['max_abs_loss_diff']:.2e} (bounds {TOLERANCES['packed_mean_rel']}, {TOLERANCES['packed_max_abs']})")
@@ -152,6 +162,12 @@ def wait_for_op(c: Check, dev: str) -> str | None:
     flag = os.environ.get("SOAES_OP_BUILD_DONE")
     while flag and not Path(flag).exists() and time.time() < c.deadline:
         time.sleep(2)
+    if flag:
+        log = Path(flag).with_name("op_build.log")
+        if not Path(flag).exists():
+            return "the op build did not finish within the budget"
+        if "rc=0" not in (log.read_text() if log.exists() else ""):
+            return f"the op build failed (see {log})"
     from megatron_soaes.speculative.verify import native_available
 
     return None if native_available(dev) else f"the native tree_verify op is not built for {dev}"
@@ -166,18 +182,18 @@ def part_verify(c: Check, py: str, dev: str) -> dict:
         cmd += ["--vocab", "8064", "--repeat", "2"]
     if c.plant == "verify":
         cmd.append("--plant-bug")
-    r = c.run(cmd, c.left("verify"), c.out / "verify.log")
+    r = c.run(cmd, c.left("verify"), c.out / "verify.log", results=[c.out / "verify.json"])
     rows = read_rows(c.out / "verify.json") or []
     r.update(rows=rows, wrong=[f"{x['draft']}, vocab {x['vocab']}: the op's output differs from the PyTorch reference"
                                for x in rows if not x["same_output"]])
     if not rows:
-        r["wrong"].append("no result")
+        r["wrong"].append(f"no result ({r['rc']})")
     return r
 
 
 def part_speculative(c: Check, py: str, dev: str) -> dict:
     pair = c.out / "spec_pair"
-    steps = 6 if c.smoke else 150
+    steps = 6 if c.smoke else 100
     common = ["--set", f"train.steps={steps}", "--set", "train.save_interval=0", "--set", "train.eval_interval=0",
               "--set", "train.tensorboard=false", "--set", f"train.dtype={'fp32' if c.smoke else 'bf16'}"]
     ckpt = lambda who: f"{pair}/{who}/checkpoints/iter_{steps:07d}"  # noqa: E731
@@ -190,14 +206,14 @@ def part_speculative(c: Check, py: str, dev: str) -> dict:
         draft += ["--set", "distill.teacher.preset=tiny", "--set", "optim.warmup_steps=1"]
     r: dict = {"wrong": []}
     for who, cmd in (("train_target", target), ("train_draft", draft)):
-        r[who] = c.run(cmd, c.left("speculative"), c.out / f"spec_{who}.log")
+        r[who] = c.run(cmd, c.left("speculative"), c.out / f"spec_{who}.log", results=[pair / who.split("_")[1]])
         if r[who]["rc"] != 0:
             r["wrong"].append(f"{who} failed")
             return r
     # fp32 decoding: speculative output must equal greedy token for token (bf16 rounding differs by shape)
     cmd = [py, "benchmarks/spec_decode.py", "--target", ckpt("target"), "--draft", ckpt("draft"),
            "--tokenizer", "data/demo/tokenizer.json", "--prompts", "data/demo/corpora/domain.test.jsonl",
-           "--num-prompts", "4" if c.smoke else "16", "--prompt-len", "48", "--max-new-tokens", "16" if c.smoke else "64",
+           "--num-prompts", "4" if c.smoke else "8", "--prompt-len", "48", "--max-new-tokens", "16" if c.smoke else "64",
            "--device", dev, "--dtype", "fp32", "--no-hf"]
     if c.plant == "speculative":
         cmd.append("--plant-bug")
@@ -206,7 +222,8 @@ def part_speculative(c: Check, py: str, dev: str) -> dict:
     if dev == "cuda":  # one setting per mode: every (batch, block, cache size) shape is captured once
         runs["graphs"] = cmd + ["--gammas", "4", "--trees", "2,2,1", "--batch-sizes", "1", "4", "--cuda-graphs"]
     for tag, run_cmd in runs.items():
-        res = c.run(run_cmd + ["--out", c.out / f"spec_{tag}"], c.left("speculative"), c.out / f"spec_{tag}.log")
+        res = c.run(run_cmd + ["--out", c.out / f"spec_{tag}"], c.left("speculative"), c.out / f"spec_{tag}.log",
+                    results=[c.out / f"spec_{tag}"])
         res["rows"] = read_rows(c.out / f"spec_{tag}" / "spec_decode.json")
         r[tag] = res
         if not res["rows"]:
@@ -238,9 +255,10 @@ def part_throughput(c: Check, py: str) -> dict:
                "--log-interval", "2" if c.smoke else "4", "--out", c.out / f"throughput_{name}"]
         for v in variants[name]:
             cmd += ["--variant", v]
-        res = c.run(cmd, c.left("throughput"), c.out / f"throughput_{name}.log")
+        res = c.run(cmd, c.left("throughput"), c.out / f"throughput_{name}.log", results=[c.out / f"throughput_{name}"])
         res["rows"] = read_rows(c.out / f"throughput_{name}" / "train_throughput.json") or []
         r[name] = res
+        c.report["parts"]["throughput"] = r  # saved as it goes: a run cut short keeps the rows it has
         failed = [x["variant"] for x in res["rows"] if str(x.get("skipped", "")).startswith("failed")]
         r["wrong"] += [f"{name} {v}: the run failed" for v in failed]
         c.save()

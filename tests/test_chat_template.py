@@ -123,3 +123,19 @@ def test_sft_on_a_llama_model_with_its_own_template_and_export(tok_dir, tmp_path
     for conv in CONVS:
         assert list(exported.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]) == \
             Template(None).render(conv, tok)[0]
+
+
+def test_a_template_that_closes_the_conversation_still_gives_answer_spans(tmp_path):
+    """Phi-3-style: the whole conversation (not a generation prompt) ends with one more EOS; earlier
+    answers are still prefixes of it, and only each answer's own end is learned."""
+    from transformers import AutoTokenizer
+
+    from megatron_soaes.data.tokenizer import load_tokenizer
+
+    closing = MISTRAL + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
+    d = make_tokenizer_dir(tmp_path / "t", closing)
+    ours, theirs = load_tokenizer(d), AutoTokenizer.from_pretrained(str(d))
+    ids, mask = Template(None).render(CONVS[0], ours)
+    assert ids == list(theirs.apply_chat_template(CONVS[0], tokenize=True, return_dict=True)["input_ids"])
+    assert ours.decode([i for i, m in zip(ids, mask) if m]) == "公司应当有自己的名称。</s>名称权受法律保护。</s>"
+    assert ids[-2:] == [ours.stop_id, ours.stop_id] and mask[-1] == 0

@@ -76,3 +76,16 @@ def test_bleu_matches_sacrebleu_zh():
     for h, r in [("", "国有资产"), ("国有资产", "国有资产"), ("", ""), ("国", "国"), ("A.B, 1-2 x", "A.B, 1-2 y")]:
         assert corpus_bleu([h], [r]) == pytest.approx(sacrebleu.corpus_bleu([h], [[r]], tokenize="zh").score, abs=1e-9)
     assert corpus_bleu(["国有资产监督管理"], ["国有资产监督管理"]) == pytest.approx(100.0)
+
+
+def test_degeneracy_tells_loops_and_constant_answers_from_answers():
+    from megatron_soaes.eval.metrics import degeneracy, degenerate, is_loop
+
+    assert is_loop("证券）证券）证券）证券）证券）") and is_loop("回答:《、、、、、、、、、、")
+    assert not is_loop("企业国有资产属于国家所有。") and not is_loop("公司应当有自己的名称，名称权受法律保护。")
+    collapsed = degeneracy(["证券）证券）证券）证券）证券）"] * 6)
+    assert collapsed["loop_share"] == 1.0 and collapsed["identical_share"] == 1.0 and len(degenerate(collapsed)) == 3
+    real = degeneracy(["企业国有资产属于国家所有。", "国务院代表国家行使所有权。", "公司股东依法享有资产收益权。",
+                       "本法自2009年5月1日起施行。"])
+    assert real["loop_share"] == 0 and real["identical_share"] == 0.25 and degenerate(real) == []
+    assert degeneracy([])["answers"] == 0

@@ -40,6 +40,11 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     assert all(r["exact"] for r in summary["speculative"] + summary["speculative_ce_draft"]
                if r["method"].startswith(("chain", "tree")))
     assert {r["method"] for r in summary["speculative_ce_draft"]} >= {"chain gamma=2", "tree dynamic"}
+    # acceptance is compared with agreement on the target's own output; answers and degeneracy are shown
+    assert all(0 <= r["draft_agreement"] <= 1 for r in summary["speculative"] + summary["speculative_ce_draft"]
+               if r["method"].startswith(("chain", "tree")))
+    assert "## Sample answers" in report and "- draft:" in report and "distinct-2" in report
+    assert set(summary["evaluate"]["sft_progressive"]["degeneracy"]) >= {"distinct_2", "loop_share", "identical_share"}
     export = json.loads((out / "phases" / "export.json").read_text())
     # exported in the trained dtype (fp32): transformers gives our logits
     assert export["target"]["top1_agreement"] == 1.0 and export["target"]["max_abs_logit_diff_vs_source"] < 1e-4

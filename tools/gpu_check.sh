@@ -16,6 +16,8 @@ out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
 export SOAES_OP_BUILD_DONE="$out/op_build.done"
 rm -f "$SOAES_OP_BUILD_DONE"
-( MAX_JOBS=8 python3 setup.py -q build_ext --inplace >"$out/op_build.log" 2>&1; echo "rc=$?" >>"$out/op_build.log";
-  touch "$SOAES_OP_BUILD_DONE" ) &
+( rc=0; MAX_JOBS=8 python3 setup.py -q build_ext --inplace >"$out/op_build.log" 2>&1 || rc=$?
+  echo "rc=$rc" >>"$out/op_build.log"; touch "$SOAES_OP_BUILD_DONE" ) &
+build=$!
+trap 'kill $build 2>/dev/null || true' EXIT
 python3 benchmarks/gpu_check.py --out "$out" "$@"

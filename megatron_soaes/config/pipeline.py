@@ -16,7 +16,7 @@ PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "distill_ce", "
           "report")
 # what each phase reads: redoing a phase (--force-phase) redoes everything downstream of it
 INPUTS = {"data": (), "base": ("data",), "cpt": ("base",), "sft": ("cpt",), "sft_single": ("cpt",),
-          "distill": ("sft",), "distill_ce": ("sft",), "evaluate": ("base", "cpt", "sft", "sft_single"),
+          "distill": ("sft",), "distill_ce": ("sft",), "evaluate": ("base", "cpt", "sft", "sft_single", "distill"),
           "export": ("distill",), "speculative": ("distill", "distill_ce", "export"),
           "report": ("evaluate", "distill", "distill_ce", "export", "speculative", "sft", "sft_single")}
 assert tuple(INPUTS) == PHASES

@@ -87,10 +87,10 @@ class JinjaChat:
     name: str = "jinja"
 
     @classmethod
-    def from_tokenizer(cls, hf_tok, where: str) -> "JinjaChat":
-        """The template of a transformers tokenizer, with the turn end its probe rendering shows."""
+    def from_tokenizer(cls, hf_tok, template: str, where: str) -> "JinjaChat":
+        """`template` of a transformers tokenizer, with the turn end its probe rendering shows."""
         special = {k: v for k, v in hf_tok.special_tokens_map.items() if isinstance(v, str)}
-        chat = cls(hf_tok.chat_template, special, bos=special.get("bos_token"))
+        chat = cls(template, special, bos=special.get("bos_token"))
         probe = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "ANSWER"}]
         text = chat.text(probe)
         after = text[text.rfind("ANSWER") + len("ANSWER"):] if "ANSWER" in text else None
@@ -100,7 +100,7 @@ class JinjaChat:
             raise ChatTemplateError(f"{where}: chat_template: cannot tell where an assistant turn ends (after its "
                                     f"content the template renders {after!r}, not a special token), so generation "
                                     "could not stop where training taught it to")
-        return cls(hf_tok.chat_template, special, turn_end=end, bos=special.get("bos_token"))
+        return cls(template, special, turn_end=end, bos=special.get("bos_token"))
 
     def text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         from jinja2.exceptions import TemplateError
@@ -126,15 +126,17 @@ class JinjaChat:
         spans = []
         for i in sorted(learn):
             prompt, upto = self.text(messages[:i], add_generation_prompt=True), self.text(messages[:i + 1])
-            if not (upto.startswith(prompt) and full.startswith(upto)):
+            found = upto.find(messages[i]["content"], len(prompt))
+            end = upto.find(self.turn_end, len(prompt) if found < 0 else found + len(messages[i]["content"]))
+            if end < 0:
+                raise ChatTemplateError(f"chat_template: an assistant turn does not end with {self.turn_end!r}")
+            end += len(self.turn_end)
+            # (a template may close a whole conversation with more text: only the answer must be a prefix)
+            if not (upto.startswith(prompt) and full.startswith(upto[:end])):
                 raise ChatTemplateError("chat_template: the rendering of a conversation is not the rendering of its "
                                         "earlier turns followed by the next one (the template rewrites earlier turns), "
                                         "so answer spans cannot be derived")
-            content_end = upto.find(messages[i]["content"], len(prompt)) + len(messages[i]["content"])
-            end = upto.find(self.turn_end, max(content_end, len(prompt)))
-            if end < 0:
-                raise ChatTemplateError(f"chat_template: an assistant turn does not end with {self.turn_end!r}")
-            spans.append((len(prompt), end + len(self.turn_end)))
+            spans.append((len(prompt), end))
         ids, offsets = tok.encode_with_offsets(full)
         mask = [int(any(a <= start < b for a, b in spans)) for start, _ in offsets]
         return ids, mask

@@ -247,7 +247,8 @@ def cached_pack(files, tok, seq_length: int, template: Template, cache_dir, trun
     """
     key = {"files": [[str(p), r, os.path.getsize(p) if Path(p).is_file() else 0,
                       os.path.getmtime(p)] for p, r in files],
-           "tokenizer": tok.name, "seq": seq_length, "template": [template.default_system, template.last_turn_only],
+           "tokenizer": tok.name, "chat": tok.chat.jinja(None), "seq": seq_length,
+           "template": [template.default_system, template.last_turn_only],
            "truncation": truncation, "packing": packing,
            "replay": None if not replay else [[[str(p), r, os.path.getmtime(p)] for p, r in replay[0]], replay[1], replay[2]]}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -285,7 +285,7 @@ class HFTokenizer(Tokenizer):
             if not self.tok.is_fast:
                 raise TokenizerError(f"{directory}: a chat template needs a fast tokenizer (tokenizer.json) for "
                                      "its answer spans")
-            self.chat = JinjaChat.from_tokenizer(self.tok, str(directory))
+            self.chat = JinjaChat.from_tokenizer(self.tok, template, str(directory))
             self.bos_id = self.tok.bos_token_id if self.chat.bos else None
         elif LLAMA3.turn_end in vocab and LLAMA3.bos in vocab:
             self.chat, self.bos_id = LLAMA3, vocab[LLAMA3.bos]

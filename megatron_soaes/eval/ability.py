@@ -112,8 +112,9 @@ def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_
 
 
 def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=None, mcq_files=(), qa_file=None,
-                        template=None, qa_limit: int = 50, mcq_limit: int = 100, max_new_tokens: int = 96) -> dict:
-    """Everything the report compares across phases, for one checkpoint."""
+                        template=None, qa_limit: int = 50, mcq_limit: int = 100, max_new_tokens: int = 96,
+                        samples: int = 4) -> dict:
+    """Everything the report compares across phases, for one checkpoint (and its first `samples` QA answers)."""
     from megatron_soaes.inference.model import load_inference_model
 
     model = load_inference_model(checkpoint)
@@ -126,11 +127,14 @@ def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=No
     if mcq_files:
         res["mcq"] = mcq_accuracy(model, tokenizer, mcq_files, mcq_limit)
     if qa_file:
-        from megatron_soaes.eval.metrics import generation_metrics
+        from megatron_soaes.eval.metrics import degeneracy, generation_metrics
         from megatron_soaes.eval.qa import answer, load_qa
 
         convs = load_qa(qa_file, qa_limit)
         hyps = answer(model, tokenizer, convs, template, max_new_tokens,
                       max_prompt_tokens=model.cfg.max_position_embeddings - max_new_tokens)
         res["qa"] = generation_metrics(hyps, [c[-1]["content"] for c in convs])
+        res["degeneracy"] = degeneracy(hyps)
+        res["samples"] = [{"question": c[-2]["content"], "reference": c[-1]["content"], "answer": h}
+                          for c, h in zip(convs, hyps)][:samples]
     return res

@@ -81,3 +81,49 @@ def generation_metrics(hypotheses: list[str], references: list[str], level: str 
     r = rouge(hypotheses, references, level)
     return {"rouge-1": 100 * r["rouge-1"], "rouge-2": 100 * r["rouge-2"], "rouge-l": 100 * r["rouge-l"],
             "bleu-4": corpus_bleu(hypotheses, references), "n": len(hypotheses)}
+
+
+def is_loop(text: str, max_period: int = 12, min_repeats: int = 3, min_share: float = 0.5) -> bool:
+    """Whether `text` is mostly one short unit repeated (``证券）证券）证券）...``): some period p <= max_period
+    whose repetition runs at least `min_repeats` times over at least `min_share` of the characters."""
+    s = [c for c in text if not c.isspace()]
+    n = len(s)
+    for p in range(1, max_period + 1):
+        run = best = 0
+        for i in range(p, n):
+            run = run + 1 if s[i] == s[i - p] else 0
+            best = max(best, run)
+        if best + p >= max(min_repeats * p, min_share * n) and n >= min_repeats * p:
+            return True
+    return False
+
+
+# the bounds `degenerate` applies: a model whose answers cross one is not answering the questions
+DEGENERACY_BOUNDS = {"identical_share": 0.5, "loop_share": 0.5, "distinct_2": 0.1}
+
+
+def degeneracy(answers: list[str]) -> dict:
+    """How far a model's answers to different prompts are real answers: distinct-1/2 (unique character
+    unigrams/bigrams over all answers, whitespace dropped), the share of answers that are a repeated
+    loop (`is_loop`), the share equal to the most common answer, and the share that are empty."""
+    chars = [[c for c in a if not c.isspace()] for a in answers]
+    uni = [c for s in chars for c in s]
+    bi = [tuple(s[i:i + 2]) for s in chars for i in range(len(s) - 1)]
+    n = max(1, len(answers))
+    most = max((answers.count(a) for a in set(answers)), default=0)
+    return {"answers": len(answers), "distinct_1": len(set(uni)) / max(1, len(uni)),
+            "distinct_2": len(set(bi)) / max(1, len(bi)), "loop_share": sum(map(is_loop, answers)) / n,
+            "identical_share": most / n, "empty_share": sum(not s for s in chars) / n}
+
+
+def degenerate(d: dict) -> list[str]:
+    """Which of `DEGENERACY_BOUNDS` the `degeneracy` figures break (empty: the answers look like answers)."""
+    b = DEGENERACY_BOUNDS
+    out = []
+    if d["identical_share"] >= b["identical_share"]:
+        out.append(f"{d['identical_share']:.0%} of the answers are the same text")
+    if d["loop_share"] >= b["loop_share"]:
+        out.append(f"{d['loop_share']:.0%} of the answers are a repeated loop")
+    if d["distinct_2"] < b["distinct_2"]:
+        out.append(f"distinct-2 {d['distinct_2']:.3f} < {b['distinct_2']}")
+    return out

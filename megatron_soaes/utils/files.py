@@ -35,6 +35,9 @@ def remove_atomically(path: str | Path) -> bool:
     if not path.exists():
         return False
     aside = path.with_name(f".{path.name}.removed-{time.time_ns()}")
-    os.replace(path, aside)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # removed meanwhile by another process
+        return False
     shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
     return True

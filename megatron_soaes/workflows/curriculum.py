@@ -37,6 +37,8 @@ def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = Fals
     import torch
 
     from megatron_soaes.data.sft import Template
+    from megatron_soaes.runtime import initialize
+    from megatron_soaes.runtime.distributed import world_info
     from megatron_soaes.eval.qa import evaluate_qa
     from megatron_soaes.sft.task import SFTTask
     from megatron_soaes.training import Trainer
@@ -44,6 +46,8 @@ def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = Fals
 
     records = []
     selected = parse_stages(stages, len(recipe.stages))
+    if force and world_info()[1] > 1 and not torch.distributed.is_initialized():
+        initialize(recipe.job.parallel)  # for the barrier below (the trainer initialises again, as it always does)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if force and rank == 0:
         for k in range(selected[0], len(recipe.stages) + 1):

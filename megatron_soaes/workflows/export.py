@@ -70,7 +70,8 @@ def export_hf(checkpoint, out_dir, tokenizer_spec: str, dtype: str | None = "bf1
             "chat_template": tok.chat.jinja(default_system),
             "model_max_length": max_model_len or cfg.get("max_position_embeddings", 32768),
             "clean_up_tokenization_spaces": False, "bos_token": tok.chat.bos, "unk_token": None,
-            "eos_token": tok.chat.turn_end, "pad_token": tok.eod_token})
+            # a model's own template renders with its eos_token (stopping is config/generation_config's)
+            "eos_token": getattr(tok.chat, "special", {}).get("eos_token", tok.chat.turn_end), "pad_token": tok.eod_token})
         atomic_write_json(tmp / "soaes_export.json", {"source": str(checkpoint), "tokenizer": tokenizer_spec,
                                                       "default_system": default_system})
     return Path(out_dir)
@@ -121,12 +122,16 @@ def check_tokenizer(hf_dir, texts=(), conversations=()) -> dict:
         if a != b:
             raise ExportError(f"{where}: the chat template renders {prompt[-1]['content'][:30]!r} as {b[:16]}..., "
                               f"training as {a[:16]}...")
+        if conv[-1]["role"] == "assistant":  # and whole conversations as training rendered them
+            full = template.render(conv, ours)[0]
+            if full != _ids(theirs.apply_chat_template(conv, tokenize=True)):
+                raise ExportError(f"{where}: the chat template renders a whole conversation differently from training")
     for name in filter(None, (ours.eod_token, ours.chat.turn_start, ours.chat.turn_end, ours.chat.bos)):
         if theirs.convert_tokens_to_ids(name) != ours.token_id(name):
             raise ExportError(f"{where}: {name} is {theirs.convert_tokens_to_ids(name)}, ours {ours.token_id(name)}")
     cfg, gen = read_json(hf_dir / "config.json"), read_json(hf_dir / "generation_config.json")
     stops = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
-    if cfg["eos_token_id"] not in stops or cfg["eos_token_id"] != theirs.eos_token_id:
+    if cfg["eos_token_id"] not in stops or theirs.eos_token_id not in stops:
         raise ExportError(f"{hf_dir}: EOS differs: config.json {cfg['eos_token_id']}, generation_config {stops}, "
                           f"tokenizer {theirs.eos_token_id}")
     if (not cfg["pad_token_id"] == gen["pad_token_id"] == theirs.pad_token_id

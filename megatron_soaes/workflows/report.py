@@ -91,6 +91,7 @@ def _best(rows: list[dict]) -> dict | None:
 def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, speculative, runs: list[tuple[str, Path]],
                  family: str = "qwen2") -> Path:
     """summary.md / summary.json and the plots under `out`, from the phases' results."""
+    from megatron_soaes.eval.metrics import DEGENERACY_BOUNDS, degenerate
     from megatron_soaes.speculative.bench import format_table
 
     out = Path(out)
@@ -162,17 +163,36 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
           "the reference system's numbers are for Qwen2.5-7B/72B.", "",
           "| quantity | this run | reference system |", "|---|---|---|"]
     md += [f"| {a} | {b} | {c} |" for a, b, c in table]
-    md += ["", "## Per phase", "", "| phase | general ppl | general top-1 | domain ppl | MCQ acc | Rouge-1 | Rouge-2 | Rouge-L | BLEU-4 |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for n, r in phases:
-        q = r.qa
+    collapsed = degenerate(prog.degeneracy) if prog.degeneracy else []
+    if collapsed:
+        md[2:2] = [f"**Warning: the target (progressive SFT) is degenerate -- {'; '.join(collapsed)}.** Its answers "
+                   "(samples below) are not answers, so the QA scores and the speculative figures here measure a "
+                   "collapsed model.", ""]
+    md += ["", "## Per phase", "", "| phase | general ppl | general top-1 | domain ppl | MCQ acc | Rouge-1 | Rouge-2 | Rouge-L | "
+           "BLEU-4 | distinct-2 | loop answers | identical answers |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, r in phases + ([("draft", ev["draft"])] if "draft" in ev else []):
+        q, d = r.qa, r.degeneracy or {}
         md.append(f"| {n} | {r.general_ppl:.1f} | {r.general_top1:.3f} | {r.domain_ppl:.1f} | {r.mcq['accuracy']:.3f} | "
-                  f"{q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} |")
+                  f"{q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} | "
+                  f"{_fmt(d.get('distinct_2'))} | {_fmt(d.get('loop_share'), '.0%')} | {_fmt(d.get('identical_share'), '.0%')} |")
+    md += ["", "Degeneracy: distinct-2 is the share of distinct character bigrams over all answers; a loop answer is "
+           "mostly one short unit repeated; identical answers: the share equal to the most common answer "
+           f"(bounds for a warning: {DEGENERACY_BOUNDS})."]
+    named = phases + ([("draft", ev["draft"])] if "draft" in ev else [])
+    if prog.samples:
+        md += ["", "## Sample answers (held-out SOAE questions, greedy)", ""]
+        for i, smp in enumerate(prog.samples):
+            md += [f"**Q{i + 1}.** {smp['question'][:200]}", "", f"- reference: {smp['reference'][:200]}"]
+            md += [f"- {n}: {r.samples[i]['answer'][:200] if i < len(r.samples) else '-'}" for n, r in named]
+            md.append("")
     note = []
     if best["speedup"] < 1.0:
         note = ["", f"The best setting is slower than target-only here ({best['speedup']:.2f}x, tau {best['tau']:.2f}): at "
                     "this scale a draft forward costs a large share of a target forward on 2 CPU cores; `make bench-spec` "
                     "measures a pair whose target is an order of magnitude larger than its draft (speedups in the README)."]
+    if collapsed:
+        note = ["", f"**The target is degenerate ({'; '.join(collapsed)}): these figures measure how fast a draft "
+                    "copies its loop, not speculation on real answers.**"] + note
     note += ["", "Read these as the mechanism, not as a 72B/7B acceptance rate: a target this small, trained for "
                  "minutes, answers largely in short repeated phrases. Acceptance is agreement on the target's own "
                  "greedy answers, which the distilled draft was trained on (its logits, on its answers) and the "
