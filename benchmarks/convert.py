@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import write_results
+
 
 def make_checkpoint(preset_name: str, out: Path, shard_bytes: int = 1 << 30) -> int:
     """Random bf16 HF checkpoint written shard by shard (never the whole model in memory)."""
@@ -109,8 +111,7 @@ def main():
     for name, r in rows:
         print(f"{name:40s} {r['seconds']:8.1f} {size / 1e9 / r['seconds']:6.2f} {r['peak_rss'] / 1e9:12.2f} "
               f"{r['peak_rss'] / base:15.2f}x")
-    result = {"preset": args.preset, "checkpoint_bytes": size, **{n: r for n, r in rows}}
-    (work / "result.json").write_text(json.dumps(result, indent=2))
+    write_results(work / "result.json", [{"step": n, **r} for n, r in rows], preset=args.preset, checkpoint_bytes=size)
     if not args.keep:
         shutil.rmtree(hf), shutil.rmtree(mc), shutil.rmtree(back)
 

@@ -14,12 +14,12 @@ Writes <out>/distill_agreement.{json,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from provenance import write_results
 
 from megatron_soaes.training.metrics import last_eval
 
@@ -83,7 +83,7 @@ def main() -> None:
     for r in rows[1:]:
         r["gain_domain_1-tvd"] = round(r["domain/1-tvd"] - base["domain/1-tvd"], 4)
         r["gain_domain_top1"] = round(r["domain/top1 agree"] - base["domain/top1 agree"], 4)
-    (out / "distill_agreement.json").write_text(json.dumps(rows, indent=2))
+    write_results(out / "distill_agreement.json", rows)
     try:
         import matplotlib
 

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 EDGE_CASES = ["", "<|endoftext|>前文与后文", "   \n\t ", "控制\u0000字符\u0007", "第一条 为了规范企业国有资产 😀 ABC 123"]
 
@@ -127,7 +129,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['tool']:28s} {r['workers']:7d} {r['seconds']:8.2f} {r['tokens']:10,d} {r['tokens_per_s']:10,.0f} "
               f"{r['ratio']:10.2f}x {r['identical']}")
-    (out / "preprocess_vs_megatron.json").write_text(json.dumps(rows, indent=2))
+    write_results(out / "preprocess_vs_megatron.json", rows)
     plot(rows, out / "preprocess_vs_megatron.png")
     if not all(r["identical"] for r in rows):
         sys.exit("error: outputs differ from Megatron-LM's")
