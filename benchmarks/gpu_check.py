@@ -81,8 +81,10 @@ class Check:
         t0 = time.time()
         if limit < 5:
             return {"rc": "not reached", "error": "no time left in the budget"}
+        # each part is a job of its own: never a rendezvous address this process was started with
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
         p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                             env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
             out, rc = p.communicate(timeout=limit)[0], p.returncode
         except subprocess.TimeoutExpired:

@@ -17,12 +17,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def job_env() -> dict:
+    """The environment for a job a test starts: in-process tests of this pytest run hold a rendezvous port
+    in MASTER_PORT (and RANK/WORLD_SIZE), which a job of its own must not inherit."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
 def torchrun(nproc: int, script, *args, timeout=600):
     """Run `script` under torchrun with `nproc` gloo processes; fail with its output on error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env())
     if res.returncode:
         raise AssertionError(f"torchrun {script} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res

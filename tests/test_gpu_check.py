@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, job_env
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def demo_data():
 
 def gpu_check(out, *args):
     return subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500, env=job_env())
 
 
 @pytest.mark.parametrize("part", ["verify", "speculative"])
