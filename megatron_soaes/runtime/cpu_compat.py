@@ -160,7 +160,10 @@ def keep_freed_memory() -> bool:
     process; glibc only, a no-op elsewhere). Returns whether it took effect."""
     import ctypes
     import ctypes.util
+    import os
 
+    if os.environ.get("SOAES_KEEP_FREED_MEMORY", "1") == "0":  # opt out (e.g. to compare)
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
