@@ -57,6 +57,7 @@ def pipeline(data: dict) -> list[str]:
     secs = data["phase_seconds"]
     lines = ["| " + " | ".join(secs) + " | all |", "|" + "---|" * (len(secs) + 1),
              "| " + " | ".join(f"{v:.0f} s" for v in secs.values()) + f" | {data['wall_seconds'] / 60:.1f} min |", "",
+             *[f"- {q}: {v}" for q, v, _ in data["table"] if q.startswith(("Speculative", "Mean accepted", "Distill"))], "",
              "| draft | method | tau | alpha | speedup | agreement with the target's own output | identical to greedy |",
              "|---|---|---|---|---|---|---|"]
     for who, rows in (("distilled", data["speculative"]), ("CE-only", data["speculative_ce_draft"])):
@@ -67,7 +68,18 @@ def pipeline(data: dict) -> list[str]:
     return lines
 
 
-RENDER = {"spec_decode": spec_decode, "train_throughput": train_throughput, "pipeline": pipeline}
+def test_tiers(data: dict) -> list[str]:
+    rows = data["rows"]
+    pipelines = sum(r["seconds"] for r in rows if "test_pipeline.py" in r["test"])
+    lines = [f"{data['passed']} passed, {data['failed']} failed, {data['skipped']} skipped in {data['wall_seconds'] / 60:.1f} min "
+             f"(CPU: {data['user_seconds']:,.0f} s user, {data['sys_seconds']:,.0f} s kernel); the pipeline tests "
+             f"(whole pipelines as subprocesses) {pipelines / 60:.1f} min of it.", "",
+             "| slowest tests | seconds |", "|---|---|"]
+    lines += [f"| `{r['test']}` | {r['seconds']:.0f} |" for r in rows[:10]]
+    return lines
+
+
+RENDER = {"spec_decode": spec_decode, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers}
 
 
 def render(name: str) -> str:

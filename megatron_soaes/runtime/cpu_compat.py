@@ -155,8 +155,8 @@ def _patch_optimizer():
 def keep_freed_memory() -> bool:
     """glibc serves every block over 32 MB with mmap and returns freed heap memory over its trim threshold
     to the kernel, so each training step's activations, logits and gradients are zero-filled and faulted
-    in anew: measured on 2 cores, a third of a distillation process's time went to the kernel
-    (sys 8.4 s of 17.6 s wall; 4.9 s of 14.6 s with this). Keep it in the heap instead (mallopt, for this
+    in anew (a hand probe of a distillation run on 2 cores: about half its kernel time). Keep it in the heap
+    instead (mallopt, for this
     process; glibc only, a no-op elsewhere). Returns whether it took effect."""
     import ctypes
     import ctypes.util
