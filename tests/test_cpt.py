@@ -188,11 +188,11 @@ def test_sigkill_during_save_then_resume_is_exact(cpt_data, tmp_path, fault):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, job_env
 
     ref = tmp_path / "ref"
     cfg = write_config(cpt_data, ref, steps=16)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = job_env()
     cmd = [sys.executable, "-m", "megatron_soaes.cli", "train", "--config"]
     assert subprocess.run(cmd + [str(cfg)], env=env, cwd=ROOT, capture_output=True).returncode == 0
     run = tmp_path / "run"
