@@ -65,6 +65,14 @@ def pipeline(data: dict) -> list[str]:
             if r["method"].startswith(("chain", "tree")):
                 lines.append(f"| {who} | {r['method']} | {r['tau']:.2f} | {r['alpha']:.2f} | {r['speedup']:.2f}x | "
                              f"{_f(r.get('draft_agreement'), '.3f')} | {'yes' if r['exact'] else 'NO'} |")
+    lines += ["", "| phase | general ppl | general top-1 | domain ppl | domain top-1 | Rouge-1 | BLEU-4 | distinct-2 | "
+              "loop answers | identical answers |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in data["evaluate"].items():
+        d = e.get("degeneracy") or {}
+        lines.append(f"| {name} | {e['general_ppl']:.1f} | {e['general_top1']:.3f} | {e['domain_ppl']:.1f} | "
+                     f"{_f(e.get('domain_top1'), '.3f')} | {e['qa']['rouge-1']:.2f} | {e['qa']['bleu-4']:.2f} | "
+                     f"{_f(d.get('distinct_2'), '.3f')} | {_f(d.get('loop_share'), '.0%')} | "
+                     f"{_f(d.get('identical_share'), '.0%')} |")
     return lines
 
 

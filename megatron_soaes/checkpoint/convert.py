@@ -21,8 +21,10 @@ from megatron_soaes.checkpoint.safetensors_io import SafetensorsReader, Safetens
 from megatron_soaes.models.config import ModelConfigError, Qwen2Config
 from megatron_soaes.utils.dtypes import DTYPES, HF_NAMES, dtype_name
 
+# chat_template.jinja: where transformers 5 saves a tokenizer's chat template (no longer in tokenizer_config)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "tokenizer.model", "qwen.tiktoken", "generation_config.json")
+                   "special_tokens_map.json", "tokenizer.model", "qwen.tiktoken", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
 IGNORED_HF = ("rotary_emb.inv_freq",)
 
 
@@ -127,6 +129,31 @@ def hf_to_megatron(hf_dir, out_dir, tensor_parallel: int = 1, pipeline_parallel:
                    parallel={"tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel},
                    source=str(hf_dir))
         _copy_tokenizer(Path(hf_dir), tmp / "tokenizer")
+    return Path(out_dir)
+
+
+def first_layers(hf_dir, out_dir, num_layers: int, overwrite: bool = True) -> Path:
+    """An HF checkpoint of `hf_dir`'s first `num_layers` layers with its embeddings, final norm and
+    tokenizer: a draft that starts from what the target already knows (then distilled from it)."""
+    from safetensors.torch import save_file
+
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    if not 1 <= num_layers < cfg["num_hidden_layers"]:
+        raise ConversionError(f"{hf_dir}: cannot keep {num_layers} of its {cfg['num_hidden_layers']} layers")
+    hf = HFCheckpoint(hf_dir)
+    keep = {}
+    for name in hf.where:
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"] and int(parts[2]) >= num_layers:
+            continue
+        keep[name] = hf.get(name).contiguous()
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file(keep, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        total = cfg["num_hidden_layers"]
+        # per-layer lists (transformers 5 writes `layer_types`) keep their first entries
+        cut = {k: v[:num_layers] for k, v in cfg.items() if isinstance(v, list) and len(v) == total}
+        (tmp / "config.json").write_text(json.dumps({**cfg, **cut, "num_hidden_layers": num_layers}, indent=2))
+        _copy_tokenizer(Path(hf_dir), tmp)
     return Path(out_dir)
 
 

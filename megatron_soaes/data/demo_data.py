@@ -21,14 +21,20 @@ def demo_tokenizer(out_dir, tokenizer: str = "bpe") -> str:
 
 
 def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 4000, workers: int = 2,
-                      tokenizer: str = "bpe") -> Path:
+                      tokenizer: str = "bpe", general: str = "peoples_daily") -> Path:
     """Idempotent: parts that already exist are kept. tokenizer "bpe" trains the demo byte-level BPE
     (`tokenizer.json`, Qwen2's format), "spm" a sentencepiece model (`spm.model`); any other spec
-    (e.g. "qwen") tokenizes the corpora with it instead."""
+    (e.g. "qwen", an HF tokenizer directory) tokenizes the corpora with it instead. `general` picks the
+    general corpus (`corpora.GENERAL`); corpora built from another one are rebuilt."""
     out = Path(out_dir)
     corpora = out / "corpora"
-    if not (corpora / "corpora.json").exists():
-        build_demo_corpora(corpora)
+    built = json.loads((corpora / "corpora.json").read_text()) if (corpora / "corpora.json").exists() else None
+    if built is None or built["general"].get("source", "peoples_daily") != general:
+        build_demo_corpora(corpora, general=general)
+        for n in PARTS:  # tokenized from the corpora that were replaced
+            (out / f"{n}.stats.json").unlink(missing_ok=True)
+        if built is not None and tokenizer in DEMO_TOKENIZERS:  # trained on them
+            Path(demo_tokenizer(out, tokenizer)).unlink(missing_ok=True)
     spec = demo_tokenizer(out, tokenizer)
     if tokenizer in DEMO_TOKENIZERS and not Path(spec).exists():
         texts = []

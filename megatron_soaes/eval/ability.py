@@ -113,28 +113,45 @@ def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_
 
 def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=None, mcq_files=(), qa_file=None,
                         template=None, qa_limit: int = 50, mcq_limit: int = 100, max_new_tokens: int = 96,
-                        samples: int = 4) -> dict:
-    """Everything the report compares across phases, for one checkpoint (and its first `samples` QA answers)."""
+                        samples: int = 4, sample_files: dict | None = None, ppl_docs: int = 64) -> dict:
+    """Everything the report compares across phases, for one checkpoint, with its answers to the first
+    `samples` questions of the QA file and of each of `sample_files` ({set name: chat jsonl}, e.g. each
+    SFT stage's held-out questions). Degeneracy is measured over all of these answers."""
     from megatron_soaes.inference.model import load_inference_model
 
     model = load_inference_model(checkpoint)
     res = {"checkpoint": str(checkpoint)}
     if general_text:
-        g = perplexity(model, tokenizer, general_text)
+        g = perplexity(model, tokenizer, general_text, max_docs=ppl_docs)
         res["general_ppl"], res["general_top1"] = g["ppl"], g["top1"]
     if domain_text:
-        res["domain_ppl"] = perplexity(model, tokenizer, domain_text)["ppl"]
+        d = perplexity(model, tokenizer, domain_text, max_docs=ppl_docs)
+        res["domain_ppl"], res["domain_top1"] = d["ppl"], d["top1"]
     if mcq_files:
         res["mcq"] = mcq_accuracy(model, tokenizer, mcq_files, mcq_limit)
     if qa_file:
         from megatron_soaes.eval.metrics import degeneracy, generation_metrics
         from megatron_soaes.eval.qa import answer, load_qa
 
+        def ask(convs):
+            return answer(model, tokenizer, convs, template, max_new_tokens,
+                          max_prompt_tokens=model.cfg.max_position_embeddings - max_new_tokens)
+
+        def sample(name, convs, hyps):
+            return [{"set": name, "question": c[-2]["content"], "reference": c[-1]["content"], "answer": h}
+                    for c, h in zip(convs[:samples], hyps)]
+
         convs = load_qa(qa_file, qa_limit)
-        hyps = answer(model, tokenizer, convs, template, max_new_tokens,
-                      max_prompt_tokens=model.cfg.max_position_embeddings - max_new_tokens)
+        hyps = ask(convs)
         res["qa"] = generation_metrics(hyps, [c[-1]["content"] for c in convs])
-        res["degeneracy"] = degeneracy(hyps)
-        res["samples"] = [{"question": c[-2]["content"], "reference": c[-1]["content"], "answer": h}
-                          for c, h in zip(convs, hyps)][:samples]
+        res["samples"], every = [], list(hyps)
+        for name, path in (sample_files or {Path(qa_file).name.split(".")[0]: qa_file}).items():
+            if Path(path) == Path(qa_file):
+                res["samples"] += sample(name, convs, hyps)
+            else:
+                more = load_qa(path, samples)
+                more_hyps = ask(more)
+                res["samples"] += sample(name, more, more_hyps)
+                every += more_hyps
+        res["degeneracy"] = degeneracy(every)
     return res

