@@ -22,7 +22,7 @@ pipeline: $(STAMP)
 	$(BIN)/soaes pipeline --config examples/tiny/pipeline.yaml
 
 # The second main job: SmolLM2-135M-Instruct (a real pretrained model, from PyPI) through every phase,
-# about an hour on 2 cores. Report: outputs/smollm2/report/summary.md
+# about 25 minutes on 2 cores. Report: outputs/smollm2/report/summary.md
 pipeline-real: $(STAMP)
 	$(BIN)/soaes pipeline --config examples/smollm2/pipeline.yaml
 

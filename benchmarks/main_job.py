@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--collect", default=None, help="an existing pipeline output directory")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--note", default=None, help="how the run was made, when not one clean run (with --collect)")
     args = ap.parse_args()
     if args.collect:
         out_dir, wall = Path(args.collect), None
@@ -54,7 +55,9 @@ def main() -> None:
         wall = time.time() - t0
     rows = collect(out_dir)
     rows["wall_seconds"] = wall if wall is not None else sum(rows["phase_seconds"].values())
-    write_results(args.out, [], settings={"config": args.config, "set": args.set, "output_dir": str(out_dir)}, **rows)
+    extra = {"note": args.note} if args.note else {}
+    write_results(args.out, [], settings={"config": args.config, "set": args.set, "output_dir": str(out_dir)}, **extra,
+                  **rows)
     print(f"wrote {args.out}: {rows['wall_seconds']:.0f} s in all")
 
 

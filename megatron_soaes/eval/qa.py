@@ -35,7 +35,8 @@ def answer(model, tokenizer, conversations: list[list[dict]], template: Template
         for toks in res.tokens:
             if toks and toks[-1] == tokenizer.stop_id:
                 toks = toks[:-1]
-            out.append(tokenizer.decode(toks).strip())
+            # a byte-level answer cut at max_new_tokens can end inside a UTF-8 character: drop that half
+            out.append(tokenizer.decode(toks).rstrip("\ufffd").strip())
     return out
 
 

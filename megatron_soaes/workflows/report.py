@@ -204,8 +204,10 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     if collapsed:
         note = ["", f"**The target is degenerate ({'; '.join(collapsed)}): these figures measure how fast a draft "
                     "copies its loop, not speculation on real answers.**"] + note
-    note += ["", "Read these as the mechanism, not as a 72B/7B acceptance rate: a target this small, trained for "
-                 "minutes, answers largely in short repeated phrases. Acceptance is agreement on the target's own "
+    scale = (f"the target is the small pretrained {pretrained}, its draft its own first layers distilled for minutes, "
+             "on 2 CPU cores" if pretrained else
+             "a target this small, trained for minutes, answers largely in short repeated phrases")
+    note += ["", f"Read these as the mechanism, not as a 72B/7B acceptance rate: {scale}. Acceptance is agreement on the target's own "
                  "greedy answers, which the distilled draft was trained on (its logits, on its answers) and the "
                  "CE-only draft was not (reference answers); agreement on the reference answers is in the table."]
     if ce_spec:
