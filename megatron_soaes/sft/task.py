@@ -131,8 +131,11 @@ class SFTTask(BaseTask):
                                    dp_rank, dp_size, consumed_samples)
         evals = {}
         for name, files in job.sft.valid.items():
-            vrows, _ = packed_rows(job, tokenizer, files, progress=False)
+            vrows, vstats = packed_rows(job, tokenizer, files, progress=False)
             ds = PackedSFTDataset(vrows, t.seed, shuffle=False)
+            if len(ds) == 0:
+                raise ConfigError(f"sft.valid[{name!r}] ({', '.join(f.path for f in files)}): no example fits "
+                                  f"data.seq_length {job.data.seq_length} ({ {k: v for k, v in vstats.items() if k != 'rows'} })")
             per = t.eval_iters * t.micro_batch_size
             idx = [(dp_rank * per + i) % len(ds) for i in range(per)]
             evals[name] = [collate([ds[i] for i in idx[j:j + t.micro_batch_size]]) for j in range(0, per, t.micro_batch_size)]
