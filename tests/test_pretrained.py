@@ -124,6 +124,10 @@ def test_pretrained_base_needs_its_own_tokenizer():
         load_pipeline_config(ROOT / "examples/tiny/pipeline.yaml", ["data.tokenizer=model"])
     with pytest.raises((ConfigError, ValueError), match="student_layers"):
         load_pipeline_config(ROOT / "examples/tiny/pipeline.yaml", ["distill.student_layers=2"])
+    with pytest.raises((ConfigError, ValueError), match="base.hf needs distill.student_layers"):
+        load_pipeline_config(ROOT / "examples/smollm2/pipeline.yaml", ["distill.student_layers=null"])
+    with pytest.raises((ConfigError, ValueError), match="the pretrained model's own"):
+        load_pipeline_config(ROOT / "examples/smollm2/pipeline.yaml", ["model.family=llama3"])
 
 
 def test_python_docs_corpus_is_english_split_by_id(tmp_path):

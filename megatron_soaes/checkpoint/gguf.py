@@ -43,7 +43,6 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         model.generation_config.to_json_file(tmp / "generation_config.json")
         tok.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
     return out
 
 

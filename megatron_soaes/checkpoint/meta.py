@@ -43,6 +43,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False):
         raise FileExistsError(f"{target} already exists (pass --force / overwrite=True to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published directory is an ordinary one
     try:
         yield tmp
     except BaseException:

@@ -161,6 +161,11 @@ class PipelineConfig(_Strict):
                              "tokenizes its data with the pretrained model's own tokenizer")
         if self.distill.student_layers is not None and self.base.hf is None:
             raise ValueError("distill.student_layers (a draft cut from the base's first layers) needs base.hf")
+        if self.base.hf is not None and self.distill.student_layers is None:
+            raise ValueError("base.hf needs distill.student_layers: the draft must share the pretrained model's family "
+                             "and vocabulary, so it is cut from its first layers (no preset has them)")
+        if self.base.hf is not None and self.model.family != "qwen2":
+            raise ValueError("model.family applies to the presets; with base.hf the family is the pretrained model's own")
         return self
 
 

@@ -22,6 +22,8 @@ import re
 import sqlite3
 from pathlib import Path
 
+from megatron_soaes.utils.files import atomic_write_json
+
 SOAE_LAWS = ("企业国有资产法", "公司法", "企业破产法", "会计法", "审计法", "预算法", "资产评估法",
              "证券法", "商业银行法", "全民所有制工业企业法", "企业所得税法", "银行业监督管理法")
 DOMAIN_DEPARTMENTS = ("经济法", "民法商法")
@@ -143,5 +145,5 @@ def build_demo_corpora(out_dir, cache_dir=None, general: str = "peoples_daily") 
         "domain": build_domain_corpus(_fetch("laws.db", cache_dir), out_dir),
         "general": {"source": general, **GENERAL[general](out_dir, cache_dir)},
     }
-    (out_dir / "corpora.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_json(out_dir / "corpora.json", report)
     return report

@@ -30,11 +30,11 @@ def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 400
     corpora = out / "corpora"
     built = json.loads((corpora / "corpora.json").read_text()) if (corpora / "corpora.json").exists() else None
     if built is None or built["general"].get("source", "peoples_daily") != general:
-        build_demo_corpora(corpora, general=general)
-        for n in PARTS:  # tokenized from the corpora that were replaced
+        for n in PARTS:  # tokenized from the corpora about to be replaced (first: a kill leaves no stale match)
             (out / f"{n}.stats.json").unlink(missing_ok=True)
         if built is not None and tokenizer in DEMO_TOKENIZERS:  # trained on them
             Path(demo_tokenizer(out, tokenizer)).unlink(missing_ok=True)
+        build_demo_corpora(corpora, general=general)
     spec = demo_tokenizer(out, tokenizer)
     if tokenizer in DEMO_TOKENIZERS and not Path(spec).exists():
         texts = []

@@ -63,7 +63,7 @@ class ModelEval(BaseModel):
     general_ppl: float
     general_top1: float = 0.0  # next-token accuracy on held-out general text
     domain_ppl: float
-    domain_top1: float = 0.0
+    domain_top1: float | None = None  # (results of older versions lack it)
     mcq: dict
     qa: dict[str, float]
     degeneracy: dict = {}  # eval.metrics.degeneracy of its answers (QA and every stage's samples)
@@ -124,9 +124,12 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, log=print):
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.output_dir)
-        t = cfg.data.tokenizer
-        # one tokenization per dir (a pretrained base's job names its own)
-        self.data = Path(cfg.data.dir) if t in ("bpe", "model") else Path(f"{cfg.data.dir}-{t}")
+        # one tokenization of one set of corpora per directory: data.dir itself holds the default (the bpe
+        # tokenizer, People's Daily); other choices live beside it, named by what differs
+        c = cfg.data
+        key = [Path(cfg.base.hf).name if c.tokenizer == "model" else c.tokenizer] if c.tokenizer != "bpe" else []
+        key += [c.general] if c.general != "peoples_daily" else []
+        self.data = Path("-".join([c.dir, *key]))
         self.planning = False  # dry run: unfinished phases' checkpoints are placeholders
 
     # ---- helpers ----
@@ -151,10 +154,15 @@ class Pipeline:
         directory, written on first use (a dry run plans with it too)."""
         from megatron_soaes.checkpoint.convert import first_layers
 
-        out = self.out / "base" / "draft_hf"
+        out = self.out / "base" / f"draft_hf_{self.cfg.distill.student_layers}layers"
         if not (out / "config.json").exists():
             first_layers(self.base_hf, out, self.cfg.distill.student_layers)
         return out
+
+    @property
+    def draft_init(self) -> Path:
+        """The draft cut from a pretrained base, converted: where its distillation starts."""
+        return self.out / "base" / f"draft_init_{self.cfg.distill.student_layers}layers"
 
     @property
     def tokenizer_spec(self) -> str:
@@ -265,8 +273,8 @@ class Pipeline:
         if self.base_hf is not None:
             if not init_dir.exists():
                 hf_to_megatron(self.base_hf, init_dir, overwrite=True, progress=False)
-            if self.cfg.distill.student_layers and not (self.out / "base" / "draft_init").exists():
-                hf_to_megatron(self.draft_hf, self.out / "base" / "draft_init", overwrite=True, progress=False)
+            if self.cfg.distill.student_layers and not self.draft_init.exists():
+                hf_to_megatron(self.draft_hf, self.draft_init, overwrite=True, progress=False)
             return TrainResult(checkpoint=str(init_dir))
         if not init_dir.exists():
             make_random_hf_model(self.out / "base" / "hf_init", b.preset, seed=b.seed, **self.overrides)
@@ -389,7 +397,7 @@ class Pipeline:
         t = TrainCfg(steps=d.steps, seq_length=d.seq_length, lr=d.lr, min_lr=d.lr / 10,
                      global_batch_size=s.global_batch_size, micro_batch_size=s.micro_batch_size)
         teacher = TeacherSection(**self.spec("target"), checkpoint=target)
-        student_init = str(self.out / "base" / "draft_init") if d.student_layers else None
+        student_init = str(self.draft_init) if d.student_layers else None
         return self._job(
             "distill", self.model("draft", student_init), t, self.out / out,
             sft=SFTSection(train=train,
@@ -471,7 +479,8 @@ class Pipeline:
 
     def loss_runs(self) -> list[tuple[str, Path]]:
         """(title, run directory) of every training run, in pipeline order, for the loss plot."""
-        runs = [("general pre-training (base)", self.out / "base" / "pretrain"), ("CPT (domain + replay)", self.out / "cpt")]
+        runs = [] if self.base_hf is not None else [("general pre-training (base)", self.out / "base" / "pretrain")]
+        runs.append(("CPT (domain + replay)", self.out / "cpt"))
         runs += [(f"SFT stage {st.stage}: {st.name}", Path(st.run_dir)) for st in self.result("sft").stages]
         single = self.result("sft_single")
         if not single.skipped:
@@ -488,7 +497,7 @@ class Pipeline:
 
         (self.out / "report").mkdir(parents=True, exist_ok=True)
         plot([r.model_dump() for r in self.result("speculative").rows], self.out / "report" / "speedup_vs_tree.png",
-             "speculative decoding, tiny pair (CPU)")
+             f"speculative decoding, {'tiny pair' if self.cfg.base.hf is None else self.cfg.base.hf + ' + its first layers'} (CPU)")
         path = write_report(self.cfg.name, self.out / "report", self.result("evaluate"), self.result("distill"),
                             self.result("distill_ce"), self.result("export"), self.result("speculative"),
                             self.loss_runs(), family=self.cfg.model.family, general=self.cfg.data.general,

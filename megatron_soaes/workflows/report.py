@@ -181,7 +181,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in phases + ([("draft", ev["draft"])] if "draft" in ev else []):
         q, d = r.qa, r.degeneracy or {}
-        md.append(f"| {n} | {r.general_ppl:.1f} | {r.general_top1:.3f} | {r.domain_ppl:.1f} | {r.domain_top1:.3f} | "
+        md.append(f"| {n} | {r.general_ppl:.1f} | {r.general_top1:.3f} | {r.domain_ppl:.1f} | {_fmt(r.domain_top1)} | "
                   f"{r.mcq['accuracy']:.3f} | "
                   f"{q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} | "
                   f"{_fmt(d.get('distinct_2'))} | {_fmt(d.get('loop_share'), '.0%')} | {_fmt(d.get('identical_share'), '.0%')} |")
