@@ -22,6 +22,7 @@ import re
 import sqlite3
 from pathlib import Path
 
+from megatron_soaes.data.assets import fetch
 from megatron_soaes.utils.files import atomic_write_json
 
 SOAE_LAWS = ("企业国有资产法", "公司法", "企业破产法", "会计法", "审计法", "预算法", "资产评估法",
@@ -126,14 +127,8 @@ def build_python_docs_corpus(out_dir, min_doc_chars: int = 1200) -> dict:
     return _write_splits(docs(), Path(out_dir), "general")
 
 
-GENERAL = {"peoples_daily": lambda out, cache: build_general_corpus(_fetch("199801.txt", cache), out),
+GENERAL = {"peoples_daily": lambda out, cache: build_general_corpus(fetch("199801.txt", cache), out),
            "python_docs": lambda out, cache: {"python": platform.python_version(), **build_python_docs_corpus(out)}}
-
-
-def _fetch(name, cache_dir):
-    from megatron_soaes.data.assets import fetch
-
-    return fetch(name, cache_dir)
 
 
 def build_demo_corpora(out_dir, cache_dir=None, general: str = "peoples_daily") -> dict:
@@ -142,7 +137,7 @@ def build_demo_corpora(out_dir, cache_dir=None, general: str = "peoples_daily") 
         raise ValueError(f"unknown general corpus {general!r}; known: {', '.join(GENERAL)}")
     out_dir = Path(out_dir)
     report = {
-        "domain": build_domain_corpus(_fetch("laws.db", cache_dir), out_dir),
+        "domain": build_domain_corpus(fetch("laws.db", cache_dir), out_dir),
         "general": {"source": general, **GENERAL[general](out_dir, cache_dir)},
     }
     atomic_write_json(out_dir / "corpora.json", report)

@@ -273,7 +273,7 @@ class Pipeline:
         if self.base_hf is not None:
             if not init_dir.exists():
                 hf_to_megatron(self.base_hf, init_dir, overwrite=True, progress=False)
-            if self.cfg.distill.student_layers and not self.draft_init.exists():
+            if not self.draft_init.exists():  # (base.hf requires distill.student_layers)
                 hf_to_megatron(self.draft_hf, self.draft_init, overwrite=True, progress=False)
             return TrainResult(checkpoint=str(init_dir))
         if not init_dir.exists():
@@ -479,7 +479,7 @@ class Pipeline:
 
     def loss_runs(self) -> list[tuple[str, Path]]:
         """(title, run directory) of every training run, in pipeline order, for the loss plot."""
-        runs = [] if self.base_hf is not None else [("general pre-training (base)", self.out / "base" / "pretrain")]
+        runs = [] if self.cfg.base.hf else [("general pre-training (base)", self.out / "base" / "pretrain")]
         runs.append(("CPT (domain + replay)", self.out / "cpt"))
         runs += [(f"SFT stage {st.stage}: {st.name}", Path(st.run_dir)) for st in self.result("sft").stages]
         single = self.result("sft_single")
@@ -515,7 +515,7 @@ class Pipeline:
         self.planning = True
         try:
             lines = ([f"base: {dry_run(self.base_job(), world_size, check_paths=False)}"]
-                     if self.base_hf is None and self.cfg.base.pretrain_steps else
+                     if self.cfg.base.hf is None and self.cfg.base.pretrain_steps else
                      [f"base: no training ({self.cfg.base.hf or 'random init'})"])
             lines.append(f"cpt: {dry_run(self.cpt_job(), world_size, check_paths=False)}")
             recipes = [("sft", self.sft_recipe())]
