@@ -4,6 +4,7 @@ the times are this code's), then records each phase's wall time and the report's
 speculative rows of both drafts, the evaluation per phase, the export check) with their provenance.
 The README's main-job figures are rendered from this file (benchmarks/tables.py).
 
+  python benchmarks/main_job.py --config examples/smollm2/pipeline.yaml --out benchmarks/results/pipeline_smollm2.json
   python benchmarks/main_job.py --config examples/tiny/pipeline.yaml --out benchmarks/results/pipeline_tiny.json
   python benchmarks/main_job.py --collect outputs/tiny --out ...     # an existing run, not re-run
 """
@@ -35,7 +36,7 @@ def collect(out_dir: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="examples/tiny/pipeline.yaml")
+    ap.add_argument("--config", default="examples/smollm2/pipeline.yaml")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--collect", default=None, help="an existing pipeline output directory")
     ap.add_argument("--out", required=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training runs side by side, as a results file: for each run directory (a `soaes train` / pipeline phase
 output with metrics.jsonl and resolved_config.json), the settings that were varied and where its loss
-went. Used to record the tiny main job's recipe search (README "The main job"), so the figures quoted
+went. Used to record the tiny main job's recipe search (README "Why the tiny job's models do not answer"), so the figures quoted
 about it are backed by a file.
 
   python benchmarks/recipe_probe.py outputs/exp_a/cpt outputs/exp_b/cpt --note "..." --out benchmarks/results/X.json

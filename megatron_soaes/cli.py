@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="the whole system on the tiny example: data -> CPT -> SFT -> distill -> "
                                          "speculative decoding -> evaluation -> export -> report")
-    pl.add_argument("--config", default="examples/tiny/pipeline.yaml")
+    pl.add_argument("--config", default="examples/smollm2/pipeline.yaml")
     pl.add_argument("--set", action="append", default=[], help="override, e.g. --set cpt.steps=40")
     pl.add_argument("--force", action="store_true", help="redo every phase")
     pl.add_argument("--force-phase", action="append", default=[], help="redo one phase (repeatable)")

@@ -1,4 +1,4 @@
-"""The README's main command end to end (reduced-step config), skip-on-rerun, and resume after a
+"""The tiny from-scratch job (make pipeline-tiny) end to end (reduced-step config), skip-on-rerun, and resume after a
 phase is killed midway."""
 
 import json

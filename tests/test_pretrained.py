@@ -63,7 +63,7 @@ def test_convert_round_trip_bit_exact_and_logit_parity_at_tp3(smollm2, tmp_path)
 
 @pytest.mark.slow
 def test_real_model_pipeline_reduced(tmp_path, smollm2):
-    """The second main job (make pipeline-real) in a reduced form: a pretrained model through every
+    """The main job (make pipeline) in a reduced form: a pretrained model through every
     phase; its target answers (no loop, not one answer for all prompts) and the general text is text
     it handles (next-token accuracy far above a random model's)."""
     import json

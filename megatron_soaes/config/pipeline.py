@@ -1,4 +1,5 @@
-"""The pipeline's config: the whole system on one small file (`examples/tiny/pipeline.yaml`).
+"""The pipeline's config: the whole system on one small file (`examples/smollm2/pipeline.yaml`,
+`examples/tiny/pipeline.yaml`).
 Each phase reads its own section; the pipeline turns them into complete `JobConfig`s and a
 curriculum `Recipe` (`workflows.pipeline`), so every training phase runs through the same trainer
 and the same task `prepare` as `soaes train`."""
