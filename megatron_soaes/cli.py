@@ -21,6 +21,20 @@ def _convert(args) -> int:
     return 0
 
 
+def _verify_checkpoint(args) -> int:
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
+    from megatron_soaes.checkpoint.manifest import verify
+
+    path = resolve_checkpoint(args.path)
+    manifest = verify(path, checksums=not args.sizes_only)
+    if manifest is None:
+        print(f"{path}: no manifest (written before manifests); nothing to check against")
+        return 1
+    print(f"{path}: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e9:.3f} GB, "
+          f"{len(manifest['tensors'])} tensors match the manifest")
+    return 0
+
+
 def _compare(args) -> int:
     from megatron_soaes.checkpoint.compare import compare_logits
     from megatron_soaes.runtime.launch import ensure_world_size
@@ -191,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
     c.set_defaults(fn=_convert)
 
+    v = sub.add_parser("verify-checkpoint", help="check a checkpoint against its manifest (sizes, SHA-256)")
+    v.add_argument("path", help="a checkpoint, a checkpoints/ dir with latest, or a run dir")
+    v.add_argument("--sizes-only", action="store_true", help="file sizes only, no checksums")
+    v.set_defaults(fn=_verify_checkpoint)
+
     m = sub.add_parser("compare-logits", help="HF vs megatron logits on random tokens at TP/PP")
     m.add_argument("--hf", required=True)
     m.add_argument("--megatron", default=None, help="converted checkpoint (default: convert on the fly)")
@@ -308,13 +327,20 @@ def main(argv=None) -> int:
 
         keep_freed_memory()  # every CPU command, inference and evaluation included
     from megatron_soaes.checkpoint.convert import ConversionError
+    from megatron_soaes.checkpoint.manifest import CheckpointCorrupt
     from megatron_soaes.config import ConfigError
     from megatron_soaes.models.config import ModelConfigError
     from megatron_soaes.workflows.export import ExportError
 
+    from megatron_soaes.training.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         return args.fn(args)
-    except (ConversionError, ModelConfigError, ConfigError, ExportError, FileExistsError, ValueError) as e:
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (ConversionError, CheckpointCorrupt, ModelConfigError, ConfigError, ExportError, FileExistsError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -74,3 +74,36 @@ def test_speculative_72b_tp8_script_layout():
     other = subprocess.run(bench + ["--target", "tiny", "--tp", "2"], capture_output=True, text=True, cwd=ROOT)
     assert other.returncode == 1 and "differs from the target's" in other.stderr
 
+
+
+@pytest.mark.parametrize("script", ["cpt_qwen2.5_7b.sbatch", "cpt_qwen2.5_72b.sbatch", "cpt_qwen3_8b.sbatch",
+                                    "cpt_llama3.1_8b.sbatch", "distill_72b_to_7b.sbatch", "sft_stage_7b.sbatch",
+                                    "sft_stage_72b.sbatch"])
+def test_training_sbatch_asks_for_sigterm_and_requeues(script):
+    text = (SLURM / script).read_text()
+    assert "#SBATCH --signal=TERM@" in text and "#SBATCH --requeue" in text
+    assert "launch_resumable soaes" in text and "\nlaunch soaes" not in text
+
+
+@pytest.mark.parametrize("status,requeued,exit_code", [(75, True, 0), (1, False, 1), (0, False, 0)])
+def test_launch_resumable_requeues_on_the_preempted_status(tmp_path, status, requeued, exit_code):
+    """common.sh with stand-ins for srun and scontrol: the trainer's EXIT_PREEMPTED requeues the job."""
+    import subprocess
+
+    from megatron_soaes.training.preemption import EXIT_PREEMPTED
+
+    assert EXIT_PREEMPTED == 75  # the number common.sh tests for
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text(f"#!/bin/bash\nexit {status}\n")
+    (bin_ / "scontrol").write_text(f"#!/bin/bash\n[ \"$1\" = show ] && echo node1 && exit 0\necho \"$@\" >> {tmp_path}/calls\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_ID": "4242"}
+    res = subprocess.run(["bash", "-c", f"source {SLURM / 'common.sh'}; launch_resumable soaes train --config x.yaml; "
+                          "echo after"], env=env, capture_output=True, text=True)
+    assert res.returncode == exit_code, res.stderr
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    assert ("requeue 4242" in calls) == requeued
+    assert ("after" in res.stdout) == (status == 0)  # a failure or a requeue ends the script

@@ -19,3 +19,17 @@ check_layout() {
 launch() {
   srun --kill-on-bad-exit=1 --cpu-bind=none "$@"
 }
+
+# launch_resumable ARGS...: launch a training job; exit status 75 (EXIT_PREEMPTED: the trainer got
+# SIGTERM from --signal, saved at its current step and exited) requeues this job, which then resumes
+# from that checkpoint. Any other failure is the job's exit status.
+launch_resumable() {
+  local rc=0
+  launch "$@" || rc=$?
+  if [ "$rc" -eq 75 ]; then
+    echo "preempted: checkpoint saved; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  return "$rc"
+}

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from megatron_soaes.checkpoint import qwen2_hf
 from megatron_soaes.checkpoint.dcp_io import DcpReader, DcpWriter
+from megatron_soaes.checkpoint.manifest import CheckpointCorrupt, verify, write_manifest
 from megatron_soaes.checkpoint.meta import atomic_directory, read_meta, write_meta
 from megatron_soaes.checkpoint.safetensors_io import SafetensorsReader, SafetensorsStreamWriter, tensor_nbytes
 from megatron_soaes.models.config import ModelConfigError, Qwen2Config
@@ -129,6 +130,7 @@ def hf_to_megatron(hf_dir, out_dir, tensor_parallel: int = 1, pipeline_parallel:
                    parallel={"tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel},
                    source=str(hf_dir))
         _copy_tokenizer(Path(hf_dir), tmp / "tokenizer")
+        write_manifest(tmp)  # last: a published checkpoint is checked against it before it is trusted
     return Path(out_dir)
 
 
@@ -213,6 +215,10 @@ def megatron_to_hf(mcore_dir, out_dir, dtype: str | None = None, overwrite: bool
                    max_shard_bytes: int = 5 << 30, progress: bool = True, tokenizer_dir=None) -> Path:
     """Convert a torch_dist checkpoint written by megatron-soaes (conversion or training) into HF format."""
     mcore_dir = Path(mcore_dir)
+    try:
+        verify(mcore_dir)
+    except CheckpointCorrupt as e:
+        raise ConversionError(str(e)) from None
     try:
         meta = read_meta(mcore_dir)
         cfg = Qwen2Config(**meta["model"])

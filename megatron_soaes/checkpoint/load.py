@@ -16,11 +16,26 @@ def _drop_absent_objects(sharded_sd: dict, ckpt_dir: Path) -> dict:
             if not (isinstance(v, ShardedObject) and v.unique_key not in present)}
 
 
+def _verify(ckpt_dir: Path) -> None:
+    """Refuse weights that do not match their manifest (every rank checks a share of the files)."""
+    import torch
+
+    from megatron_soaes.checkpoint.manifest import CheckpointCorrupt, verify, verify_distributed
+
+    if torch.distributed.is_initialized():
+        error = verify_distributed(ckpt_dir)
+        if error:
+            raise CheckpointCorrupt(error)
+    else:
+        verify(ckpt_dir)
+
+
 def load_model_weights(model, ckpt_dir: str | Path, prefix: str = "") -> None:
     """Fill `model` (one GPTModel chunk of this rank) from `ckpt_dir`, resharding as needed."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
+    _verify(ckpt_dir)
     sharded = _drop_absent_objects(model.sharded_state_dict(prefix=prefix), ckpt_dir)
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
     # a training checkpoint also returns its non-sharded common items (scheduler, iteration, ...)

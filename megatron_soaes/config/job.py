@@ -129,6 +129,12 @@ class TrainSection(StrictModel):
     eval_iters: int = Field(4, ge=1)  # micro-batches per held-out set
     save_interval: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, ge=1)  # checkpoints kept
+    # write checkpoints in a background process (megatron-core's async dist-checkpointing) while the next
+    # steps run; a checkpoint is published only when every rank finished writing, at most one in flight
+    async_save: bool = False
+    # before resuming, a checkpoint is checked against its manifest: file sizes always, and with
+    # "checksums" every file's SHA-256 (reads the checkpoint once more, spread over the ranks)
+    verify_checkpoints: Literal["checksums", "sizes"] = "checksums"
     output_dir: str | None = Field(None, validate_default=True)  # checkpoints/, metrics.jsonl, tensorboard/
     peak_tflops: float | None = Field(None, gt=0)  # per-device peak for MFU; known GPUs are detected
     tensorboard: bool = True  # scalars under <output_dir>/tensorboard when the tensorboard package is installed

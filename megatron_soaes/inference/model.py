@@ -302,7 +302,9 @@ def load_weights(path: str | Path) -> tuple[Qwen2Config, Mapping[str, torch.Tens
     cfg = model_config_of(path)
     if (path / META_FILE).exists():
         from megatron_soaes.checkpoint.dcp_io import DcpReader
+        from megatron_soaes.checkpoint.manifest import verify
 
+        verify(path)
         reader = DcpReader(path)
         return cfg, LazyWeights(qwen2_hf.hf_tensor_shapes(cfg), lambda: qwen2_hf.megatron_to_hf_global(cfg, reader.read),
                                 lambda i: qwen2_hf.megatron_to_hf_layer(cfg, reader.read, i))

@@ -1,9 +1,11 @@
 """Training checkpoints with megatron-core dist_checkpointing: atomic, keep-last-K, reshardable.
 
-Layout: ``<dir>/iter_0000100/`` (a torch_dist checkpoint + soaes_model.json) and ``<dir>/latest``.
-A save goes to ``iter_XXXXXXX.tmp`` and is renamed only after every rank finished writing, so a
-run killed mid-save leaves either the old checkpoint set or the new one, never a half-written
-directory that looks complete. Loading picks the newest complete directory.
+Layout: ``<dir>/iter_0000100/`` (a torch_dist checkpoint + soaes_model.json + manifest.json) and
+``<dir>/latest``. A save goes to ``iter_XXXXXXX.tmp`` and is renamed only after every rank finished
+writing and the manifest (every file's size and SHA-256, written last) is in place, so a run killed
+mid-save leaves either the old checkpoint set or the new one, never a half-written directory that looks
+complete. Resuming takes the newest checkpoint that matches its manifest and falls back past any that do
+not (a truncated or corrupted file), saying so.
 """
 
 from __future__ import annotations
@@ -47,24 +49,23 @@ def complete_checkpoints(directory: str | Path) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.is_dir() and _ITER.match(p.name)), key=lambda p: p.name)
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    found = complete_checkpoints(directory)
-    return found[-1] if found else None
-
-
 def fault_point(name: str, iteration: int) -> None:
-    """Fault injection for the kill tests: SOAES_FAULT=<name>:<iteration> SIGKILLs this process there."""
+    """Fault injection for the kill tests: SOAES_FAULT=<name>:<iteration> SIGKILLs this process there,
+    <name>:<iteration>:TERM sends it SIGTERM instead (a scheduler's preemption)."""
     spec = os.environ.get("SOAES_FAULT", "")
     if spec == f"{name}:{iteration}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif spec == f"{name}:{iteration}:TERM":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
-def save(directory: str | Path, iteration: int, model, optimizer, scheduler, common: dict, model_cfg, keep_last: int) -> Path:
-    """Collective: every rank calls it."""
+def save(directory: str | Path, iteration: int, model, optimizer, scheduler, common: dict, model_cfg, keep_last: int,
+         async_queue=None) -> Path:
+    """Collective: every rank calls it. With `async_queue` (megatron-core's `AsyncCallsQueue`) the state is
+    staged and written by a background process while training goes on; the checkpoint is published
+    (manifest, rename, ``latest``, keep-last-K) by the queue's finalization once every rank is done."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from megatron_soaes.checkpoint.meta import write_meta
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     directory = Path(directory)
@@ -83,11 +84,30 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         "scheduler": scheduler.state_dict(),
         "common": common,
     }
-    dist_checkpointing.save(state, str(tmp))
-    fault_point("before_rename", iteration)
+    publish = lambda: _publish(tmp, final, iteration, model_cfg, keep_last)  # noqa: E731
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        publish()
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
+    return final
+
+
+def _publish(tmp: Path, final: Path, iteration: int, model_cfg, keep_last: int) -> None:
+    """Collective, after every rank finished writing `tmp`: sidecar, manifest (last), then one rename."""
+    from megatron_soaes.checkpoint.meta import write_meta
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    directory = final.parent
     torch.distributed.barrier()
     if rank == 0:
         write_meta(tmp, model_cfg, iteration=iteration, world_size=world)
+    torch.distributed.barrier()
+    _write_manifest(tmp)
+    fault_point("before_rename", iteration)
+    if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -96,7 +116,43 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         for old in complete_checkpoints(directory)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
-    return final
+
+
+def _write_manifest(tmp: Path) -> None:
+    """Collective: each rank hashes every world-th file, rank 0 writes the manifest."""
+    from megatron_soaes.checkpoint.manifest import checkpoint_files, hash_files, write_manifest
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mine = hash_files(tmp, checkpoint_files(tmp)[rank::world])
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    if rank == 0:
+        write_manifest(tmp, {k: v for part in parts for k, v in part.items()})
+    torch.distributed.barrier()
+
+
+def latest_verified(directory: str | Path, checksums: bool = True, log=print) -> Path | None:
+    """Collective: the newest complete checkpoint that matches its manifest. A corrupt one is skipped with
+    a log line naming the file; if every checkpoint is corrupt this raises rather than start over."""
+    from megatron_soaes.checkpoint.manifest import CheckpointCorrupt, verify_distributed
+
+    found = complete_checkpoints(directory)
+    refused = []
+    for path in reversed(found):
+        error = verify_distributed(path, checksums)
+        if error is None:
+            if refused:
+                log(f"resuming from {path.name}, the newest checkpoint that matches its manifest")
+            return path
+        refused.append(error)
+        log(f"WARNING: refusing checkpoint {path.name}: {error}; falling back to the previous one "
+            f"(kept aside as {path.name}.corrupt)")
+        if torch.distributed.get_rank() == 0:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+        torch.distributed.barrier()
+    if refused:
+        raise CheckpointCorrupt(f"{directory}: no checkpoint matches its manifest: " + "; ".join(refused))
+    return None
 
 
 def load(path: str | Path, model, optimizer, scheduler) -> dict:

@@ -156,7 +156,7 @@ class Trainer:
         from megatron_soaes.training import checkpointing as ckpt
 
         self.source_tokens: dict[int, int] = {}  # tokens per blend source, whole run
-        resume = ckpt.latest_checkpoint(self.ckpt_dir)
+        resume = ckpt.latest_verified(self.ckpt_dir, self.job.train.verify_checkpoints == "checksums", self.log)
         if resume is not None:
             common = ckpt.load(resume, self.ddp.module, self.optimizer, self.scheduler)
             self.source_tokens = {int(k): int(v) for k, v in common.get("source_tokens", {}).items()}
@@ -227,14 +227,26 @@ class Trainer:
         return res
 
     # ---- checkpoints ----
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> float:
+        """Save at `step`; returns the seconds training was blocked (waiting for the previous background
+        save, staging, or the whole write when saves are synchronous)."""
         from megatron_soaes.training import checkpointing as ckpt
 
+        t0 = time.time()
+        self.finish_saves(blocking=True)  # at most one save in flight
         common = {"iteration": step, "consumed_samples": self.batches.consumed, "job": self.job.model_dump(),
                   "source_tokens": {str(k): v for k, v in self.source_tokens.items()}}
         path = ckpt.save(self.ckpt_dir, step, self.ddp.module, self.optimizer, self.scheduler, common,
-                         self.model_cfg, self.job.train.keep_last)
-        self.log(f"saved {path}")
+                         self.model_cfg, self.job.train.keep_last, self.async_queue)
+        blocked = time.time() - t0
+        self.log(f"{'saving' if self.async_queue else 'saved'} {path} (training blocked {blocked:.2f}s)")
+        return blocked
+
+    def finish_saves(self, blocking: bool) -> None:
+        """Publish background saves that every rank has finished (collective); `blocking` waits for them."""
+        if self.async_queue is not None and self.async_queue.get_num_unfinalized_calls():
+            for _ in self.async_queue.maybe_finalize_async_calls(blocking=blocking):
+                self.log("background save published")
 
     # ---- the loop ----
     def _speed(self, rec: StepRecord, dt: float, tokens: int) -> dict:
@@ -255,28 +267,46 @@ class Trainer:
                  f"ETA {eta:.0f}s | tokens {per_src}")
 
     def run(self) -> list[StepRecord]:
-        self.setup()
-        t, seq = self.job.train, self.job.data.seq_length
-        history: list[StepRecord] = []
-        t_start, tokens_since = time.time(), 0
-        for step in range(self.start_step + 1, t.steps + 1):
-            rec, parts = self.train_step(step)
-            tokens_since += t.global_batch_size * seq
-            speed = {}
-            if step % t.log_interval == 0 or step == t.steps:
-                speed = self._speed(rec, time.time() - t_start, tokens_since)
-                self._log_step(rec, speed)
-                t_start, tokens_since = time.time(), 0
-            history.append(rec)
-            self.metrics.write({"step": step, "loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm,
-                                "skipped": rec.skipped, "source_tokens": self.source_tokens, **speed,
-                                **{k: v for k, v in parts.items() if k != "lm loss"}})
-            if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
-                self.evaluate(step)
-            if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
-                self.save(step)
-        self.evaluate(t.steps)
-        self.metrics.close()
+        from megatron_soaes.training.preemption import Preempted, SigtermWatch
+
+        self.async_queue = None
+        if self.job.train.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        with SigtermWatch() as sigterm:
+            self.setup()
+            t, seq = self.job.train, self.job.data.seq_length
+            history: list[StepRecord] = []
+            t_start, tokens_since = time.time(), 0
+            for step in range(self.start_step + 1, t.steps + 1):
+                rec, parts = self.train_step(step)
+                self.finish_saves(blocking=False)
+                tokens_since += t.global_batch_size * seq
+                speed = {}
+                if step % t.log_interval == 0 or step == t.steps:
+                    speed = self._speed(rec, time.time() - t_start, tokens_since)
+                    self._log_step(rec, speed)
+                    t_start, tokens_since = time.time(), 0
+                history.append(rec)
+                if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+                    self.evaluate(step)
+                preempted = sigterm.requested(_comm_device())
+                blocked = None
+                if (t.save_interval and step % t.save_interval == 0) or step == t.steps or preempted:
+                    blocked = self.save(step)
+                self.metrics.write({"step": step, "loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm,
+                                    "skipped": rec.skipped, "source_tokens": self.source_tokens, **speed,
+                                    **({"save_blocked_s": blocked} if blocked is not None else {}),
+                                    **{k: v for k, v in parts.items() if k != "lm loss"}})
+                if preempted and step != t.steps:
+                    self.finish_saves(blocking=True)
+                    self.log(f"SIGTERM: saved at step {step}; exiting for a requeue")
+                    self.metrics.close()
+                    raise Preempted(step, self.ckpt_dir / f"iter_{step:07d}")
+            self.finish_saves(blocking=True)  # the run ends only when its last checkpoint is published
+            self.evaluate(t.steps)
+            self.metrics.close()
         return history
 
 

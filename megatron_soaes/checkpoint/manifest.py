@@ -1,0 +1,130 @@
+"""A checkpoint's manifest: what a complete checkpoint holds, written last, checked before it is trusted.
+
+``manifest.json`` lists every file of the checkpoint directory with its size and SHA-256, and every
+tensor of its ``torch_dist`` metadata with shape and dtype. A directory is renamed into place only after
+its manifest is written, so a published checkpoint without one predates manifests; one whose files
+differ from it (truncated, a flipped byte, a missing shard) is refused with the file named, and resume
+falls back to the previous checkpoint. Hashing runs in threads (hashlib releases the GIL on large
+buffers) and, in a distributed save, each rank hashes its share of the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+_CHUNK = 8 << 20
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint whose files do not match its manifest (or that has none where one is required)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _threads() -> int:
+    return min(16, os.cpu_count() or 1)
+
+
+def checkpoint_files(directory: str | Path) -> list[str]:
+    """The files a manifest covers: every regular file below `directory` except the manifest itself."""
+    d = Path(directory)
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def hash_files(directory: str | Path, names: list[str]) -> dict[str, dict]:
+    """{name: {bytes, sha256}} for `names` under `directory`, hashed in parallel threads."""
+    d = Path(directory)
+    with ThreadPoolExecutor(_threads()) as pool:
+        digests = list(pool.map(lambda n: _sha256(d / n), names))
+    return {n: {"bytes": (d / n).stat().st_size, "sha256": h} for n, h in zip(names, digests)}
+
+
+def tensor_entries(directory: str | Path) -> dict[str, dict]:
+    """Every tensor of a torch_dist checkpoint's DCP metadata: {name: {shape, dtype}}."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(directory) / ".metadata"
+    if not path.exists():
+        return {}
+    with open(path, "rb") as f:
+        md = pickle.load(f)
+    return {k: {"shape": list(v.size), "dtype": str(v.properties.dtype).removeprefix("torch.")}
+            for k, v in sorted(md.state_dict_metadata.items()) if isinstance(v, TensorStorageMetadata)}
+
+
+def write_manifest(directory: str | Path, files: dict[str, dict] | None = None) -> dict:
+    """Write ``manifest.json`` (through a temporary name); `files` when the hashes were computed elsewhere
+    (by the ranks that wrote them), else every file is hashed here."""
+    d = Path(directory)
+    files = files if files is not None else hash_files(d, checkpoint_files(d))
+    data = {"format": "megatron-soaes-manifest", "version": 1, "files": dict(sorted(files.items())),
+            "total_bytes": sum(f["bytes"] for f in files.values()), "tensors": tensor_entries(d)}
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, d / MANIFEST)
+    return data
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointCorrupt(f"{path}: unreadable manifest ({e})") from None
+
+
+def verify(directory: str | Path, checksums: bool = True, names: list[str] | None = None) -> dict | None:
+    """Check `directory` against its manifest (`names`: only those files); raises `CheckpointCorrupt`
+    naming the first bad file. Sizes always, SHA-256 with `checksums`. Returns the manifest, or None
+    for a checkpoint without one (written before manifests existed)."""
+    d = Path(directory)
+    manifest = read_manifest(d)
+    if manifest is None:
+        return None
+    files = manifest["files"]
+    names = sorted(files) if names is None else names
+    for n in names:
+        p = d / n
+        if not p.is_file():
+            raise CheckpointCorrupt(f"{p}: missing (listed in {d / MANIFEST})")
+        size = p.stat().st_size
+        if size != files[n]["bytes"]:
+            raise CheckpointCorrupt(f"{p}: {size} bytes, the manifest says {files[n]['bytes']} (truncated or overwritten)")
+    if checksums:
+        got = hash_files(d, names)
+        for n in names:
+            if got[n]["sha256"] != files[n]["sha256"]:
+                raise CheckpointCorrupt(f"{d / n}: checksum differs from {d / MANIFEST} (corrupt)")
+    return manifest
+
+
+def verify_distributed(directory: str | Path, checksums: bool = True) -> str | None:
+    """Collective `verify`: each rank checks every world-th file; returns the first error (same on every
+    rank) or None."""
+    import torch
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    error = None
+    try:
+        manifest = read_manifest(directory)
+        if manifest is not None:
+            verify(directory, checksums, sorted(manifest["files"])[rank::world])
+    except CheckpointCorrupt as e:
+        error = str(e)
+    errors = [None] * world
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)

@@ -1,0 +1,155 @@
+"""Checkpoint I/O: manifests that refuse corrupt checkpoints (resume falls back past them), asynchronous
+saves that give the synchronous run's losses and survive kill -9 mid-write, and SIGTERM preemption."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, job_env
+from test_cpt import losses, write_config
+
+from megatron_soaes.config import load_config
+
+
+def _train(cfg, extra_env=None, sets=()):
+    """`soaes train` in its own session, output to files: megatron-core's checkpoint writer starts a
+    multiprocessing manager that can outlive a killed run and must not hold our pipes; the session is
+    killed afterwards, as a scheduler would."""
+    import signal
+    import tempfile
+
+    cmd = [sys.executable, "-m", "megatron_soaes.cli", "train", "--config", str(cfg)]
+    for s in sets:
+        cmd += ["--set", s]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, env={**job_env(), **(extra_env or {})}, cwd=ROOT, stdout=out, stderr=err,
+                             start_new_session=True)
+        rc = p.wait(timeout=900)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+
+
+def test_manifest_refuses_a_corrupt_file(tmp_path):
+    """A manifest is written last; a truncated file, a flipped byte or a missing file is named."""
+    from megatron_soaes.checkpoint.manifest import CheckpointCorrupt, verify, write_manifest
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "a.bin").write_bytes(os.urandom(1 << 20))
+    (d / "sub").mkdir()
+    (d / "sub" / "b.bin").write_bytes(b"x" * 1000)
+    m = write_manifest(d)
+    assert set(m["files"]) == {"a.bin", "sub/b.bin"} and m["total_bytes"] == (1 << 20) + 1000
+    assert verify(d)["files"] == m["files"]
+    data = bytearray((d / "a.bin").read_bytes())
+    data[12345] ^= 1
+    (d / "a.bin").write_bytes(bytes(data))
+    verify(d, checksums=False)  # same size: only the checksum sees it
+    with pytest.raises(CheckpointCorrupt, match=r"a\.bin: checksum differs"):
+        verify(d)
+    (d / "sub" / "b.bin").write_bytes(b"x" * 999)
+    with pytest.raises(CheckpointCorrupt, match=r"b\.bin: 999 bytes, the manifest says 1000"):
+        verify(d, checksums=False)
+    (d / "sub" / "b.bin").unlink()
+    with pytest.raises(CheckpointCorrupt, match=r"b\.bin: missing"):
+        verify(d, checksums=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_resume_falls_back_past_a_corrupt_checkpoint(cpt_data, tmp_path, damage):
+    """The newest checkpoint damaged on disk: resume refuses it (the log names the file), falls back to the
+    previous one and reproduces the uninterrupted run's later losses bit for bit; loading it for weights
+    and `soaes verify-checkpoint` refuse it with the file named."""
+    from megatron_soaes.training import train
+    from megatron_soaes.training.cpt import CPTTask
+
+    ref = tmp_path / "ref"
+    train(load_config(write_config(cpt_data, ref, steps=16)), CPTTask(), log=lambda s: None)
+    full = losses(ref)
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    import shutil
+
+    for it in ("iter_0000008", "iter_0000016"):
+        shutil.copytree(ref / "checkpoints" / it, ck / it)
+    (ck / "latest").write_text("iter_0000016")
+    manifest = json.loads((ck / "iter_0000016" / "manifest.json").read_text())
+    name = max((n for n in manifest["files"] if n.endswith(".distcp")), key=lambda n: manifest["files"][n]["bytes"])
+    victim = ck / "iter_0000016" / name
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        victim.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 3] ^= 0x40
+        victim.write_bytes(bytes(data))
+    res = subprocess.run([sys.executable, "-m", "megatron_soaes.cli", "verify-checkpoint", str(ck / "iter_0000016")],
+                         env=job_env(), cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and name in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    res = _train(write_config(cpt_data, run, steps=16))
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert f"refusing checkpoint iter_0000016: {victim}" in log and "resumed from" in log and "iter_0000008" in log
+    assert (ck / "iter_0000016.corrupt").exists()
+    got = losses(run)
+    assert [got[s] for s in range(9, 17)] == [full[s] for s in range(9, 17)]
+    res = subprocess.run([sys.executable, "-m", "megatron_soaes.cli", "verify-checkpoint", str(run)],
+                         env=job_env(), cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and "match the manifest" in res.stdout, res.stdout + res.stderr
+
+
+def test_async_save_losses_equal_sync_and_kill_in_flight_resumes(cpt_data, tmp_path):
+    """train.async_save: the same losses as synchronous saves, bit for bit, and the same published
+    checkpoints; kill -9 after a background save was scheduled but before it was published resumes
+    from the previous complete checkpoint and reproduces the later losses."""
+    sync, asy = tmp_path / "sync", tmp_path / "async"
+    assert _train(write_config(cpt_data, sync, steps=16)).returncode == 0
+    res = _train(write_config(cpt_data, asy, steps=16, async_save=True))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert losses(asy) == losses(sync)
+    names = lambda d: sorted(p.name for p in (d / "checkpoints").iterdir())  # noqa: E731
+    assert names(asy) == names(sync) == ["iter_0000008", "iter_0000016", "latest"]
+    for it in ("iter_0000008", "iter_0000016"):
+        m = lambda d: json.loads((d / "checkpoints" / it / "manifest.json").read_text())["tensors"]  # noqa: E731
+        assert m(asy) == m(sync)
+    blocked = [json.loads(x) for x in open(asy / "metrics.jsonl") if "save_blocked_s" in x]
+    assert [r["step"] for r in blocked] == [8, 16]
+
+    run = tmp_path / "killed"
+    cfg = write_config(cpt_data, run, steps=16, async_save=True, save_interval=4)
+    res = _train(cfg, {"SOAES_FAULT": "after_step:9"})  # step 8's save is scheduled, not yet published
+    assert res.returncode == -9
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "iter_0000004" and not (ck / "iter_0000008").exists()
+    res = _train(cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout + res.stderr
+    full, got = losses(sync), losses(run)
+    assert [got[s] for s in range(5, 17)] == [full[s] for s in range(5, 17)]
+
+
+def test_sigterm_saves_and_exits_for_a_requeue(cpt_data, tmp_path):
+    """SIGTERM mid-run (what SLURM sends before the time limit): the step finishes, a checkpoint at that
+    step is published, the exit status is EXIT_PREEMPTED, and rerunning continues with the same losses."""
+    from megatron_soaes.training.preemption import EXIT_PREEMPTED
+
+    ref = tmp_path / "ref"
+    assert _train(write_config(cpt_data, ref, steps=16)).returncode == 0
+    run = tmp_path / "run"
+    cfg = write_config(cpt_data, run, steps=16)
+    res = _train(cfg, {"SOAES_FAULT": "after_step:11:TERM"})
+    assert res.returncode == EXIT_PREEMPTED, res.stderr[-3000:]
+    assert "preempted (SIGTERM)" in res.stderr and "iter_0000011" in res.stderr
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "iter_0000011"
+    assert max(losses(run)) == 11
+    res = _train(cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full, got = losses(ref), losses(run)
+    assert [got[s] for s in range(1, 17)] == [full[s] for s in range(1, 17)]
