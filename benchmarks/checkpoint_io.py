@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="outputs/bench_checkpoint_io")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    work = Path(args.workdir)
+    work = ROOT / args.workdir  # the runs start in ROOT; an absolute --workdir stays as given
     rows = []
     for model in args.models:
         res = {v: run(args.config, model, v, args.steps, args.save_every, work) for v in VARIANTS}

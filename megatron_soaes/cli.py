@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
     c.set_defaults(fn=_convert)
 
-    v = sub.add_parser("verify-checkpoint", help="check a checkpoint against its manifest (sizes, SHA-256)")
+    v = sub.add_parser("verify-checkpoint", help="check a checkpoint against its manifest (sizes, checksums)")
     v.add_argument("path", help="a checkpoint, a checkpoints/ dir with latest, or a run dir")
     v.add_argument("--sizes-only", action="store_true", help="file sizes only, no checksums")
     v.set_defaults(fn=_verify_checkpoint)

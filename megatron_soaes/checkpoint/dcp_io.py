@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ MCORE_METADATA = {
 
 
 class DcpWriter:
-    """Append tensor chunks to data files; `close()` writes the DCP and megatron metadata."""
+    """Append tensor chunks to data files; `close()` writes the DCP and megatron metadata. `write` may be
+    called from several threads: each thread appends to files of its own."""
 
     def __init__(self, directory: str | Path, max_file_bytes: int = 2 << 30):
         self.dir = Path(directory)
@@ -47,18 +49,21 @@ class DcpWriter:
         self.max_file_bytes = max_file_bytes
         self.tensors: dict[str, TensorStorageMetadata] = {}
         self.storage: dict[MetadataIndex, _StorageInfo] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._files: list = []
         self._file_idx = -1
-        self._stream = None
-        self._new_file()
 
-    def _new_file(self):
-        if self._stream is not None:
-            self._stream.flush()
-            os.fsync(self._stream.fileno())
-            self._stream.close()
-        self._file_idx += 1
-        self._name = f"__0_{self._file_idx}.distcp"
-        self._stream = open(self.dir / self._name, "wb")
+    def _stream(self):
+        st = getattr(self._local, "stream", None)
+        if st is None or st[1].tell() > self.max_file_bytes:
+            with self._lock:
+                self._file_idx += 1
+                name = f"__0_{self._file_idx}.distcp"
+                st = (name, open(self.dir / name, "wb"))
+                self._files.append(st[1])
+            self._local.stream = st
+        return st
 
     def declare(self, key: str, global_shape, dtype: torch.dtype) -> None:
         if key in self.tensors:
@@ -74,24 +79,29 @@ class DcpWriter:
         for o, s, g in zip(offsets, chunk.shape, md.size):
             if o < 0 or o + s > g:
                 raise ValueError(f"{key}: chunk at {tuple(offsets)} of {tuple(chunk.shape)} exceeds {tuple(md.size)}")
-        if self._stream.tell() > self.max_file_bytes:
-            self._new_file()
+        chunk = chunk.detach().cpu().contiguous()
+        if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
+            chunk = chunk.clone()  # torch.save writes a view's whole storage
+        name, stream = self._stream()
+        start = stream.tell()
+        torch.save(chunk, stream)
+        info = _StorageInfo(relative_path=name, offset=start, length=stream.tell() - start)
         offsets = torch.Size(offsets)
-        start = self._stream.tell()
-        torch.save(chunk.detach().cpu().contiguous().clone(), self._stream)
-        md.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=chunk.shape))
-        self.storage[MetadataIndex(key, offsets)] = _StorageInfo(
-            relative_path=self._name, offset=start, length=self._stream.tell() - start
-        )
+        with self._lock:
+            md.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=chunk.shape))
+            self.storage[MetadataIndex(key, offsets)] = info
 
     def close(self, common: dict | None = None) -> None:
         for key, md in self.tensors.items():
             covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
             if covered != md.size.numel():
                 raise ValueError(f"{key}: chunks cover {covered} of {md.size.numel()} elements")
-        self._new_file()
-        self._stream.close()
-        os.remove(self.dir / self._name)
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for key, md in self.tensors.items():  # chunk order as a serial writer would list them
+            md.chunks.sort(key=lambda c: tuple(c.offsets))
         metadata = Metadata(state_dict_metadata=dict(self.tensors), planner_data=None, storage_data=self.storage)
         with open(self.dir / ".metadata", "wb") as f:
             pickle.dump(metadata, f)
@@ -149,6 +159,8 @@ class DcpReader:
             if any(a >= b for a, b in zip(ov_lo, ov_hi)):
                 continue
             chunk = self._load_chunk(info)
+            if ov_lo == c_lo == lo and ov_hi == c_hi == hi:  # one chunk is exactly the slice: no copy
+                return chunk[0] if index is not None else chunk
             src = chunk[tuple(slice(a - c, b - c) for a, b, c in zip(ov_lo, ov_hi, c_lo))]
             out[tuple(slice(a - l, b - l) for a, b, l in zip(ov_lo, ov_hi, lo))] = src
             filled += src.numel()

@@ -2,9 +2,10 @@
 
 `safe_open` memory-maps each shard, so reading every tensor of a 140 GB checkpoint leaves 140 GB of
 file pages counted against the process; `save_file` needs a whole shard in memory. Here a tensor
-is read with one positioned read, and a shard is written from a plan (names, shapes, dtypes known
-up front) with each tensor appended as it is produced. Same file format, so `safetensors` and
-`transformers` read the output.
+is read with one positioned read straight into its own storage, and a shard is written from a plan
+(names, shapes, dtypes known up front, so every tensor's offset is too) with each tensor written at its
+offset as it is produced -- in any order, from any thread, with no copy on the way (`os.pread`/`os.pwrite`
+release the GIL). Same file format, so `safetensors` and `transformers` read the output.
 """
 
 from __future__ import annotations
@@ -70,18 +71,37 @@ class SafetensorsReader:
 
     def get(self, name) -> torch.Tensor:
         dtype, shape, b, end = self.entries[name]
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + b)
-            buf = bytearray(f.read(end - b))
-        if len(buf) != end - b:
-            raise SafetensorsFormatError(f"tensor {name}: short read (truncated file?)")
-        if not buf:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        out = torch.empty(end - b, dtype=torch.uint8)
+        if end > b:
+            with open(self.path, "rb", buffering=0) as f:
+                got = _pread_into(f.fileno(), memoryview(out.numpy()), self.data_start + b)
+            if got != end - b:
+                raise SafetensorsFormatError(f"tensor {name}: short read (truncated file?)")
+        return out.view(dtype).reshape(shape)
+
+
+_IO_MAX = 1 << 30  # bytes per pread/pwrite call (Linux moves at most ~2 GiB per call)
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:done + _IO_MAX]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        done += os.pwrite(fd, buf[done:done + _IO_MAX], offset + done)
 
 
 class SafetensorsStreamWriter:
-    """Write one safetensors file whose tensors (names, shapes, dtypes, order) are planned up front."""
+    """Write one safetensors file whose tensors (names, shapes, dtypes, order) are planned up front; `add`
+    may be called in any order and from several threads."""
 
     def __init__(self, path: str | Path, plan: list[tuple[str, tuple, torch.dtype]], metadata: dict | None = None):
         self.path = Path(path)
@@ -94,22 +114,28 @@ class SafetensorsStreamWriter:
             header["__metadata__"] = metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.expected = [(n, tuple(s), d) for n, s, d in plan]
-        self.pos = 0
-        self.f = open(self.path, "wb")
-        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        start = 8 + len(raw)
+        self.expected = {n: (tuple(s), d, start + header[n]["data_offsets"][0]) for n, s, d in plan}
+        self.written: set[str] = set()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        os.ftruncate(self.fd, start + offset)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        want = self.expected[self.pos]
-        got = (name, tuple(tensor.shape), tensor.dtype)
-        if got != want:
-            raise ValueError(f"{self.path}: expected {want}, got {got}")
-        self.f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        self.pos += 1
+        if name not in self.expected:
+            raise ValueError(f"{self.path}: {name} is not planned for this file")
+        shape, dtype, at = self.expected[name]
+        if (tuple(tensor.shape), tensor.dtype) != (shape, dtype):
+            raise ValueError(f"{self.path}: expected {name} {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        if name in self.written:
+            raise ValueError(f"{self.path}: {name} written twice")
+        self.written.add(name)
+        if tensor.numel():
+            _pwrite_all(self.fd, memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()), at)
 
     def close(self) -> None:
-        if self.pos != len(self.expected):
-            raise ValueError(f"{self.path}: {len(self.expected) - self.pos} planned tensors never written")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        missing = len(self.expected) - len(self.written)
+        if missing:
+            raise ValueError(f"{self.path}: {missing} planned tensors never written")
+        os.fsync(self.fd)
+        os.close(self.fd)

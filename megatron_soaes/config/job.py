@@ -133,7 +133,7 @@ class TrainSection(StrictModel):
     # steps run; a checkpoint is published only when every rank finished writing, at most one in flight
     async_save: bool = False
     # before resuming, a checkpoint is checked against its manifest: file sizes always, and with
-    # "checksums" every file's SHA-256 (reads the checkpoint once more, spread over the ranks)
+    # "checksums" every file's XXH3-128 checksum (reads the checkpoint once more, spread over the ranks)
     verify_checkpoints: Literal["checksums", "sizes"] = "checksums"
     output_dir: str | None = Field(None, validate_default=True)  # checkpoints/, metrics.jsonl, tensorboard/
     peak_tflops: float | None = Field(None, gt=0)  # per-device peak for MFU; known GPUs are detected

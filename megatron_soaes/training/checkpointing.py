@@ -2,7 +2,7 @@
 
 Layout: ``<dir>/iter_0000100/`` (a torch_dist checkpoint + soaes_model.json + manifest.json) and
 ``<dir>/latest``. A save goes to ``iter_XXXXXXX.tmp`` and is renamed only after every rank finished
-writing and the manifest (every file's size and SHA-256, written last) is in place, so a run killed
+writing and the manifest (every file's size and checksum, written last) is in place, so a run killed
 mid-save leaves either the old checkpoint set or the new one, never a half-written directory that looks
 complete. Resuming takes the newest checkpoint that matches its manifest and falls back past any that do
 not (a truncated or corrupted file), saying so.
