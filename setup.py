@@ -65,7 +65,7 @@ setup(
         # Transformer Engine needs a CUDA toolkit; NVIDIA apex must be built from its GitHub source
         # (the PyPI package named `apex` is unrelated): see README "GPU extras".
         "gpu": ["transformer-engine[pytorch]>=1.13"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "rouge-chinese==1.0.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "rouge-chinese==1.0.3", "peft>=0.13"],
         # pretrained models shipped as GGUF (base.hf: smollm2-135m-instruct, make pipeline)
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     },

@@ -41,7 +41,7 @@ def _compare(args) -> int:
 
     ensure_world_size(args.tp * args.pp)
     stats = compare_logits(args.hf, args.tp, args.pp, mcore_dir=args.megatron, batch=args.batch,
-                           seq_len=args.seq_len, seed=args.seed)
+                           seq_len=args.seq_len, seed=args.seed, adapter=args.adapter, sequence_parallel=args.sp)
     import torch
 
     if torch.distributed.get_rank() == 0:
@@ -53,7 +53,7 @@ def _compare(args) -> int:
 
     why = parity_failure(stats)
     if why and torch.distributed.get_rank() == 0:
-        print(f"error: logits differ from transformers': {why}", file=sys.stderr)
+        print(f"error: logits differ from {'peft' if args.adapter else 'transformers'}': {why}", file=sys.stderr)
     return 1 if why else 0
 
 
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, default=2)
     m.add_argument("--seq-len", type=int, default=32)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--adapter", default=None, help="an HF PEFT LoRA directory: compare base + adapter with peft's")
+    m.add_argument("--sp", action="store_true", help="sequence parallelism (TP > 1)")
     m.add_argument("--json", default=None)
     m.set_defaults(fn=_compare)
 

@@ -36,14 +36,35 @@ def load_model_weights(model, ckpt_dir: str | Path, prefix: str = "") -> None:
 
     ckpt_dir = Path(ckpt_dir)
     _verify(ckpt_dir)
-    sharded = _drop_absent_objects(model.sharded_state_dict(prefix=prefix), ckpt_dir)
+    # LoRA adapters (adapters/) are not part of the base's weights: `load_adapter` fills them
+    sharded = {k: v for k, v in model.sharded_state_dict(prefix=prefix).items() if ".lora_" not in k}
+    sharded = _drop_absent_objects(sharded, ckpt_dir)
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
     # a training checkpoint also returns its non-sharded common items (scheduler, iteration, ...)
     state = {k: v for k, v in state.items() if k in sharded}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith("_extra_state") and ".lora_" not in k]
     if missing or unexpected:
         raise RuntimeError(f"{ckpt_dir}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_adapter(model, ckpt_dir: str | Path) -> None:
+    """Fill the LoRA adapters of `model` from an adapter checkpoint (adapters.peft_io or an adapter
+    training save), resharding as needed."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_soaes.adapters import lora_keys
+
+    ckpt_dir = Path(ckpt_dir)
+    _verify(ckpt_dir)
+    sharded = lora_keys(model.sharded_state_dict())
+    if not sharded:
+        raise RuntimeError(f"{ckpt_dir}: the model has no LoRA adapters to load it into")
+    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    missing, _ = model.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=False)
+    missing = [k for k in missing if ".lora_" in k]
+    if missing:
+        raise RuntimeError(f"{ckpt_dir}: adapter tensors missing for {missing[:3]}")
 
 
 def resolve_checkpoint(path) -> Path:

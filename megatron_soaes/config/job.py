@@ -209,6 +209,29 @@ class SFTSection(StrictModel):
         return v
 
 
+class PeftSection(StrictModel):
+    """LoRA adapters (adapters/): the base is frozen; only the adapters train, are checkpointed and exported."""
+
+    type: Literal["lora"] = "lora"
+    rank: int = Field(16, ge=1)  # r: rows of A / columns of B per adapted projection
+    alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input
+    # HF projection names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or "all-linear"
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        from megatron_soaes.adapters import HF_TARGETS
+
+        bad = [t for t in v if t != "all-linear" and t not in HF_TARGETS]
+        if bad or not v:
+            raise ValueError(f"unknown target module {bad[0] if bad else '(none)'}; choose from "
+                             f"{', '.join(HF_TARGETS)} or all-linear")
+        return v
+
+
 class JobConfig(StrictModel):
     kind: Literal["cpt", "sft", "distill"] = "cpt"  # the task the trainer runs (training.task registry)
     model: ModelSection
@@ -218,6 +241,7 @@ class JobConfig(StrictModel):
     train: TrainSection
     distill: DistillSection | None = None  # kind distill
     sft: SFTSection | None = None  # kind sft, or distillation on chat data
+    peft: PeftSection | None = None  # train LoRA adapters on a frozen base (needs model.init_checkpoint)
 
     @model_validator(mode="after")
     def _complete(self, info: ValidationInfo):
@@ -236,6 +260,8 @@ class JobConfig(StrictModel):
             raise ValueError(f"a distill section is only valid with kind: distill (kind is {self.kind})")
         if self.distill and self.distill.offline_logits and self.sft is not None:
             raise ValueError("distill.offline_logits: stored teacher logits cover CPT data; use an online teacher with sft data")
+        if self.peft and not self.model.init_checkpoint:
+            raise ValueError("peft: adapters train on a frozen base; set model.init_checkpoint to its checkpoint")
         epochs = self.sft.epochs if self.sft else None
         if (self.train.steps is None) == (epochs is None):
             raise ValueError("train.steps: give exactly one of train.steps or sft.epochs (which sets the steps "

@@ -1,0 +1,134 @@
+"""LoRA for megatron-core's tensor-parallel linears, in peft's shape: an adapter module wrapped around
+the layer it adapts, the base layer frozen inside it.
+
+Sharding follows the layer, the rank dimension is never split:
+- column-parallel (``linear_qkv``, ``linear_fc1``): A ``[P*r, in]`` replicated, B ``[out/tp, P*r]`` split
+  like the weight's rows. Without SP the adapter's hidden state passes `copy_to_tensor_model_parallel_region`
+  (the backward all-reduce makes A's gradient the sum over every rank's rows, as for the layer's input);
+  with SP it is computed on the local sequence slice and all-gathered (r columns, not the hidden size), and
+  A is marked ``sequence_parallel`` so megatron's finalize all-reduces its gradient across TP.
+- row-parallel (``linear_proj``, ``linear_fc2``): A ``[r, in/tp]`` split like the weight's columns, B
+  ``[out, r]`` replicated; the partial ``A x`` is all-reduced (reduce-scattered along the sequence with SP,
+  then B is marked ``sequence_parallel``).
+
+A fused layer holds several HF projections (q/k/v, gate/up): each adapted one is a *part* with its own r
+rows of A, and B is masked block-diagonally so part p's output rows only see part p's rows of A -- the
+exact equivalent of peft's separate q_proj/k_proj/v_proj adapters, kept exact through training (masked
+entries get zero gradients and stay zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """Which HF projection each local output row of a column-parallel layer belongs to."""
+
+    parts: tuple[str, ...]  # the HF projections fused in this layer, in part order
+    row_part: torch.Tensor  # [out_local] part index of every local output row
+
+
+class LoRALinear(torch.nn.Module):
+    def __init__(self, base, kind: str, rank: int, alpha: float, dropout: float, rslora: bool,
+                 adapted: tuple[str, ...], layout: FusedLayout | None, sequence_parallel: bool,
+                 tp_rank: int, tp_size: int, init_seed: int, glu: bool = False):
+        super().__init__()
+        if kind not in ("column", "row"):
+            raise ValueError(f"kind must be column or row, got {kind!r}")
+        self.base, self.kind, self.rank, self.glu = base, kind, rank, glu
+        self.adapted = adapted
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout = dropout
+        self.sequence_parallel = sequence_parallel and tp_size > 1
+        for p in base.parameters():
+            p.requires_grad_(False)
+        out_local, in_local = base.weight.shape
+        dtype = base.weight.dtype
+        g = torch.Generator().manual_seed(init_seed)  # the same on every TP rank: TP=2 starts where TP=1 does
+        if kind == "column":
+            n = len(adapted)
+            a = torch.empty(n * rank, in_local)
+            for i in range(n):  # peft's init per adapter: kaiming-uniform A, zero B
+                torch.nn.init.kaiming_uniform_(a[i * rank:(i + 1) * rank], a=math.sqrt(5), generator=g)
+            self.lora_A = torch.nn.Parameter(a.to(dtype))
+            self.lora_B = torch.nn.Parameter(torch.zeros(out_local, n * rank, dtype=dtype))
+            if layout is not None:
+                mask = torch.zeros(out_local, n * rank, dtype=dtype)
+                for i, name in enumerate(adapted):
+                    mask[layout.row_part == layout.parts.index(name), i * rank:(i + 1) * rank] = 1
+                self.register_buffer("lora_mask", mask, persistent=False)
+            else:
+                self.lora_mask = None
+            if self.sequence_parallel:
+                self.lora_A.sequence_parallel = True
+        else:
+            full = torch.empty(rank, in_local * tp_size)
+            torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=g)
+            self.lora_A = torch.nn.Parameter(full[:, tp_rank * in_local:(tp_rank + 1) * in_local].clone().to(dtype))
+            self.lora_B = torch.nn.Parameter(torch.zeros(out_local, rank, dtype=dtype))
+            self.lora_mask = None
+            if self.sequence_parallel:
+                self.lora_B.sequence_parallel = True
+        # megatron's optimizer and DDP look for these on parameters
+        for p in (self.lora_A, self.lora_B):
+            p.allreduce = True
+        self.lora_B.tensor_model_parallel = kind == "column"
+        self.lora_A.tensor_model_parallel = kind == "row"
+        (self.lora_B if kind == "column" else self.lora_A).partition_dim = 0 if kind == "column" else 1
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dropout or not self.training:
+            return x
+        if self.kind == "column" and not self.sequence_parallel:
+            return F.dropout(x, self.dropout)  # the same input on every TP rank: the same mask
+        from megatron.core import tensor_parallel
+
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # each rank holds different elements
+            return F.dropout(x, self.dropout)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import mappings as m
+
+        a = F.linear(self._dropout(x), self.lora_A)
+        if self.kind == "column":
+            a = m.gather_from_sequence_parallel_region(a) if self.sequence_parallel else m.copy_to_tensor_model_parallel_region(a)
+            b = self.lora_B if self.lora_mask is None else self.lora_B * self.lora_mask
+        else:
+            a = m.reduce_scatter_to_sequence_parallel_region(a) if self.sequence_parallel else m.reduce_from_tensor_model_parallel_region(a)
+            b = self.lora_B
+        return F.linear(a, b) * self.scaling
+
+    def forward(self, x, *args, **kwargs):
+        out, bias = self.base(x, *args, **kwargs)
+        return out + self.delta(x).to(out.dtype), bias
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """This rank's shard of W + scaling * B A, computed in fp32 and cast once to the weight's dtype."""
+        b = self.lora_B if self.lora_mask is None else self.lora_B * self.lora_mask
+        return (self.base.weight.float() + self.scaling * (b.float() @ self.lora_A.float())).to(self.base.weight.dtype)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """The base layer's entries under their own checkpoint keys (a LoRA model loads a plain base
+        checkpoint) and the module's local names; the adapters sharded like their layer. A gated fc1
+        ([gate; up] on every TP rank) gets megatron's swiglu factory here, as `MLP` gives its weight, so
+        checkpoints reshard across TP sizes."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        base = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
+        lora = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        axis = {"lora_B": 0} if self.kind == "column" else {"lora_A": 1}
+        base.update(make_sharded_tensors_for_checkpoint(lora, prefix, axis, sharded_offsets))
+        if self.glu:
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            for k in (prefix + "weight", prefix + "bias", prefix + "lora_B"):
+                if k in base:
+                    base[k] = apply_swiglu_sharded_factory(base[k], sharded_offsets, singleton)
+        return {(k if ".lora_" in k else prefix + "base." + k[len(prefix):]): v for k, v in base.items()}

@@ -1,0 +1,166 @@
+"""LoRA adapters between HF PEFT directories (``adapter_config.json`` + ``adapter_model.safetensors``, HF
+module names) and megatron-soaes adapter checkpoints (torch_dist, adapter tensors only, stacked per layer
+like the base's, resharded by megatron at load).
+
+The fused layers hold one adapter per HF projection: q/k/v (and gate/up) each keep their own r rows of A,
+and B's rows are megatron's -- grouped per query group for QKV ``[q_g | k_g | v_g]``, ``[gate; up]`` for
+fc1 -- with each part's rows only in its own r columns. Both directions are exact (a copy of every value).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_soaes.adapters import HF_TARGETS, LAYER_LINEARS
+from megatron_soaes.checkpoint.qwen2_hf import _group_qkv, _ungroup_qkv
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HF_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+             "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+             "down_proj": "mlp.down_proj"}
+MEGATRON_KEY = "decoder.layers.{path}.lora_{ab}"  # stacked over layers, like the base's weights
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be converted or does not belong to the base; the message names the file."""
+
+
+def adapter_section(adapter_dir):
+    """The job config's `peft` section for an HF PEFT LoRA adapter directory (refusing what we do not run)."""
+    from megatron_soaes.config.job import PeftSection
+
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.exists():
+        raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+    c = json.loads(path.read_text())
+    unsupported = {"peft_type": c.get("peft_type") not in (None, "LORA"), "bias": c.get("bias", "none") != "none",
+                   "use_dora": bool(c.get("use_dora")), "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
+                   "layers_to_transform": c.get("layers_to_transform") is not None,
+                   "rank_pattern": bool(c.get("rank_pattern")), "alpha_pattern": bool(c.get("alpha_pattern")),
+                   "modules_to_save": bool(c.get("modules_to_save"))}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise AdapterError(f"{path}: {bad[0]}={c.get(bad[0])!r} is not supported (plain LoRA on linear layers only)")
+    targets = c.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if targets != ["all-linear"] and any(t not in HF_TARGETS for t in targets):
+        raise AdapterError(f"{path}: target_modules {targets}: only {', '.join(HF_TARGETS)} can be adapted")
+    return PeftSection(rank=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
+                       target_modules=targets, rslora=bool(c.get("use_rslora")))
+
+
+def _adapted(peft, parts) -> tuple[str, ...]:
+    return tuple(p for p in parts if "all-linear" in peft.target_modules or p in peft.target_modules)
+
+
+def _fused_rows(cfg, path: str, blocks: dict[str, torch.Tensor], adapted, r: int) -> torch.Tensor:
+    """B of a fused layer from each part's B ([rows_p, r]): megatron row order, part j in columns j*r.."""
+    sizes = _part_rows(cfg, path)
+    dtype = next(iter(blocks.values())).dtype
+    full = {p: torch.zeros(n, len(adapted) * r, dtype=dtype) for p, n in sizes.items()}
+    for j, p in enumerate(adapted):
+        full[p][:, j * r:(j + 1) * r] = blocks[p]
+    if path == "self_attention.linear_qkv":
+        return _group_qkv(cfg, full["q_proj"], full["k_proj"], full["v_proj"])
+    return torch.cat([full["gate_proj"], full["up_proj"]])
+
+
+def _split_rows(cfg, path: str, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    if path == "self_attention.linear_qkv":
+        return dict(zip(("q_proj", "k_proj", "v_proj"), _ungroup_qkv(cfg, b)))
+    f = cfg.intermediate_size
+    return {"gate_proj": b[:f], "up_proj": b[f:]}
+
+
+def _part_rows(cfg, path: str) -> dict[str, int]:
+    if path == "self_attention.linear_qkv":
+        d = cfg.head_dim
+        return {"q_proj": cfg.num_attention_heads * d, "k_proj": cfg.num_key_value_heads * d,
+                "v_proj": cfg.num_key_value_heads * d}
+    return {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+
+
+def from_peft(adapter_dir, cfg, out_dir, base: dict | None = None) -> Path:
+    """Write an HF PEFT LoRA adapter as a megatron-soaes adapter checkpoint (exact)."""
+    from safetensors.torch import load_file
+
+    from megatron_soaes.checkpoint.dcp_io import DcpWriter
+    from megatron_soaes.checkpoint.manifest import write_manifest
+    from megatron_soaes.checkpoint.meta import atomic_directory, write_meta
+
+    peft = adapter_section(adapter_dir)
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.exists():
+        raise AdapterError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    sd = {k.replace(".default", ""): v for k, v in load_file(str(path)).items()}
+    r = peft.rank
+
+    def get(i: int, proj: str, ab: str) -> torch.Tensor:
+        key = f"base_model.model.model.layers.{i}.{HF_MODULE[proj]}.lora_{ab}.weight"
+        if key not in sd:
+            raise AdapterError(f"{path}: missing tensor {key}")
+        return sd[key]
+
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        w = DcpWriter(tmp)
+        for path_, (kind, parts) in LAYER_LINEARS.items():
+            adapted = _adapted(peft, parts)
+            if not adapted:
+                continue
+            for i in range(cfg.num_layers):
+                a = torch.cat([get(i, p, "A") for p in adapted])
+                if len(parts) > 1:
+                    b = _fused_rows(cfg, path_, {p: get(i, p, "B") for p in adapted}, adapted, r)
+                else:
+                    b = get(i, adapted[0], "B")
+                for ab, t in (("A", a), ("B", b)):
+                    key = MEGATRON_KEY.format(path=path_, ab=ab)
+                    if i == 0:
+                        w.declare(key, (cfg.num_layers, *t.shape), t.dtype)
+                    w.write(key, (i,) + (0,) * t.dim(), t.unsqueeze(0).contiguous())
+        w.close()
+        write_meta(tmp, cfg, adapter=peft.model_dump(), base=base, source=str(adapter_dir))
+        write_manifest(tmp)
+    return Path(out_dir)
+
+
+def to_peft(adapter_ckpt, out_dir, base_model_name_or_path: str | None = None) -> Path:
+    """An HF PEFT adapter directory from a megatron-soaes adapter checkpoint (exact)."""
+    from safetensors.torch import save_file
+
+    from megatron_soaes.checkpoint.dcp_io import DcpReader
+    from megatron_soaes.checkpoint.manifest import verify
+    from megatron_soaes.checkpoint.meta import atomic_directory, read_meta
+    from megatron_soaes.config.job import PeftSection
+    from megatron_soaes.models.config import Qwen2Config
+
+    verify(adapter_ckpt)
+    meta = read_meta(adapter_ckpt)
+    if "adapter" not in meta:
+        raise AdapterError(f"{adapter_ckpt}: not an adapter checkpoint (its meta has no adapter section)")
+    cfg, peft = Qwen2Config(**meta["model"]), PeftSection(**meta["adapter"])
+    reader = DcpReader(adapter_ckpt)
+    r, out = peft.rank, {}
+    for path_, (kind, parts) in LAYER_LINEARS.items():
+        adapted = _adapted(peft, parts)
+        for i in range(cfg.num_layers if adapted else 0):
+            a = reader.read(MEGATRON_KEY.format(path=path_, ab="A"), i)
+            b = reader.read(MEGATRON_KEY.format(path=path_, ab="B"), i)
+            rows = _split_rows(cfg, path_, b) if len(parts) > 1 else {adapted[0]: b}
+            for j, p in enumerate(adapted):
+                name = f"base_model.model.model.layers.{i}.{HF_MODULE[p]}"
+                out[name + ".lora_A.weight"] = a[j * r:(j + 1) * r].contiguous()
+                out[name + ".lora_B.weight"] = rows[p][:, j * r:(j + 1) * r].contiguous()
+    targets = [p for p in HF_TARGETS if p in _adapted(peft, HF_TARGETS)]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": peft.alpha,
+              "lora_dropout": peft.dropout, "target_modules": targets, "use_rslora": peft.rslora, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+              "base_model_name_or_path": base_model_name_or_path or (meta.get("base") or {}).get("path")}
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        save_file(out, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return Path(out_dir)
