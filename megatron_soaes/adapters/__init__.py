@@ -77,3 +77,55 @@ def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts of this rank's model chunk."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def base_identity(base_checkpoint) -> dict:
+    """What names the base an adapter belongs to: its path and a checksum of its manifest (which lists
+    every file's checksum), so another base -- or the same path rewritten -- is told apart."""
+    from pathlib import Path
+
+    import xxhash
+
+    from megatron_soaes.checkpoint.manifest import MANIFEST
+
+    manifest = Path(base_checkpoint) / MANIFEST
+    return {"path": str(base_checkpoint),
+            "manifest_xxh3_128": xxhash.xxh3_128(manifest.read_bytes()).hexdigest() if manifest.exists() else None}
+
+
+def check_base(adapter_meta: dict, base_checkpoint, where) -> None:
+    """Refuse an adapter trained on another base (one line naming both)."""
+    from megatron_soaes.config import ConfigError
+
+    want = adapter_meta.get("base") or {}
+    have = base_identity(base_checkpoint)
+    if want.get("manifest_xxh3_128") and want["manifest_xxh3_128"] != have["manifest_xxh3_128"]:
+        raise ConfigError(f"{where}: this adapter was trained on the base {want.get('path')}, not on "
+                          f"{base_checkpoint} (their manifests differ)")
+
+
+def save_adapter(model, out_dir, cfg, peft, base: dict | None = None) -> None:
+    """Collective: write this model's adapters (every rank's shards) as an adapter checkpoint."""
+    import shutil
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_soaes.checkpoint.manifest import write_manifest
+    from megatron_soaes.checkpoint.meta import write_meta
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(lora_keys(model.sharded_state_dict()), str(tmp))
+    torch.distributed.barrier()
+    if rank == 0:
+        write_meta(tmp, cfg, adapter=peft.model_dump(), base=base)
+        write_manifest(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    torch.distributed.barrier()

@@ -39,6 +39,7 @@ class ModelSpec(StrictModel):
 
 class ModelSection(ModelSpec):
     init_checkpoint: str | None = None  # torch_dist weights to start from (converted HF or an earlier phase)
+    init_adapter: str | None = None  # with peft: the LoRA adapter checkpoint to continue (an earlier stage's)
 
 
 class ParallelConfig(StrictModel):
@@ -262,6 +263,8 @@ class JobConfig(StrictModel):
             raise ValueError("distill.offline_logits: stored teacher logits cover CPT data; use an online teacher with sft data")
         if self.peft and not self.model.init_checkpoint:
             raise ValueError("peft: adapters train on a frozen base; set model.init_checkpoint to its checkpoint")
+        if self.model.init_adapter and not self.peft:
+            raise ValueError("model.init_adapter: an adapter to continue needs a peft section")
         epochs = self.sft.epochs if self.sft else None
         if (self.train.steps is None) == (epochs is None):
             raise ValueError("train.steps: give exactly one of train.steps or sft.epochs (which sets the steps "

@@ -60,10 +60,12 @@ def fault_point(name: str, iteration: int) -> None:
 
 
 def save(directory: str | Path, iteration: int, model, optimizer, scheduler, common: dict, model_cfg, keep_last: int,
-         async_queue=None) -> Path:
+         async_queue=None, adapter: dict | None = None) -> Path:
     """Collective: every rank calls it. With `async_queue` (megatron-core's `AsyncCallsQueue`) the state is
     staged and written by a background process while training goes on; the checkpoint is published
-    (manifest, rename, ``latest``, keep-last-K) by the queue's finalization once every rank is done."""
+    (manifest, rename, ``latest``, keep-last-K) by the queue's finalization once every rank is done.
+    With `adapter` ({adapter, base} for the meta) only the LoRA adapters and their optimizer state are
+    saved: the frozen base is the checkpoint the meta names."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -76,7 +78,7 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     fault_point("save_start", iteration)
-    model_sd = model.sharded_state_dict()
+    model_sd = _model_state(model, adapter is not None)
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd),
@@ -84,7 +86,7 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         "scheduler": scheduler.state_dict(),
         "common": common,
     }
-    publish = lambda: _publish(tmp, final, iteration, model_cfg, keep_last)  # noqa: E731
+    publish = lambda: _publish(tmp, final, iteration, model_cfg, keep_last, adapter)  # noqa: E731
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
         publish()
@@ -95,7 +97,14 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
     return final
 
 
-def _publish(tmp: Path, final: Path, iteration: int, model_cfg, keep_last: int) -> None:
+def _model_state(model, adapters_only: bool) -> dict:
+    from megatron_soaes.adapters import lora_keys
+
+    sd = model.sharded_state_dict()
+    return lora_keys(sd) if adapters_only else sd
+
+
+def _publish(tmp: Path, final: Path, iteration: int, model_cfg, keep_last: int, adapter: dict | None = None) -> None:
     """Collective, after every rank finished writing `tmp`: sidecar, manifest (last), then one rename."""
     from megatron_soaes.checkpoint.meta import write_meta
 
@@ -103,7 +112,7 @@ def _publish(tmp: Path, final: Path, iteration: int, model_cfg, keep_last: int) 
     directory = final.parent
     torch.distributed.barrier()
     if rank == 0:
-        write_meta(tmp, model_cfg, iteration=iteration, world_size=world)
+        write_meta(tmp, model_cfg, iteration=iteration, world_size=world, **(adapter or {}))
     torch.distributed.barrier()
     _write_manifest(tmp)
     fault_point("before_rename", iteration)
@@ -163,8 +172,9 @@ def load(path: str | Path, model, optimizer, scheduler) -> dict:
     from megatron_soaes.checkpoint.meta import read_meta
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    same_world = read_meta(path).get("world_size") == world
-    model_sd = model.sharded_state_dict()
+    meta = read_meta(path)
+    same_world = meta.get("world_size") == world
+    model_sd = _model_state(model, "adapter" in meta)
     # scheduler and common are non-sharded: dist_checkpointing.load returns them from common.pt.
     state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
     if same_world:

@@ -111,6 +111,13 @@ class Trainer:
         if t.fp8:
             extra.update(fp8="hybrid")
         model = build_model(self.model_cfg, dtype=t.dtype, use_te=self.use_te, attention=self.attention, **extra)
+        if job.peft:  # before DDP and the optimizer: they only see the adapters
+            from megatron_soaes.adapters import apply_lora, trainable_parameters
+
+            apply_lora(model, job.peft, self.model_cfg, seed=t.seed)
+            trainable, total = trainable_parameters(model)
+            self.log(f"peft: LoRA r={job.peft.rank} on {', '.join(job.peft.target_modules)}: {trainable:,} of "
+                     f"{total:,} parameters train on this rank ({100 * trainable / total:.2f}%)")
         from megatron_soaes.models.megatron import FUSION_FLAGS
 
         self.fusions = {k: getattr(model.config, k) for k in FUSION_FLAGS}
@@ -157,12 +164,31 @@ class Trainer:
 
         self.source_tokens: dict[int, int] = {}  # tokens per blend source, whole run
         resume = ckpt.latest_verified(self.ckpt_dir, self.job.train.verify_checkpoints == "checksums", self.log)
+        peft = self.job.peft
+        if peft:  # the frozen base always comes from init_checkpoint; checkpoints hold the adapters only
+            load_model_weights(self.ddp.module, self.job.model.init_checkpoint)
+            self.optimizer.reload_model_params()
+            if resume is None and self.job.model.init_adapter:
+                from megatron_soaes.adapters import check_base
+                from megatron_soaes.checkpoint.load import load_adapter, resolve_checkpoint
+                from megatron_soaes.checkpoint.meta import read_meta
+
+                adapter = resolve_checkpoint(self.job.model.init_adapter)
+                check_base(read_meta(adapter), self.job.model.init_checkpoint, adapter)
+                load_adapter(self.ddp.module, adapter)
+                self.optimizer.reload_model_params()
+                self.log(f"continuing the adapter {adapter}")
         if resume is not None:
+            if peft:
+                from megatron_soaes.adapters import check_base
+                from megatron_soaes.checkpoint.meta import read_meta
+
+                check_base(read_meta(resume), self.job.model.init_checkpoint, resume)
             common = ckpt.load(resume, self.ddp.module, self.optimizer, self.scheduler)
             self.source_tokens = {int(k): int(v) for k, v in common.get("source_tokens", {}).items()}
             self.log(f"resumed from {resume} at step {common['iteration']}")
             return common["iteration"], common["consumed_samples"]
-        if self.job.model.init_checkpoint:
+        if self.job.model.init_checkpoint and not peft:
             load_model_weights(self.ddp.module, self.job.model.init_checkpoint)
             self.optimizer.reload_model_params()
             self.log(f"initialised weights from {self.job.model.init_checkpoint}")
@@ -236,8 +262,13 @@ class Trainer:
         self.finish_saves(blocking=True)  # at most one save in flight
         common = {"iteration": step, "consumed_samples": self.batches.consumed, "job": self.job.model_dump(),
                   "source_tokens": {str(k): v for k, v in self.source_tokens.items()}}
+        adapter = None
+        if self.job.peft:
+            from megatron_soaes.adapters import base_identity
+
+            adapter = {"adapter": self.job.peft.model_dump(), "base": base_identity(self.job.model.init_checkpoint)}
         path = ckpt.save(self.ckpt_dir, step, self.ddp.module, self.optimizer, self.scheduler, common,
-                         self.model_cfg, self.job.train.keep_last, self.async_queue)
+                         self.model_cfg, self.job.train.keep_last, self.async_queue, adapter)
         blocked = time.time() - t0
         self.log(f"{'saving' if self.async_queue else 'saved'} {path} (training blocked {blocked:.2f}s)")
         return blocked
