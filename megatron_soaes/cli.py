@@ -35,6 +35,28 @@ def _verify_checkpoint(args) -> int:
     return 0
 
 
+def _peft(args) -> int:
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
+
+    if args.peft_cmd == "merge":
+        from megatron_soaes.adapters.merge import merge_adapter
+
+        out = merge_adapter(resolve_checkpoint(args.base), resolve_checkpoint(args.adapter), args.out, args.force)
+    elif args.peft_cmd == "to-hf":
+        from megatron_soaes.adapters.peft_io import to_peft
+
+        out = to_peft(resolve_checkpoint(args.adapter), args.out, args.base_name)
+    else:
+        from megatron_soaes.adapters import base_identity
+        from megatron_soaes.adapters.peft_io import from_peft
+        from megatron_soaes.checkpoint.meta import model_config_of
+
+        base = resolve_checkpoint(args.base)
+        out = from_peft(args.adapter, model_config_of(base), args.out, base=base_identity(base))
+    print(f"wrote {out}")
+    return 0
+
+
 def _compare(args) -> int:
     from megatron_soaes.checkpoint.compare import compare_logits
     from megatron_soaes.runtime.launch import ensure_world_size
@@ -205,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
     c.set_defaults(fn=_convert)
 
+    pf = sub.add_parser("peft", help="LoRA adapters: merge into the base, to/from HF PEFT directories")
+    pfs = pf.add_subparsers(dest="peft_cmd", required=True)
+    mg = pfs.add_parser("merge", help="base + adapter checkpoint -> a full torch_dist checkpoint")
+    mg.add_argument("--base", required=True)
+    mg.add_argument("--adapter", required=True)
+    mg.add_argument("--out", required=True)
+    mg.add_argument("--force", action="store_true", help="replace an existing output directory")
+    th = pfs.add_parser("to-hf", help="adapter checkpoint -> HF PEFT directory (peft, vLLM, SGLang load it)")
+    th.add_argument("--adapter", required=True)
+    th.add_argument("--out", required=True)
+    th.add_argument("--base-name", default=None, help="base_model_name_or_path to record (default: the base's path)")
+    fh = pfs.add_parser("from-hf", help="HF PEFT LoRA directory -> adapter checkpoint for a converted base")
+    fh.add_argument("--adapter", required=True)
+    fh.add_argument("--base", required=True, help="the converted base checkpoint it belongs to")
+    fh.add_argument("--out", required=True)
+    pf.set_defaults(fn=_peft)
+
     v = sub.add_parser("verify-checkpoint", help="check a checkpoint against its manifest (sizes, checksums)")
     v.add_argument("path", help="a checkpoint, a checkpoints/ dir with latest, or a run dir")
     v.add_argument("--sizes-only", action="store_true", help="file sizes only, no checksums")
@@ -329,6 +368,7 @@ def main(argv=None) -> int:
 
         keep_freed_memory()  # every CPU command, inference and evaluation included
     from megatron_soaes.checkpoint.convert import ConversionError
+    from megatron_soaes.adapters.peft_io import AdapterError
     from megatron_soaes.checkpoint.manifest import CheckpointCorrupt
     from megatron_soaes.config import ConfigError
     from megatron_soaes.models.config import ModelConfigError
@@ -341,7 +381,7 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(str(e), file=sys.stderr)
         return EXIT_PREEMPTED
-    except (ConversionError, CheckpointCorrupt, ModelConfigError, ConfigError, ExportError, FileExistsError,
+    except (ConversionError, CheckpointCorrupt, AdapterError, ModelConfigError, ConfigError, ExportError, FileExistsError,
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

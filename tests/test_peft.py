@@ -145,3 +145,36 @@ def test_lora_training_step_equals_peft(peft_pair, tmp_path, layout):
     assert set(ref) == set(grads)
     worst = max((ref[k] - grads[k]).abs().max().item() for k in ref)
     assert worst < 1e-6, worst
+
+
+def test_merge_gives_base_plus_adapter_logits(peft_pair, tmp_path):
+    """`soaes peft from-hf` then `soaes peft merge`: the merged full checkpoint, converted to HF, gives
+    peft's base + adapter logits; an adapter checkpoint made for one base is refused on another."""
+    import subprocess
+    import sys
+
+    from conftest import job_env
+    from megatron_soaes.checkpoint.compare import hf_logits, logit_stats
+
+    hf, adapter = peft_pair["qwen2"]
+    soaes = lambda *a: subprocess.run([sys.executable, "-m", "megatron_soaes.cli", *map(str, a)], env=job_env(),  # noqa: E731
+                                      cwd=ROOT, capture_output=True, text=True)
+    for args in (("convert", "hf-to-megatron", hf, tmp_path / "base", "--tp", "2"),
+                 ("peft", "from-hf", "--adapter", adapter, "--base", tmp_path / "base", "--out", tmp_path / "ad"),
+                 ("peft", "merge", "--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "merged"),
+                 ("convert", "megatron-to-hf", tmp_path / "merged", tmp_path / "merged_hf")):
+        res = soaes(*args)
+        assert res.returncode == 0, (args, res.stderr[-2000:])
+    import shutil
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (hf / f).exists():
+            shutil.copy(hf / f, tmp_path / "merged_hf" / f)
+    tokens = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(5))
+    stats = logit_stats(hf_logits(tmp_path / "merged_hf", tokens), hf_logits(hf, tokens, adapter))
+    assert stats["max_abs_diff"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
+    other_hf = peft_pair["llama3"][0]
+    res = soaes("convert", "hf-to-megatron", other_hf, tmp_path / "other")
+    assert res.returncode == 0
+    res = soaes("peft", "merge", "--base", tmp_path / "other", "--adapter", tmp_path / "ad", "--out", tmp_path / "bad")
+    assert res.returncode == 2 and "was trained on the base" in res.stderr and not (tmp_path / "bad").exists()

@@ -1,0 +1,64 @@
+"""Merge a LoRA adapter checkpoint into its base: a full torch_dist checkpoint with W + scaling * B A in
+every adapted linear (computed in fp32, cast once to the base's dtype), every other tensor copied. Offline
+and streamed layer by layer like conversion; the result loads at any TP/PP and converts to HF as usual."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from megatron_soaes.adapters import LAYER_LINEARS, check_base
+from megatron_soaes.adapters.peft_io import MEGATRON_KEY, AdapterError
+
+
+def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    from megatron_soaes.checkpoint.dcp_io import DcpReader, DcpWriter
+    from megatron_soaes.checkpoint.manifest import verify, write_manifest
+    from megatron_soaes.checkpoint.meta import atomic_directory, read_meta, write_meta
+    from megatron_soaes.config.job import PeftSection
+    from megatron_soaes.models.config import Qwen2Config
+
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    verify(base_dir), verify(adapter_dir)
+    meta, ameta = read_meta(base_dir), read_meta(adapter_dir)
+    if "adapter" not in ameta:
+        raise AdapterError(f"{adapter_dir}: not an adapter checkpoint (its meta has no adapter section)")
+    check_base(ameta, base_dir, adapter_dir)
+    cfg, peft = Qwen2Config(**meta["model"]), PeftSection(**ameta["adapter"])
+    if Qwen2Config(**ameta["model"]).to_dict() != cfg.to_dict():
+        raise AdapterError(f"{adapter_dir}: its model config differs from the base's ({base_dir})")
+    scaling = peft.alpha / (math.sqrt(peft.rank) if peft.rslora else peft.rank)
+    base, lora = DcpReader(base_dir), DcpReader(adapter_dir)
+    adapted = {f"decoder.layers.{p}.weight": p for p in LAYER_LINEARS
+               if MEGATRON_KEY.format(path=p, ab="A") in lora.metadata.state_dict_metadata}
+    from megatron_soaes.checkpoint import qwen2_hf
+
+    keys = [t.key for t in qwen2_hf.megatron_tensors(cfg)]  # the model's weights (not a training save's optimizer)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        w = DcpWriter(tmp)
+        for key in keys:
+            w.declare(key, base.shape(key), base.dtype(key))
+        for key in tqdm(keys, desc="merging", disable=not progress, unit="tensor"):
+            if key not in adapted:
+                w.write(key, (0,) * len(base.shape(key)), base.read(key))
+                continue
+            path = adapted[key]
+            for i in range(base.shape(key)[0]):
+                weight = base.read(key, i)
+                a = lora.read(MEGATRON_KEY.format(path=path, ab="A"), i).float()
+                b = lora.read(MEGATRON_KEY.format(path=path, ab="B"), i).float()
+                merged = (weight.float() + scaling * (b @ a)).to(weight.dtype)
+                w.write(key, (i,) + (0,) * weight.dim(), merged.unsqueeze(0))
+        w.close()
+        extra = {k: v for k, v in meta.items() if k not in ("format", "architecture", "model", "iteration", "world_size")}
+        write_meta(tmp, cfg, **extra, merged_adapter={"path": str(adapter_dir), "adapter": peft.model_dump()})
+        if (base_dir / "tokenizer").is_dir():
+            import shutil
+
+            shutil.copytree(base_dir / "tokenizer", tmp / "tokenizer")
+        write_manifest(tmp)
+    return Path(out_dir)
