@@ -28,15 +28,16 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, progr
     if "adapter" not in ameta:
         raise AdapterError(f"{adapter_dir}: not an adapter checkpoint (its meta has no adapter section)")
     check_base(ameta, base_dir, adapter_dir)
+    from megatron_soaes.checkpoint import qwen2_hf
+
     cfg, peft = Qwen2Config(**meta["model"]), PeftSection(**ameta["adapter"])
-    if Qwen2Config(**ameta["model"]).to_dict() != cfg.to_dict():
-        raise AdapterError(f"{adapter_dir}: its model config differs from the base's ({base_dir})")
+    shapes = lambda c: {t.key: t.shape for t in qwen2_hf.megatron_tensors(c)}  # noqa: E731
+    if shapes(Qwen2Config(**ameta["model"])) != shapes(cfg):
+        raise AdapterError(f"{adapter_dir}: its model's tensor shapes differ from the base's ({base_dir})")
     scaling = peft.alpha / (math.sqrt(peft.rank) if peft.rslora else peft.rank)
     base, lora = DcpReader(base_dir), DcpReader(adapter_dir)
     adapted = {f"decoder.layers.{p}.weight": p for p in LAYER_LINEARS
                if MEGATRON_KEY.format(path=p, ab="A") in lora.metadata.state_dict_metadata}
-    from megatron_soaes.checkpoint import qwen2_hf
-
     keys = [t.key for t in qwen2_hf.megatron_tensors(cfg)]  # the model's weights (not a training save's optimizer)
     with atomic_directory(out_dir, overwrite) as tmp:
         w = DcpWriter(tmp)

@@ -74,8 +74,9 @@ def _files(items) -> list[SFTFile]:
     return [SFTFile(path=f) if isinstance(f, str) else f for f in items]
 
 
-def stage_job(recipe: Recipe, k: int, init_checkpoint, output_dir=None) -> JobConfig:
-    """The complete, validated JobConfig of stage k (1-based)."""
+def stage_job(recipe: Recipe, k: int, init_checkpoint, output_dir=None, init_adapter=None) -> JobConfig:
+    """The complete, validated JobConfig of stage k (1-based). With a peft section every stage trains
+    adapters on the recipe's base (`init_checkpoint` is that base), stage k > 1 continuing `init_adapter`."""
     st = recipe.stages[k - 1]
     tmpl = recipe.job
     earlier = [f for s in recipe.stages[:k - 1] for f in s.files()]
@@ -85,8 +86,10 @@ def stage_job(recipe: Recipe, k: int, init_checkpoint, output_dir=None) -> JobCo
                       replay=earlier if st.replay_fraction else [], replay_fraction=st.replay_fraction)
         train = apply(tmpl.train, st.train_overrides, steps=st.steps,
                       output_dir=str(output_dir or recipe.stage_dir(k)))
-        return JobConfig(kind="sft", model=replace(tmpl.model, init_checkpoint=str(init_checkpoint)),
-                         parallel=tmpl.parallel, data=tmpl.data, optim=apply(tmpl.optim, st.optim), train=train, sft=sft)
+        model = replace(tmpl.model, init_checkpoint=str(init_checkpoint),
+                        init_adapter=str(init_adapter) if init_adapter else None)
+        return JobConfig(kind="sft", model=model, parallel=tmpl.parallel, data=tmpl.data,
+                         optim=apply(tmpl.optim, st.optim), train=train, sft=sft, peft=tmpl.peft)
     except (ConfigError, ValueError) as e:
         raise ConfigError(f"{recipe.name}: stage {k} ({st.name}): {e}") from None
 

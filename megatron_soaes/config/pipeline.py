@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from megatron_soaes.config.base import StrictModel as _Strict
 from megatron_soaes.config.base import load_config
+from megatron_soaes.config.job import PeftSection
 
 PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "distill_ce", "evaluate", "export", "speculative",
           "report")
@@ -95,6 +96,10 @@ class SFTCfg(_Strict):
     lr: float = 5e-4
     min_lr: float = 5e-5
     single_stage: bool = True
+    # LoRA instead of full SFT (the job config's peft section: rank, alpha, dropout, target_modules,
+    # rslora): every stage trains adapters on the CPT model, each continuing the previous stage's; later
+    # phases read each stage's merged weights
+    peft: PeftSection | None = None
 
 
 class DistillCfg(_Strict):

@@ -27,7 +27,8 @@ class StageResult(BaseModel):
     data: dict  # packing statistics: examples, rows, fill, ...
     final_train_loss: float | None
     eval: dict[str, float]  # last held-out losses
-    checkpoint: str
+    checkpoint: str  # full weights (with LoRA: the base with this stage's adapter merged)
+    adapter: str | None = None  # with LoRA: the stage's adapter checkpoint (the next stage continues it)
     run_dir: str  # the stage's output directory (metrics.jsonl, checkpoints/)
     qa: dict[str, float] | None = None  # Rouge-1/2/L, BLEU-4 on the recipe's held-out QA
 
@@ -62,21 +63,33 @@ def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = Fals
             log(f"stage {k} ({name}): done, skipped ({done})")
             records.append(StageResult.model_validate_json(done.read_text()))
             continue
-        if k == 1:
-            init = resolve_checkpoint(recipe.init_checkpoint)
-        else:
+        lora = recipe.job.peft is not None
+        init, adapter = resolve_checkpoint(recipe.init_checkpoint), None
+        if k > 1:
             prev = recipe.stage_dir(k - 1)
             if not (prev / "stage.json").exists():
                 raise ConfigError(f"stage {k} starts from stage {k - 1}, which has not finished ({prev}); "
                                   f"run --stages {k - 1}-{k} or the whole recipe")
-            init = resolve_checkpoint(prev)
-        log(f"stage {k}/{len(recipe.stages)} ({name}): from {init}")
-        trainer = Trainer(stage_job(recipe, k, init), SFTTask(), log=log)
+            if lora:  # the base stays; the previous stage's adapter goes on training
+                adapter = resolve_checkpoint(prev / "checkpoints")
+            else:
+                init = resolve_checkpoint(prev)
+        log(f"stage {k}/{len(recipe.stages)} ({name}): from {init}" + (f" with the adapter {adapter}" if adapter else ""))
+        trainer = Trainer(stage_job(recipe, k, init, init_adapter=adapter), SFTTask(), log=log)
         hist = trainer.run()
         job = trainer.job
+        ckpt = resolve_checkpoint(sdir / "checkpoints")
+        weights = ckpt
+        if lora:  # what evaluation, distillation and export read: the base with this stage's adapter merged
+            from megatron_soaes.adapters.merge import merge_adapter
+
+            weights = sdir / "merged"
+            if rank == 0:
+                merge_adapter(init, ckpt, weights, overwrite=True, progress=False)
         rec = StageResult(stage=k, name=name, init_checkpoint=str(init), steps=job.train.steps,
                           data=trainer.task.stats, final_train_loss=hist[-1].loss if hist else None,
-                          eval=last_eval(sdir), checkpoint=str(resolve_checkpoint(sdir)), run_dir=str(sdir))
+                          eval=last_eval(sdir), checkpoint=str(weights), adapter=str(ckpt) if lora else None,
+                          run_dir=str(sdir))
         if rank == 0:
             ev = recipe.evaluation
             if ev.qa:

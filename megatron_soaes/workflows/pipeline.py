@@ -316,7 +316,8 @@ class Pipeline:
             "optim": {"lr": s.lr, "min_lr": s.min_lr, "warmup_steps": 5, "weight_decay": 0.0},
             "train": {"global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size, "dtype": "fp32",
                       "log_interval": 20, "eval_iters": 2, "save_interval": 50, "keep_last": 1},
-            "sft": {"default_system": None}}, "pipeline sft template", template=True)
+            "sft": {"default_system": None}, **({"peft": s.peft.model_dump()} if s.peft else {})},
+            "pipeline sft template", template=True)
         stages = [Stage(name=st.name, train=[self.sft_file(st.data, "train")],
                         valid={st.data: [self.sft_file(st.data, "valid")]}, epochs=st.epochs,
                         replay_fraction=st.replay_fraction) for st in s.stages]
