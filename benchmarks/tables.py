@@ -87,7 +87,49 @@ def test_tiers(data: dict) -> list[str]:
     return lines
 
 
-RENDER = {"spec_decode": spec_decode, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers}
+def checkpoint_io(data: dict) -> list[str]:
+    lines = ["| model | variant | checkpoint MB | median step s | blocked in save() s | vs sync | step wall time lost s | vs sync | same losses |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        blocked = "-" if r["variant"] == "no save" else f"{r['blocked_s_per_save']:.3f}"  # only the save at exit
+        lines.append(f"| {r['model']} | {r['variant']} | {r['checkpoint_mb']:.1f} | {r['median_step_s']:.3f} | "
+                     f"{blocked} | {_f(r.get('blocked_vs_sync'), '.3f')} | {r['wall_lost_s_per_save']:.3f} | "
+                     f"{_f(r.get('wall_lost_vs_sync'), '.3f')} | {'yes' if r['same_losses_as_no_save'] else 'NO'} |")
+    return lines
+
+
+def convert(data: dict) -> list[str]:
+    lines = [f"Checkpoint: random {data['preset']}, {data['checkpoint_bytes'] / 1e9:.2f} GB bf16, largest shard "
+             f"{data['largest_shard_bytes'] / 1e9:.2f} GB.", "",
+             "| step | seconds | GB/s | vs plain copy | peak RSS GB | RSS / largest shard | speedup vs before |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['step']} | {r['seconds']:.1f} | {r['gb_per_s']:.2f} | {r['vs_plain_copy']:.2f} | "
+                     f"{r['peak_rss'] / 1e9:.2f} | {r['peak_rss_vs_largest_shard']:.2f}x | {_f(r.get('speedup_vs_before'), '.2f')} |")
+    lines += ["", "| at the measured rates | " + " | ".join(r["step"] for r in data["rows"]) + " |",
+              "|---|" + "---|" * len(data["rows"])]
+    for name, mins in data["minutes_at_scale"].items():
+        lines.append(f"| {name} (bf16) | " + " | ".join(f"{v:.0f} min" for v in mins.values()) + " |")
+    return lines
+
+
+def peft_memory(data: dict) -> list[str]:
+    lines = ["| variant | trainable parameters | optimizer state MB | vs full | checkpoint MB | peak RSS GB | vs full | tokens/s | vs full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['variant']} | {r['trainable_parameters']:,} | {r['optimizer_state_bytes'] / 1e6:.1f} | "
+                     f"{r['optimizer_state_vs_full']:.3f} | {r['checkpoint_bytes'] / 1e6:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+                     f"{r['peak_rss_vs_full']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_vs_full']:.2f} |")
+    lines += ["", "| at scale | trainable parameters | weights + gradients + optimizer state | 80 GB GPUs for that state alone |",
+              "|---|---|---|---|"]
+    for r in data["at_scale"]:
+        lines.append(f"| {r['model']} {r['variant']} | {r['trainable_parameters']:,} | {r['state_bytes'] / 1e9:,.0f} GB | "
+                     f"{r['min_80gb_gpus_for_state']} |")
+    return lines
+
+
+RENDER = {"spec_decode": spec_decode, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
+          "checkpoint_io": checkpoint_io, "convert": convert, "peft_memory": peft_memory}
 
 
 def render(name: str) -> str:

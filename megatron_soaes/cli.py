@@ -62,8 +62,14 @@ def _compare(args) -> int:
     from megatron_soaes.runtime.launch import ensure_world_size
 
     ensure_world_size(args.tp * args.pp)
+    prepare = None
+    if args.adapter:
+        from megatron_soaes.adapters.peft_io import attach_peft_adapter
+
+        prepare = lambda model, cfg: attach_peft_adapter(model, args.adapter, cfg)  # noqa: E731
     stats = compare_logits(args.hf, args.tp, args.pp, mcore_dir=args.megatron, batch=args.batch,
-                           seq_len=args.seq_len, seed=args.seed, adapter=args.adapter, sequence_parallel=args.sp)
+                           seq_len=args.seq_len, seed=args.seed, adapter=args.adapter, sequence_parallel=args.sp,
+                           prepare=prepare)
     import torch
 
     if torch.distributed.get_rank() == 0:
@@ -195,7 +201,8 @@ def _pipeline(args) -> int:
 def _serve_check(args) -> int:
     from megatron_soaes.workflows.serving import check_serving, describe
 
-    print(describe(check_serving(args.target, args.draft, args.tp, args.num_speculative_tokens, args.max_model_len)))
+    print(describe(check_serving(args.target, args.draft, args.tp, args.num_speculative_tokens, args.max_model_len,
+                                 args.adapter)))
     return 0
 
 
@@ -342,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--tp", type=int, default=1, help="tensor-parallel size the engine will use")
     sc.add_argument("--num-speculative-tokens", type=int, default=3)
     sc.add_argument("--max-model-len", type=int, default=None)
+    sc.add_argument("--adapter", default=None, help="an HF PEFT LoRA directory (soaes peft to-hf) served on the target")
     sc.set_defaults(fn=_serve_check)
 
     pr = sub.add_parser("prepare-demo-data", help="demo corpora + a tokenizer trained on them + indexed datasets")

@@ -70,3 +70,21 @@ def cpt_data(tmp_path_factory):
     for n in ("domain.train", "general.train", "domain.valid", "general.valid"):
         preprocess(d / "corpora" / f"{n}.jsonl", d / n, str(spm), progress=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def small_sft(cpt_data, tmp_path_factory):
+    """Three small stages cut from the demo SFT data, and a CPT-like base checkpoint."""
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+    from megatron_soaes.data.sft_demo import build_sft_demo
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    d = tmp_path_factory.mktemp("sft")
+    build_sft_demo(d / "full")
+    for name in ("consultation", "recitation", "soae_qa"):
+        for split, n in (("train", 24), ("valid", 4), ("test", 6)):
+            lines = (d / "full" / f"{name}.{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+            (d / f"{name}.{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    make_random_hf_model(d / "hf", "test", vocab_size=4096)
+    hf_to_megatron(d / "hf", d / "base", progress=False)
+    return d

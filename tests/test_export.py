@@ -152,7 +152,16 @@ def test_mismatched_draft_is_refused_before_any_engine(cpt_data, bpe, checkpoint
     ok = serve_check(good, "--tp", "2", "--num-speculative-tokens", "4")
     assert ok.returncode == 0 and "serving OK" in ok.stdout and "vllm serve" in ok.stdout, ok.stderr
     assert '"num_speculative_tokens": 4' in ok.stdout and "--speculative-algorithm STANDALONE" in ok.stdout
-    for draft, extra, msg in ((bad_vocab, (), "its vocabulary differs from the target's"),
+    lora, dora = tmp_path / "lora", tmp_path / "dora"
+    for d, extra in ((lora, {}), (dora, {"use_dora": True})):
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                           "target_modules": ["q_proj", "v_proj"], **extra}))
+    ok = serve_check(good, "--adapter", str(lora))
+    assert ok.returncode == 0 and f"--lora-modules soaes={lora} --max-lora-rank 8" in ok.stdout, ok.stderr
+    assert f"--lora-paths soaes={lora}" in ok.stdout
+    for draft, extra, msg in ((good, ("--adapter", str(dora)), "use_dora=True is not supported"),
+                              (bad_vocab, (), "its vocabulary differs from the target's"),
                               (short, (), "max_position_embeddings 256 < the target's 512"),
                               (good, ("--tp", "3"), "tensor parallel 3 does not divide num_attention_heads 8")):
         res = serve_check(draft, *extra)

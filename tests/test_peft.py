@@ -110,6 +110,18 @@ def test_lora_training_checkpoints_adapters_only_and_resumes_exactly(cpt_data, t
     got = losses(resumed)
     assert [got[s] for s in range(9, 17)] == [full[s] for s in range(9, 17)]
 
+    # the adapter checkpoint reshards: resumed at TP 2 with sequence parallelism (adapters and their
+    # optimizer state split the other way), the same losses up to TP's summation order
+    from conftest import torchrun
+
+    tp = tmp_path / "tp2"
+    shutil.copytree(lora / "checkpoints" / "iter_0000008", tp / "checkpoints" / "iter_0000008")
+    torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", write_config(cpt_data, tp, steps=16),
+             "--set", f"model.init_checkpoint={bases[1]}", *[a for kv in peft for a in ("--set", kv)],
+             "--set", "parallel.tensor_parallel=2", "--set", "parallel.sequence_parallel=true")
+    got = losses(tp)
+    assert sorted(got) == list(range(9, 17)) and all(got[s] == pytest.approx(full[s], abs=2e-4) for s in got), got
+
     other = tmp_path / "other"
     shutil.copytree(lora / "checkpoints" / "iter_0000008", other / "checkpoints" / "iter_0000008")
     res = run(write_config(cpt_data, other, steps=16), f"model.init_checkpoint={bases[2]}", *peft)
@@ -180,7 +192,7 @@ def test_merge_gives_base_plus_adapter_logits(peft_pair, tmp_path):
     assert res.returncode == 2 and "was trained on the base" in res.stderr and not (tmp_path / "bad").exists()
 
 
-def test_lora_curriculum_continues_the_adapter(sft_data, cpt_data, tmp_path):
+def test_lora_curriculum_continues_the_adapter(small_sft, cpt_data, tmp_path):
     """The SFT curriculum with a peft section: every stage trains an adapter on the same frozen base, stage
     k starting from stage k-1's adapter; each stage publishes the base with its adapter merged (what its QA
     evaluation and later phases read), and that merge differs from the base only in the adapted linears."""
@@ -192,7 +204,7 @@ def test_lora_curriculum_continues_the_adapter(sft_data, cpt_data, tmp_path):
     from megatron_soaes.workflows.curriculum import run_curriculum
 
     out = tmp_path / "lora"
-    path = write_recipe(sft_data, cpt_data / "spm.model", out)
+    path = write_recipe(small_sft, cpt_data / "spm.model", out)
     import yaml
 
     recipe = yaml.safe_load(path.read_text())
@@ -202,31 +214,14 @@ def test_lora_curriculum_continues_the_adapter(sft_data, cpt_data, tmp_path):
     recs = run_curriculum(load_recipe(path), log=logs.append)
     assert [r.stage for r in recs] == [1, 2, 3] and all(r.qa for r in recs)
     assert any("with the adapter" in line and "stage1_consultation" in line for line in logs)
-    assert all(r.init_checkpoint == str(sft_data / "base") for r in recs)
+    assert all(r.init_checkpoint == str(small_sft / "base") for r in recs)
     for r in recs:
         meta = read_meta(r.adapter)
-        assert meta["adapter"]["rank"] == 4 and meta["base"]["path"] == str(sft_data / "base")
-    base, merged = DcpReader(sft_data / "base"), DcpReader(recs[-1].checkpoint)
+        assert meta["adapter"]["rank"] == 4 and meta["base"]["path"] == str(small_sft / "base")
+    base, merged = DcpReader(small_sft / "base"), DcpReader(recs[-1].checkpoint)
     for key in base.keys():
         same = torch.equal(base.read(key), merged.read(key))
         assert same != (key.endswith(("linear_qkv.weight", "linear_fc2.weight"))), key
     a1, a3 = DcpReader(recs[0].adapter), DcpReader(recs[2].adapter)
     k = "decoder.layers.self_attention.linear_qkv.lora_B"
     assert not torch.equal(a1.read(k), a3.read(k))  # stage 3 went on training stage 1's adapter
-
-
-@pytest.fixture(scope="module")
-def sft_data(cpt_data, tmp_path_factory):
-    from megatron_soaes.checkpoint.convert import hf_to_megatron
-    from megatron_soaes.data.sft_demo import build_sft_demo
-    from megatron_soaes.models.random_init import make_random_hf_model
-
-    d = tmp_path_factory.mktemp("sft")
-    build_sft_demo(d / "full")
-    for name in ("consultation", "recitation", "soae_qa"):
-        for split, n in (("train", 24), ("valid", 4), ("test", 6)):
-            lines = (d / "full" / f"{name}.{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-            (d / f"{name}.{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    make_random_hf_model(d / "hf", "test", vocab_size=4096)
-    hf_to_megatron(d / "hf", d / "base", progress=False)
-    return d

@@ -142,24 +142,6 @@ def test_packed_loss_equals_unpacked(tmp_path, tp, kind):
 
 # ---------------- the curriculum ----------------
 
-@pytest.fixture(scope="module")
-def small_sft(cpt_data, tmp_path_factory):
-    """Three small stages cut from the demo SFT data, and a CPT-like base checkpoint."""
-    from megatron_soaes.checkpoint.convert import hf_to_megatron
-    from megatron_soaes.data.sft_demo import build_sft_demo
-    from megatron_soaes.models.random_init import make_random_hf_model
-
-    d = tmp_path_factory.mktemp("sft")
-    build_sft_demo(d / "full")
-    for name in ("consultation", "recitation", "soae_qa"):
-        for split, n in (("train", 24), ("valid", 4), ("test", 6)):
-            lines = (d / "full" / f"{name}.{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-            (d / f"{name}.{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    make_random_hf_model(d / "hf", "test", vocab_size=4096)
-    hf_to_megatron(d / "hf", d / "base", progress=False)
-    return d
-
-
 def write_recipe(d, spm, out, **over):
     stages = [{"name": n, "train": [str(d / f"{n}.train.jsonl")], "valid": {n: [str(d / f"{n}.valid.jsonl")]},
                "epochs": 1} for n in ("consultation", "recitation", "soae_qa")]

@@ -8,6 +8,8 @@ import zlib
 import torch
 
 from megatron_soaes.adapters.lora import FusedLayout, LoRALinear
+from megatron_soaes.checkpoint.load import adapter_entries
+from megatron_soaes.config.job import LORA_TARGETS
 
 # HF projection -> (megatron module path inside a layer, kind); fused modules list their parts in order
 LAYER_LINEARS = {
@@ -17,6 +19,7 @@ LAYER_LINEARS = {
     "mlp.linear_fc2": ("row", ("down_proj",)),
 }
 HF_TARGETS = tuple(p for _, parts in LAYER_LINEARS.values() for p in parts)
+assert HF_TARGETS == LORA_TARGETS, (HF_TARGETS, LORA_TARGETS)
 
 
 def _layout(path: str, cfg, tp_size: int) -> FusedLayout | None:
@@ -68,11 +71,6 @@ def apply_lora(model, peft, cfg, seed: int = 0) -> list[str]:
     return wrapped
 
 
-def lora_keys(sharded_state_dict: dict) -> dict:
-    """The adapter entries of a model's sharded state dict (what an adapter checkpoint holds)."""
-    return {k: v for k, v in sharded_state_dict.items() if ".lora_" in k}
-
-
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts of this rank's model chunk."""
     params = list(model.parameters())
@@ -121,7 +119,7 @@ def save_adapter(model, out_dir, cfg, peft, base: dict | None = None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(lora_keys(model.sharded_state_dict()), str(tmp))
+    dist_checkpointing.save(adapter_entries(model.sharded_state_dict()), str(tmp))
     torch.distributed.barrier()
     if rank == 0:
         write_meta(tmp, cfg, adapter=peft.model_dump(), base=base)

@@ -131,4 +131,6 @@ class LoRALinear(torch.nn.Module):
             for k in (prefix + "weight", prefix + "bias", prefix + "lora_B"):
                 if k in base:
                     base[k] = apply_swiglu_sharded_factory(base[k], sharded_offsets, singleton)
-        return {(k if ".lora_" in k else prefix + "base." + k[len(prefix):]): v for k, v in base.items()}
+        from megatron_soaes.checkpoint.load import ADAPTER_KEY
+
+        return {(k if ADAPTER_KEY in k else prefix + "base." + k[len(prefix):]): v for k, v in base.items()}

@@ -164,3 +164,23 @@ def to_peft(adapter_ckpt, out_dir, base_model_name_or_path: str | None = None) -
         save_file(out, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return Path(out_dir)
+
+
+def attach_peft_adapter(model, adapter_dir, cfg) -> None:
+    """Collective: put an HF PEFT LoRA adapter on a built model whose base weights are loaded (rank 0
+    converts it to an adapter checkpoint in a temporary directory the ranks share; single node)."""
+    import tempfile
+
+    from megatron_soaes.adapters import apply_lora
+    from megatron_soaes.checkpoint.load import load_adapter
+
+    tmp, where = None, [None]
+    if torch.distributed.get_rank() == 0:
+        tmp = tempfile.TemporaryDirectory(prefix="soaes-adapter-")
+        where = [str(from_peft(adapter_dir, cfg, Path(tmp.name) / "adapter"))]
+    torch.distributed.broadcast_object_list(where, src=0)
+    apply_lora(model, adapter_section(adapter_dir), cfg)
+    load_adapter(model, where[0])
+    torch.distributed.barrier()
+    if tmp is not None:
+        tmp.cleanup()

@@ -51,10 +51,10 @@ def parity_failure(stats: dict, precision: str = "fp32") -> str | None:
 
 def compare_logits(hf_dir, tensor_parallel: int = 1, pipeline_parallel: int = 1, mcore_dir=None,
                    batch: int = 2, seq_len: int = 32, seed: int = 0, adapter=None,
-                   sequence_parallel: bool = False) -> dict | None:
+                   sequence_parallel: bool = False, prepare=None) -> dict | None:
     """Convert (unless `mcore_dir` is given), load at TP/PP, and compare logits with HF on random tokens.
-    With `adapter` (an HF PEFT LoRA directory): ours = base + the adapter converted to a megatron-soaes
-    adapter checkpoint on LoRA layers, the reference = peft on transformers.
+    With `adapter` (an HF PEFT LoRA directory) the reference is peft on transformers, and `prepare(model,
+    cfg)` (collective; e.g. `adapters.peft_io.attach_peft_adapter`) puts the same adapter on ours.
 
     Run with world size TP*PP. The last stage's first TP rank computes the stats; every rank
     returns them.
@@ -79,24 +79,11 @@ def compare_logits(hf_dir, tensor_parallel: int = 1, pipeline_parallel: int = 1,
             hf_to_megatron(hf_dir, obj[0], tensor_parallel, pipeline_parallel, progress=False)
         torch.distributed.broadcast_object_list(obj, src=0)
         mcore_dir = obj[0]
-    adapter_dir = [None]
-    if adapter is not None and rank == 0:
-        from megatron_soaes.adapters.peft_io import from_peft
-
-        tmp = tmp or tempfile.TemporaryDirectory(prefix="soaes-compare-")
-        adapter_dir = [str(from_peft(adapter, cfg, Path(tmp.name) / "adapter"))]
-    torch.distributed.broadcast_object_list(adapter_dir, src=0)
     torch.distributed.barrier()
     model = build_model(cfg, dtype="fp32", sequence_parallel=sequence_parallel)
-    if adapter is not None:
-        from megatron_soaes.adapters import apply_lora
-        from megatron_soaes.adapters.peft_io import adapter_section
-        from megatron_soaes.checkpoint.load import load_adapter
-
-        apply_lora(model, adapter_section(adapter), cfg)
     load_model_weights(model, mcore_dir)
-    if adapter is not None:
-        load_adapter(model, adapter_dir[0])
+    if prepare is not None:
+        prepare(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen)
     logits = forward_logits(model, tokens)

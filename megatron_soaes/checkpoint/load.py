@@ -16,6 +16,14 @@ def _drop_absent_objects(sharded_sd: dict, ckpt_dir: Path) -> dict:
             if not (isinstance(v, ShardedObject) and v.unique_key not in present)}
 
 
+ADAPTER_KEY = ".lora_"  # what names an adapter tensor (adapters.lora: lora_A / lora_B)
+
+
+def adapter_entries(sharded_state_dict: dict) -> dict:
+    """The adapter entries of a model's sharded state dict (what an adapter checkpoint holds)."""
+    return {k: v for k, v in sharded_state_dict.items() if ADAPTER_KEY in k}
+
+
 def _verify(ckpt_dir: Path) -> None:
     """Refuse weights that do not match their manifest (every rank checks a share of the files)."""
     import torch
@@ -37,13 +45,13 @@ def load_model_weights(model, ckpt_dir: str | Path, prefix: str = "") -> None:
     ckpt_dir = Path(ckpt_dir)
     _verify(ckpt_dir)
     # LoRA adapters (adapters/) are not part of the base's weights: `load_adapter` fills them
-    sharded = {k: v for k, v in model.sharded_state_dict(prefix=prefix).items() if ".lora_" not in k}
+    sharded = {k: v for k, v in model.sharded_state_dict(prefix=prefix).items() if ADAPTER_KEY not in k}
     sharded = _drop_absent_objects(sharded, ckpt_dir)
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
     # a training checkpoint also returns its non-sharded common items (scheduler, iteration, ...)
     state = {k: v for k, v in state.items() if k in sharded}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state") and ".lora_" not in k]
+    missing = [k for k in missing if not k.endswith("_extra_state") and ADAPTER_KEY not in k]
     if missing or unexpected:
         raise RuntimeError(f"{ckpt_dir}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -53,16 +61,14 @@ def load_adapter(model, ckpt_dir: str | Path) -> None:
     training save), resharding as needed."""
     from megatron.core import dist_checkpointing
 
-    from megatron_soaes.adapters import lora_keys
-
     ckpt_dir = Path(ckpt_dir)
     _verify(ckpt_dir)
-    sharded = lora_keys(model.sharded_state_dict())
+    sharded = adapter_entries(model.sharded_state_dict())
     if not sharded:
         raise RuntimeError(f"{ckpt_dir}: the model has no LoRA adapters to load it into")
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
     missing, _ = model.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=False)
-    missing = [k for k in missing if ".lora_" in k]
+    missing = [k for k in missing if ADAPTER_KEY in k]
     if missing:
         raise RuntimeError(f"{ckpt_dir}: adapter tensors missing for {missing[:3]}")
 

@@ -210,6 +210,10 @@ class SFTSection(StrictModel):
         return v
 
 
+# the HF projections LoRA can adapt (adapters.LAYER_LINEARS maps them onto megatron's linears)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class PeftSection(StrictModel):
     """LoRA adapters (adapters/): the base is frozen; only the adapters train, are checkpointed and exported."""
 
@@ -224,12 +228,10 @@ class PeftSection(StrictModel):
     @field_validator("target_modules")
     @classmethod
     def _targets(cls, v):
-        from megatron_soaes.adapters import HF_TARGETS
-
-        bad = [t for t in v if t != "all-linear" and t not in HF_TARGETS]
+        bad = [t for t in v if t != "all-linear" and t not in LORA_TARGETS]
         if bad or not v:
             raise ValueError(f"unknown target module {bad[0] if bad else '(none)'}; choose from "
-                             f"{', '.join(HF_TARGETS)} or all-linear")
+                             f"{', '.join(LORA_TARGETS)} or all-linear")
         return v
 
 

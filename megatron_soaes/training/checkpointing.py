@@ -98,10 +98,10 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
 
 
 def _model_state(model, adapters_only: bool) -> dict:
-    from megatron_soaes.adapters import lora_keys
+    from megatron_soaes.checkpoint.load import adapter_entries
 
     sd = model.sharded_state_dict()
-    return lora_keys(sd) if adapters_only else sd
+    return adapter_entries(sd) if adapters_only else sd
 
 
 def _publish(tmp: Path, final: Path, iteration: int, model_cfg, keep_last: int, adapter: dict | None = None) -> None:

@@ -12,9 +12,10 @@ from megatron_soaes.workflows.export import ExportError, check_pair
 
 
 def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_tokens: int = 3,
-                  max_model_len: int | None = None) -> dict:
+                  max_model_len: int | None = None, adapter=None) -> dict:
     """Everything an engine would refuse late (or run wrong): the draft fits the target (vocabulary,
-    special tokens, context), the TP size divides the target's heads, the lengths fit."""
+    special tokens, context), the TP size divides the target's heads, the lengths fit; with `adapter` (an
+    HF PEFT LoRA directory, `soaes peft to-hf`) that it is plain LoRA on the target's projections."""
     check_pair(target, draft)
     cfg = read_json(Path(target) / "config.json")
     for key in ("num_attention_heads", "num_key_value_heads"):
@@ -26,28 +27,43 @@ def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_token
     limit = cfg["max_position_embeddings"]
     if max_model_len and max_model_len > limit:
         raise ExportError(f"max_model_len {max_model_len} exceeds the target's max_position_embeddings {limit}")
+    rank = None
+    if adapter is not None:
+        from megatron_soaes.adapters.peft_io import adapter_section
+
+        rank = adapter_section(adapter).rank
     return {"target": str(target), "draft": str(draft), "tensor_parallel": tensor_parallel,
-            "num_speculative_tokens": num_speculative_tokens, "max_model_len": max_model_len or limit}
+            "num_speculative_tokens": num_speculative_tokens, "max_model_len": max_model_len or limit,
+            "adapter": str(adapter) if adapter else None, "lora_rank": rank}
 
 
-def vllm_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, port: int = 8000) -> list[str]:
+LORA_NAME = "soaes"  # the adapter's name in the engines (requests select it as their model)
+
+
+def vllm_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, adapter=None, rank=None,
+                 port: int = 8000) -> list[str]:
     spec = json.dumps({"method": "draft_model", "model": str(draft), "num_speculative_tokens": k})
+    lora = ["--enable-lora", "--lora-modules", f"{LORA_NAME}={adapter}", "--max-lora-rank", str(rank)] if adapter else []
     return ["vllm", "serve", str(target), "--tensor-parallel-size", str(tensor_parallel), "--dtype", "bfloat16",
-            "--max-model-len", str(max_model_len), "--speculative-config", spec, "--port", str(port)]
+            "--max-model-len", str(max_model_len), "--speculative-config", spec, *lora, "--port", str(port)]
 
 
-def sglang_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, port: int = 30000) -> list[str]:
+def sglang_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, adapter=None, rank=None,
+                   port: int = 30000) -> list[str]:
+    lora = ["--enable-lora", "--lora-paths", f"{LORA_NAME}={adapter}", "--max-lora-rank", str(rank)] if adapter else []
     return ["python", "-m", "sglang.launch_server", "--model-path", str(target), "--tp", str(tensor_parallel),
             "--dtype", "bfloat16", "--context-length", str(max_model_len), "--speculative-algorithm", "STANDALONE",
             "--speculative-draft-model-path", str(draft), "--speculative-num-steps", str(k),
-            "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1), "--port", str(port)]
+            "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1), *lora, "--port", str(port)]
 
 
 def describe(plan: dict) -> str:
-    args = (plan["target"], plan["draft"], plan["tensor_parallel"], plan["num_speculative_tokens"], plan["max_model_len"])
+    args = (plan["target"], plan["draft"], plan["tensor_parallel"], plan["num_speculative_tokens"], plan["max_model_len"],
+            plan.get("adapter"), plan.get("lora_rank"))
     return "\n".join([
         f"serving OK: target {plan['target']}, draft {plan['draft']} (same vocabulary and special tokens), "
         f"TP {plan['tensor_parallel']}, {plan['num_speculative_tokens']} speculative tokens, max_model_len "
-        f"{plan['max_model_len']}",
+        f"{plan['max_model_len']}" + (f", LoRA adapter {plan['adapter']} (rank {plan['lora_rank']}, request model "
+                                        f"name {LORA_NAME!r})" if plan.get("adapter") else ""),
         "vLLM:   " + shlex.join(vllm_command(*args)),
         "SGLang: " + shlex.join(sglang_command(*args))])
