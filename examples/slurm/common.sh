@@ -23,9 +23,10 @@ launch() {
 # launch_resumable ARGS...: launch a training job; exit status 75 (EXIT_PREEMPTED: the trainer got
 # SIGTERM from --signal, saved at its current step and exited) requeues this job, which then resumes
 # from that checkpoint. Any other failure is the job's exit status.
+# srun must not kill the other ranks when the first one exits 75: each saves, then exits 75 on its own.
 launch_resumable() {
   local rc=0
-  launch "$@" || rc=$?
+  srun --kill-on-bad-exit=0 --cpu-bind=none "$@" || rc=$?
   if [ "$rc" -eq 75 ]; then
     echo "preempted: checkpoint saved; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"

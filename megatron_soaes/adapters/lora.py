@@ -49,20 +49,20 @@ class LoRALinear(torch.nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         out_local, in_local = base.weight.shape
-        dtype = base.weight.dtype
+        dtype, device = base.weight.dtype, base.weight.device  # initialised on the CPU (seeded), kept beside the layer
         g = torch.Generator().manual_seed(init_seed)  # the same on every TP rank: TP=2 starts where TP=1 does
         if kind == "column":
             n = len(adapted)
             a = torch.empty(n * rank, in_local)
             for i in range(n):  # peft's init per adapter: kaiming-uniform A, zero B
                 torch.nn.init.kaiming_uniform_(a[i * rank:(i + 1) * rank], a=math.sqrt(5), generator=g)
-            self.lora_A = torch.nn.Parameter(a.to(dtype))
-            self.lora_B = torch.nn.Parameter(torch.zeros(out_local, n * rank, dtype=dtype))
+            self.lora_A = torch.nn.Parameter(a.to(device, dtype))
+            self.lora_B = torch.nn.Parameter(torch.zeros(out_local, n * rank, dtype=dtype, device=device))
             if layout is not None:
                 mask = torch.zeros(out_local, n * rank, dtype=dtype)
                 for i, name in enumerate(adapted):
                     mask[layout.row_part == layout.parts.index(name), i * rank:(i + 1) * rank] = 1
-                self.register_buffer("lora_mask", mask, persistent=False)
+                self.register_buffer("lora_mask", mask.to(device), persistent=False)
             else:
                 self.lora_mask = None
             if self.sequence_parallel:
@@ -70,8 +70,8 @@ class LoRALinear(torch.nn.Module):
         else:
             full = torch.empty(rank, in_local * tp_size)
             torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=g)
-            self.lora_A = torch.nn.Parameter(full[:, tp_rank * in_local:(tp_rank + 1) * in_local].clone().to(dtype))
-            self.lora_B = torch.nn.Parameter(torch.zeros(out_local, rank, dtype=dtype))
+            self.lora_A = torch.nn.Parameter(full[:, tp_rank * in_local:(tp_rank + 1) * in_local].to(device, dtype))
+            self.lora_B = torch.nn.Parameter(torch.zeros(out_local, rank, dtype=dtype, device=device))
             self.lora_mask = None
             if self.sequence_parallel:
                 self.lora_B.sequence_parallel = True

@@ -177,8 +177,13 @@ def attach_peft_adapter(model, adapter_dir, cfg) -> None:
     tmp, where = None, [None]
     if torch.distributed.get_rank() == 0:
         tmp = tempfile.TemporaryDirectory(prefix="soaes-adapter-")
-        where = [str(from_peft(adapter_dir, cfg, Path(tmp.name) / "adapter"))]
-    torch.distributed.broadcast_object_list(where, src=0)
+        try:
+            where = [str(from_peft(adapter_dir, cfg, Path(tmp.name) / "adapter"))]
+        except AdapterError as e:
+            where = [e]
+    torch.distributed.broadcast_object_list(where, src=0)  # the path, or rank 0's error for every rank
+    if isinstance(where[0], Exception):
+        raise AdapterError(str(where[0]))
     apply_lora(model, adapter_section(adapter_dir), cfg)
     load_adapter(model, where[0])
     torch.distributed.barrier()

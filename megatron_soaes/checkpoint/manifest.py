@@ -126,8 +126,8 @@ def verify_distributed(directory: str | Path, checksums: bool = True) -> str | N
         manifest = read_manifest(directory)
         if manifest is not None:
             verify(directory, checksums, sorted(manifest["files"])[rank::world])
-    except CheckpointCorrupt as e:
-        error = str(e)
+    except Exception as e:  # noqa: BLE001  every rank must reach the gather: an I/O error is a refusal too
+        error = str(e) if isinstance(e, CheckpointCorrupt) else f"{directory}: unreadable ({type(e).__name__}: {e})"
     errors = [None] * world
     torch.distributed.all_gather_object(errors, error)
     return next((e for e in errors if e), None)

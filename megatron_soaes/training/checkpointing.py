@@ -142,26 +142,44 @@ def _write_manifest(tmp: Path) -> None:
 
 def latest_verified(directory: str | Path, checksums: bool = True, log=print) -> Path | None:
     """Collective: the newest complete checkpoint that matches its manifest. A corrupt one is skipped with
-    a log line naming the file; if every checkpoint is corrupt this raises rather than start over."""
+    a log line naming the file, and -- once a good one is found -- moved aside (``iter_X.corrupt-<time>``)
+    with ``latest`` pointed at the good one. If every checkpoint is corrupt this raises and moves nothing,
+    rather than let a rerun start over."""
     from megatron_soaes.checkpoint.manifest import CheckpointCorrupt, verify_distributed
 
     found = complete_checkpoints(directory)
-    refused = []
+    refused: list[tuple[Path, str]] = []
     for path in reversed(found):
         error = verify_distributed(path, checksums)
-        if error is None:
-            if refused:
-                log(f"resuming from {path.name}, the newest checkpoint that matches its manifest")
-            return path
-        refused.append(error)
-        log(f"WARNING: refusing checkpoint {path.name}: {error}; falling back to the previous one "
-            f"(kept aside as {path.name}.corrupt)")
-        if torch.distributed.get_rank() == 0:
-            os.replace(path, path.with_name(path.name + ".corrupt"))
-        torch.distributed.barrier()
+        if error is not None:
+            refused.append((path, error))
+            log(f"WARNING: refusing checkpoint {path.name}: {error}; falling back to the previous one")
+            continue
+        if refused:
+            log(f"resuming from {path.name}, the newest checkpoint that matches its manifest")
+            _set_aside(refused, path, log)
+        return path
     if refused:
-        raise CheckpointCorrupt(f"{directory}: no checkpoint matches its manifest: " + "; ".join(refused))
+        raise CheckpointCorrupt(f"{directory}: no checkpoint matches its manifest: " + "; ".join(e for _, e in refused))
     return None
+
+
+def _set_aside(refused: list, good: Path, log) -> None:
+    """Collective: rank 0 renames the refused checkpoints and repoints ``latest``; a failure is logged,
+    never left to hang the other ranks."""
+    import time
+
+    if torch.distributed.get_rank() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        try:
+            for path, _ in refused:
+                os.replace(path, path.with_name(f"{path.name}.corrupt-{stamp}"))
+                log(f"kept {path.name} aside as {path.name}.corrupt-{stamp}")
+            (good.parent / "latest.tmp").write_text(good.name)
+            os.replace(good.parent / "latest.tmp", good.parent / "latest")
+        except OSError as e:
+            log(f"WARNING: could not set the refused checkpoints aside ({e}); they stay and are refused again")
+    torch.distributed.barrier()
 
 
 def load(path: str | Path, model, optimizer, scheduler) -> dict:
