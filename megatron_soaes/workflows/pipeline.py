@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from megatron_soaes.config import (DataSection, DataSource, DistillSection, JobConfig, ModelSection, OptimSection,
-                                   SFTFile, SFTSection, TeacherSection, TrainSection)
+from megatron_soaes.config import (ConfigError, DataSection, DataSource, DistillSection, JobConfig, ModelSection,
+                                   OptimSection, SFTFile, SFTSection, TeacherSection, TrainSection)
 from megatron_soaes.config.curriculum import Recipe, Stage
 from megatron_soaes.config.pipeline import PHASES, PipelineConfig, TrainCfg, load_pipeline_config
 from megatron_soaes.utils.files import atomic_write_text, remove_atomically
@@ -512,7 +512,7 @@ class Pipeline:
         from megatron_soaes.training import dry_run
 
         if not (self.data / "sft").is_dir():
-            raise RuntimeError(f"{self.data}: no demo data yet; run `soaes pipeline --until data` first")
+            raise ConfigError(f"{self.data}: no demo data yet; run `soaes pipeline --until data` first")
         self.planning = True
         try:
             lines = ([f"base: {dry_run(self.base_job(), world_size, check_paths=False)}"]
