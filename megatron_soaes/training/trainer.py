@@ -61,6 +61,7 @@ def _grads_finite(ddp) -> bool:
 class Trainer:
     def __init__(self, job: JobConfig, task: Task | None = None, log: Callable[[str], None] = print):
         self.job, self.task, self.log = job, task or task_for(job.kind), log
+        self.async_queue = None  # megatron-core's AsyncCallsQueue while a run with train.async_save is going
 
     # ---- before any work ----
     def check(self) -> JobConfig:
