@@ -225,3 +225,23 @@ def test_bad_distill_configs(cpt_data, teacher_ckpt, tmp_path, edit, msg):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=msg):
         train(load_config(path), DistillTask(), log=lambda s: None)
+
+
+def test_distillation_trains_a_lora_student(cpt_data, teacher_ckpt, tmp_path):
+    """A distill job with a peft section: the student is the teacher's own weights plus LoRA adapters, so
+    its first KD loss is ~0 (B starts at zero); only the adapters are in the optimizer."""
+    from megatron_soaes.distill.task import DistillTask
+    from megatron_soaes.training import train
+
+    path = distill_config(cpt_data, tmp_path / "run", teacher_ckpt, kd_weight=1.0)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"] = {"preset": "test", "overrides": {"vocab_size": 4096}, "init_checkpoint": str(teacher_ckpt)}
+    cfg["peft"] = {"rank": 4, "alpha": 8}
+    path.write_text(yaml.safe_dump(cfg))
+    task = DistillTask()
+    hist = train(load_config(path), task, log=lambda s: None)
+    assert all(torch.isfinite(torch.tensor(h.loss)) for h in hist)
+    names = {id(p): n for n, p in task.student.named_parameters()}
+    in_opt = [names.get(id(p), "?") for group in task.optimizer.param_groups for p in group["params"]]
+    assert in_opt and all(".lora_" in n for n in in_opt), in_opt
+    assert metrics(tmp_path / "run")[0]["kd loss"] < 1e-3
