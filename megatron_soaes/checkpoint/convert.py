@@ -228,6 +228,10 @@ class _HFShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.writers[self.where[name]].add(name, tensor.to(self.dtype))
 
+    def abort(self) -> None:
+        for w in self.writers:
+            w.abort()
+
     def close(self) -> None:
         for w in self.writers:
             w.close()
@@ -278,7 +282,11 @@ def megatron_to_hf(mcore_dir, out_dir, dtype: str | None = None, overwrite: bool
             for name in layer_names[i]:
                 w.add(name, produced.pop(name))
 
-        _parallel(layer, cfg.num_layers, "Megatron -> HF layers", progress, workers)
+        try:
+            _parallel(layer, cfg.num_layers, "Megatron -> HF layers", progress, workers)
+        except BaseException:
+            w.abort()
+            raise
         w.close()
         dname = HF_NAMES[out_dtype]
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dname), indent=2))

@@ -135,7 +135,13 @@ class SafetensorsStreamWriter:
 
     def close(self) -> None:
         missing = len(self.expected) - len(self.written)
-        if missing:
-            raise ValueError(f"{self.path}: {missing} planned tensors never written")
-        os.fsync(self.fd)
+        try:
+            if missing:
+                raise ValueError(f"{self.path}: {missing} planned tensors never written")
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        """Release the file after a failure (the caller discards the directory)."""
         os.close(self.fd)
