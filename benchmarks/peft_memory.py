@@ -64,11 +64,14 @@ def run(job: dict, name: str, sets: list[str], steps: int, work: Path) -> dict:
         text = log.read()
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{text[-3000:]}")
+    import torch
+
     from megatron_soaes.checkpoint.load import resolve_checkpoint
     from megatron_soaes.checkpoint.manifest import read_manifest
+    from megatron_soaes.checkpoint.safetensors_io import tensor_nbytes
 
     m = read_manifest(resolve_checkpoint(out))
-    nbytes = lambda t: math.prod(t["shape"]) * torch_size(t["dtype"])  # noqa: E731
+    nbytes = lambda t: tensor_nbytes(t["shape"], getattr(torch, t["dtype"]))  # noqa: E731
     opt = sum(nbytes(t) for k, t in m["tensors"].items() if k.startswith("optimizer."))
     model = sum(nbytes(t) for k, t in m["tensors"].items() if not k.startswith("optimizer."))
     recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -78,12 +81,6 @@ def run(job: dict, name: str, sets: list[str], steps: int, work: Path) -> dict:
             "saved_model_bytes": model, "peak_rss_bytes": peak[0], "tokens_per_s": round(statistics.mean(tps), 1),
             "trainable_parameters": (int(trainable.split(":")[2].split(" of ")[0].replace(",", "").strip())
                                      if trainable else None)}
-
-
-def torch_size(dtype: str) -> int:
-    import torch
-
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def lora_params(cfg, rank: int) -> int:

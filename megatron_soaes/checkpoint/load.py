@@ -39,38 +39,35 @@ def _verify(ckpt_dir: Path) -> None:
 
 
 def load_model_weights(model, ckpt_dir: str | Path, prefix: str = "") -> None:
-    """Fill `model` (one GPTModel chunk of this rank) from `ckpt_dir`, resharding as needed."""
-    from megatron.core import dist_checkpointing
-
-    ckpt_dir = Path(ckpt_dir)
-    _verify(ckpt_dir)
-    # LoRA adapters (adapters/) are not part of the base's weights: `load_adapter` fills them
-    sharded = {k: v for k, v in model.sharded_state_dict(prefix=prefix).items() if ADAPTER_KEY not in k}
-    sharded = _drop_absent_objects(sharded, ckpt_dir)
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
-    # a training checkpoint also returns its non-sharded common items (scheduler, iteration, ...)
-    state = {k: v for k, v in state.items() if k in sharded}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state") and ADAPTER_KEY not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"{ckpt_dir}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """Fill `model` (one GPTModel chunk of this rank) from `ckpt_dir`, resharding as needed. LoRA adapters
+    (adapters/) are not part of the base's weights: `load_adapter` fills them."""
+    _load_into(model, ckpt_dir, prefix, adapters=False)
 
 
 def load_adapter(model, ckpt_dir: str | Path) -> None:
     """Fill the LoRA adapters of `model` from an adapter checkpoint (adapters.peft_io or an adapter
     training save), resharding as needed."""
+    _load_into(model, ckpt_dir, "", adapters=True)
+
+
+def _load_into(model, ckpt_dir, prefix: str, adapters: bool) -> None:
+    """Load the base weights (adapters=False) or the adapters (True) of `model` from a verified checkpoint."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
     _verify(ckpt_dir)
-    sharded = adapter_entries(model.sharded_state_dict())
-    if not sharded:
+    sharded = {k: v for k, v in model.sharded_state_dict(prefix=prefix).items() if (ADAPTER_KEY in k) == adapters}
+    if adapters and not sharded:
         raise RuntimeError(f"{ckpt_dir}: the model has no LoRA adapters to load it into")
+    sharded = _drop_absent_objects(sharded, ckpt_dir)
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
-    missing, _ = model.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=False)
-    missing = [k for k in missing if ADAPTER_KEY in k]
-    if missing:
-        raise RuntimeError(f"{ckpt_dir}: adapter tensors missing for {missing[:3]}")
+    # a training checkpoint also returns its non-sharded common items (scheduler, iteration, ...)
+    state = {k: v for k, v in state.items() if k in sharded}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state") and (ADAPTER_KEY in k) == adapters]
+    if missing or (unexpected and not adapters):
+        what = "adapter tensors" if adapters else "weights"
+        raise RuntimeError(f"{ckpt_dir}: {what} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def resolve_checkpoint(path) -> Path:

@@ -159,40 +159,35 @@ class Trainer:
                 "fusions": self.fusions, "world_size": torch.distributed.get_world_size(), "data_parallel": self.dp})
 
     def _restore(self) -> tuple[int, int]:
-        """Resume from the newest complete checkpoint, or load the initial weights."""
-        from megatron_soaes.checkpoint.load import load_model_weights
+        """Resume from the newest complete checkpoint, or load the initial weights. With LoRA the frozen
+        base always comes from init_checkpoint (checkpoints hold the adapters only), and the adapters from
+        the resumed checkpoint or, on a fresh start, from model.init_adapter."""
+        from megatron_soaes.checkpoint.load import load_adapter, load_model_weights, resolve_checkpoint
         from megatron_soaes.training import checkpointing as ckpt
 
         self.source_tokens: dict[int, int] = {}  # tokens per blend source, whole run
         resume = ckpt.latest_verified(self.ckpt_dir, self.job.train.verify_checkpoints == "checksums", self.log)
-        peft = self.job.peft
-        if peft:  # the frozen base always comes from init_checkpoint; checkpoints hold the adapters only
-            load_model_weights(self.ddp.module, self.job.model.init_checkpoint)
+        peft, init = self.job.peft, self.job.model.init_checkpoint
+        if init and (peft or resume is None):
+            load_model_weights(self.ddp.module, init)
             self.optimizer.reload_model_params()
-            if resume is None and self.job.model.init_adapter:
-                from megatron_soaes.adapters import check_base
-                from megatron_soaes.checkpoint.load import load_adapter, resolve_checkpoint
-                from megatron_soaes.checkpoint.meta import read_meta
+            if resume is None:
+                self.log(f"initialised weights from {init}")
+        adapter = resume or (resolve_checkpoint(self.job.model.init_adapter) if self.job.model.init_adapter else None)
+        if peft and adapter is not None:
+            from megatron_soaes.adapters import check_base
+            from megatron_soaes.checkpoint.meta import read_meta
 
-                adapter = resolve_checkpoint(self.job.model.init_adapter)
-                check_base(read_meta(adapter), self.job.model.init_checkpoint, adapter)
-                load_adapter(self.ddp.module, adapter)
-                self.optimizer.reload_model_params()
-                self.log(f"continuing the adapter {adapter}")
+            check_base(read_meta(adapter), init, adapter)
         if resume is not None:
-            if peft:
-                from megatron_soaes.adapters import check_base
-                from megatron_soaes.checkpoint.meta import read_meta
-
-                check_base(read_meta(resume), self.job.model.init_checkpoint, resume)
             common = ckpt.load(resume, self.ddp.module, self.optimizer, self.scheduler)
             self.source_tokens = {int(k): int(v) for k, v in common.get("source_tokens", {}).items()}
             self.log(f"resumed from {resume} at step {common['iteration']}")
             return common["iteration"], common["consumed_samples"]
-        if self.job.model.init_checkpoint and not peft:
-            load_model_weights(self.ddp.module, self.job.model.init_checkpoint)
+        if adapter is not None:
+            load_adapter(self.ddp.module, adapter)
             self.optimizer.reload_model_params()
-            self.log(f"initialised weights from {self.job.model.init_checkpoint}")
+            self.log(f"continuing the adapter {adapter}")
         return 0, 0
 
     # ---- one optimizer step ----
