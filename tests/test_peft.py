@@ -225,3 +225,21 @@ def test_lora_curriculum_continues_the_adapter(small_sft, cpt_data, tmp_path):
     a1, a3 = DcpReader(recs[0].adapter), DcpReader(recs[2].adapter)
     k = "decoder.layers.self_attention.linear_qkv.lora_B"
     assert not torch.equal(a1.read(k), a3.read(k))  # stage 3 went on training stage 1's adapter
+    # export: the last stage as its base + an HF PEFT adapter; peft gives the merged export's logits, and
+    # an adapter that is not what was trained (one B scaled) is refused
+    from safetensors.torch import load_file, save_file
+
+    from megatron_soaes.workflows.export import ExportError, check_adapter_export, export_adapter, export_hf
+
+    tok = str(cpt_data / "spm.model")
+    paths = export_adapter(recs[-1].adapter, recs[-1].init_checkpoint, tmp_path / "export" / "lora", tok)
+    merged_hf = export_hf(recs[-1].checkpoint, tmp_path / "export" / "merged", tok, dtype=None)
+    res = check_adapter_export(paths["base"], paths["adapter"], merged_hf)
+    assert res["max_rel_logit_diff_vs_merged"] < 1e-5 and res["top1_agreement"] == 1.0, res
+    f = tmp_path / "export" / "lora" / "adapter" / "adapter_model.safetensors"
+    w = load_file(f)
+    key = next(k for k in w if k.endswith("v_proj.lora_B.weight"))
+    w[key] = w[key] * 3
+    save_file(w, str(f))
+    with pytest.raises(ExportError, match="differ from the merged export"):
+        check_adapter_export(paths["base"], paths["adapter"], merged_hf)

