@@ -424,12 +424,16 @@ def main(argv=None) -> int:
     from megatron_soaes.workflows.export import ExportError
 
     from megatron_soaes.training.preemption import EXIT_PREEMPTED, Preempted
+    from megatron_soaes.training.retention import EXIT_RETENTION, RetentionBreached
 
     try:
         return args.fn(args)
     except Preempted as e:
         print(str(e), file=sys.stderr)
         return EXIT_PREEMPTED
+    except RetentionBreached as e:  # the run is saved and complete up to the gate: not a crash, not a requeue
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RETENTION
     except (ConversionError, CheckpointCorrupt, AdapterError, ModelConfigError, ConfigError, ExportError, FileExistsError,
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

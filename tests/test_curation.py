@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-
 from conftest import ROOT, job_env
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch.distributed.checkpoint import FileSystemReader
@@ -71,10 +72,17 @@ def _load_into(model, ckpt_dir, prefix: str, adapters: bool) -> None:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint dir, a `checkpoints/` dir with `latest`, or a run dir holding `checkpoints/`."""
+    """A checkpoint dir, a `checkpoints/` dir with `latest`, or a run dir holding `checkpoints/` (or the
+    checkpoint its retention gate published: `retention.json` with keep_best)."""
     from megatron_soaes.config import ConfigError
+    from megatron_soaes.training.retention import RETENTION_FILE
 
     p = Path(path)
+    gate = p / RETENTION_FILE
+    if gate.exists():
+        published = json.loads(gate.read_text()).get("published")
+        if published:
+            return Path(published)
     for base in (p, p / "checkpoints"):
         if (base / "latest").exists():
             return base / (base / "latest").read_text().strip()

@@ -114,6 +114,19 @@ class OptimSection(StrictModel):
     wsd_decay_steps: int | None = None  # with schedule wsd: steps of the final decay
 
 
+class RetentionSection(StrictModel):
+    """A general-ability gate (`train.retention`): the loss on a held-out general text set, evaluated at the
+    phase's start and at every evaluation, as retention = perplexity at the start / perplexity now."""
+
+    eval_set: str = "general"  # a data.valid entry (indexed plain text), evaluated as next-token loss in any task
+    min_ratio: float = Field(0.98, gt=0)  # the bound: retention below it breaks the gate
+    # warn: log it; stop: save and end the run (exit 3); keep_best: train on, and publish (retention.json,
+    # what `resolve_checkpoint` of the run returns) the evaluated step with the lowest `select` loss whose
+    # retention stays at or above the bound -- the starting checkpoint when none does
+    action: Literal["warn", "stop", "keep_best"] = "warn"
+    select: str | None = None  # the eval set keep_best minimises (default: the task's first other eval set)
+
+
 class TrainSection(StrictModel):
     steps: int | None = Field(None, ge=1)  # optimizer steps; or derived from sft.epochs (give one of them)
     global_batch_size: int = Field(ge=1)  # sequences per optimizer step, over all data-parallel ranks
@@ -139,6 +152,7 @@ class TrainSection(StrictModel):
     output_dir: str | None = Field(None, validate_default=True)  # checkpoints/, metrics.jsonl, tensorboard/
     peak_tflops: float | None = Field(None, gt=0)  # per-device peak for MFU; known GPUs are detected
     tensorboard: bool = True  # scalars under <output_dir>/tensorboard when the tensorboard package is installed
+    retention: RetentionSection | None = None  # a general-ability gate at every evaluation (see RetentionSection)
 
     @field_validator("output_dir")
     @classmethod
@@ -267,6 +281,12 @@ class JobConfig(StrictModel):
             raise ValueError("peft: adapters train on a frozen base; set model.init_checkpoint to its checkpoint")
         if self.model.init_adapter and not self.peft:
             raise ValueError("model.init_adapter: an adapter to continue needs a peft section")
+        r = self.train.retention
+        if r and r.eval_set not in self.data.valid:
+            raise ValueError(f"train.retention.eval_set: {r.eval_set!r} is not a data.valid entry "
+                             f"({', '.join(self.data.valid) or 'none'}); the gate evaluates indexed general text")
+        if r and r.select is not None and r.select not in {*self.data.valid, *(self.sft.valid if self.sft else {})}:
+            raise ValueError(f"train.retention.select: {r.select!r} is not an evaluation set of this job")
         epochs = self.sft.epochs if self.sft else None
         if (self.train.steps is None) == (epochs is None):
             raise ValueError("train.steps: give exactly one of train.steps or sft.epochs (which sets the steps "

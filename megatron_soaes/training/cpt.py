@@ -14,14 +14,22 @@ class CPTTask(BaseTask):
         train = build_gpt_dataset([(s.path, s.weight) for s in d.train], job.steps * t.global_batch_size,
                                   d.seq_length, tokenizer, t.seed, d.cache_dir)
         batches = ResumableBatches(train, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, consumed_samples)
-        evals = {}
-        for name, sources in d.valid.items():
-            n = t.eval_iters * t.micro_batch_size * dp_size
-            ds = build_gpt_dataset([(s.path, s.weight) for s in sources], n, d.seq_length, tokenizer, t.seed, d.cache_dir)
-            evals[name] = fixed_eval_batches(ds, t.eval_iters, t.micro_batch_size, dp_rank, dp_size)
-        return batches, evals
+        return batches, {name: text_eval_batches(job, sources, tokenizer, dp_rank, dp_size) for name, sources in d.valid.items()}
 
     def forward_step(self, data_iterator, model):
-        b = on_this_rank(next(data_iterator))
-        out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
-        return out, partial(masked_token_loss, b["loss_mask"])
+        return lm_forward_step(data_iterator, model)
+
+
+def text_eval_batches(job, sources, tokenizer, dp_rank: int, dp_size: int) -> list[dict]:
+    """A held-out indexed text set as this rank's fixed eval micro-batches (the same every evaluation)."""
+    t, d = job.train, job.data
+    n = t.eval_iters * t.micro_batch_size * dp_size
+    ds = build_gpt_dataset([(s.path, s.weight) for s in sources], n, d.seq_length, tokenizer, t.seed, d.cache_dir)
+    return fixed_eval_batches(ds, t.eval_iters, t.micro_batch_size, dp_rank, dp_size)
+
+
+def lm_forward_step(data_iterator, model):
+    """Next-token loss on plain text (CPT's step; any task's general-text evaluation)."""
+    b = on_this_rank(next(data_iterator))
+    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+    return out, partial(masked_token_loss, b["loss_mask"])

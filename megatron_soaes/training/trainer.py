@@ -62,6 +62,7 @@ class Trainer:
     def __init__(self, job: JobConfig, task: Task | None = None, log: Callable[[str], None] = print):
         self.job, self.task, self.log = job, task or task_for(job.kind), log
         self.async_queue = None  # megatron-core's AsyncCallsQueue while a run with train.async_save is going
+        self.gate, self.stop_at = None, None  # the general-ability gate (train.retention), once started
 
     # ---- before any work ----
     def check(self) -> JobConfig:
@@ -145,6 +146,12 @@ class Trainer:
         self.start_step, consumed = self._restore()
         self.batches, self.eval_sets = self.task.build(job, self.tokenizer, self.model_cfg,
                                                        ps.get_data_parallel_rank(), self.dp, consumed)
+        if job.train.retention:  # the gate's general text, evaluated as plain next-token loss whatever the task
+            from megatron_soaes.training.cpt import text_eval_batches
+
+            r = job.train.retention
+            self.retention_batches = text_eval_batches(job, job.data.valid[r.eval_set], self.tokenizer,
+                                                       ps.get_data_parallel_rank(), self.dp)
         self.report_keys = tuple(self.task.report_keys)
         self.task.on_built(self.ddp, self.optimizer)
         self.fb = get_forward_backward_func()
@@ -166,6 +173,7 @@ class Trainer:
         from megatron_soaes.training import checkpointing as ckpt
 
         self.source_tokens: dict[int, int] = {}  # tokens per blend source, whole run
+        self.resumed_common: dict = {}
         resume = ckpt.latest_verified(self.ckpt_dir, self.job.train.verify_checkpoints == "checksums", self.log)
         peft, init = self.job.peft, self.job.model.init_checkpoint
         if init and (peft or resume is None):
@@ -181,6 +189,7 @@ class Trainer:
             check_base(read_meta(adapter), init, adapter)
         if resume is not None:
             common = ckpt.load(resume, self.ddp.module, self.optimizer, self.scheduler)
+            self.resumed_common = common
             self.source_tokens = {int(k): int(v) for k, v in common.get("source_tokens", {}).items()}
             self.log(f"resumed from {resume} at step {common['iteration']}")
             return common["iteration"], common["consumed_samples"]
@@ -191,9 +200,9 @@ class Trainer:
         return 0, 0
 
     # ---- one optimizer step ----
-    def _schedule(self, micro: list, forward_only: bool) -> tuple[float, dict[str, float]]:
+    def _schedule(self, micro: list, forward_only: bool, forward_step=None) -> tuple[float, dict[str, float]]:
         t = self.job.train
-        reports = self.fb(forward_step_func=self.task.forward_step, data_iterator=iter(micro), model=[self.ddp],
+        reports = self.fb(forward_step_func=forward_step or self.task.forward_step, data_iterator=iter(micro), model=[self.ddp],
                           num_microbatches=len(micro), seq_length=self.job.data.seq_length,
                           micro_batch_size=t.micro_batch_size, forward_only=forward_only)
         parts = _reduce_reports(reports, self.report_keys)
@@ -246,7 +255,76 @@ class Trainer:
                 f"{k} loss {v:.4f} ppl {math.exp(min(v, 50)):.2f}" if "/" not in k else f"{k} {v:.4f}"
                 for k, v in res.items()))
             self.metrics.write({"step": step, "eval": res})
+        if self.gate is not None:
+            self._judge_retention(step, res)
         return res
+
+    # ---- the general-ability gate (train.retention) ----
+    def _general_loss(self, res: dict | None = None) -> float:
+        from megatron_soaes.training.cpt import lm_forward_step
+
+        name = self.job.train.retention.eval_set
+        if res and name in res and name in self.eval_sets:  # the task evaluated it as plain text already (CPT)
+            return res[name]
+        return self._schedule(self.retention_batches, forward_only=True, forward_step=lm_forward_step)[0]
+
+    def _start_retention(self) -> None:
+        """The gate's baseline: restored from the checkpoint on resume, else the loss before any step."""
+        from megatron_soaes.training.retention import RetentionGate
+
+        r = self.job.train.retention
+        self.gate, self.stop_at = None, None
+        if r is None:
+            return
+        if "retention" in self.resumed_common:
+            self.gate = RetentionGate.restore(self.resumed_common["retention"])
+            return
+        self.ddp.eval()
+        with torch.no_grad():
+            base = self._general_loss()
+        self.gate = RetentionGate(r.min_ratio, r.action, base)
+        self.log(f"retention gate: {r.eval_set} baseline loss {base:.4f} (ppl {math.exp(min(base, 50)):.2f}) at the "
+                 f"phase's start; bound {r.min_ratio}, action {r.action}")
+        self.metrics.write({"step": 0, "retention": {"general_loss": base, "ratio": 1.0, "baseline": True}})
+
+    def _judge_retention(self, step: int, res: dict) -> None:
+        r = self.job.train.retention
+        select = r.select or next((k for k in self.eval_sets if k != r.eval_set and "/" not in k), None)
+        with torch.no_grad():
+            rec = self.gate.judge(step, self._general_loss(res), res.get(select) if select else None)
+        self.metrics.write({"step": step, "retention": rec})
+        say = {"ok": "above the bound", "kept": "kept training", "warn": "WARNING: below the bound",
+               "stop": "below the bound: stopping", "best": f"new best {select} loss {rec['select_loss']}"}[rec["decision"]]
+        self.log(f"retention gate: step {step}: {r.eval_set} retention {rec['ratio']:.4f} (bound {r.min_ratio}) -- {say}")
+        if rec["decision"] == "best":
+            from megatron_soaes.training import checkpointing as ckpt
+
+            path = ckpt.save(self.out / "best", step, self.ddp.module, self.optimizer, self.scheduler,
+                             self._common(step), self.model_cfg, 1, None, self._adapter_meta())
+            self.gate.best = {"step": step, "select_loss": rec["select_loss"], "ratio": rec["ratio"], "checkpoint": str(path)}
+        elif rec["decision"] == "stop":
+            self.stop_at = step
+
+    def _finish_retention(self) -> None:
+        """retention.json in the run directory; with keep_best it names the published checkpoint."""
+        if self.gate is None:
+            return
+        from megatron_soaes.training.retention import RETENTION_FILE
+
+        out = {**self.gate.state(), "eval_set": self.job.train.retention.eval_set}
+        write = (lambda: atomic_write_json(self.out / RETENTION_FILE, out)) if self.rank == 0 else (lambda: None)
+        if self.gate.action == "keep_best":
+            if self.gate.best is None and self.job.peft:  # every rank raises; the base alone is no adapter
+                from megatron_soaes.training.retention import RetentionBreached
+
+                write()
+                last = self.gate.history[-1]
+                raise RetentionBreached(last["step"], last["ratio"], self.gate.min_ratio, "no adapter (none kept the bound)")
+            out["published"] = self.gate.best["checkpoint"] if self.gate.best else str(self.job.model.init_checkpoint)
+            self.log(f"retention gate: publishing {out['published']}" + (
+                f" (step {self.gate.best['step']}, retention {self.gate.best['ratio']:.4f})" if self.gate.best else
+                " (the starting checkpoint: no evaluated step stayed above the bound)"))
+        write()
 
     # ---- checkpoints ----
     def save(self, step: int) -> float:
@@ -256,18 +334,26 @@ class Trainer:
 
         t0 = time.time()
         self.finish_saves(blocking=True)  # at most one save in flight
-        common = {"iteration": step, "consumed_samples": self.batches.consumed, "job": self.job.model_dump(),
-                  "source_tokens": {str(k): v for k, v in self.source_tokens.items()}}
-        adapter = None
-        if self.job.peft:
-            from megatron_soaes.adapters import base_identity
-
-            adapter = {"adapter": self.job.peft.model_dump(), "base": base_identity(self.job.model.init_checkpoint)}
-        path = ckpt.save(self.ckpt_dir, step, self.ddp.module, self.optimizer, self.scheduler, common,
-                         self.model_cfg, self.job.train.keep_last, self.async_queue, adapter)
+        path = ckpt.save(self.ckpt_dir, step, self.ddp.module, self.optimizer, self.scheduler, self._common(step),
+                         self.model_cfg, self.job.train.keep_last, self.async_queue, self._adapter_meta())
         blocked = time.time() - t0
         self.log(f"{'saving' if self.async_queue else 'saved'} {path} (training blocked {blocked:.2f}s)")
         return blocked
+
+    def _common(self, step: int) -> dict:
+        """What a checkpoint holds besides tensors: progress, the job, token counts, the gate's state."""
+        common = {"iteration": step, "consumed_samples": self.batches.consumed, "job": self.job.model_dump(),
+                  "source_tokens": {str(k): v for k, v in self.source_tokens.items()}}
+        if self.gate is not None:
+            common["retention"] = self.gate.state()
+        return common
+
+    def _adapter_meta(self) -> dict | None:
+        if not self.job.peft:
+            return None
+        from megatron_soaes.adapters import base_identity
+
+        return {"adapter": self.job.peft.model_dump(), "base": base_identity(self.job.model.init_checkpoint)}
 
     def finish_saves(self, blocking: bool) -> None:
         """Publish background saves that every rank has finished (collective); `blocking` waits for them."""
@@ -303,6 +389,7 @@ class Trainer:
             self.async_queue = AsyncCallsQueue()
         with SigtermWatch() as sigterm:
             self.setup()
+            self._start_retention()
             t, seq = self.job.train, self.job.data.seq_length
             history: list[StepRecord] = []
             t_start, tokens_since = time.time(), 0
@@ -320,12 +407,20 @@ class Trainer:
                     self.evaluate(step)
                 preempted = sigterm.requested(_comm_device())
                 blocked = None
-                if (t.save_interval and step % t.save_interval == 0) or step == t.steps or preempted:
+                if (t.save_interval and step % t.save_interval == 0) or step == t.steps or preempted or self.stop_at:
                     blocked = self.save(step)
                 self.metrics.write({"step": step, "loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm,
                                     "skipped": rec.skipped, "source_tokens": self.source_tokens, **speed,
                                     **({"save_blocked_s": blocked} if blocked is not None else {}),
                                     **{k: v for k, v in parts.items() if k != "lm loss"}})
+                if self.stop_at:
+                    from megatron_soaes.training.retention import RetentionBreached
+
+                    self.finish_saves(blocking=True)
+                    self._finish_retention()
+                    self.metrics.close()
+                    raise RetentionBreached(step, self.gate.history[-1]["ratio"], t.retention.min_ratio,
+                                            self.ckpt_dir / f"iter_{step:07d}")
                 if preempted and step != t.steps:
                     self.finish_saves(blocking=True)
                     self.log(f"SIGTERM: saved at step {step}; exiting for a requeue")
@@ -333,6 +428,14 @@ class Trainer:
                     raise Preempted(step, self.ckpt_dir / f"iter_{step:07d}")
             self.finish_saves(blocking=True)  # the run ends only when its last checkpoint is published
             self.evaluate(t.steps)
+            if self.stop_at:  # broken at the final evaluation: the run is complete, and says so
+                from megatron_soaes.training.retention import RetentionBreached
+
+                self._finish_retention()
+                self.metrics.close()
+                raise RetentionBreached(t.steps, self.gate.history[-1]["ratio"], t.retention.min_ratio,
+                                        self.ckpt_dir / f"iter_{t.steps:07d}")
+            self._finish_retention()
             self.metrics.close()
         return history
 

@@ -71,14 +71,14 @@ def run_curriculum(recipe: Recipe, stages: str | None = None, force: bool = Fals
                 raise ConfigError(f"stage {k} starts from stage {k - 1}, which has not finished ({prev}); "
                                   f"run --stages {k - 1}-{k} or the whole recipe")
             if lora:  # the base stays; the previous stage's adapter goes on training
-                adapter = resolve_checkpoint(prev / "checkpoints")
+                adapter = resolve_checkpoint(prev)
             else:
                 init = resolve_checkpoint(prev)
         log(f"stage {k}/{len(recipe.stages)} ({name}): from {init}" + (f" with the adapter {adapter}" if adapter else ""))
         trainer = Trainer(stage_job(recipe, k, init, init_adapter=adapter), SFTTask(), log=log)
         hist = trainer.run()
         job = trainer.job
-        ckpt = resolve_checkpoint(sdir / "checkpoints")
+        ckpt = resolve_checkpoint(sdir)  # the last checkpoint, or the one its retention gate kept
         weights = ckpt
         if lora:  # what evaluation, distillation and export read: the base with this stage's adapter merged
             from megatron_soaes.adapters.merge import merge_adapter
