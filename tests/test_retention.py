@@ -82,3 +82,53 @@ def test_keep_best_publishes_the_best_domain_step_above_the_bound(cpt_data, forg
     published = resolve_checkpoint(out)
     assert published == out / "best" / f"iter_{want:07d}" and verify(published)
     assert resolve_checkpoint(out / "checkpoints").name == "iter_0000024"  # the last step is still there, not published
+
+
+def _source_counts(out) -> dict[int, list[int]]:
+    """Cumulative sequences per source after each step (metrics' source_tokens / seq_length)."""
+    recs = {}
+    for line in open(out / "metrics.jsonl"):
+        r = json.loads(line)
+        if "source_tokens" in r:
+            recs[r["step"]] = {int(k): v // 64 for k, v in r["source_tokens"].items()}
+    return recs
+
+
+def test_replay_schedule_follows_its_curve_and_resumes_exactly_after_kill(cpt_data, tmp_path):
+    """Replay share 0.5 -> 0 linearly over 24 steps of 8 sequences: the early batches are half general text,
+    the late ones domain only; a run SIGKILLed at step 13 resumes from step 8 with the same losses and the
+    same per-source counts."""
+    import os
+
+    from test_cpt import losses
+
+    def cfg(out):
+        path = write_config(cpt_data, out, save_interval=8)
+        c = yaml.safe_load(path.read_text())
+        c["data"]["train"] = [{"path": str(cpt_data / "domain.train"), "weight": 1.0, "name": "domain"},
+                              {"path": str(cpt_data / "general.train"), "weight": 1.0, "name": "general"}]
+        c["data"]["replay_schedule"] = {"source": "general", "start": 0.5, "end": 0.0, "style": "linear"}
+        path.write_text(yaml.safe_dump(c, allow_unicode=True))
+        return path
+
+    res = _soaes("train", "--config", cfg(tmp_path / "ref"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = _source_counts(tmp_path / "ref")
+    general = [counts[s].get(1, 0) - (counts[s - 1].get(1, 0) if s > 1 else 0) for s in range(1, 25)]
+    # expected general sequences: 8 x (0.50 + 0.48 + 0.46 + 0.43) = 15 in the first 4 steps, 8 x 0.13 = 1 in the last 4
+    assert sum(general[:4]) in range(14, 17) and sum(general[8:12]) in range(9, 12) and sum(general[-4:]) <= 2, general
+    run = tmp_path / "run"
+    with open(tmp_path / "killed.log", "w") as f:
+        killed = subprocess.Popen([sys.executable, "-m", "megatron_soaes.cli", "train", "--config", str(cfg(run))],
+                                  env={**job_env(), "SOAES_FAULT": "after_step:13"}, cwd=ROOT, stdout=f,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        assert killed.wait(timeout=600) == -9
+    try:
+        os.killpg(killed.pid, 9)
+    except ProcessLookupError:
+        pass
+    res = _soaes("train", "--config", cfg(run))
+    assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr and "iter_0000008" in res.stdout + res.stderr
+    ref, got = losses(tmp_path / "ref"), losses(run)
+    assert [got[s] for s in range(9, 25)] == [ref[s] for s in range(9, 25)]
+    assert _source_counts(run)[24] == counts[24]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 
 from megatron_soaes.adapters import LAYER_LINEARS, check_base
 from megatron_soaes.adapters.peft_io import MEGATRON_KEY, AdapterError

@@ -93,12 +93,41 @@ class DataSource(StrictModel):
         return self.name or Path(self.path).name
 
 
+class ReplaySchedule(StrictModel):
+    """A blend weight that changes over training (`data.replay_schedule`): the named source's share of each
+    global batch goes from `start` to `end`; the other sources share the rest in their weights' proportion.
+    The sample order is a pure function of the config, so a resumed run draws exactly the same samples."""
+
+    source: str  # a data.train entry's label (its name, or its file name)
+    start: float = Field(ge=0, le=1)
+    end: float = Field(ge=0, le=1)
+    # constant: start throughout; linear / cosine: from start to end over decay_steps; step: start before
+    # decay_steps, end from there on
+    style: Literal["constant", "linear", "cosine", "step"] = "linear"
+    decay_steps: int | None = Field(None, ge=1)  # default: train.steps
+
+    def weight(self, step: int, steps: int) -> float:
+        """The source's share at 0-based optimizer step `step`."""
+        import math
+
+        n = self.decay_steps or steps
+        f = min(step / max(n - 1, 1), 1.0)
+        if self.style == "constant":
+            return self.start
+        if self.style == "step":
+            return self.start if step < n else self.end
+        if self.style == "cosine":
+            f = 0.5 * (1 - math.cos(math.pi * f))
+        return self.start + (self.end - self.start) * f
+
+
 class DataSection(StrictModel):
     tokenizer: str  # "qwen", a byte-level BPE tokenizer.json, a sentencepiece .model, a .tiktoken file or an HF directory
     seq_length: int = Field(ge=8)
     train: list[DataSource] = Field(default_factory=list)  # indexed datasets (cpt; distill without sft)
     valid: dict[str, list[DataSource]] = Field(default_factory=dict)  # named held-out sets
     cache_dir: str | None = None  # megatron's dataset index cache (default: none, built in memory)
+    replay_schedule: ReplaySchedule | None = None  # one source's weight over the steps (default: fixed weights)
 
 
 class OptimSection(StrictModel):
@@ -281,6 +310,12 @@ class JobConfig(StrictModel):
             raise ValueError("peft: adapters train on a frozen base; set model.init_checkpoint to its checkpoint")
         if self.model.init_adapter and not self.peft:
             raise ValueError("model.init_adapter: an adapter to continue needs a peft section")
+        rs = self.data.replay_schedule
+        if rs and rs.source not in [t.label for t in self.data.train]:
+            raise ValueError(f"data.replay_schedule.source: {rs.source!r} is not a data.train entry "
+                             f"({', '.join(t.label for t in self.data.train) or 'none'})")
+        if rs and len(self.data.train) < 2:
+            raise ValueError("data.replay_schedule: a schedule needs the replay source and at least one other in data.train")
         r = self.train.retention
         if r and r.eval_set not in self.data.valid:
             raise ValueError(f"train.retention.eval_set: {r.eval_set!r} is not a data.valid entry "

@@ -82,6 +82,10 @@ class TrainCfg(_Strict):
 
 class CPTCfg(TrainCfg):
     replay_weight: float = Field(0.3, ge=0, lt=1)  # share of general (replay) samples in the CPT blend
+    # the replay share over the steps: constant (replay_weight throughout), or from replay_weight to
+    # replay_end -- linear, cosine, or a step at the end (the job's data.replay_schedule)
+    replay_style: Literal["constant", "linear", "cosine", "step"] = "constant"
+    replay_end: float = Field(0.0, ge=0, lt=1)
 
 
 class SFTStageCfg(_Strict):
@@ -150,6 +154,15 @@ class EvalCfg(_Strict):
     ppl_docs: int = Field(64, ge=1)  # held-out documents (first 256 tokens each) per perplexity
 
 
+class RetentionCfg(_Strict):
+    """The general-ability gate on CPT and every SFT stage: each job's train.retention, judged on the
+    general corpus' validation text against the phase's (or stage's) starting checkpoint."""
+
+    min_ratio: float = Field(0.95, gt=0)  # general perplexity at the start / now must stay at or above it
+    action: Literal["warn", "stop", "keep_best"] = "warn"
+    eval_interval: int = Field(10, ge=1)  # steps between evaluations (and gate decisions)
+
+
 class PipelineConfig(_Strict):
     name: str
     output_dir: str
@@ -161,6 +174,7 @@ class PipelineConfig(_Strict):
     distill: DistillCfg = Field(default_factory=DistillCfg)
     speculative: SpecCfg = Field(default_factory=SpecCfg)
     evaluation: EvalCfg = Field(default_factory=EvalCfg)
+    retention: RetentionCfg | None = Field(default_factory=RetentionCfg)  # null: no gate
 
     @model_validator(mode="after")
     def _pretrained_base(self):

@@ -43,7 +43,7 @@ def train_file(out_dir, part: str, curated: bool) -> Path:
     out = Path(out_dir)
     name = part.removesuffix(".train")
     if name in SFT_SETS:
-        return out / CURATED / "sft" / f"{name}.train.jsonl" if curated else out / "sft" / f"{name}.train.jsonl"
+        return out / CURATED / "sft" / f"{name}.jsonl" if curated else out / "sft" / f"{name}.train.jsonl"
     return out / CURATED / f"{name}.jsonl" if curated else out / "corpora" / f"{part}.jsonl"
 
 

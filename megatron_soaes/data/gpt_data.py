@@ -62,6 +62,54 @@ def build_gpt_dataset(sources, num_samples: int, seq_length: int, tokenizer, see
     return train
 
 
+def scheduled_blend_index(weights, samples_per_step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which source each global sample comes from, and its position within that source, for per-step
+    weights `weights` ([steps, sources], rows summing to 1): each sample goes to the source furthest
+    behind its cumulative target (megatron's blending rule, with a target that moves over the steps)."""
+    steps, k = weights.shape
+    n = steps * samples_per_step
+    source, position = np.empty(n, dtype=np.int16), np.empty(n, dtype=np.int64)
+    target, counts = np.zeros(k), np.zeros(k, dtype=np.int64)
+    for i in range(n):
+        target += weights[i // samples_per_step]
+        j = int(np.argmax(target - counts))
+        source[i], position[i] = j, counts[j]
+        counts[j] += 1
+    return source, position
+
+
+class ScheduledBlend(torch.utils.data.Dataset):
+    """Sources blended by `scheduled_blend_index`; items carry `dataset_id` like megatron's BlendedDataset."""
+
+    def __init__(self, datasets: list, source: np.ndarray, position: np.ndarray):
+        self.datasets, self.source, self.position = datasets, source, position
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(self.source[i])
+        return {**self.datasets[j][int(self.position[i])], "dataset_id": j}
+
+
+def build_scheduled_dataset(job, tokenizer) -> ScheduledBlend:
+    """The CPT training set under `data.replay_schedule`: one unblended GPTDataset per source, sized to
+    what the schedule draws from it, in the schedule's order."""
+    d, t = job.data, job.train
+    rs, steps = d.replay_schedule, job.steps
+    labels = [s.label for s in d.train]
+    r = labels.index(rs.source)
+    others = np.array([s.weight for s in d.train], dtype=np.float64)
+    others[r] = 0.0
+    others /= others.sum()
+    w = np.stack([others * (1 - rs.weight(step, steps)) for step in range(steps)])
+    w[:, r] = [rs.weight(step, steps) for step in range(steps)]
+    source, position = scheduled_blend_index(w, t.global_batch_size)
+    datasets = [build_gpt_dataset([(s.path, 1.0)], max(int((source == j).sum()), 1), d.seq_length, tokenizer, t.seed + j,
+                                  d.cache_dir) for j, s in enumerate(d.train)]
+    return ScheduledBlend(datasets, source, position)
+
+
 def to_device(batch: dict) -> dict:
     """Move a collated batch to the current CUDA device (no-op on CPU)."""
     if not torch.cuda.is_available():

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from functools import partial
 
-from megatron_soaes.data.gpt_data import ResumableBatches, build_gpt_dataset, fixed_eval_batches, on_this_rank
+from megatron_soaes.data.gpt_data import (ResumableBatches, build_gpt_dataset, build_scheduled_dataset, fixed_eval_batches,
+                                          on_this_rank)
 from megatron_soaes.training.task import BaseTask, masked_token_loss
 
 
 class CPTTask(BaseTask):
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
         t, d = job.train, job.data
-        train = build_gpt_dataset([(s.path, s.weight) for s in d.train], job.steps * t.global_batch_size,
-                                  d.seq_length, tokenizer, t.seed, d.cache_dir)
+        if d.replay_schedule:  # the replay weight moves over the steps
+            train = build_scheduled_dataset(job, tokenizer)
+        else:
+            train = build_gpt_dataset([(s.path, s.weight) for s in d.train], job.steps * t.global_batch_size,
+                                      d.seq_length, tokenizer, t.seed, d.cache_dir)
         batches = ResumableBatches(train, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, consumed_samples)
         return batches, {name: text_eval_batches(job, sources, tokenizer, dp_rank, dp_size) for name, sources in d.valid.items()}
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from megatron_soaes.config import (ConfigError, DataSection, DataSource, DistillSection, JobConfig, ModelSection,
-                                   OptimSection, SFTFile, SFTSection, TeacherSection, TrainSection)
+                                   OptimSection, SFTFile, SFTSection, TeacherSection, TrainSection, replace)
+from megatron_soaes.config.job import ReplaySchedule
 from megatron_soaes.config.curriculum import Recipe, Stage
 from megatron_soaes.config.pipeline import PHASES, PipelineConfig, TrainCfg, load_pipeline_config
 from megatron_soaes.utils.files import atomic_write_text, remove_atomically
@@ -244,9 +245,10 @@ class Pipeline:
         train(job, log=self.log)
         return str(resolve_checkpoint(job.train.output_dir))
 
-    def _job(self, kind: str, model: ModelSection, t: TrainCfg, out: Path, train_data=(), valid=None,
+    def _job(self, kind: str, model: ModelSection, t: TrainCfg, out: Path, train_data=(), valid=None, gate: bool = False,
              **sections) -> JobConfig:
-        """A pipeline training job: fp32, two held-out micro-batches, a checkpoint halfway and at the end."""
+        """A pipeline training job: fp32, two held-out micro-batches, a checkpoint halfway and at the end;
+        with `gate`, the general-ability gate (`retention`)."""
         return JobConfig(
             kind=kind, model=model,
             data=DataSection(tokenizer=self.tokenizer_spec, seq_length=t.seq_length, train=list(train_data),
@@ -254,8 +256,17 @@ class Pipeline:
             optim=OptimSection(lr=t.lr, min_lr=t.min_lr, warmup_steps=min(t.warmup_steps, t.steps - 1)),
             train=TrainSection(steps=t.steps, global_batch_size=t.global_batch_size,
                                micro_batch_size=t.micro_batch_size, dtype="fp32", log_interval=20, eval_iters=2,
-                               save_interval=max(1, t.steps // 2), keep_last=2, output_dir=str(out)),
+                               save_interval=max(1, t.steps // 2), keep_last=2, output_dir=str(out),
+                               **(self.gate_fields() if gate else {})),
             **sections)
+
+    def gate_fields(self) -> dict:
+        """train.retention and eval_interval of a gated job (CPT, every SFT stage), or nothing."""
+        r = self.cfg.retention
+        if r is None:
+            return {}
+        return {"eval_interval": r.eval_interval, "retention": {"eval_set": "general", "min_ratio": r.min_ratio,
+                                                                "action": r.action}}
 
     def corpus(self, corpus: str, split: str, **kw) -> DataSource:
         return DataSource(path=str(self.data / f"{corpus}.{split}"), **kw)
@@ -322,12 +333,17 @@ class Pipeline:
 
     def cpt_job(self) -> JobConfig:
         c = self.cfg.cpt
+        scheduled = c.replay_style != "constant"
         train = [self.corpus("domain", "train", weight=1 - c.replay_weight, name="domain")]
-        if c.replay_weight > 0:
-            train.append(self.corpus("general", "train", weight=c.replay_weight, name="general"))
-        return self._job("cpt", self.model("target", self.checkpoint("base")), c, self.out / "cpt",
-                         train_data=train, valid={"domain": [self.corpus("domain", "valid")],
-                                                  "general": [self.corpus("general", "valid")]})
+        if c.replay_weight > 0 or scheduled:  # (with a schedule, these weights are the schedule's start)
+            train.append(self.corpus("general", "train", weight=c.replay_weight or 1.0, name="general"))
+        job = self._job("cpt", self.model("target", self.checkpoint("base")), c, self.out / "cpt",
+                        train_data=train, valid={"domain": [self.corpus("domain", "valid")],
+                                                 "general": [self.corpus("general", "valid")]}, gate=True)
+        if scheduled:
+            job = replace(job, data=replace(job.data, replay_schedule=ReplaySchedule(
+                source="general", start=c.replay_weight, end=c.replay_end, style=c.replay_style)))
+        return job
 
     def phase_cpt(self) -> TrainResult:
         return TrainResult(checkpoint=self._train(self.cpt_job()))
@@ -340,10 +356,11 @@ class Pipeline:
         s, e = self.cfg.sft, self.cfg.evaluation
         template = parse_config({
             "kind": "sft", "model": self.model("target").model_dump(exclude_unset=True),
-            "data": {"tokenizer": self.tokenizer_spec, "seq_length": s.seq_length},
+            "data": {"tokenizer": self.tokenizer_spec, "seq_length": s.seq_length,
+                     **({"valid": {"general": [self.corpus("general", "valid").model_dump()]}} if self.cfg.retention else {})},
             "optim": {"lr": s.lr, "min_lr": s.min_lr, "warmup_steps": 5, "weight_decay": 0.0},
             "train": {"global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size, "dtype": "fp32",
-                      "log_interval": 20, "eval_iters": 2, "save_interval": 50, "keep_last": 1},
+                      "log_interval": 20, "eval_iters": 2, "save_interval": 50, "keep_last": 1, **self.gate_fields()},
             "sft": {"default_system": None}, **({"peft": s.peft.model_dump()} if s.peft else {})},
             "pipeline sft template", template=True)
         stages = [Stage(name=st.name, train=[self.sft_file(st.data, "train")],

@@ -3,6 +3,8 @@ per-phase table, and PNG plots. Takes the phases' typed results, not the pipelin
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +193,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
                   f"{q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} | "
                   f"{_fmt(d.get('distinct_2'))} | {_fmt(d.get('loop_share'), '.0%')} | {_fmt(d.get('identical_share'), '.0%')} |")
     md += ["", "General retention: the base's general perplexity over the phase's (1.0 = unchanged, below 1 = forgotten)."]
+    md += _gate_section(runs)
     md += _curation_section(curation)
     md += ["", "Degeneracy: distinct-2 is the share of distinct character bigrams over all answers; a loop answer is "
            "mostly one short unit repeated; identical answers: the share equal to the most common answer "
@@ -227,6 +230,29 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         "table": table, "reference": {k: vars(v) for k, v in REFERENCE.items()},
         "evaluate": {k: v.model_dump() for k, v in ev.items()}, "speculative": spec, "speculative_ce_draft": ce_spec})
     return out / "summary.md"
+
+
+def _gate_section(runs: list[tuple[str, Path]]) -> list[str]:
+    """Each gated run's retention (general perplexity at its start / at each evaluation) and decisions."""
+    from megatron_soaes.training.retention import RETENTION_FILE
+
+    rows = []
+    for title, d in runs:
+        f = Path(d) / RETENTION_FILE
+        if not f.exists():
+            continue
+        g = json.loads(f.read_text())
+        ratios = " → ".join(f"{r['ratio']:.3f}" for r in g["history"])
+        below = sum(not r["ok"] for r in g["history"])
+        pub = f"step {g['best']['step']}" if g.get("best") else ("the start" if g.get("published") else "last step")
+        rows.append(f"| {title} | {math.exp(min(g['base_loss'], 50)):.2f} | {ratios} | {g['min_ratio']} | {g['action']} | "
+                    f"{below} of {len(g['history'])} | {pub} |")
+    if not rows:
+        return []
+    return ["", "## Retention gates", "", "General-ability retention of each gated run against its own start (general "
+            "validation perplexity at the start / at each evaluation), the bound and what the gate did.", "",
+            "| run | general ppl at start | retention at each evaluation | bound | action | evaluations below | "
+            "published |", "|---|---|---|---|---|---|---|", *rows]
 
 
 def _curation_section(curation: dict | None) -> list[str]:
