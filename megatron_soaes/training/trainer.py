@@ -279,9 +279,8 @@ class Trainer:
         if "retention" in self.resumed_common:
             self.gate = RetentionGate.restore(self.resumed_common["retention"])
             return
-        self.ddp.eval()
-        with torch.no_grad():
-            base = self._general_loss()
+        with torch.no_grad():  # every held-out set at step 0: the gate's baseline and the domain loss it starts from
+            base = self._general_loss(self.evaluate(0))
         self.gate = RetentionGate(r.min_ratio, r.action, base)
         self.log(f"retention gate: {r.eval_set} baseline loss {base:.4f} (ppl {math.exp(min(base, 50)):.2f}) at the "
                  f"phase's start; bound {r.min_ratio}, action {r.action}")
