@@ -19,28 +19,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import yaml
 
+from measure import run_measured
 from provenance import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _peak_rss(proc: subprocess.Popen, out: list) -> None:
-    """Poll the process tree's resident memory until it exits (the peak lands in out[0])."""
-    p = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-            out[0] = max(out[0], rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
 
 
 def run(job: dict, name: str, sets: list[str], steps: int, work: Path) -> dict:
@@ -53,16 +39,11 @@ def run(job: dict, name: str, sets: list[str], steps: int, work: Path) -> dict:
     cmd = [sys.executable, "-m", "megatron_soaes.cli", "train", "--config", str(cfg)]
     for s in base + sets:
         cmd += ["--set", s]
-    peak = [0]
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        t = threading.Thread(target=_peak_rss, args=(proc, peak))
-        t.start()
-        proc.wait()
-        t.join()
+        rc, _, peak = run_measured(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         log.seek(0)
         text = log.read()
-    if proc.returncode:
+    if rc:
         raise SystemExit(f"{name} failed:\n{text[-3000:]}")
     import torch
 
@@ -78,7 +59,7 @@ def run(job: dict, name: str, sets: list[str], steps: int, work: Path) -> dict:
     tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s") and r["step"] > 1]
     trainable = next((line for line in text.splitlines() if "peft: LoRA" in line), None)
     return {"variant": name, "checkpoint_bytes": m["total_bytes"], "optimizer_state_bytes": opt,
-            "saved_model_bytes": model, "peak_rss_bytes": peak[0], "tokens_per_s": round(statistics.mean(tps), 1),
+            "saved_model_bytes": model, "peak_rss_bytes": peak, "tokens_per_s": round(statistics.mean(tps), 1),
             "trainable_parameters": (int(trainable.split(":")[2].split(" of ")[0].replace(",", "").strip())
                                      if trainable else None)}
 

@@ -118,3 +118,20 @@ def test_qwen_vocabulary_uses_int32(tmp_path):
     preprocess(src, tmp_path / "q", "qwen", progress=False)
     docs, ds = read_docs(tmp_path / "q")
     assert ds.index.dtype == np.int32 and all(d[-1] == 151643 for d in docs)
+
+
+def test_retokenizing_in_place_drops_megatrons_stale_index_cache(spm, tmp_path):
+    """megatron-core caches a dataset's sample indexes under <prefix>/cache keyed by its settings, not by the
+    data: a prefix tokenized again (new curation, another tokenizer) must not be read through the old ones."""
+    from megatron_soaes.data.gpt_data import build_gpt_dataset
+
+    tok = load_tokenizer(spm)
+    preprocess(write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS]), tmp_path / "p", str(spm), progress=False)
+    first = build_gpt_dataset([(str(tmp_path / "p"), 1.0)], 8, 16, tok, 0)
+    assert (tmp_path / "p" / "cache").is_dir()  # megatron wrote its index cache there
+    assert len(first[0]["tokens"]) == 16
+    preprocess(write_jsonl(tmp_path / "b.jsonl", [{"text": t * 5} for t in TEXTS[:8]]), tmp_path / "p", str(spm),
+               progress=False)
+    again = build_gpt_dataset([(str(tmp_path / "p"), 1.0)], 8, 16, tok, 0)
+    fresh = build_gpt_dataset([(str(tmp_path / "p"), 1.0)], 8, 16, tok, 0, cache_dir=tmp_path / "fresh")
+    assert [again[k]["tokens"].tolist() for k in range(8)] == [fresh[k]["tokens"].tolist() for k in range(8)]

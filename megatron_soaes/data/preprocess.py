@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
@@ -217,6 +218,9 @@ def preprocess(inputs, output_prefix, tokenizer_spec, text_key: str = "text", wo
     stats.seconds = time.time() - start
     os.replace(tmp_bin, out.with_name(out.name + ".bin"))
     os.replace(tmp_idx, out.with_name(out.name + ".idx"))
+    # megatron-core caches its sample indexes under <prefix>/cache by default, keyed by the settings and not
+    # by the data: left in place they would index the old .bin (wrong sample lengths, or silently wrong text)
+    shutil.rmtree(out / "cache", ignore_errors=True)
     record = {**asdict(stats), "tokens_per_second": stats.tokens / max(stats.seconds, 1e-9),
               "tokenizer": tokenizer.name, "inputs": [str(p) for p in inputs], "clean": asdict(clean)}
     out.with_name(out.name + ".stats.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
