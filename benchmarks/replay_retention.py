@@ -57,7 +57,7 @@ def main() -> None:
     rows = []
     for label, weight, style, end in SETTINGS:
         sets_w = [*sets, f"cpt.replay_weight={weight}", f"cpt.replay_style={style}", f"cpt.replay_end={end}",
-                  "retention.min_ratio=0.0", "retention.action=warn", f"retention.eval_interval={max(args.steps // 4, 1)}"]
+                  "retention.min_ratio=1e-9", "retention.action=warn", f"retention.eval_interval={max(args.steps // 4, 1)}"]
         pipe = Pipeline(load_pipeline_config(args.config, sets_w), log=lambda *_: None)
         job = pipe.cpt_job()
         run = work / label.replace(" ", "_").replace(">", "").replace(",", "")

@@ -128,7 +128,34 @@ def peft_memory(data: dict) -> list[str]:
     return lines
 
 
-RENDER = {"spec_decode": spec_decode, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
+def replay_retention(data: dict) -> list[str]:
+    lines = ["| CPT setting | general tokens | domain ppl base -> CPT | domain gain | general ppl base -> CPT | general retention | "
+             "retention at each evaluation |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['setting']} | {r['general_token_share']:.1%} | {r['domain_ppl_base']:.1f} -> {r['domain_ppl_cpt']:.1f} | "
+                     f"{r['domain_gain']:.2f}x | {r['general_ppl_base']:.1f} -> {r['general_ppl_cpt']:.1f} | "
+                     f"{r['general_retention']:.3f} | {' -> '.join(f'{x:.2f}' for x in r['retention_curve'])} |")
+    return lines
+
+
+def curate(data: dict) -> list[str]:
+    lines = ["| corpus | rule | documents | MB | docs/s | MB/s | peak RSS MB | removed |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        removed = ", ".join(f"{k} {v:,}" for k, v in sorted(r["removed"].items())) or "-"
+        lines.append(f"| {r['corpus']} | {r['rule']} | {r['documents']:,} | {r['MB']:.1f} | {r['docs_per_s']:,.0f} | "
+                     f"{r['MB_per_s']:.2f} | {r['peak_rss_MB']:,} | {removed} |")
+    lines += ["", "What the pipeline's data phase removes from the demo data (CPT corpora and SFT training sets):", "",
+              "| set | read | kept | removed |", "|---|---|---|---|"]
+    for name, r in data["demo_pipeline_curation"].items():
+        removed = ", ".join(f"{k} {v:,}" for k, v in sorted(r["removed"].items())) or "-"
+        lines.append(f"| {name} | {r['read']:,} | {r['kept']:,} | {removed} |")
+    x = data["extrapolation"]
+    lines += ["", f"100 GB at the full config's rate on the synthetic corpus: {x['100GB_hours_this_machine']} hours on this "
+                  f"machine (2 workers); {x['note']}."]
+    return lines
+
+
+RENDER = {"spec_decode": spec_decode, "replay_retention": replay_retention, "curate": curate, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
           "checkpoint_io": checkpoint_io, "convert": convert, "peft_memory": peft_memory}
 
 

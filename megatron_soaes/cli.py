@@ -213,7 +213,8 @@ def _curate(args) -> int:
     from megatron_soaes.config.base import apply_overrides, parse_config, read_yaml
     from megatron_soaes.config.curation import CurationConfig
     from megatron_soaes.curation import curate
-    from megatron_soaes.curation.decontam import jsonl_items, mcq_items
+    from megatron_soaes.curation.decontam import jsonl_items
+    from megatron_soaes.data.mcq import mcq_items
 
     data = read_yaml(args.config) if args.config else {}
     cfg = parse_config(apply_overrides(data, args.set), args.config or "--set", CurationConfig)

@@ -71,11 +71,13 @@ def _load_into(model, ckpt_dir, prefix: str, adapters: bool) -> None:
         raise RuntimeError(f"{ckpt_dir}: {what} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+RETENTION_FILE = "retention.json"  # a run's retention-gate record; with keep_best it names the published checkpoint
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint dir, a `checkpoints/` dir with `latest`, or a run dir holding `checkpoints/` (or the
     checkpoint its retention gate published: `retention.json` with keep_best)."""
     from megatron_soaes.config import ConfigError
-    from megatron_soaes.training.retention import RETENTION_FILE
 
     p = Path(path)
     gate = p / RETENTION_FILE

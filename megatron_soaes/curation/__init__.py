@@ -177,7 +177,7 @@ def curate(sources: dict, out_dir, cfg: CurationConfig | None = None, eval_items
             part = out / f"{name}.jsonl.part"
             if state.source != name:
                 state.source, state.line, state.offsets["out"] = name, 0, 0
-                state.stats[name] = {"read": 0, "kept": 0, "chars_read": 0, "chars_kept": 0, "removed": {}}
+                state.stats[name] = {"read": 0, "kept": 0, "bytes_read": 0, "bytes_kept": 0, "removed": {}}
             st = state.stats[name]
             kept = _open_at(part, state.offsets["out"])
             bar = tqdm(desc=f"curating {name}", unit="doc", disable=not progress)
@@ -262,7 +262,7 @@ def _decide(state: _State, st: dict, cfg: CurationConfig, name: str, where: str,
         if near and near[0]:
             rule, detail = "near_duplicate", {"of": near[0][0], "jaccard": round(near[0][1], 3)}
     st["read"] += 1
-    st["chars_read"] += len(raw)
+    st["bytes_read"] += len(raw)
     if cfg.exact_dedup and "key" in res:
         state.exact.add(res["key"])
     if rule is None:
@@ -272,7 +272,7 @@ def _decide(state: _State, st: dict, cfg: CurationConfig, name: str, where: str,
             state.sigs[key] = res["sig"]
         kept.write(raw if raw.endswith(b"\n") else raw + b"\n")
         st["kept"] += 1
-        st["chars_kept"] += len(raw)
+        st["bytes_kept"] += len(raw)
         return
     st["removed"][rule] = st["removed"].get(rule, 0) + 1
     row = (json.dumps({"source": name, "where": where, "id": res.get("id"), "rule": rule, "detail": detail},

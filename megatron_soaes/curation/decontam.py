@@ -59,12 +59,3 @@ def jsonl_items(path, tag: str | None = None):
                         yield f"{rid}/{m['role']}{k}", m["content"]
             else:
                 yield rid, rec["text"]
-
-
-def mcq_items(path, tag: str | None = None):
-    """(item id, question) of a C-Eval/CMMLU-format MCQ csv (options are too short to identify an item)."""
-    from megatron_soaes.eval.ability import read_mcq
-
-    tag = tag or Path(path).name
-    for n, q in enumerate(read_mcq(path), 1):
-        yield f"{tag}#{n}", q["question"]

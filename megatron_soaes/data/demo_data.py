@@ -27,7 +27,8 @@ SFT_SETS = ("consultation", "recitation", "soae_qa")
 def evaluation_items(out_dir, mcq_files=()):
     """(id, text) of everything the pipeline evaluates on: held-out and validation documents of both
     corpora, every turn of the held-out SFT sets, the MCQ questions. No training set may overlap them."""
-    from megatron_soaes.curation.decontam import jsonl_items, mcq_items
+    from megatron_soaes.curation.decontam import jsonl_items
+    from megatron_soaes.data.mcq import mcq_items
 
     out = Path(out_dir)
     for n in ("domain.valid", "domain.test", "general.valid", "general.test"):

@@ -9,13 +9,14 @@ prediction is the best option. Retention is a ratio after / before (for perplexi
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from megatron_soaes.data.mcq import read_mcq
 
 
 def _forward(model, batch: list[list[int]]) -> torch.Tensor:
@@ -63,25 +64,6 @@ def chance_band(questions: int, chance: float = MCQ_CHANCE) -> float:
 def at_chance(accuracy: float, questions: int, chance: float = MCQ_CHANCE) -> bool:
     """Whether an MCQ accuracy is within two standard errors of guessing: then it measures nothing."""
     return abs(accuracy - chance) <= chance_band(questions, chance)
-
-
-def read_mcq(path, limit: int | None = None) -> list[dict]:
-    """C-Eval/CMMLU-format rows; a clear error names the file and row when a field is missing."""
-    out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"question", "A", "B", "C", "D", "answer"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected question,A,B,C,D,answer")
-        for n, row in enumerate(reader, 2):
-            ans = (row["answer"] or "").strip().upper()
-            if ans not in ("A", "B", "C", "D"):
-                raise ValueError(f"{path}:{n}: answer {row['answer']!r} is not one of A-D")
-            opts = [(k, (row[k] or "").strip()) for k in "ABCD"]
-            out.append({"question": row["question"].strip(), "options": opts, "answer": ans})
-            if limit and len(out) >= limit:
-                break
-    return out
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 EXIT_RETENTION = 3  # the CLI's exit status when a run stopped at its gate
-RETENTION_FILE = "retention.json"  # in the run directory: the gate's decisions and, with keep_best, what is published
+from megatron_soaes.checkpoint.load import RETENTION_FILE  # noqa: F401  (the run's record; resolve_checkpoint reads it)
 
 
 class RetentionBreached(RuntimeError):
