@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from megatron_soaes.config.base import StrictModel
 
@@ -51,3 +51,10 @@ class CurationConfig(StrictModel):
     workers: int = Field(2, ge=1)  # processes computing signatures and rules (the decisions stay in order)
     checkpoint_every: int = Field(2000, ge=1)  # documents between resumable state saves
     seed: int = 1  # MinHash permutations: the same seed gives the same decisions
+
+    @model_validator(mode="after")
+    def _short_items(self):
+        if self.decontam_min_item >= self.decontam_ngram:
+            raise ValueError(f"decontam_min_item {self.decontam_min_item} must be smaller than decontam_ngram "
+                             f"{self.decontam_ngram} (it is the length of the shorter items matched whole)")
+        return self

@@ -10,30 +10,35 @@ from megatron_soaes.curation.rules import content
 
 
 class EvalIndex:
-    """Every `n`-gram of every item's `content()` (items shorter than n: the whole item, when at least
-    `min_item` characters). `match(text)` names the first item a text overlaps and the shared span."""
+    """Every `n`-gram of every item's `content()`, and the items shorter than n (short questions) whole when
+    at least `min_item` characters, found through their first `min_item` characters. `match(text)` names the
+    first item a text overlaps and the shared span; one pass over the text either way."""
 
     def __init__(self, items, n: int, min_item: int):
-        self.n, self.ngrams, self.whole = n, {}, {}
+        self.n, self.min_item, self.ngrams, self.short = n, min_item, {}, {}
+        whole = {}
         for item_id, text in items:
             c = content(text)
             if len(c) >= n:
                 for i in range(len(c) - n + 1):
                     self.ngrams.setdefault(c[i:i + n], item_id)
             elif len(c) >= min_item:
-                self.whole.setdefault(c, item_id)
-        self.lengths = sorted({len(c) for c in self.whole})
-        self.items = len({*self.ngrams.values(), *self.whole.values()})
+                whole.setdefault(c, item_id)
+        for c, item_id in whole.items():
+            self.short.setdefault(c[:min_item], []).append((c, item_id))
+        self.items = len({*self.ngrams.values(), *whole.values()})
+        self.whole = whole
 
     def match(self, text: str) -> tuple[str, str] | None:
-        c = content(text)
-        for n, table in ((self.n, self.ngrams), *((m, self.whole) for m in self.lengths)):
-            if not table:
-                continue
-            for i in range(len(c) - n + 1):
-                hit = table.get(c[i:i + n])
+        c, n, m = content(text), self.n, self.min_item
+        for i in range(len(c) - m + 1):
+            if len(c) - i >= n:
+                hit = self.ngrams.get(c[i:i + n])
                 if hit is not None:
                     return hit, c[i:i + n]
+            for item, item_id in self.short.get(c[i:i + m], ()):
+                if c.startswith(item, i):
+                    return item_id, item
         return None
 
 

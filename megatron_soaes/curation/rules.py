@@ -13,10 +13,13 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
 
 
+_NOT_WORD = re.compile(r"[\W_]+")  # spaces, punctuation and symbols (Unicode-aware)
+
+
 def content(text: str) -> str:
-    """What shingles and decontamination n-grams are cut from: the normalised text without spaces and
-    punctuation, so formatting and punctuation changes neither hide nor create a match."""
-    return "".join(ch for ch in normalise(text) if not ch.isspace() and unicodedata.category(ch)[0] not in "PZ")
+    """What shingles and decontamination n-grams are cut from: the normalised text without spaces,
+    punctuation and symbols, so formatting and punctuation changes neither hide nor create a match."""
+    return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).lower())
 
 
 def _is_text(ch: str) -> bool:
