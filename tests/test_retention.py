@@ -62,6 +62,10 @@ def test_stop_saves_and_ends_the_run_saying_so(cpt_data, forgetting):
     assert (out / "checkpoints" / f"iter_{first_below:07d}").is_dir()
     steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if '"loss"' in x]
     assert max(steps) == first_below < 24
+    # a rerun (a requeue, a pipeline rerun) resumes the stopped checkpoint and stops again, training nothing
+    again = _soaes("train", "--config", out.parent / f"{out.name}.yaml")
+    assert again.returncode == 3 and "retention gate" in again.stderr
+    assert max(json.loads(x)["step"] for x in open(out / "metrics.jsonl") if '"loss"' in x) == first_below
 
 
 def test_keep_best_publishes_the_best_domain_step_above_the_bound(cpt_data, forgetting):

@@ -84,7 +84,7 @@ def resolve_checkpoint(path) -> Path:
     if gate.exists():
         published = json.loads(gate.read_text()).get("published")
         if published:
-            return Path(published)
+            return resolve_checkpoint(p / published)  # absolute as written; a run directory resolves in turn
     for base in (p, p / "checkpoints"):
         if (base / "latest").exists():
             return base / (base / "latest").read_text().strip()

@@ -101,8 +101,8 @@ class ReplaySchedule(StrictModel):
     source: str  # a data.train entry's label (its name, or its file name)
     start: float = Field(ge=0, le=1)
     end: float = Field(ge=0, le=1)
-    # constant: start throughout; linear / cosine: from start to end over decay_steps; step: start before
-    # decay_steps, end from there on
+    # constant: start throughout; linear / cosine: from start to end over decay_steps; step: start for the
+    # first half of decay_steps, end from there on
     style: Literal["constant", "linear", "cosine", "step"] = "linear"
     decay_steps: int | None = Field(None, ge=1)  # default: train.steps
 
@@ -115,7 +115,7 @@ class ReplaySchedule(StrictModel):
         if self.style == "constant":
             return self.start
         if self.style == "step":
-            return self.start if step < n else self.end
+            return self.start if step < n // 2 else self.end
         if self.style == "cosine":
             f = 0.5 * (1 - math.cos(math.pi * f))
         return self.start + (self.end - self.start) * f

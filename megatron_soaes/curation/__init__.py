@@ -61,7 +61,7 @@ def _analyse(job):
         text = text_of(rec)
         if not isinstance(text, str):
             raise TypeError("no text")
-    except (ValueError, TypeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
         return {"bad": f"malformed record ({e})"}
     out = {"id": rec.get("id") if isinstance(rec, dict) else None}
     if _CFG.exact_dedup:
@@ -76,7 +76,7 @@ def _analyse(job):
 
 
 def _fingerprint(sources: dict, cfg: CurationConfig, quality, index: EvalIndex | None) -> str:
-    h = hashlib.sha1(cfg.model_dump_json().encode())
+    h = hashlib.sha1(cfg.model_dump_json(exclude={"workers", "checkpoint_every"}).encode())  # same outputs either way
     for name, p in sources.items():
         st = Path(p).stat()
         h.update(f"{name}|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}|{name in quality}".encode())
@@ -116,7 +116,7 @@ def _near(state: _State, sig, cfg: CurationConfig):
         return None
     m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, hashvalues=sig, permutations=_PERM, scheme="affine32")
     best = None
-    for key in state.lsh.query(m):  # LSH candidates, confirmed on the signatures' estimated Jaccard
+    for key in sorted(state.lsh.query(m)):  # LSH candidates (sorted: a set's order varies), confirmed on the signatures
         j = float(np.mean(state.sigs[key] == sig))
         if j >= cfg.near_threshold and (best is None or j > best[1]):
             best = (key, j)
@@ -179,6 +179,8 @@ def curate(sources: dict, out_dir, cfg: CurationConfig | None = None, eval_items
                 state.source, state.line, state.offsets["out"] = name, 0, 0
                 state.stats[name] = {"read": 0, "kept": 0, "bytes_read": 0, "bytes_kept": 0, "removed": {}}
             st = state.stats[name]
+            if not part.exists() and (out / f"{name}.jsonl").exists():  # killed between the rename and marking it done
+                os.replace(out / f"{name}.jsonl", part)
             kept = _open_at(part, state.offsets["out"])
             bar = tqdm(desc=f"curating {name}", unit="doc", disable=not progress)
             for batch in _batches(path, state.line, BATCH):
@@ -253,19 +255,19 @@ def _decide(state: _State, st: dict, cfg: CurationConfig, name: str, where: str,
         rule, detail = "malformed", res["bad"]
     elif cfg.exact_dedup and res["key"] in state.exact:
         rule = "exact_duplicate"
+    elif res.get("contam"):  # before the quality rules: every contaminated record is listed as such
+        rule, detail = "contaminated", {"item": res["contam"][0], "shared": res["contam"][1]}
     elif res.get("quality"):
         rule = res["quality"]
-    elif res.get("contam"):
-        rule, detail = "contaminated", {"item": res["contam"][0], "shared": res["contam"][1]}
     else:
         near = _near(state, res.get("sig"), cfg)
         if near and near[0]:
             rule, detail = "near_duplicate", {"of": near[0][0], "jaccard": round(near[0][1], 3)}
     st["read"] += 1
     st["bytes_read"] += len(raw)
-    if cfg.exact_dedup and "key" in res:
-        state.exact.add(res["key"])
     if rule is None:
+        if cfg.exact_dedup:  # only kept texts claim their key: a copy of a removed one is judged on its own
+            state.exact.add(res["key"])
         if near:
             key = f"{name}:{lineno}"
             state.lsh.insert(key, near[1])

@@ -26,15 +26,17 @@ SFT_SETS = ("consultation", "recitation", "soae_qa")
 
 def evaluation_items(out_dir, mcq_files=()):
     """(id, text) of everything the pipeline evaluates on: held-out and validation documents of both
-    corpora, every turn of the held-out SFT sets, the MCQ questions. No training set may overlap them."""
+    corpora, every turn of the held-out and validation SFT sets, the MCQ questions. No training set may
+    overlap them."""
     from megatron_soaes.curation.decontam import jsonl_items
     from megatron_soaes.data.mcq import mcq_items
 
     out = Path(out_dir)
     for n in ("domain.valid", "domain.test", "general.valid", "general.test"):
         yield from jsonl_items(out / "corpora" / f"{n}.jsonl")
-    for n in SFT_SETS:
-        yield from jsonl_items(out / "sft" / f"{n}.test.jsonl")
+    for n in SFT_SETS:  # held-out QA, and the validation sets SFT evaluates (and keep_best selects) on
+        for split in ("valid", "test"):
+            yield from jsonl_items(out / "sft" / f"{n}.{split}.jsonl")
     for f in mcq_files:
         yield from mcq_items(f)
 

@@ -16,7 +16,7 @@ import torch
 from megatron_soaes.config import ConfigError, JobConfig
 from megatron_soaes.training.metrics import MetricsLog, flops_per_token, peak_tflops
 from megatron_soaes.training.task import Task, task_for
-from megatron_soaes.utils.files import atomic_write_json
+from megatron_soaes.utils.files import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -272,19 +272,44 @@ class Trainer:
         """The gate's baseline: restored from the checkpoint on resume, else the loss before any step."""
         from megatron_soaes.training.retention import RetentionGate
 
+        from megatron_soaes.training.retention import RETENTION_FILE, RetentionBreached
+
         r = self.job.train.retention
         self.gate, self.stop_at = None, None
         if r is None:
+            if self.rank == 0:  # a gate of an earlier run in this directory publishes nothing now
+                (self.out / RETENTION_FILE).unlink(missing_ok=True)
             return
         if "retention" in self.resumed_common:
             self.gate = RetentionGate.restore(self.resumed_common["retention"])
+            last = self.gate.history[-1] if self.gate.history else None
+            if last and last["decision"] == "stop":  # a rerun of a stopped run stops again, it does not train on
+                raise RetentionBreached(last["step"], last["ratio"], self.gate.min_ratio, self.ckpt_dir / f"iter_{last['step']:07d}")
+            self._prune_best(self.gate.best["step"] if self.gate.best else 0)
             return
+        self._prune_best(0)
         with torch.no_grad():  # every held-out set at step 0: the gate's baseline and the domain loss it starts from
             base = self._general_loss(self.evaluate(0))
         self.gate = RetentionGate(r.min_ratio, r.action, base)
         self.log(f"retention gate: {r.eval_set} baseline loss {base:.4f} (ppl {math.exp(min(base, 50)):.2f}) at the "
                  f"phase's start; bound {r.min_ratio}, action {r.action}")
         self.metrics.write({"step": 0, "retention": {"general_loss": base, "ratio": 1.0, "baseline": True}})
+
+    def _prune_best(self, keep_upto: int) -> None:
+        """keep_best's saves newer than the restored gate's best were made after the checkpoint resumed
+        from (a killed run): remove them, or keep-last-1 would keep them over the next best."""
+        import shutil
+
+        if self.rank == 0 and (self.out / "best").is_dir():
+            for d in (self.out / "best").iterdir():
+                if d.name.startswith("iter_") and int(d.name[5:12]) > keep_upto:
+                    shutil.rmtree(d, ignore_errors=True)
+            latest = self.out / "best" / "latest"
+            if keep_upto == 0:
+                latest.unlink(missing_ok=True)
+            else:
+                atomic_write_text(latest, f"iter_{keep_upto:07d}")
+        torch.distributed.barrier()
 
     def _judge_retention(self, step: int, res: dict) -> None:
         r = self.job.train.retention
@@ -300,7 +325,8 @@ class Trainer:
 
             path = ckpt.save(self.out / "best", step, self.ddp.module, self.optimizer, self.scheduler,
                              self._common(step), self.model_cfg, 1, None, self._adapter_meta())
-            self.gate.best = {"step": step, "select_loss": rec["select_loss"], "ratio": rec["ratio"], "checkpoint": str(path)}
+            self.gate.best = {"step": step, "select_loss": rec["select_loss"], "ratio": rec["ratio"],
+                              "checkpoint": str(Path(path).resolve())}
         elif rec["decision"] == "stop":
             self.stop_at = step
 
@@ -319,11 +345,14 @@ class Trainer:
                 write()
                 last = self.gate.history[-1]
                 raise RetentionBreached(last["step"], last["ratio"], self.gate.min_ratio, "no adapter (none kept the bound)")
-            out["published"] = self.gate.best["checkpoint"] if self.gate.best else str(self.job.model.init_checkpoint)
+            start = self.job.model.init_checkpoint
+            out["published"] = self.gate.best["checkpoint"] if self.gate.best else (
+                str(Path(start).resolve()) if start else None)
             self.log(f"retention gate: publishing {out['published']}" + (
                 f" (step {self.gate.best['step']}, retention {self.gate.best['ratio']:.4f})" if self.gate.best else
                 " (the starting checkpoint: no evaluated step stayed above the bound)"))
         write()
+        torch.distributed.barrier()  # every rank resolves the run's checkpoint through this file next
 
     # ---- checkpoints ----
     def save(self, step: int) -> float:
