@@ -49,7 +49,9 @@ class CurationConfig(StrictModel):
     # evaluation items shorter than decontam_ngram (short questions) are matched whole when at least this long
     decontam_min_item: int = Field(16, ge=4)
     workers: int = Field(2, ge=1)  # processes computing signatures and rules (the decisions stay in order)
-    checkpoint_every: int = Field(2000, ge=1)  # documents between resumable state saves
+    # records between resumable state saves: each pickles the whole state (keys, LSH, signatures), so saves
+    # cost grows with the corpus -- frequent saves on a large corpus cost more than they protect
+    checkpoint_every: int = Field(50_000, ge=1)
     seed: int = 1  # MinHash permutations: the same seed gives the same decisions
 
     @model_validator(mode="after")

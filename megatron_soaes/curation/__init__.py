@@ -43,12 +43,16 @@ _PERM = None
 
 
 def _minhash(c: str):
+    """The MinHash signature of a text's character shingles, hashed by xxh32 (C; datasketch's default
+    SHA-1 in Python was most of the time)."""
+    import xxhash
     from datasketch import MinHash
 
     n = _CFG.shingle
     if len(c) < n:
         return None
-    m = MinHash(num_perm=_CFG.num_perm, seed=_CFG.seed, permutations=_PERM, scheme="affine32")
+    m = MinHash(num_perm=_CFG.num_perm, seed=_CFG.seed, permutations=_PERM, scheme="affine32",
+                hashfunc=xxhash.xxh32_intdigest)
     m.update_batch([c[i:i + n].encode("utf-8") for i in range(len(c) - n + 1)])
     return m.hashvalues
 
