@@ -163,7 +163,9 @@ def test_sft_epochs_become_the_same_steps_in_train_distill_sft_and_pipeline(cpt_
                                    "job": {**common, "sft": {"default_system": None, "packing": True}},
                                    "stages": [{"name": "consultation", "train": [train_file], "epochs": 2.5}]})
     pipeline = write("pipeline.yaml", {
-        "name": "p", "output_dir": str(tmp_path / "o4"), "data": {"dir": str(tmp_path / "demo"), "tokenizer": "spm"},
+        # raw SFT files and no general corpus here: no curation, no retention gate (their inputs are absent)
+        "name": "p", "output_dir": str(tmp_path / "o4"), "retention": None,
+        "data": {"dir": str(tmp_path / "demo"), "tokenizer": "spm", "curation": {"enabled": False}},
         "base": {"preset": "test"}, "cpt": {"steps": 4, "seq_length": 128},
         "sft": {"stages": [{"name": "consultation", "data": "consultation", "epochs": 2.5}], "seq_length": 128,
                 "global_batch_size": 4, "micro_batch_size": 2, "single_stage": False},
