@@ -146,10 +146,10 @@ class Trainer:
         self.start_step, consumed = self._restore()
         self.batches, self.eval_sets = self.task.build(job, self.tokenizer, self.model_cfg,
                                                        ps.get_data_parallel_rank(), self.dp, consumed)
-        if job.train.retention:  # the gate's general text, evaluated as plain next-token loss whatever the task
+        r = job.train.retention
+        if r and r.eval_set not in self.eval_sets:  # the gate's general text, as plain next-token loss (CPT has it)
             from megatron_soaes.training.cpt import text_eval_batches
 
-            r = job.train.retention
             self.retention_batches = text_eval_batches(job, job.data.valid[r.eval_set], self.tokenizer,
                                                        ps.get_data_parallel_rank(), self.dp)
         self.report_keys = tuple(self.task.report_keys)
@@ -264,15 +264,13 @@ class Trainer:
         from megatron_soaes.training.cpt import lm_forward_step
 
         name = self.job.train.retention.eval_set
-        if res and name in res and name in self.eval_sets:  # the task evaluated it as plain text already (CPT)
-            return res[name]
+        if name in self.eval_sets:  # the task evaluates data.valid as plain text itself (CPT)
+            return res[name] if res and name in res else self._schedule(self.eval_sets[name], forward_only=True)[0]
         return self._schedule(self.retention_batches, forward_only=True, forward_step=lm_forward_step)[0]
 
     def _start_retention(self) -> None:
         """The gate's baseline: restored from the checkpoint on resume, else the loss before any step."""
-        from megatron_soaes.training.retention import RetentionGate
-
-        from megatron_soaes.training.retention import RETENTION_FILE, RetentionBreached
+        from megatron_soaes.training.retention import RETENTION_FILE, RetentionBreached, RetentionGate
 
         r = self.job.train.retention
         self.gate, self.stop_at = None, None
@@ -329,6 +327,15 @@ class Trainer:
                               "checkpoint": str(Path(path).resolve())}
         elif rec["decision"] == "stop":
             self.stop_at = step
+
+    def _stop_at_gate(self, step: int) -> None:
+        """action: stop -- the save of `step` published, the gate's record written, then RetentionBreached."""
+        from megatron_soaes.training.retention import RetentionBreached
+
+        self.finish_saves(blocking=True)
+        self._finish_retention()
+        self.metrics.close()
+        raise RetentionBreached(step, self.gate.history[-1]["ratio"], self.gate.min_ratio, self.ckpt_dir / f"iter_{step:07d}")
 
     def _finish_retention(self) -> None:
         """retention.json in the run directory; with keep_best it names the published checkpoint."""
@@ -442,13 +449,7 @@ class Trainer:
                                     **({"save_blocked_s": blocked} if blocked is not None else {}),
                                     **{k: v for k, v in parts.items() if k != "lm loss"}})
                 if self.stop_at:
-                    from megatron_soaes.training.retention import RetentionBreached
-
-                    self.finish_saves(blocking=True)
-                    self._finish_retention()
-                    self.metrics.close()
-                    raise RetentionBreached(step, self.gate.history[-1]["ratio"], t.retention.min_ratio,
-                                            self.ckpt_dir / f"iter_{step:07d}")
+                    self._stop_at_gate(step)
                 if preempted and step != t.steps:
                     self.finish_saves(blocking=True)
                     self.log(f"SIGTERM: saved at step {step}; exiting for a requeue")
@@ -457,12 +458,7 @@ class Trainer:
             self.finish_saves(blocking=True)  # the run ends only when its last checkpoint is published
             self.evaluate(t.steps)
             if self.stop_at:  # broken at the final evaluation: the run is complete, and says so
-                from megatron_soaes.training.retention import RetentionBreached
-
-                self._finish_retention()
-                self.metrics.close()
-                raise RetentionBreached(t.steps, self.gate.history[-1]["ratio"], t.retention.min_ratio,
-                                        self.ckpt_dir / f"iter_{t.steps:07d}")
+                self._stop_at_gate(t.steps)
             self._finish_retention()
             self.metrics.close()
         return history
