@@ -256,7 +256,8 @@ def part_throughput(c: Check, py: str) -> dict:
         cmd = [py, "benchmarks/train_throughput.py", "--config", configs[name], "--steps", "4" if c.smoke else "12",
                "--log-interval", "2" if c.smoke else "4", "--out", c.out / f"throughput_{name}"]
         for v in variants[name]:
-            cmd += ["--variant", v]
+            if not (c.smoke and "mbs8" in v):  # the smoke run checks the command, not the batch-size scaling
+                cmd += ["--variant", v]
         res = c.run(cmd, c.left("throughput"), c.out / f"throughput_{name}.log", results=[c.out / f"throughput_{name}"])
         res["rows"] = read_rows(c.out / f"throughput_{name}" / "train_throughput.json") or []
         r[name] = res

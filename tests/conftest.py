@@ -37,12 +37,44 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+SESSION_PREFIX = "session-"  # session fixtures' directories; every other one is removed when its module ends
+
+
+def session_dir(tmp_path_factory, name: str) -> Path:
+    """A directory that lives for the whole test session (shared models and data)."""
+    return tmp_path_factory.mktemp(SESSION_PREFIX + name)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.module.__dict__["_soaes_failed"] = True
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_disk(request, tmp_path_factory):
+    """Remove a module's temporary directories when it ends (kept if one of its tests failed): a whole run
+    writes about 20 GB of checkpoints, which must not pile up on a CI disk until the session ends."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = {p.name for p in base.iterdir()}
+    yield
+    if request.module.__dict__.get("_soaes_failed"):
+        return
+    for p in base.iterdir():
+        if p.name not in before and not p.name.startswith(SESSION_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """Random tiny HF Qwen2 models: tied/untied embeddings, GQA ratio 4, and one with an unpadded vocab."""
     from megatron_soaes.models.random_init import make_random_hf_model
 
-    base = tmp_path_factory.mktemp("hf")
+    base = session_dir(tmp_path_factory, "hf")
     out = {}
     for name, kw in {
         "tied": dict(tie_word_embeddings=True),
@@ -60,7 +92,7 @@ def cpt_data(tmp_path_factory):
     from megatron_soaes.data.preprocess import preprocess
     from megatron_soaes.data.tokenizer import train_sentencepiece
 
-    d = tmp_path_factory.mktemp("cpt")
+    d = session_dir(tmp_path_factory, "cpt")
     build_demo_corpora(d / "corpora")
     texts = []
     for n in ("domain.train", "general.train"):
@@ -79,7 +111,7 @@ def small_sft(cpt_data, tmp_path_factory):
     from megatron_soaes.data.sft_demo import build_sft_demo
     from megatron_soaes.models.random_init import make_random_hf_model
 
-    d = tmp_path_factory.mktemp("sft")
+    d = session_dir(tmp_path_factory, "sft")
     build_sft_demo(d / "full")
     for name in ("consultation", "recitation", "soae_qa"):
         for split, n in (("train", 24), ("valid", 4), ("test", 6)):

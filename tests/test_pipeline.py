@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, job_env
+from conftest import ROOT, job_env, session_dir
 
 
 SHARED = {}  # the demo data every pipeline test of the session reads (built once: corpora, curation, tokenizer)
@@ -17,7 +17,7 @@ SHARED = {}  # the demo data every pipeline test of the session reads (built onc
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_demo_data(tmp_path_factory):
-    SHARED["data"] = tmp_path_factory.mktemp("pipeline-data") / "demo"
+    SHARED["data"] = session_dir(tmp_path_factory, "pipeline-data") / "demo"
 
 
 def run_pipeline(out, *extra):
@@ -99,20 +99,20 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
 
 
 def test_force_phase_redoes_it_and_everything_downstream(tmp_path):
-    """--force-phase cpt: CPT's steps run again from scratch (not a resume of its finished run), the
-    phases that read it run again, those upstream are kept; a misspelt phase is an error (exit 2)."""
+    """--force-phase base: the base's steps run again from scratch (not a resume of its finished run), the
+    phase that reads it (CPT) runs again, the one upstream (data) is kept; a misspelt phase is an error (exit 2)."""
     out = tmp_path / "force"
-    short = ["--set", "base.pretrain_steps=2", "--set", "cpt.steps=3", "--set", "sft.single_stage=false"]
-    run_pipeline(out, *short, "--until", "sft")
-    sft_done = json.loads((out / "phases" / "sft.json").read_text())
-    log = run_pipeline(out, *short, "--force-phase", "cpt", "--until", "sft")
-    assert "[pipeline] data: done, skipped" in log and "[pipeline] base: done, skipped" in log
-    assert "[pipeline] cpt: running" in log and "[pipeline] sft: running" in log
-    assert "step 3/3" in log and "resumed from" not in log  # CPT trained again, from its init
-    steps = [json.loads(x)["step"] for x in open(out / "cpt" / "metrics.jsonl") if '"loss"' in x]
-    assert steps == [1, 2, 3]
-    redone = json.loads((out / "phases" / "sft.json").read_text())
-    assert redone["stages"][0]["steps"] == sft_done["stages"][0]["steps"] and "stage 1/3" in log
+    short = ["--set", "base.pretrain_steps=2", "--set", "cpt.steps=3"]
+    run_pipeline(out, *short, "--until", "cpt")
+    cpt_done = json.loads((out / "phases" / "cpt.json").read_text())
+    log = run_pipeline(out, *short, "--force-phase", "base", "--until", "cpt")
+    assert "[pipeline] data: done, skipped" in log
+    assert "[pipeline] base: running" in log and "[pipeline] cpt: running" in log
+    assert "step 2/2" in log and "resumed from" not in log  # the base trained again, from its init
+    steps = [json.loads(x)["step"] for x in open(out / "base" / "pretrain" / "metrics.jsonl") if '"loss"' in x]
+    assert steps == [1, 2]
+    cpt = [json.loads(x)["step"] for x in open(out / "cpt" / "metrics.jsonl") if '"loss"' in x]
+    assert cpt == [1, 2, 3] and json.loads((out / "phases" / "cpt.json").read_text())["seconds"] != cpt_done["seconds"]
 
     for bad in (["--force-phase", "cptt"], ["--until", "sftt"]):
         cmd = [sys.executable, "-m", "megatron_soaes.cli", "pipeline", "--config",

@@ -49,6 +49,24 @@ def test_warn_measures_forgetting_against_the_phase_start(forgetting):
     assert h[-1]["ratio"] < 0.95, h  # general ability fell ...
     assert h[-1]["select_loss"] < h[0]["select_loss"]  # ... while the domain loss fell
     assert "WARNING: below the bound" in forgetting["log"] and "published" not in forgetting["gate"]
+    # next-token accuracy is measured beside perplexity, against the same start
+    g = forgetting["gate"]
+    assert 0 < g["base_accuracy"] < 1 and all(0 <= r["accuracy"] <= 1 for r in h)
+    assert all(r["accuracy_ratio"] == pytest.approx(r["accuracy"] / g["base_accuracy"]) for r in h)
+    assert h[-1]["accuracy_ratio"] <= 1, h  # (a model this small predicts its most frequent tokens: accuracy barely moves)
+    metrics = [json.loads(x) for x in open(forgetting["dir"] / "warn" / "metrics.jsonl") if '"eval"' in x]
+    assert all(0 < m["eval"]["general/accuracy"] < 1 for m in metrics)
+
+
+def test_the_bound_applies_to_the_chosen_metric():
+    from megatron_soaes.training.retention import RetentionGate
+
+    ppl, acc = RetentionGate(0.9, "stop", 2.0, base_accuracy=0.5), RetentionGate(0.9, "stop", 2.0, base_accuracy=0.5,
+                                                                                   metric="accuracy")
+    # perplexity kept (loss lower), accuracy down to 0.4 / 0.5 = 0.8
+    assert ppl.judge(4, 1.9, 0.4, None)["decision"] == "ok"
+    rec = acc.judge(4, 1.9, 0.4, None)
+    assert rec["decision"] == "stop" and rec["ratio"] == pytest.approx(0.8) and rec["ppl_ratio"] > 1
 
 
 def test_stop_saves_and_ends_the_run_saying_so(cpt_data, forgetting):

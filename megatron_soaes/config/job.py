@@ -52,13 +52,17 @@ class ParallelConfig(StrictModel):
     sequence_parallel: bool = False  # needs tensor_parallel > 1
     virtual_pipeline: int | None = None  # interleaved schedule chunks (needs pipeline_parallel > 1)
     use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+    # MoE models: experts split over this many ranks (each holds num_experts / expert_parallel experts; tokens
+    # travel to their experts and back). Carved from the data-parallel ranks, so it must divide
+    # world / (TP * PP); expert layers keep TP's tensor split.
+    expert_parallel: int = 1
 
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
 
     def check_sizes(self) -> None:
         """What holds for any world size."""
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ParallelConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
@@ -75,6 +79,11 @@ class ParallelConfig(StrictModel):
             raise ParallelConfigError(
                 f"world size {world_size} is not divisible by TP*PP*CP = "
                 f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.context_parallel} = {mp}")
+        ep = self.tensor_parallel * self.pipeline_parallel * self.expert_parallel
+        if world_size % ep:
+            raise ParallelConfigError(
+                f"world size {world_size} is not divisible by TP*PP*EP = "
+                f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.expert_parallel} = {ep}")
         return world_size // mp
 
     validate = validate_world  # runtime's name
@@ -144,10 +153,13 @@ class OptimSection(StrictModel):
 
 
 class RetentionSection(StrictModel):
-    """A general-ability gate (`train.retention`): the loss on a held-out general text set, evaluated at the
-    phase's start and at every evaluation, as retention = perplexity at the start / perplexity now."""
+    """A general-ability gate (`train.retention`): a held-out general text set, evaluated at the phase's start
+    and at every evaluation (next-token loss and top-1 accuracy), as retention against the start."""
 
     eval_set: str = "general"  # a data.valid entry (indexed plain text), evaluated as next-token loss in any task
+    # what the bound applies to (both are measured and logged): perplexity -- ppl at the start / ppl now;
+    # accuracy -- next-token top-1 accuracy now / at the start
+    metric: Literal["perplexity", "accuracy"] = "perplexity"
     min_ratio: float = Field(0.98, gt=0)  # the bound: retention below it breaks the gate
     # warn: log it; stop: save and end the run (exit 3); keep_best: train on, and publish (retention.json,
     # what `resolve_checkpoint` of the run returns) the evaluated step with the lowest `select` loss whose

@@ -51,7 +51,7 @@ def _allreduce_both_ways(x: torch.Tensor) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(copy_to_tensor_model_parallel_region(x))
 
 
-def _mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+def mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     """Megatron pads the vocabulary; padded entries get no probability mass."""
     if vocab_size is None:
         return logits
@@ -94,7 +94,7 @@ def _divergence_terms(kind: str, logp_t, logp_s, beta: float) -> torch.Tensor:
 def teacher_topk(teacher_logits: torch.Tensor, k: int, vocab_size: int | None = None):
     """The teacher's global top-k (values, global indices) from vocab-sharded logits, replicated on TP ranks."""
     group, size, rank = _tp()
-    t = _mask_padding(teacher_logits.detach().float(), vocab_size)
+    t = mask_padding(teacher_logits.detach().float(), vocab_size)
     local = t.shape[-1]
     v, i = t.topk(min(k, local), dim=-1)
     i = i + rank * local
@@ -130,8 +130,8 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None
         raise ValueError(f"unknown divergence {kind!r}; choose from {DIVERGENCES}")
     T = float(temperature)
     if top_k is None and teacher_topk_values is None:
-        logp_t = vp_log_softmax(_mask_padding(teacher_logits.detach(), vocab_size) / T)
-        logp_s = vp_log_softmax(_mask_padding(student_logits, vocab_size) / T)
+        logp_t = vp_log_softmax(mask_padding(teacher_logits.detach(), vocab_size) / T)
+        logp_s = vp_log_softmax(mask_padding(student_logits, vocab_size) / T)
         return _reduce(_divergence_terms(kind, logp_t, logp_s, beta).sum(-1))
     if teacher_topk_values is None:
         teacher_topk_values, teacher_topk_indices = teacher_topk(teacher_logits, top_k, vocab_size)
@@ -145,8 +145,8 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None
 
 def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: int | None = None):
     """Per-token (1 - TVD, top-1 agreement) between full distributions, vocab-parallel."""
-    s = _mask_padding(student_logits.detach(), vocab_size)
-    t = _mask_padding(teacher_logits.detach(), vocab_size)
+    s = mask_padding(student_logits.detach(), vocab_size)
+    t = mask_padding(teacher_logits.detach(), vocab_size)
     tvd = _reduce((0.5 * (vp_log_softmax(t).exp() - vp_log_softmax(s).exp()).abs()).sum(-1))
     top1 = (vp_argmax(s) == vp_argmax(t)).float()
     return 1.0 - tvd, top1

@@ -23,6 +23,7 @@ from megatron_soaes.training.task import masked_token_loss
 class DistillTask(CPTTask):
     report_keys = ("lm loss", "kd loss", "ce loss")
     packed_attention = "dense_mask"  # SFT-data distillation: set in build
+    eval_forward_step = None  # held-out sets are scored as in training (KD and CE), not as CPT's plain text
 
     def prepare(self, job, tokenizer):
         """The student (the future draft) must be the teacher's (the target's) family: checked here,

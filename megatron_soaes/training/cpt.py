@@ -12,6 +12,7 @@ from megatron_soaes.training.task import BaseTask, masked_token_loss
 class CPTTask(BaseTask):
     def build(self, job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples):
         t, d = job.train, job.data
+        self.vocab = model_cfg.vocab_size
         if d.replay_schedule:  # the replay weight moves over the steps
             train = build_scheduled_dataset(job, tokenizer)
         else:
@@ -22,6 +23,9 @@ class CPTTask(BaseTask):
 
     def forward_step(self, data_iterator, model):
         return lm_forward_step(data_iterator, model)
+
+    def eval_forward_step(self, data_iterator, model):
+        return lm_eval_forward_step(data_iterator, model, self.vocab)
 
 
 def text_eval_batches(job, sources, tokenizer, dp_rank: int, dp_size: int) -> list[dict]:
@@ -37,3 +41,26 @@ def lm_forward_step(data_iterator, model):
     b = on_this_rank(next(data_iterator))
     out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
     return out, partial(masked_token_loss, b["loss_mask"])
+
+
+def lm_eval_forward_step(data_iterator, model, vocab_size: int | None = None):
+    """Held-out plain text: next-token loss and top-1 accuracy (the argmax over the real vocabulary,
+    vocab-parallel), reported as "lm loss" and "accuracy"."""
+    b = on_this_rank(next(data_iterator))
+    logits = model(b["tokens"], b["position_ids"], None)
+    return logits, partial(_loss_and_accuracy, b, vocab_size)
+
+
+def _loss_and_accuracy(b, vocab_size, logits):
+    import torch
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_soaes.distill.losses import mask_padding, vp_argmax
+
+    # megatron's vocab-parallel CE works in place on its input: give it a copy
+    ce = vocab_parallel_cross_entropy(logits.float() if logits.dtype != torch.float32 else logits.clone(), b["labels"])
+    total, n, report = masked_token_loss(b["loss_mask"], ce)
+    mask = b["loss_mask"].reshape(-1).float()
+    hit = (vp_argmax(mask_padding(logits.detach(), vocab_size)) == b["labels"]).reshape(-1).float()
+    report["accuracy"] = torch.stack([(hit * mask).sum(), mask.sum()])
+    return total, n, report

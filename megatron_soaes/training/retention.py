@@ -1,6 +1,7 @@
-"""The general-ability gate of a training phase (`train.retention`): the held-out general text's loss at
-the phase's start is the baseline; every evaluation compares with it (retention = perplexity at the
-start / perplexity now) and acts -- warn, stop, or keep the best domain checkpoint that stays above the
+"""The general-ability gate of a training phase (`train.retention`): the held-out general text's loss and
+next-token accuracy at the phase's start are the baseline; every evaluation compares with it (retention =
+perplexity at the start / perplexity now, or accuracy now / accuracy at the start; both are recorded, the
+bound applies to `metric`) and acts -- warn, stop, or keep the best domain checkpoint that stays above the
 bound. Its state travels in checkpoints, so a resumed run judges against the same baseline."""
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ class RetentionGate:
     base_loss: float
     best: dict | None = None  # keep_best: {"step", "select_loss", "ratio", "checkpoint"}
     history: list = field(default_factory=list)
+    base_accuracy: float | None = None
+    metric: str = "perplexity"  # what the bound applies to: perplexity | accuracy
 
-    def ratio(self, loss: float) -> float:
-        return math.exp(self.base_loss - loss)
-
-    def judge(self, step: int, general_loss: float, select_loss: float | None) -> dict:
-        """One evaluation's decision: {"step", "general_loss", "ratio", "ok", "decision"} where decision is
-        ok | warn | stop | best (a new best under keep_best: the caller saves it) | kept (keep_best, not better)."""
-        r = self.ratio(general_loss)
+    def judge(self, step: int, general_loss: float, accuracy: float, select_loss: float | None) -> dict:
+        """One evaluation's decision: {"step", "general_loss", "accuracy", "ratio" (of `metric`), "ppl_ratio",
+        "accuracy_ratio", "ok", "decision"} where decision is ok | warn | stop | best (a new best under
+        keep_best: the caller saves it) | kept (keep_best, not better)."""
+        ppl_ratio = math.exp(self.base_loss - general_loss)
+        acc_ratio = accuracy / self.base_accuracy if self.base_accuracy else float("nan")
+        r = acc_ratio if self.metric == "accuracy" else ppl_ratio
         ok = r >= self.min_ratio
         if not ok:
             decision = {"warn": "warn", "stop": "stop", "keep_best": "kept"}[self.action]
@@ -44,8 +47,8 @@ class RetentionGate:
             decision = "best"
         else:
             decision = "ok" if self.action != "keep_best" else "kept"
-        rec = {"step": step, "general_loss": general_loss, "ratio": r, "ok": ok, "decision": decision,
-               "select_loss": select_loss}
+        rec = {"step": step, "general_loss": general_loss, "accuracy": accuracy, "ratio": r, "ppl_ratio": ppl_ratio,
+               "accuracy_ratio": acc_ratio, "ok": ok, "decision": decision, "select_loss": select_loss}
         self.history.append(rec)
         return rec
 

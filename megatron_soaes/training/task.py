@@ -44,6 +44,8 @@ class BaseTask:
     def on_built(self, model, optimizer) -> None:
         pass
 
+    eval_forward_step = None  # a task's own forward step for its held-out sets (default: forward_step)
+
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Sum of per-token losses under the mask; megatron divides by the global token count."""

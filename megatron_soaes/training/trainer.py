@@ -152,7 +152,8 @@ class Trainer:
 
             self.retention_batches = text_eval_batches(job, job.data.valid[r.eval_set], self.tokenizer,
                                                        ps.get_data_parallel_rank(), self.dp)
-        self.report_keys = tuple(self.task.report_keys)
+        # held-out plain text reports next-token accuracy too (CPT's eval sets, the gate's set in any task)
+        self.report_keys = tuple(dict.fromkeys((*self.task.report_keys, "accuracy")))
         self.task.on_built(self.ddp, self.optimizer)
         self.fb = get_forward_backward_func()
         self.metrics = MetricsLog(self.out, self.rank == 0, t.tensorboard, self.start_step, self.log)
@@ -246,7 +247,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         res = {}
         for name, micro in self.eval_sets.items():
-            loss, parts = self._schedule(micro, forward_only=True)
+            loss, parts = self._schedule(micro, forward_only=True, forward_step=self.task.eval_forward_step)
             res[name] = loss
             if len(parts) > 1:
                 res.update({f"{name}/{k}": v for k, v in parts.items() if k != "lm loss"})
@@ -260,13 +261,19 @@ class Trainer:
         return res
 
     # ---- the general-ability gate (train.retention) ----
-    def _general_loss(self, res: dict | None = None) -> float:
-        from megatron_soaes.training.cpt import lm_forward_step
+    def _general(self, res: dict | None = None) -> tuple[float, float]:
+        """The gate's set: (next-token loss, top-1 accuracy)."""
+        from functools import partial
+
+        from megatron_soaes.training.cpt import lm_eval_forward_step
 
         name = self.job.train.retention.eval_set
-        if name in self.eval_sets:  # the task evaluates data.valid as plain text itself (CPT)
-            return res[name] if res and name in res else self._schedule(self.eval_sets[name], forward_only=True)[0]
-        return self._schedule(self.retention_batches, forward_only=True, forward_step=lm_forward_step)[0]
+        if res and name in res and f"{name}/accuracy" in res:  # the task evaluated it as plain text itself (CPT)
+            return res[name], res[f"{name}/accuracy"]
+        micro = self.eval_sets[name] if name in self.eval_sets else self.retention_batches
+        loss, parts = self._schedule(micro, forward_only=True,
+                                     forward_step=partial(lm_eval_forward_step, vocab_size=self.model_cfg.vocab_size))
+        return loss, parts["accuracy"]
 
     def _start_retention(self) -> None:
         """The gate's baseline: restored from the checkpoint on resume, else the loss before any step."""
@@ -287,11 +294,11 @@ class Trainer:
             return
         self._prune_best(0)
         with torch.no_grad():  # every held-out set at step 0: the gate's baseline and the domain loss it starts from
-            base = self._general_loss(self.evaluate(0))
-        self.gate = RetentionGate(r.min_ratio, r.action, base)
-        self.log(f"retention gate: {r.eval_set} baseline loss {base:.4f} (ppl {math.exp(min(base, 50)):.2f}) at the "
-                 f"phase's start; bound {r.min_ratio}, action {r.action}")
-        self.metrics.write({"step": 0, "retention": {"general_loss": base, "ratio": 1.0, "baseline": True}})
+            base, acc = self._general(self.evaluate(0))
+        self.gate = RetentionGate(r.min_ratio, r.action, base, base_accuracy=acc, metric=r.metric)
+        self.log(f"retention gate: {r.eval_set} baseline loss {base:.4f} (ppl {math.exp(min(base, 50)):.2f}, top-1 "
+                 f"{acc:.4f}) at the phase's start; bound {r.min_ratio} on {r.metric}, action {r.action}")
+        self.metrics.write({"step": 0, "retention": {"general_loss": base, "accuracy": acc, "ratio": 1.0, "baseline": True}})
 
     def _prune_best(self, keep_upto: int) -> None:
         """keep_best's saves newer than the restored gate's best were made after the checkpoint resumed
@@ -313,11 +320,12 @@ class Trainer:
         r = self.job.train.retention
         select = r.select or next((k for k in self.eval_sets if k != r.eval_set and "/" not in k), None)
         with torch.no_grad():
-            rec = self.gate.judge(step, self._general_loss(res), res.get(select) if select else None)
+            rec = self.gate.judge(step, *self._general(res), res.get(select) if select else None)
         self.metrics.write({"step": step, "retention": rec})
         say = {"ok": "above the bound", "kept": "kept training", "warn": "WARNING: below the bound",
                "stop": "below the bound: stopping", "best": f"new best {select} loss {rec['select_loss']}"}[rec["decision"]]
-        self.log(f"retention gate: step {step}: {r.eval_set} retention {rec['ratio']:.4f} (bound {r.min_ratio}) -- {say}")
+        self.log(f"retention gate: step {step}: {r.eval_set} retention {rec['ratio']:.4f} on {r.metric} (bound "
+                 f"{r.min_ratio}; perplexity {rec['ppl_ratio']:.4f}, accuracy {rec['accuracy_ratio']:.4f}) -- {say}")
         if rec["decision"] == "best":
             from megatron_soaes.training import checkpointing as ckpt
 

@@ -72,8 +72,18 @@ class ModelEval(BaseModel):
     samples: list[dict] = []  # the first held-out questions of each SFT stage: set, question, reference, answer
 
 
+class TextEval(BaseModel):
+    """General and domain held-out text of one checkpoint (an SFT stage's end)."""
+    checkpoint: str
+    general_ppl: float
+    general_top1: float
+    domain_ppl: float
+    domain_top1: float
+
+
 class EvaluateResult(PhaseResult):
     models: dict[str, ModelEval]  # base, cpt, sft_progressive[, sft_single], draft
+    stages: dict[str, TextEval] = {}  # each progressive SFT stage's end but the last (that is sft_progressive)
 
 
 class ExportCheck(BaseModel):
@@ -478,7 +488,13 @@ class Pipeline:
             if bad:
                 self.log(f"WARNING: {name} is degenerate: {'; '.join(bad)} -- its held-out answers are not answers "
                          f"(first: {r.samples[0]['answer'][:40]!r}); figures computed on it measure a collapsed model")
-        return EvaluateResult(models=res)
+        stages = {}  # retention per SFT stage against the base: general text of every stage's end
+        for st in self.result("sft").stages[:-1]:
+            r = evaluate_checkpoint(st.checkpoint, self.tokenizer, general_text=self.data / "corpora" / "general.test.jsonl",
+                                    domain_text=self.data / "corpora" / "domain.test.jsonl", ppl_docs=e.ppl_docs)
+            stages[st.name] = TextEval.model_validate(r)
+            self.log(f"evaluate SFT stage {st.name}: general ppl {r['general_ppl']:.1f} (top-1 {r['general_top1']:.3f})")
+        return EvaluateResult(models=res, stages=stages)
 
     def phase_export(self) -> ExportResult:
         """Target and draft to HF directories in the trained dtype (so the transformers check compares
