@@ -77,8 +77,12 @@ class HFCheckpoint:
         except Exception as e:
             raise ConversionError(f"{path}: cannot read tensor {name} ({e})") from None
 
+    def fused_layers(self, cfg: Qwen2Config) -> set[int]:
+        """MoE layers stored in transformers 5's fused expert layout (the rest: the hub's per-expert one)."""
+        return {i for i in range(cfg.num_layers) if f"model.layers.{i}.mlp.experts.gate_up_proj" in self.where}
+
     def validate(self, cfg: Qwen2Config) -> None:
-        expected = qwen2_hf.hf_tensor_shapes(cfg)
+        expected = qwen2_hf.hf_tensor_shapes(cfg, self.fused_layers(cfg))
         present = {k for k in self.where if not k.endswith(IGNORED_HF)}
         if cfg.tie_word_embeddings:
             present.discard("lm_head.weight")  # some tied exports keep the copy; it is ignored
@@ -140,16 +144,23 @@ def hf_to_megatron(hf_dir, out_dir, tensor_parallel: int = 1, pipeline_parallel:
     tensors = qwen2_hf.megatron_tensors(cfg)
     n = cfg.num_layers
     get = lambda name: _cast(hf.get(name), torch_dtype)  # noqa: E731
+    fused = hf.fused_layers(cfg)
     with atomic_directory(out_dir, overwrite) as tmp:
         w = DcpWriter(tmp)
         for t in tensors:
-            w.declare(t.key, ((n,) if t.stacked else ()) + t.shape, out_dtype)
+            w.declare(t.key, t.global_shape(n), out_dtype)
         by_key = {t.key: t for t in tensors}
 
         def layer(i: int) -> None:
-            for key, tensor in qwen2_hf.hf_to_megatron_layer(cfg, get, i).items():
-                for off, chunk in qwen2_hf.tp_chunks(by_key[key], tensor, tensor_parallel):
-                    w.write(key, (i,) + off, chunk.unsqueeze(0))
+            for key, tensor in qwen2_hf.hf_to_megatron_layer(cfg, get, i, fused=i in fused).items():
+                t = by_key[key]
+                if isinstance(tensor, qwen2_hf.PerExpert):  # expert by expert, at its global index
+                    for e in range(tensor.n):
+                        for off, chunk in qwen2_hf.tp_chunks(t, tensor.get(e), tensor_parallel):
+                            w.write(key, (e,) + off, chunk.unsqueeze(0))
+                    continue
+                for off, chunk in qwen2_hf.tp_chunks(t, tensor, tensor_parallel):
+                    w.write(key, *(((i,) + off, chunk.unsqueeze(0)) if t.stacked else (off, chunk)))
 
         with _fast_torch_save():
             for key, tensor in qwen2_hf.hf_to_megatron_global(cfg, get).items():
@@ -263,7 +274,7 @@ def megatron_to_hf(mcore_dir, out_dir, dtype: str | None = None, overwrite: bool
     for t in qwen2_hf.megatron_tensors(cfg):
         if t.key not in reader.metadata.state_dict_metadata:
             raise ConversionError(f"{mcore_dir}: missing tensor {t.key}")
-        want = ((cfg.num_layers,) if t.stacked else ()) + t.shape
+        want = t.global_shape(cfg.num_layers)
         if tuple(reader.shape(t.key)) != want:
             raise ConversionError(f"{mcore_dir}: tensor {t.key} has shape {list(reader.shape(t.key))}, expected {list(want)}")
     out_dtype = torch_dtype or reader.dtype("decoder.final_layernorm.weight")

@@ -18,9 +18,18 @@ if TYPE_CHECKING:
 
 # architecture -> (model_type, family defaults): Qwen2/2.5 have a bias on q/k/v; Qwen3 (dense) has none
 # and an RMSNorm over each query and key head (megatron-core's qk_layernorm) with an explicit head_dim.
+# Qwen3-MoE: Qwen3's attention, and mixture-of-experts MLPs (a softmax router over `num_experts`, top-k, no
+# shared expert) in the layers that `decoder_sparse_step` / `mlp_only_layers` make sparse.
 FAMILIES = {"Qwen2ForCausalLM": ("qwen2", dict(attention_bias=True, qk_norm=False)),
             "Qwen3ForCausalLM": ("qwen3", dict(attention_bias=False, qk_norm=True)),
+            "Qwen3MoeForCausalLM": ("qwen3_moe", dict(attention_bias=False, qk_norm=True)),
             "LlamaForCausalLM": ("llama", dict(attention_bias=False, qk_norm=False))}
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+VOCAB_FAMILY = {"qwen3_moe": "qwen3"}  # model types that share another's tokenizer and chat format (draft pairing)
+# MoE variants this project does not implement: a one-line error naming the field, never a silent wrong model
+UNSUPPORTED_MOE_FIELDS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts",
+                          "moe_shared_expert_intermediate_size", "first_k_dense_replace", "n_group", "topk_group",
+                          "scoring_func", "routed_scaling_factor")
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_ROPE_KEYS = ("factor", "original_max_position_embeddings")
@@ -80,6 +89,14 @@ class Qwen2Config:
     # {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings} (Llama 3.1+) or
     # {"rope_type": "yarn", factor, original_max_position_embeddings[, beta_fast, beta_slow]} (Qwen long context)
     rope_scaling: dict | None = None
+    # Mixture of experts (Qwen3MoeForCausalLM; 0 experts = dense). intermediate_size is the dense layers'.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k experts per token
+    moe_intermediate_size: int = 0  # each expert's SwiGLU width
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum 1 (else: the softmax over all experts)
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i is not in mlp_only_layers
+    mlp_only_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001  # the load-balancing loss weight (HF's; training adds it to the loss)
     extra_hf: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -105,6 +122,31 @@ class Qwen2Config:
                 f"num_attention_heads {self.num_attention_heads} not divisible by "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        self.mlp_only_layers = sorted(int(i) for i in self.mlp_only_layers)
+        if self.is_moe:
+            if self.num_experts < 2 or not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ModelConfigError(f"num_experts {self.num_experts} / num_experts_per_tok {self.num_experts_per_tok}: "
+                                       "an MoE model needs at least 2 experts and 1 <= top-k <= num_experts")
+            if self.moe_intermediate_size < 1 or self.decoder_sparse_step < 1:
+                raise ModelConfigError("moe_intermediate_size and decoder_sparse_step must be positive")
+            if self.num_experts_per_tok == 1 and self.norm_topk_prob:  # weight 1 for the one expert
+                raise ModelConfigError("num_experts_per_tok 1 with norm_topk_prob: megatron-core's top-1 router only "
+                                       "weights by the softmax probability (norm_topk_prob: false)")
+            if not any(self.moe_layers()):
+                raise ModelConfigError("decoder_sparse_step / mlp_only_layers leave no MoE layer")
+        elif self.num_experts:
+            raise ModelConfigError(f"num_experts {self.num_experts} given for {self.architecture}, which is dense "
+                                   f"(MoE architectures: {', '.join(MOE_ARCHITECTURES)})")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture in MOE_ARCHITECTURES
+
+    def moe_layers(self) -> list[bool]:
+        """Per layer: a mixture-of-experts MLP (True) or a dense one (HF Qwen3-MoE's rule)."""
+        if not self.is_moe:
+            return [False] * self.num_layers
+        return [i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0 for i in range(self.num_layers)]
 
     @property
     def family(self) -> str:
@@ -115,21 +157,31 @@ class Qwen2Config:
     def padded_vocab_size(self) -> int:
         return pad_vocab(self.vocab_size, self.make_vocab_size_divisible_by)
 
-    def num_parameters(self) -> int:
+    def num_parameters(self, active: bool = False, padded: bool = True) -> int:
+        """Parameters (embedding rows padded unless `padded=False`); `active`: those one token runs through
+        (top-k experts of each MoE layer, not all of them)."""
         h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        layer = 2 * h + h * (q + 2 * kv) + (q + 2 * kv) * self.attention_bias + q * h + 3 * h * f + 2 * d * self.qk_norm
-        emb = self.padded_vocab_size * h
-        return self.num_layers * layer + h + emb * (1 if self.tie_word_embeddings else 2)
+        attn = 2 * h + h * (q + 2 * kv) + (q + 2 * kv) * self.attention_bias + q * h + 2 * d * self.qk_norm
+        experts = self.num_experts_per_tok if active else self.num_experts
+        mlp = sum(self.num_experts * h + experts * 3 * h * self.moe_intermediate_size if sparse else 3 * h * f
+                  for sparse in self.moe_layers())
+        emb = (self.padded_vocab_size if padded else self.vocab_size) * h
+        return self.num_layers * attn + mlp + h + emb * (1 if self.tie_word_embeddings else 2)
 
-    def check_parallel(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
-        """Raise a one-line error if this model cannot be split at TP/PP."""
+    def check_parallel(self, tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1) -> None:
+        """Raise a one-line error if this model cannot be split at TP/PP/EP."""
+        if expert_parallel > 1 and not self.is_moe:
+            raise ModelConfigError(f"expert parallel size {expert_parallel} given for a dense model ({self.architecture})")
         checks = [
             (self.num_attention_heads, "num_attention_heads", tensor_parallel, "tensor parallel size"),
             (self.num_key_value_heads, "num_key_value_heads (query groups)", tensor_parallel, "tensor parallel size"),
             (self.intermediate_size, "intermediate_size", tensor_parallel, "tensor parallel size"),
             (self.padded_vocab_size, "padded vocab size", tensor_parallel, "tensor parallel size"),
             (self.num_layers, "num_layers", pipeline_parallel, "pipeline parallel size"),
+            *([(self.num_experts, "num_experts", expert_parallel, "expert parallel size"),
+               (self.moe_intermediate_size, "moe_intermediate_size", tensor_parallel, "tensor parallel size")]
+              if self.is_moe else []),
         ]
         for value, what, size, kind in checks:
             if size < 1 or value % size:
@@ -162,6 +214,21 @@ class Qwen2Config:
         params = hf.get("rope_parameters") or {}
         scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
         rope_theta = hf.get("rope_theta") or params.get("rope_theta", 1e6)
+        moe = {}
+        if arch in MOE_ARCHITECTURES:
+            bad = [k for k in UNSUPPORTED_MOE_FIELDS if hf.get(k)]
+            if bad:
+                raise ModelConfigError(f"{source}: {bad[0]}={hf[bad[0]]!r}: this MoE variant (shared experts / grouped "
+                                       "or scaled routing) is not supported; Qwen3-MoE routing only")
+            # transformers 5 writes num_local_experts (its attribute map's name), the releases num_experts
+            moe = dict(num_experts=hf.get("num_experts", hf.get("num_local_experts")), num_experts_per_tok=hf.get("num_experts_per_tok"),
+                       moe_intermediate_size=hf.get("moe_intermediate_size"),
+                       norm_topk_prob=bool(hf.get("norm_topk_prob", False)),  # transformers' default
+                       decoder_sparse_step=hf.get("decoder_sparse_step", 1), mlp_only_layers=hf.get("mlp_only_layers") or [],
+                       router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+            missing = [k for k, v in moe.items() if v is None]
+            if missing:
+                raise ModelConfigError(f"{source}: missing field {missing[0]!r}")
         try:
             return cls(
                 vocab_size=hf["vocab_size"],
@@ -178,6 +245,7 @@ class Qwen2Config:
                 architecture=arch,
                 attention_bias=hf.get("attention_bias", FAMILIES[arch][1]["attention_bias"]),
                 rope_scaling=scaling,
+                **moe,
                 extra_hf={k: hf[k] for k in ("bos_token_id", "eos_token_id", "torch_dtype") if k in hf},
             )
         except KeyError as e:
@@ -213,6 +281,11 @@ class Qwen2Config:
             "bos_token_id": self.extra_hf.get("bos_token_id", 151643 if self.vocab_size > 151643 else None),
             "eos_token_id": self.extra_hf.get("eos_token_id", 151643 if self.vocab_size > 151643 else None),
             "torch_dtype": torch_dtype,
+            **({"num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                "moe_intermediate_size": self.moe_intermediate_size, "norm_topk_prob": self.norm_topk_prob,
+                "decoder_sparse_step": self.decoder_sparse_step, "mlp_only_layers": list(self.mlp_only_layers),
+                "router_aux_loss_coef": self.router_aux_loss_coef, "output_router_logits": False}
+               if self.is_moe else {}),
         }
 
     def to_dict(self) -> dict:
@@ -257,9 +330,9 @@ class Qwen2Config:
 
 
 def _qwen3(hidden, inter, layers, heads, tied, **kw) -> dict:
-    return dict(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=8, head_dim=128, tie_word_embeddings=tied, max_position_embeddings=40960,
-                architecture="Qwen3ForCausalLM", **kw)
+    return {**dict(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                   num_attention_heads=heads, num_key_value_heads=8, head_dim=128, tie_word_embeddings=tied,
+                   max_position_embeddings=40960, architecture="Qwen3ForCausalLM"), **kw}
 
 
 def _llama3_family(factor: float = 8.0, original: int = 8192) -> dict:
@@ -312,6 +385,20 @@ PRESETS: dict[str, dict] = {
                        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, architecture="Qwen3ForCausalLM"),
     "test-llama3": _llama3(64, 160, 4, 8, 8, factor=8.0, tied=False, vocab_size=1024, num_key_value_heads=2,
                            max_position_embeddings=512, original=64),
+    # Qwen3-MoE (config.json of the releases): 48 / 94 layers, 128 experts, top-8, every layer sparse
+    "qwen3-30b-a3b": _qwen3(2048, 6144, 48, 32, tied=False, num_experts=128, num_experts_per_tok=8,
+                            moe_intermediate_size=768, norm_topk_prob=True, num_key_value_heads=4,
+                            architecture="Qwen3MoeForCausalLM"),
+    "qwen3-235b-a22b": _qwen3(4096, 12288, 94, 64, tied=False, num_experts=128, num_experts_per_tok=8,
+                              moe_intermediate_size=1536, norm_topk_prob=True, num_key_value_heads=4,
+                              architecture="Qwen3MoeForCausalLM"),
+    # MoE test shapes: 4 experts top-2 with a dense layer among the sparse ones; the pipeline's tiny MoE target
+    "test-moe": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=16, max_position_embeddings=512, architecture="Qwen3MoeForCausalLM",
+                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[1]),
+    "tiny-moe": dict(vocab_size=8000, hidden_size=256, intermediate_size=704, num_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, architecture="Qwen3MoeForCausalLM",
+                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256),
 }
 
 
@@ -327,7 +414,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
 def check_same_family(target: Qwen2Config, other: Qwen2Config, what: str = "draft") -> None:
     """A draft (or the student distilled into one) and its target must be one family: the vocabulary,
     special tokens and chat format come with it, and engines pair drafts with targets per family."""
-    if other.family != target.family:
+    if VOCAB_FAMILY.get(other.family, other.family) != VOCAB_FAMILY.get(target.family, target.family):
         raise ModelConfigError(f"{what} is a {other.family} model ({other.architecture}) but the target is "
                                f"{target.family} ({target.architecture}): draft and target must be one family")
 

@@ -72,9 +72,11 @@ def select_attention(job, use_te: bool) -> str:
     return "transformer_engine" if use_te else ("sdpa" if want == "auto" else want)
 
 
-def layer_spec(use_te: bool | None = None, attention: str = "auto", qk_norm: bool = False):
+def layer_spec(use_te: bool | None = None, attention: str = "auto", qk_norm: bool = False, num_experts: int | None = None):
     """TE fused layer spec when Transformer Engine is importable, megatron's local spec otherwise; in
-    the local spec the core attention is SDPA (`models.attention`) unless attention="megatron_local"."""
+    the local spec the core attention is SDPA (`models.attention`) unless attention="megatron_local".
+    With `num_experts`, the MLP is megatron-core's MoE layer (router, token dispatcher, experts: one
+    linear pair per expert in the local spec; TE's grouped GEMM where TE is)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
@@ -82,8 +84,10 @@ def layer_spec(use_te: bool | None = None, attention: str = "auto", qk_norm: boo
     if use_te:
         if not have_transformer_engine():
             raise RuntimeError("use_te=True but transformer_engine is not installed (pip install '.[gpu]')")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=bool(num_experts), qk_layernorm=qk_norm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                    normalization="RMSNorm", qk_layernorm=qk_norm)
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     if qk_norm:  # per-head q/k RMSNorm (Qwen3)
         attn = spec.submodules.self_attention.submodules
@@ -136,7 +140,7 @@ def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool = Fal
         raise ModelConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg.check_parallel(tp, pp)
+    cfg.check_parallel(tp, pp, parallel_state.get_expert_model_parallel_world_size())
     torch_dtype = DTYPES[dtype]
     kwargs = dict(
         num_layers=cfg.num_layers,
@@ -167,6 +171,8 @@ def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool = Fal
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
     )
+    if cfg.is_moe:
+        kwargs.update(moe_kwargs(cfg, use_te))
     yarn = cfg.rope_attention_factor() != 1.0
     if yarn:  # megatron's fused RoPE kernels drop YaRN's cos/sin scale: the unfused path applies it
         kwargs["apply_rope_fusion"] = False
@@ -175,6 +181,49 @@ def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool = Fal
     if yarn:  # megatron's attention scales cos/sin by 0.1 ln(factor) + 1 when this attribute is set
         tcfg.yarn_rotary_scaling_factor = cfg.rope_scaling["factor"]
     return tcfg
+
+
+def moe_kwargs(cfg: Qwen2Config, use_te: bool) -> dict:
+    """megatron-core's MoE settings that compute HF Qwen3-MoE: softmax router over all experts, top-k;
+    norm_topk_prob renormalises the top-k weights, which is megatron's softmax over the k chosen logits
+    (pre_softmax False); without it the weights are the full softmax's (pre_softmax True). No shared
+    expert, no token dropping. The load-balancing loss is megatron's per layer and micro-batch, E * sum_i
+    f_i P_i with f_i the share of the k * T routed slots: HF's formula is k times that per layer, so the
+    coefficient is router_aux_loss_coef * k, spread over the MoE layers (HF averages its loss over them)."""
+    from megatron.core import parallel_state
+
+    sparse = cfg.moe_layers()
+    return dict(
+        num_moe_experts=cfg.num_experts, moe_router_topk=cfg.num_experts_per_tok,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size, moe_router_pre_softmax=not cfg.norm_topk_prob,
+        moe_router_score_function="softmax", moe_layer_freq=[int(s) for s in sparse],
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=cfg.router_aux_loss_coef * cfg.num_experts_per_tok / sum(sparse),
+        # gloo and CPU: the all-gather dispatcher (megatron's all-to-all one keeps CUDA streams)
+        moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
+        moe_grouped_gemm=use_te, moe_permute_fusion=False, moe_router_fusion=False,
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+    )
+
+
+def _block_spec(cfg: Qwen2Config, tcfg, use_te: bool, attention: str, vp_stage):
+    """This stage's layer specs (dense or MoE per layer, by the global layer index) and the final norm."""
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules, get_num_layers_to_build,
+                                                             get_transformer_layer_offset)
+
+    dense = layer_spec(use_te, attention, qk_norm=cfg.qk_norm)
+    moe = layer_spec(use_te, attention, qk_norm=cfg.qk_norm, num_experts=cfg.num_experts) if cfg.is_moe else None
+    sparse = cfg.moe_layers()
+    offset = get_transformer_layer_offset(tcfg, vp_stage=vp_stage)
+    specs = [moe if sparse[offset + i] else dense for i in range(get_num_layers_to_build(tcfg, vp_stage=vp_stage))]
+    if use_te and not cfg.is_moe:
+        return dense
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TENorm)
+    # the block's final norm too (megatron would build WrappedTorchNorm, which refuses sequence parallelism)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
 def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = None, vp_stage=None,
@@ -186,13 +235,11 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
     if use_te is None:
         use_te = have_transformer_engine()
     tcfg = transformer_config(cfg, dtype, use_te, **overrides)
-    spec = layer_spec(use_te, attention, qk_norm=cfg.qk_norm)
-    if not use_te:
-        # the block's final norm too (megatron would build WrappedTorchNorm, which refuses sequence parallelism)
-        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    spec = _block_spec(cfg, tcfg, use_te, attention, vp_stage)
+    if cfg.is_moe:  # megatron-core 0.16 names TE's GEMM in its router even without TE: absent means torch.mm
+        from megatron.core.transformer.moe import moe_utils
 
-        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tcfg, vp_stage=vp_stage),
-                                          layer_norm=RMSNorm)
+        moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=spec,

@@ -81,6 +81,7 @@ def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         context_parallel_size=parallel.context_parallel,
+        expert_model_parallel_size=parallel.expert_parallel,
         distributed_timeout_minutes=timeout_minutes,
     )
     set_seed(seed)
