@@ -1,0 +1,171 @@
+"""Qwen3-MoE on megatron-core: the model description against the model cards, HF <-> megatron conversion
+(the hub's per-expert layout and transformers 5's fused one), logits and a training step's gradients
+equal to HF transformers' at TP / EP / PP layouts, the load-balancing loss against HF's, and bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, read_json, session_dir, torchrun
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """Random HF Qwen3MoeForCausalLM models (4 experts, top-2, layer 1 dense, GQA): renormalised top-k and
+    untied; softmax weights (norm_topk_prob false) and tied."""
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    d = session_dir(tmp_path_factory, "moe")
+    out = {}
+    for name, kw in {"renorm": dict(norm_topk_prob=True), "softmax_tied": dict(norm_topk_prob=False, tie_word_embeddings=True)}.items():
+        make_random_hf_model(d / name / "hf", "test-moe", seed=len(out) + 3, **kw)
+        hf_to_megatron(d / name / "hf", d / name / "mc", progress=False)
+        out[name] = d / name
+    return out
+
+
+def test_presets_have_the_model_cards_parameter_counts():
+    from megatron_soaes.models.config import preset
+
+    for name, total, active in (("qwen3-30b-a3b", 30.5e9, 3.3e9), ("qwen3-235b-a22b", 235e9, 22e9)):
+        cfg = preset(name)
+        assert cfg.is_moe and all(cfg.moe_layers())
+        assert abs(cfg.num_parameters(padded=False) / total - 1) < 0.005, name
+        assert abs(cfg.num_parameters(active=True, padded=False) / active - 1) < 0.02, name
+
+
+def test_sparse_layer_rule_and_bad_configs():
+    from megatron_soaes.config.job import ParallelConfig, ParallelConfigError
+    from megatron_soaes.models.config import ModelConfigError, Qwen2Config, preset
+
+    cfg = preset("test-moe", num_layers=6, decoder_sparse_step=2, mlp_only_layers=[3])
+    assert cfg.moe_layers() == [False, True, False, False, False, True]  # (i + 1) % 2 == 0, not layer 3
+    with pytest.raises(ModelConfigError, match="expert parallel size 3 does not divide num_experts 4"):
+        cfg.check_parallel(1, 1, 3)
+    with pytest.raises(ModelConfigError, match="dense model"):
+        preset("test").check_parallel(1, 1, 2)
+    hf = cfg.to_hf("float32")
+    assert Qwen2Config.from_hf(hf).moe_layers() == cfg.moe_layers()
+    with pytest.raises(ModelConfigError, match="shared_expert_intermediate_size.*not supported"):
+        Qwen2Config.from_hf({**hf, "shared_expert_intermediate_size": 512})
+    with pytest.raises(ModelConfigError, match="unknown architecture"):
+        Qwen2Config.from_hf({**hf, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"})
+    with pytest.raises(ParallelConfigError, match="TP\\*PP\\*EP"):
+        ParallelConfig(expert_parallel=4).validate(2)
+
+
+def _state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_round_trip_is_bit_exact_from_both_hf_layouts(moe_models, tmp_path):
+    """HF (hub per-expert layout) -> megatron -> HF is bit-exact, and transformers 5's fused expert tensors
+    convert to the same megatron checkpoint; transformers loads the export and gives the source's logits."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_soaes.checkpoint.convert import hf_to_megatron, megatron_to_hf
+
+    src = moe_models["renorm"]
+    megatron_to_hf(src / "mc", tmp_path / "back")
+    a, b = _state(src / "hf"), _state(tmp_path / "back")
+    assert set(a) == set(b) and any(".mlp.experts.3.down_proj" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    fused = tmp_path / "fused"  # the same weights with each layer's experts in one tensor pair
+    fused.mkdir()
+    (fused / "config.json").write_text((src / "hf" / "config.json").read_text())
+    out = {k: v for k, v in a.items() if ".experts." not in k}
+    for i in (0, 2, 3):
+        p = f"model.layers.{i}.mlp.experts."
+        out[p + "gate_up_proj"] = torch.stack([torch.cat([a[p + f"{e}.gate_proj.weight"], a[p + f"{e}.up_proj.weight"]])
+                                               for e in range(4)])
+        out[p + "down_proj"] = torch.stack([a[p + f"{e}.down_proj.weight"] for e in range(4)])
+    save_file(out, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    hf_to_megatron(fused, tmp_path / "mc_fused", progress=False)
+    megatron_to_hf(tmp_path / "mc_fused", tmp_path / "back_fused")
+    c = _state(tmp_path / "back_fused")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+    x = torch.randint(0, 1024, (2, 12))
+    ref = AutoModelForCausalLM.from_pretrained(src / "hf", dtype=torch.float32)(x).logits
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)(x).logits
+    assert torch.equal(ref, got)
+
+
+def test_a_missing_expert_is_a_one_line_error_and_nothing_is_written(moe_models, tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_soaes.checkpoint.convert import ConversionError, hf_to_megatron
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((moe_models["renorm"] / "hf" / "config.json").read_text())
+    w = _state(moe_models["renorm"] / "hf")
+    del w["model.layers.2.mlp.experts.1.up_proj.weight"]
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="missing tensor model.layers.2.mlp.experts.1.up_proj.weight"):
+        hf_to_megatron(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,tp,pp,ep", [("renorm", 1, 1, 1), ("softmax_tied", 1, 1, 1), ("renorm", 1, 1, 2),
+                                           ("softmax_tied", 1, 2, 1), ("renorm", 2, 1, 2)],
+                         ids=["tp1", "softmax-tied-tp1", "ep2", "softmax-tied-pp2", "tp2-sp-ep2"])
+def test_logits_and_training_step_match_hf(moe_models, tmp_path, name, tp, pp, ep):
+    """Forward logits (fp32) within 1e-5 of HF's, and one training step's loss and every gradient shard --
+    experts on their EP rank by global index, the router, the dense layer -- within 1e-5."""
+    n = tp * pp * ep
+    out = tmp_path / "r.json"
+    torchrun(n, ROOT / "tests" / "workers" / "moe_vs_hf.py", moe_models[name] / "hf", moe_models[name] / "mc",
+             tp, pp, ep, out)
+    ranks = read_json(out)
+    last = [r for r in ranks if r["last_stage"]]
+    assert last and all(r["logits_compared"] == 4 and r["max_logit_diff"] < TOL for r in last), ranks
+    assert all(abs(r["loss"] - r["ref_loss"]) < TOL for r in last), ranks
+    assert all(r["compared"] > 0 and r["max_grad_diff"] < TOL for r in ranks), ranks
+    # every expert of every sparse layer was compared, on exactly one EP rank (per TP rank)
+    seen = [tuple(e) for r in ranks for e in r["experts"]]
+    assert sorted(set(seen)) == [(i, e) for i in (0, 2, 3) for e in range(4)]
+    assert len(seen) == 12 * tp
+
+
+def test_load_balancing_loss_matches_hf_per_layer(moe_models):
+    """megatron-core's aux loss of each MoE layer (E * sum_i f_i P_i over the k * T routed slots) times k is
+    HF's load_balancing_loss_func of that layer's router logits."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from transformers import AutoModelForCausalLM
+
+    from megatron_soaes.checkpoint.load import load_model_weights
+    from megatron_soaes.models import Qwen2Config, build_model
+    from megatron_soaes.runtime import ParallelConfig, initialize
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    d = moe_models["renorm"]
+    initialize(ParallelConfig())
+    cfg = Qwen2Config.from_hf(d / "hf")
+    model = build_model(cfg)
+    load_model_weights(model, d / "mc")
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
+    clear_aux_losses_tracker()
+    model.train()
+    model(x, torch.arange(16).expand(2, 16), None, labels=x).sum().backward()
+    ours = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].tolist()
+    clear_aux_losses_tracker()
+
+    hf = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32)
+    logits = hf(x, output_router_logits=True).router_logits
+    sparse = [i for i, s in enumerate(cfg.moe_layers()) if s]
+    assert len(logits) == len(sparse) == 3 and ours[1] == 0.0  # the dense layer has none
+    for layer, lg in zip(sparse, logits):
+        ref = load_balancing_loss_func((lg,), cfg.num_experts, cfg.num_experts_per_tok).item()
+        assert ours[layer] * cfg.num_experts_per_tok == pytest.approx(ref, rel=1e-5), (layer, ours, ref)
