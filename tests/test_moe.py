@@ -2,6 +2,7 @@
 (the hub's per-expert layout and transformers 5's fused one), logits and a training step's gradients
 equal to HF transformers' at TP / EP / PP layouts, the load-balancing loss against HF's, and bad input."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,40 @@ def test_load_balancing_loss_matches_hf_per_layer(moe_models):
     for layer, lg in zip(sparse, logits):
         ref = load_balancing_loss_func((lg,), cfg.num_experts, cfg.num_experts_per_tok).item()
         assert ours[layer] * cfg.num_experts_per_tok == pytest.approx(ref, rel=1e-5), (layer, ours, ref)
+
+
+def test_training_at_ep2_logs_moe_metrics_and_resumes_at_ep1(cpt_data, tmp_path):
+    """CPT of an MoE model at EP=2 (2 processes; DP=2 for the dense weights): the log and metrics carry the
+    load-balancing loss and the expert load per layer; its step-8 checkpoint (experts saved by global index)
+    resumes on one process at EP=1 with the same losses."""
+    import shutil
+
+    import yaml
+
+    from test_cpt import losses, write_config
+
+    def cfg(out, **parallel):
+        path = write_config(cpt_data, out, steps=16)
+        c = yaml.safe_load(path.read_text())
+        c["model"] = {"preset": "test-moe", "overrides": {"vocab_size": 4096, "router_aux_loss_coef": 0.01}}
+        c["parallel"] = parallel
+        path.write_text(yaml.safe_dump(c))
+        return path
+
+    ref = tmp_path / "ep2"
+    res = torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config",
+                   cfg(ref, expert_parallel=2))
+    assert "moe aux" in res.stdout + res.stderr and "expert load max/mean" in res.stdout + res.stderr
+    rows = [json.loads(x) for x in open(ref / "metrics.jsonl") if '"moe_aux_loss"' in x]
+    assert len(rows) == 16
+    for r in rows:  # three sparse layers; balanced load is 1.0, all tokens on the same 2 of 4 experts is 2.0
+        assert len(r["moe_aux_loss_per_layer"]) == 3 and all(1.0 <= x <= 2.0 + 1e-6 for x in r["moe_load_max_over_mean"])
+        assert 0.9 < r["moe_aux_loss"] < 2.0  # E * sum f_i P_i: 1 when balanced
+    run = tmp_path / "ep1"
+    shutil.copytree(ref / "checkpoints" / "iter_0000008", run / "checkpoints" / "iter_0000008")
+    (run / "checkpoints" / "latest").write_text("iter_0000008")
+    torchrun(1, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg(run))
+    full, got = losses(ref), losses(run)
+    assert sorted(got) == list(range(9, 17))
+    for s in range(9, 17):
+        assert got[s] == pytest.approx(full[s], abs=2e-4), s

@@ -264,6 +264,13 @@ def build_model(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool | None = Non
         for p in model.parameters():
             if p.dtype == torch.float32:
                 p.data = p.data.to(half)
+    if cfg.is_moe:
+        # expert weights are reduced over the expert-data-parallel group (DDP) and get an optimizer of their own
+        # at every EP size -- megatron-core does so only at EP > 1 -- so the optimizer state a checkpoint holds
+        # has one structure, and a run saved at EP=2 resumes at EP=1 and back
+        for name, p in model.named_parameters():
+            if ".mlp.experts." in name:
+                p.allreduce = False
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

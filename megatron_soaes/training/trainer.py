@@ -27,6 +27,7 @@ class StepRecord:
     grad_norm: float | None
     tokens_per_s: float
     skipped: bool
+    moe: dict | None = None  # MoE models: training.moe_metrics figures of this step
 
 
 def _comm_device() -> torch.device:
@@ -123,6 +124,11 @@ class Trainer:
         from megatron_soaes.models.megatron import FUSION_FLAGS
 
         self.fusions = {k: getattr(model.config, k) for k in FUSION_FLAGS}
+        self.moe = None  # MoE models: per-step aux loss and expert load
+        if self.model_cfg.is_moe:
+            from megatron_soaes.training.moe_metrics import MoEMetrics
+
+            self.moe = MoEMetrics(model, self.model_cfg.num_layers, self.model_cfg.num_experts, _comm_device())
         on = [k.removesuffix("_fusion") for k, v in self.fusions.items() if v is True]
         self.log(f"layers: {'Transformer Engine' if self.use_te else 'megatron local'}, attention: {self.attention}, "
                  f"fusions: {', '.join(on) or 'none'}")
@@ -245,6 +251,7 @@ class Trainer:
 
     # ---- evaluation ----
     def evaluate(self, step: int) -> dict[str, float]:
+        self.ddp.eval()  # no MoE load-balancing loss or load counts from held-out batches (train_step sets train())
         res = {}
         for name, micro in self.eval_sets.items():
             loss, parts = self._schedule(micro, forward_only=True, forward_step=self.task.eval_forward_step)
@@ -418,8 +425,10 @@ class Trainer:
         eta = (t.steps - rec.step) * t.global_batch_size * seq / max(rec.tokens_per_s, 1e-9)
         per_src = ", ".join(f"{self.src_names.get(k, f'source {k}')}={v:,}" for k, v in sorted(self.source_tokens.items()))
         norm = rec.grad_norm if rec.grad_norm is None else round(rec.grad_norm, 3)
+        moe = (f" | moe aux {rec.moe['moe_aux_loss']:.4f} | expert load max/mean {rec.moe['moe_load_worst']:.2f}"
+               if rec.moe and "moe_aux_loss" in rec.moe else "")
         self.log(f"step {rec.step}/{t.steps} | loss {rec.loss:.4f} | lr {rec.lr:.3e} | grad norm {norm} | "
-                 f"{rec.tokens_per_s:,.0f} tok/s | {speed['model_tflops']:.3f} TFLOP/s (model){mfu} | "
+                 f"{rec.tokens_per_s:,.0f} tok/s | {speed['model_tflops']:.3f} TFLOP/s (model){mfu}{moe} | "
                  f"ETA {eta:.0f}s | tokens {per_src}")
 
     def run(self) -> list[StepRecord]:
@@ -438,6 +447,8 @@ class Trainer:
             t_start, tokens_since = time.time(), 0
             for step in range(self.start_step + 1, t.steps + 1):
                 rec, parts = self.train_step(step)
+                if self.moe is not None:  # collective, every step
+                    rec.moe = self.moe.collect(t.global_batch_size // (t.micro_batch_size * self.dp))
                 self.finish_saves(blocking=False)
                 tokens_since += t.global_batch_size * seq
                 speed = {}
@@ -454,7 +465,7 @@ class Trainer:
                     blocked = self.save(step)
                 self.metrics.write({"step": step, "loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm,
                                     "skipped": rec.skipped, "source_tokens": self.source_tokens, **speed,
-                                    **({"save_blocked_s": blocked} if blocked is not None else {}),
+                                    **({"save_blocked_s": blocked} if blocked is not None else {}), **(rec.moe or {}),
                                     **{k: v for k, v in parts.items() if k != "lm loss"}})
                 if self.stop_at:
                     self._stop_at_gate(step)
