@@ -207,3 +207,68 @@ def test_training_at_ep2_logs_moe_metrics_and_resumes_at_ep1(cpt_data, tmp_path)
     assert sorted(got) == list(range(9, 17))
     for s in range(9, 17):
         assert got[s] == pytest.approx(full[s], abs=2e-4), s
+
+
+@pytest.mark.parametrize("name", ["renorm", "softmax_tied"])
+def test_inference_model_matches_hf(moe_models, name):
+    """The decoding model's MoE layers (experts batched by expert): HF's logits from the HF directory and
+    from the converted checkpoint, for a prefill and then token by token through the KV cache."""
+    from megatron_soaes.checkpoint.compare import hf_logits
+    from megatron_soaes.inference.model import load_inference_model
+
+    toks = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = hf_logits(moe_models[name] / "hf", toks)
+    for src in ("hf", "mc"):
+        m = load_inference_model(moe_models[name] / src)
+        assert (m.forward(toks, torch.arange(16).expand(2, 16), m.new_cache(2, 32)) - ref).abs().max() < TOL
+        cache = m.new_cache(2, 32)
+        outs = [m.forward(toks[:, :9], torch.arange(9).expand(2, 9), cache)]
+        cache.lengths += 9
+        for j in range(9, 16):
+            outs.append(m.forward(toks[:, j:j + 1], torch.full((2, 1), j), cache))
+            cache.lengths += 1
+        assert (torch.cat(outs, 1) - ref).abs().max() < TOL
+
+
+@pytest.fixture(scope="module")
+def moe_pair(moe_models, tmp_path_factory):
+    """An MoE target with a dense Qwen3 draft of the same vocabulary, and an MoE draft close to the target."""
+    from megatron_soaes.inference.model import Qwen2ForInference, load_inference_model, load_weights
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    d = tmp_path_factory.mktemp("dense-draft")
+    make_random_hf_model(d, "test-qwen3", seed=7, num_layers=2)
+    cfg, w = load_weights(moe_models["renorm"] / "hf")
+    g = torch.Generator().manual_seed(3)
+    near = Qwen2ForInference(cfg, {k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g) for k, v in w.items()})
+    return load_inference_model(moe_models["renorm"] / "hf"), load_inference_model(d), near
+
+
+def test_speculative_decoding_with_an_moe_target_is_lossless(moe_pair):
+    """Greedy speculative output equals target-only greedy for an MoE target: chain, static tree and dynamic
+    tree, with a dense draft (rejects nearly everything) and an MoE draft (accepted often), ragged batch."""
+    from megatron_soaes.inference import generate
+    from megatron_soaes.speculative.decode import SpecConfig, speculative_generate
+
+    target, dense, near = moe_pair
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 1024, (int(n),), generator=g).tolist() for n in (30, 1, 3, 9, 17)]
+    ref = generate(target, prompts, 24)
+    for spec in (SpecConfig("chain", gamma=4), SpecConfig("tree", branching=(3, 2, 1)),
+                 SpecConfig("dynamic", topk=3, depth=4, budget=12)):
+        assert speculative_generate(target, dense, prompts, 24, spec).tokens == ref.tokens, spec
+        out = speculative_generate(target, near, prompts, 24, spec)
+        assert out.tokens == ref.tokens and out.tau > 1.5, spec
+
+
+def test_tensor_parallel_moe_inference_equals_one_process(moe_models, tmp_path):
+    """TP=2 (each expert's intermediate units split, the router replicated, one all-reduce per MLP) gives
+    the TP=1 logits and tokens: greedy, sampling, chain and tree speculation with a dense draft."""
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    make_random_hf_model(tmp_path / "draft", "test-qwen3", seed=9, num_layers=2)
+    out = tmp_path / "tp.json"
+    torchrun(2, ROOT / "tests" / "workers" / "tp_generate.py", moe_models["renorm"] / "hf", tmp_path / "draft", out)
+    for r in read_json(out):
+        assert r["tp"] == 2 and r["logit_diff"] < TOL, r
+        assert all(r[k] for k in ("greedy", "sampled", "chain", "tree", "chain_sampled", "tree_sampled")), r

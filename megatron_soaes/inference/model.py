@@ -120,6 +120,8 @@ class Qwen2ForInference:
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
         if cuda_graphs and tp.size > 1:
             raise ValueError("cuda_graphs with tensor parallelism is not supported yet (run TP eagerly)")
+        if cuda_graphs and cfg.is_moe:
+            raise ValueError("cuda_graphs with an MoE model is not supported yet (its expert batches are sized on the host)")
         self.static_shapes, self.cuda_graphs = static_shapes or cuda_graphs, cuda_graphs
         self._step, self._cache_pool = self._forward, {}
         self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
@@ -134,20 +136,32 @@ class Qwen2ForInference:
         self.vocab_rows = head.shape[0]  # logits gathered from the vocab-split head are trimmed to this
         self.lm_head = Linear(tp.vocab_rows(head).to(device=self.device, dtype=dtype), pack=packed)
         self.layers = []
+        sparse = cfg.moe_layers()
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             qkv = [w(a + f"{x}_proj.weight", tp.rows) for x in "qkv"]
             bias = torch.cat([w(a + f"{x}_proj.bias", tp.rows) for x in "qkv"]) if cfg.attention_bias else None
-            self.layers.append(dict(
+            layer = dict(
                 ln1=w(p + "input_layernorm.weight"), ln2=w(p + "post_attention_layernorm.weight"),
                 q_norm=w(a + "q_norm.weight") if cfg.qk_norm else None,  # per head, replicated (Qwen3)
                 k_norm=w(a + "k_norm.weight") if cfg.qk_norm else None,
                 qkv=Linear(torch.cat(qkv), bias, packed),
-                o=Linear(w(a + "o_proj.weight", tp.cols), pack=packed),
-                gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight", tp.rows), w(p + "mlp.up_proj.weight", tp.rows)]),
-                               pack=packed),
-                down=Linear(w(p + "mlp.down_proj.weight", tp.cols), pack=packed)))
+                o=Linear(w(a + "o_proj.weight", tp.cols), pack=packed))
+            if sparse[i]:  # router replicated; each expert's intermediate units split over TP ranks like the dense MLP's
+                m = p + "mlp."
+                gate_up, down = _expert_weights(weights, m, cfg.num_experts)
+                half = gate_up.shape[1] // 2
+                layer.update(router=w(m + "gate.weight"), experts_down=tp.cols(down).to(device=self.device, dtype=dtype),
+                             experts_gate_up=torch.cat([tp.rows(gate_up[:, :half].transpose(0, 1)),
+                                                        tp.rows(gate_up[:, half:].transpose(0, 1))]).transpose(0, 1)
+                             .contiguous().to(device=self.device, dtype=dtype))
+            else:
+                layer.update(
+                    gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight", tp.rows), w(p + "mlp.up_proj.weight", tp.rows)]),
+                                   pack=packed),
+                    down=Linear(w(p + "mlp.down_proj.weight", tp.cols), pack=packed))
+            self.layers.append(layer)
         d = cfg.head_dim
         self.inv_freq = cfg.rope_inv_freq(self.device).double()  # RoPE, Llama 3 scaling included
         self._rope = torch.empty(0, 2, d, dtype=dtype, device=self.device)  # [pos, cos/sin, d], grown on demand
@@ -262,10 +276,52 @@ class Qwen2ForInference:
             att = F.scaled_dot_product_attention(qk[:, :H], k_cache[li][:, :, :end], v_cache[li][:, :, :end],
                                                  attn_mask=mask, enable_gqa=H != Hkv)
             x = x + self.tp.all_reduce(L["o"](att.transpose(1, 2).reshape(B, n, H * d)))
-            gate, up = L["gate_up"](_rms_norm(x, L["ln2"], cfg.rms_norm_eps)).chunk(2, dim=-1)
-            x = x + self.tp.all_reduce(L["down"](F.silu(gate) * up))
+            h = _rms_norm(x, L["ln2"], cfg.rms_norm_eps)
+            if "router" in L:
+                x = x + self.tp.all_reduce(self._experts(L, h))
+            else:
+                gate, up = L["gate_up"](h).chunk(2, dim=-1)
+                x = x + self.tp.all_reduce(L["down"](F.silu(gate) * up))
         logits = self.lm_head(_rms_norm(x, self.norm, cfg.rms_norm_eps)).float()
         return self.tp.gather_vocab(logits, self.vocab_rows)
+
+
+    def _experts(self, L, h: torch.Tensor) -> torch.Tensor:
+        """A mixture-of-experts MLP (HF Qwen3-MoE's routing: softmax over all experts in fp32, top-k, the k
+        weights renormalised with norm_topk_prob), run only for the chosen experts, each on all the tokens
+        routed to it at once (a prefill or a verification block is one batch per expert)."""
+        cfg = self.cfg
+        x = h.reshape(-1, h.shape[-1])
+        probs = F.softmax(F.linear(x, L["router"]).float(), dim=-1)
+        weight, chosen = probs.topk(cfg.num_experts_per_tok, dim=-1)
+        if cfg.norm_topk_prob:
+            weight = weight / weight.sum(-1, keepdim=True)
+        weight = weight.to(x.dtype).reshape(-1)
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // cfg.num_experts_per_tok
+        out = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(torch.bincount(flat, minlength=cfg.num_experts).tolist()):
+            if count:
+                rows = token[start:start + count]
+                gate, up = F.linear(x[rows], L["experts_gate_up"][e]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, L["experts_down"][e]) * weight[order[start:start + count], None]
+                out.index_add_(0, rows, y)
+                start += count
+        return out.view_as(h)
+
+
+def _expert_weights(weights, prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's experts as [E, 2I, H] ([gate; up]) and [E, H, I], from transformers 5's fused tensors or the
+    hub's per-expert ones."""
+    names = weights.names if isinstance(weights, LazyWeights) else weights  # (no read to test a name)
+    if prefix + "experts.gate_up_proj" in names:
+        return weights[prefix + "experts.gate_up_proj"], weights[prefix + "experts.down_proj"]
+    x = prefix + "experts.{}."
+    gate_up = torch.stack([torch.cat([weights[x.format(e) + "gate_proj.weight"], weights[x.format(e) + "up_proj.weight"]])
+                           for e in range(n)])
+    return gate_up, torch.stack([weights[x.format(e) + "down_proj.weight"] for e in range(n)])
 
 
 class LazyWeights(Mapping):
@@ -312,7 +368,7 @@ def load_weights(path: str | Path) -> tuple[Qwen2Config, Mapping[str, torch.Tens
 
     ckpt = HFCheckpoint(path)
     ckpt.validate(cfg)
-    names = list(qwen2_hf.hf_tensor_shapes(cfg))
+    names = list(qwen2_hf.hf_tensor_shapes(cfg, ckpt.fused_layers(cfg)))
     return cfg, LazyWeights(names, lambda: {n: ckpt.get(n) for n in names if not n.startswith("model.layers.")},
                             lambda i: {n: ckpt.get(n) for n in names if n.startswith(f"model.layers.{i}.")})
 

@@ -34,7 +34,8 @@ class TensorParallel:
 
     def check(self, cfg) -> None:
         for n, what in ((cfg.num_attention_heads, "num_attention_heads"), (cfg.num_key_value_heads, "num_key_value_heads"),
-                        (cfg.intermediate_size, "intermediate_size")):
+                        (cfg.intermediate_size, "intermediate_size"),
+                        *([(cfg.moe_intermediate_size, "moe_intermediate_size")] if cfg.is_moe else [])):
             if n % self.size:
                 raise TensorParallelError(f"tensor parallel {self.size} does not divide {what} {n}")
 
