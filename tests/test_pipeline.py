@@ -150,11 +150,13 @@ def test_pipeline_model_family_switch(tmp_path, family, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3"])
+@pytest.mark.parametrize("family", ["qwen3_moe"])
 def test_whole_pipeline_per_family(tmp_path, family):
     """The whole tiny pipeline per family: training, evaluation, export (transformers loads it as the
     family and gives our logits), speculative decoding lossless. Without the family-independent
     comparisons the default-family test covers (single-stage ablation, CE-only draft, HF assisted).
+    Qwen3-MoE: an MoE base, CPT and SFT target (Qwen3 attention, 8 experts top-2), distilled into a dense
+    Qwen3 draft (so Qwen3 dense goes through every phase too), with per-step MoE metrics.
     The Llama architecture goes through the whole pipeline as the real model's job
     (test_pretrained.test_real_model_pipeline_reduced); Llama 3 RoPE scaling is held by test_families
     (training and inference logits beyond the original context) and the family switch test above."""
@@ -165,5 +167,11 @@ def test_whole_pipeline_per_family(tmp_path, family):
                  "--set", "evaluation.qa_limit=3", "--set", "retention=null")
     export = json.loads((out / "phases" / "export.json").read_text())
     assert export["target"]["max_abs_logit_diff_vs_source"] < 1e-4 and export["target"]["tokenizer_matches"]
+    assert export["draft"]["top1_agreement"] == 1.0
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert all(r["exact"] for r in summary["speculative"])
+    if family == "qwen3_moe":
+        arch = {r: json.loads((out / "export" / r / "config.json").read_text())["architectures"] for r in ("target", "draft")}
+        assert arch == {"target": ["Qwen3MoeForCausalLM"], "draft": ["Qwen3ForCausalLM"]}
+        steps = [json.loads(x) for x in open(out / "cpt" / "metrics.jsonl") if '"moe_aux_loss"' in x]
+        assert len(steps) == 8 and all(len(r["moe_load_max_over_mean"]) == 4 for r in steps)

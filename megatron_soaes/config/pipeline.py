@@ -53,8 +53,10 @@ class DataCfg(_Strict):
 
 class ModelCfg(_Strict):
     """Which model family every phase builds (base, CPT, SFT, the distilled draft): the presets' shapes
-    as Qwen2/2.5 (QKV bias), Qwen3 (q/k norm, no bias) or Llama 3.x (RoPE scaling); no phase asks."""
-    family: Literal["qwen2", "qwen3", "llama3"] = "qwen2"
+    as Qwen2/2.5 (QKV bias), Qwen3 (q/k norm, no bias), Qwen3-MoE (the target's MLPs as 8 experts, top-2,
+    each half the preset's width: the dense preset's compute per token; its draft a dense Qwen3) or
+    Llama 3.x (RoPE scaling); no phase asks."""
+    family: Literal["qwen2", "qwen3", "qwen3_moe", "llama3"] = "qwen2"
 
 
 class BaseCfg(_Strict):

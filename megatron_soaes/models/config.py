@@ -407,8 +407,20 @@ PRESETS: dict[str, dict] = {
 FAMILY_OVERRIDES: dict[str, dict] = {
     "qwen2": dict(architecture="Qwen2ForCausalLM"),
     "qwen3": dict(architecture="Qwen3ForCausalLM"),
+    "qwen3_moe": dict(architecture="Qwen3MoeForCausalLM", num_experts=8, num_experts_per_tok=2),  # + moe width
     "llama3": _llama3_family(),  # Llama 3.1's
 }
+
+
+def family_overrides(family: str, preset_name: str, role: str = "target") -> dict:
+    """What a pipeline model of `family` changes in its preset. An MoE family's experts are the preset's MLP
+    width / top-k each (the dense preset's compute per token); its draft is the dense model of its vocabulary."""
+    if role == "draft":
+        family = VOCAB_FAMILY.get(family, family)
+    out = dict(FAMILY_OVERRIDES[family])
+    if "num_experts" in out:
+        out["moe_intermediate_size"] = PRESETS[preset_name]["intermediate_size"] // out["num_experts_per_tok"]
+    return out
 
 
 def check_same_family(target: Qwen2Config, other: Qwen2Config, what: str = "draft") -> None:

@@ -207,12 +207,12 @@ class Pipeline:
 
         return pad_vocab(self.tokenizer.vocab_size)
 
-    @property
-    def overrides(self) -> dict:
-        """What every model of this pipeline changes in its preset: the vocabulary, the family."""
-        from megatron_soaes.models.config import FAMILY_OVERRIDES
+    def overrides(self, role: str = "target") -> dict:
+        """What a model of this pipeline changes in its preset: the vocabulary, the family."""
+        from megatron_soaes.models.config import family_overrides
 
-        return {"vocab_size": self.vocab_size, **FAMILY_OVERRIDES[self.cfg.model.family]}
+        preset = self.cfg.base.preset if role == "target" else self.cfg.distill.student_preset
+        return {"vocab_size": self.vocab_size, **family_overrides(self.cfg.model.family, preset, role)}
 
     def spec(self, role: str) -> dict:
         """The architecture of the pipeline's target ("target": base, CPT, SFT) or draft ("draft"): a
@@ -222,7 +222,7 @@ class Pipeline:
         if role == "target" and self.base_hf is not None:
             return {"hf_config": str(self.base_hf)}
         return {"preset": self.cfg.base.preset if role == "target" else self.cfg.distill.student_preset,
-                "overrides": self.overrides}
+                "overrides": self.overrides(role)}
 
     def model(self, role: str, init_checkpoint: str | None = None) -> ModelSection:
         return ModelSection(**self.spec(role), init_checkpoint=init_checkpoint)
@@ -326,7 +326,7 @@ class Pipeline:
                 hf_to_megatron(self.draft_hf, self.draft_init, overwrite=True, progress=False)
             return TrainResult(checkpoint=str(init_dir))
         if not init_dir.exists():
-            make_random_hf_model(self.out / "base" / "hf_init", b.preset, seed=b.seed, **self.overrides)
+            make_random_hf_model(self.out / "base" / "hf_init", b.preset, seed=b.seed, **self.overrides())
             hf_to_megatron(self.out / "base" / "hf_init", init_dir, overwrite=True, progress=False)
         if b.pretrain_steps == 0:
             return TrainResult(checkpoint=str(init_dir))

@@ -78,7 +78,7 @@ def _plots(out: Path, phases: list, runs: list[tuple[str, Path]], general: str) 
     plt.close(fig)
 
 
-FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama3": "Llama 3"}
+FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE (dense Qwen3 draft)", "llama3": "Llama 3"}
 
 
 def _ours(rows: list[dict]) -> list[dict]:
