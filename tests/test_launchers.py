@@ -25,7 +25,9 @@ def sbatch_world(script):
 @pytest.mark.parametrize("script,config", [("cpt_qwen2.5_7b.sbatch", "cpt_7b.yaml"), ("cpt_qwen2.5_72b.sbatch", "cpt_72b.yaml"),
                                            ("distill_72b_to_7b.sbatch", "distill_72b_7b.yaml"),
                                            ("cpt_qwen3_8b.sbatch", "cpt_qwen3_8b.yaml"),
-                                           ("cpt_llama3.1_8b.sbatch", "cpt_llama3.1_8b.yaml")])
+                                           ("cpt_llama3.1_8b.sbatch", "cpt_llama3.1_8b.yaml"),
+                                           ("cpt_qwen3_30b_a3b.sbatch", "cpt_qwen3_30b_a3b.yaml"),
+                                           ("cpt_qwen3_235b_a22b.sbatch", "cpt_qwen3_235b_a22b.yaml")])
 def test_training_configs_fit_their_sbatch_layout(script, config):
     world = sbatch_world(script)
     res = soaes("train", "--config", str(SLURM / "configs" / config), "--dry-run", "--world-size", str(world),
@@ -36,7 +38,8 @@ def test_training_configs_fit_their_sbatch_layout(script, config):
     assert bad.returncode == 2 and "not divisible" in bad.stderr
 
 
-@pytest.mark.parametrize("script,recipe", [("sft_stage_7b.sbatch", "sft_7b.yaml"), ("sft_stage_72b.sbatch", "sft_72b.yaml")])
+@pytest.mark.parametrize("script,recipe", [("sft_stage_7b.sbatch", "sft_7b.yaml"), ("sft_stage_72b.sbatch", "sft_72b.yaml"),
+                                           ("sft_qwen3_30b_a3b.sbatch", "sft_qwen3_30b_a3b.yaml")])
 def test_sft_recipes_fit_their_sbatch_layout(script, recipe):
     res = soaes("sft", "--recipe", str(SLURM / "configs" / recipe), "--dry-run", "--world-size", str(sbatch_world(script)))
     assert res.returncode == 0 and res.stdout.count(": OK for world size") == 3, res.stderr
@@ -78,7 +81,8 @@ def test_speculative_72b_tp8_script_layout():
 
 @pytest.mark.parametrize("script", ["cpt_qwen2.5_7b.sbatch", "cpt_qwen2.5_72b.sbatch", "cpt_qwen3_8b.sbatch",
                                     "cpt_llama3.1_8b.sbatch", "distill_72b_to_7b.sbatch", "sft_stage_7b.sbatch",
-                                    "sft_stage_72b.sbatch"])
+                                    "sft_stage_72b.sbatch", "cpt_qwen3_30b_a3b.sbatch", "cpt_qwen3_235b_a22b.sbatch",
+                                    "sft_qwen3_30b_a3b.sbatch"])
 def test_training_sbatch_asks_for_sigterm_and_requeues(script):
     text = (SLURM / script).read_text()
     assert "#SBATCH --signal=TERM@" in text and "#SBATCH --requeue" in text

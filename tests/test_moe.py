@@ -272,3 +272,19 @@ def test_tensor_parallel_moe_inference_equals_one_process(moe_models, tmp_path):
     for r in read_json(out):
         assert r["tp"] == 2 and r["logit_diff"] < TOL, r
         assert all(r[k] for k in ("greedy", "sampled", "chain", "tree", "chain_sampled", "tree_sampled")), r
+
+
+@pytest.mark.parametrize("sets,error", [
+    (["parallel.expert_parallel=3"], "expert parallel size 3 does not divide num_experts 128"),
+    (["parallel.sequence_parallel=false"], "parallel.sequence_parallel: megatron-core's MoE layers need it"),
+    (["model.preset=qwen3-8b"], "expert parallel size 8 given for a dense model")])
+def test_moe_layout_errors_are_one_line_before_any_work(sets, error):
+    """The 30B-A3B CPT config with a broken layout: `--dry-run` refuses it naming the field."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "megatron_soaes.cli", "train", "--config",
+           str(ROOT / "examples" / "slurm" / "configs" / "cpt_qwen3_30b_a3b.yaml"), "--dry-run", "--world-size", "96",
+           "--skip-path-check", "--set", "train.global_batch_size=384", *[a for kv in sets for a in ("--set", kv)]]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and error in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr

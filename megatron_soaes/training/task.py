@@ -78,6 +78,19 @@ def prepare_job(job: JobConfig, task: Task | None = None, tokenizer=None) -> Job
     return task.prepare(job, tokenizer or load_tokenizer(job.data.tokenizer))
 
 
+def check_model_layout(job: JobConfig, cfg) -> None:
+    """The model against the job's parallel layout: one-line errors before any work."""
+    from megatron_soaes.models.config import ModelConfigError
+
+    p = job.parallel
+    try:
+        cfg.check_parallel(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel)
+    except ModelConfigError as e:
+        raise ConfigError(f"parallel: {e}") from None
+    if cfg.is_moe and p.tensor_parallel > 1 and not p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: megatron-core's MoE layers need it when tensor_parallel > 1")
+
+
 def dry_run(job: JobConfig, world_size: int = 1, check_paths: bool = True, task: Task | None = None) -> str:
     """Check `job` against a world size (and its paths), prepare it as the trainer would, and say what
     would run: the layout, the batch split and the number of steps. Builds nothing."""
@@ -86,6 +99,10 @@ def dry_run(job: JobConfig, world_size: int = 1, check_paths: bool = True, task:
     dp = job.check_world(world_size)
     if check_paths:
         job.check_paths()
+    if job.model.preset or Path(job.model.hf_config).exists():  # the architecture, without the tokenizer
+        from megatron_soaes.models import resolve_model_config
+
+        check_model_layout(job, resolve_model_config(job.model))
     # the task's own checks (e.g. the distillation pair) whenever the tokenizer is here; SFT epochs also
     # need the data: it is packed (cached) to count the rows
     ready = check_paths or tokenizer_available(job.data.tokenizer)
@@ -93,6 +110,7 @@ def dry_run(job: JobConfig, world_size: int = 1, check_paths: bool = True, task:
         job = prepare_job(job, task)
     steps = "train.steps from sft.epochs (data not checked)" if job.train.steps is None else f"train.steps {job.train.steps}"
     p, t = job.parallel, job.train
+    ep = f" (experts: EP {p.expert_parallel})" if p.expert_parallel > 1 else ""
     return (f"OK for world size {world_size}: kind {job.kind}, TP {p.tensor_parallel} x PP {p.pipeline_parallel} x "
-            f"CP {p.context_parallel} x DP {dp}; global batch {t.global_batch_size} = micro-batch {t.micro_batch_size} "
+            f"CP {p.context_parallel} x DP {dp}{ep}; global batch {t.global_batch_size} = micro-batch {t.micro_batch_size} "
             f"x DP {dp} x {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches; {steps}")

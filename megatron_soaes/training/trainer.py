@@ -72,6 +72,7 @@ class Trainer:
         from megatron_soaes.models import resolve_model_config
         from megatron_soaes.models.megatron import select_attention, use_transformer_engine
         from megatron_soaes.runtime import world_info
+        from megatron_soaes.training.task import check_model_layout
 
         job = self.job
         rank, world, _ = world_info()
@@ -86,7 +87,7 @@ class Trainer:
         self.attention = select_attention(job, self.use_te)
         self.tokenizer = load_tokenizer(job.data.tokenizer)
         self.model_cfg = resolve_model_config(job.model, self.tokenizer)
-        self.model_cfg.check_parallel(job.parallel.tensor_parallel, job.parallel.pipeline_parallel)
+        check_model_layout(job, self.model_cfg)
         self.job = self.task.prepare(job, self.tokenizer)
         if job.train.steps is None:
             self.log(f"train.steps {self.job.train.steps}: sft.epochs {job.sft.epochs} over the packed rows, "
