@@ -175,3 +175,7 @@ def test_whole_pipeline_per_family(tmp_path, family):
         assert arch == {"target": ["Qwen3MoeForCausalLM"], "draft": ["Qwen3ForCausalLM"]}
         steps = [json.loads(x) for x in open(out / "cpt" / "metrics.jsonl") if '"moe_aux_loss"' in x]
         assert len(steps) == 8 and all(len(r["moe_load_max_over_mean"]) == 4 for r in steps)
+        # the engines' commands for the MoE target with its dense draft: experts split over the TP ranks
+        res = subprocess.run([sys.executable, "-m", "megatron_soaes.cli", "serve-check", "--target", str(out / "export" / "target"),
+                              "--draft", str(out / "export" / "draft"), "--tp", "2"], capture_output=True, text=True, cwd=ROOT)
+        assert res.returncode == 0 and "--enable-expert-parallel" in res.stdout and "--ep-size 2" in res.stdout, res.stderr

@@ -22,6 +22,10 @@ def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_token
         n = cfg.get(key, cfg["num_attention_heads"])
         if n % tensor_parallel and tensor_parallel % n:
             raise ExportError(f"{target}: tensor parallel {tensor_parallel} does not divide {key} {n}")
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))  # an MoE target: experts over the TP ranks
+    if experts and experts % tensor_parallel:
+        raise ExportError(f"{target}: tensor parallel {tensor_parallel} does not divide num_experts {experts} "
+                          "(expert parallelism puts num_experts / TP experts on each GPU)")
     if num_speculative_tokens < 1:
         raise ExportError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
     limit = cfg["max_position_embeddings"]
@@ -34,24 +38,26 @@ def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_token
         rank = adapter_section(adapter).rank
     return {"target": str(target), "draft": str(draft), "tensor_parallel": tensor_parallel,
             "num_speculative_tokens": num_speculative_tokens, "max_model_len": max_model_len or limit,
-            "adapter": str(adapter) if adapter else None, "lora_rank": rank}
+            "adapter": str(adapter) if adapter else None, "lora_rank": rank, "experts": experts or None}
 
 
 LORA_NAME = "soaes"  # the adapter's name in the engines (requests select it as their model)
 
 
 def vllm_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, adapter=None, rank=None,
-                 port: int = 8000) -> list[str]:
+                 experts=None, port: int = 8000) -> list[str]:
     spec = json.dumps({"method": "draft_model", "model": str(draft), "num_speculative_tokens": k})
     lora = ["--enable-lora", "--lora-modules", f"{LORA_NAME}={adapter}", "--max-lora-rank", str(rank)] if adapter else []
-    return ["vllm", "serve", str(target), "--tensor-parallel-size", str(tensor_parallel), "--dtype", "bfloat16",
+    ep = ["--enable-expert-parallel"] if experts and tensor_parallel > 1 else []  # experts split, not each one sliced
+    return ["vllm", "serve", str(target), "--tensor-parallel-size", str(tensor_parallel), *ep, "--dtype", "bfloat16",
             "--max-model-len", str(max_model_len), "--speculative-config", spec, *lora, "--port", str(port)]
 
 
 def sglang_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, adapter=None, rank=None,
-                   port: int = 30000) -> list[str]:
+                   experts=None, port: int = 30000) -> list[str]:
     lora = ["--enable-lora", "--lora-paths", f"{LORA_NAME}={adapter}", "--max-lora-rank", str(rank)] if adapter else []
-    return ["python", "-m", "sglang.launch_server", "--model-path", str(target), "--tp", str(tensor_parallel),
+    ep = ["--ep-size", str(tensor_parallel)] if experts and tensor_parallel > 1 else []
+    return ["python", "-m", "sglang.launch_server", "--model-path", str(target), "--tp", str(tensor_parallel), *ep,
             "--dtype", "bfloat16", "--context-length", str(max_model_len), "--speculative-algorithm", "STANDALONE",
             "--speculative-draft-model-path", str(draft), "--speculative-num-steps", str(k),
             "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1), *lora, "--port", str(port)]
@@ -59,11 +65,12 @@ def sglang_command(target, draft, tensor_parallel: int, k: int, max_model_len: i
 
 def describe(plan: dict) -> str:
     args = (plan["target"], plan["draft"], plan["tensor_parallel"], plan["num_speculative_tokens"], plan["max_model_len"],
-            plan.get("adapter"), plan.get("lora_rank"))
+            plan.get("adapter"), plan.get("lora_rank"), plan.get("experts"))
     return "\n".join([
         f"serving OK: target {plan['target']}, draft {plan['draft']} (same vocabulary and special tokens), "
         f"TP {plan['tensor_parallel']}, {plan['num_speculative_tokens']} speculative tokens, max_model_len "
         f"{plan['max_model_len']}" + (f", LoRA adapter {plan['adapter']} (rank {plan['lora_rank']}, request model "
-                                        f"name {LORA_NAME!r})" if plan.get("adapter") else ""),
+                                        f"name {LORA_NAME!r})" if plan.get("adapter") else "")
+        + (f", MoE target ({plan['experts']} experts; expert parallel over the TP ranks)" if plan.get("experts") else ""),
         "vLLM:   " + shlex.join(vllm_command(*args)),
         "SGLang: " + shlex.join(sglang_command(*args))])
