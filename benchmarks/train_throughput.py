@@ -10,6 +10,9 @@ the run's metrics.jsonl. Ratios are against the first variant. Writes <out>/trai
   GPU (bf16 with megatron's local layers, bf16 with Transformer Engine, FP8 with Transformer Engine):
     python benchmarks/train_throughput.py --config examples/gpu/cpt_throughput.yaml --gpu
   Own variants:  --variant "tp2=2:parallel.tensor_parallel=2" --variant "mbs4=1:train.micro_batch_size=4"
+  MoE (the tiny MoE preset: dense-equivalent compute per token; 1 process, DP=2, EP=2 on 2 processes), with
+  each variant's expert load (max / mean tokens per expert, worst layer) and load-balancing loss:
+    python benchmarks/train_throughput.py --config examples/tiny/cpt.yaml --moe --steps 30
 
 A variant that cannot run here (Transformer Engine missing, a GPU variant on CPU) is reported as
 skipped with the reason, not silently dropped.
@@ -28,6 +31,8 @@ from megatron_soaes.training.metrics import read_metrics
 from provenance import write_results
 
 CPU_VARIANTS = ["fp32 1 proc=1:", "fp32 TP=2=2:parallel.tensor_parallel=2", "fp32 DP=2=2:"]
+MOE_VARIANTS = ["dense 1 proc=1:", "MoE EP=1=1:model.preset=tiny-moe", "MoE EP=1 DP=2=2:model.preset=tiny-moe",
+                "MoE EP=2=2:model.preset=tiny-moe,parallel.expert_parallel=2"]
 GPU_VARIANTS = ["bf16 local=1:train.dtype=bf16,train.transformer_impl=local",
                 "bf16 TE=1:train.dtype=bf16,train.transformer_impl=transformer_engine",
                 "fp8 TE=1:train.dtype=bf16,train.transformer_impl=transformer_engine,train.fp8=true"]
@@ -79,8 +84,11 @@ def run_variant(args, name: str, nproc: int, sets: list[str], out: Path) -> dict
     recs = [r for r in read_metrics(run_dir) if "tokens_per_s" in r]
     recs = recs[1:] or recs  # the first interval includes warm-up
     mean = lambda k: sum(r[k] for r in recs) / len(recs) if recs and recs[0].get(k) is not None else None  # noqa: E731
+    moe = [r for r in read_metrics(run_dir) if "moe_load_worst" in r]
+    moe_mean = lambda k: sum(r[k] for r in moe) / len(moe) if moe else None  # noqa: E731
     return dict(variant=name, nproc=nproc, tokens_per_s=mean("tokens_per_s"), model_tflops=mean("model_tflops"),
-                mfu=mean("mfu"), final_loss=recs[-1]["loss"] if recs else None, wall_s=time.time() - t0)
+                mfu=mean("mfu"), final_loss=recs[-1]["loss"] if recs else None, wall_s=time.time() - t0,
+                moe_load_worst=moe_mean("moe_load_worst"), moe_aux_loss=moe_mean("moe_aux_loss"))
 
 
 def main() -> None:
@@ -89,12 +97,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--log-interval", type=int, default=5)
     ap.add_argument("--gpu", action="store_true", help="the GPU variants (bf16 local / bf16 TE / FP8 TE)")
+    ap.add_argument("--moe", action="store_true", help="dense vs the tiny MoE preset at EP=1 / DP=2 / EP=2")
     ap.add_argument("--variant", action="append", default=[], help="NAME=NPROC:key=value,... (repeatable)")
     ap.add_argument("--out", default="outputs/bench/train_throughput")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = args.variant or (GPU_VARIANTS if args.gpu else CPU_VARIANTS)
+    specs = args.variant or (GPU_VARIANTS if args.gpu else MOE_VARIANTS if args.moe else CPU_VARIANTS)
     rows = []
     for spec in specs:
         name, nproc, sets = parse_variant(spec)
@@ -114,8 +123,10 @@ def main() -> None:
             continue
         r["ratio"] = r["tokens_per_s"] / base
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        moe = (f"; expert load max/mean {r['moe_load_worst']:.2f}, aux loss {r['moe_aux_loss']:.3f}"
+               if r.get("moe_load_worst") else "")
         print(f"{r['variant']:<16} {r['nproc']:>5} {r['tokens_per_s']:>10,.0f} {r['ratio']:>5.2f}x "
-              f"{r['model_tflops']:>8.3f} {mfu:>6}  final loss {r['final_loss']:.3f}")
+              f"{r['model_tflops']:>8.3f} {mfu:>6}  final loss {r['final_loss']:.3f}{moe}")
     write_results(out / "train_throughput.json", rows, settings=dict(config=args.config, steps=args.steps,
                                                                      log_interval=args.log_interval))
     ran = [r for r in rows if not r.get("skipped")]

@@ -398,7 +398,7 @@ PRESETS: dict[str, dict] = {
                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[1]),
     "tiny-moe": dict(vocab_size=8000, hidden_size=256, intermediate_size=704, num_layers=4, num_attention_heads=8,
                      num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, architecture="Qwen3MoeForCausalLM",
-                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256),
+                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=352),  # 2 x 352 = tiny's 704 per token
 }
 
 

@@ -77,6 +77,7 @@ def peak_tflops(dtype: str, configured: float | None = None) -> float | None:
 
 
 def flops_per_token(cfg, seq_length: int) -> float:
-    """Training FLOPs per token: 6 x parameters (matmuls, fwd + bwd) + attention scores and values
-    (12 x layers x hidden x sequence length), as in the Megatron-LM MFU accounting."""
-    return 6.0 * cfg.num_parameters() + 12.0 * cfg.num_layers * cfg.hidden_size * seq_length
+    """Training FLOPs per token: 6 x parameters a token runs through (matmuls, fwd + bwd; an MoE model's
+    top-k experts, not all of them) + attention scores and values (12 x layers x hidden x sequence length),
+    as in the Megatron-LM MFU accounting."""
+    return 6.0 * cfg.num_parameters(active=True) + 12.0 * cfg.num_layers * cfg.hidden_size * seq_length
