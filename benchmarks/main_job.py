@@ -27,9 +27,18 @@ def collect(out_dir: Path) -> dict:
     phases = {p.stem: json.loads(p.read_text()) for p in sorted((out_dir / "phases").glob("*.json"))}
     from megatron_soaes.config.pipeline import PHASES
 
+    from megatron_soaes.training.retention import RETENTION_FILE
+
     summary = json.loads((out_dir / "report" / "summary.json").read_text())
+    gates = {str(p.relative_to(out_dir)): json.loads((p / RETENTION_FILE).read_text())
+             for p in [out_dir / "cpt", *sorted((out_dir / "sft").glob("stage*"))] if (p / RETENTION_FILE).exists()}
     return {"phase_seconds": {p: phases[p]["seconds"] for p in PHASES if p in phases},
             "table": summary["table"], "evaluate": summary["evaluate"],
+            "evaluate_stages": phases.get("evaluate", {}).get("stages", {}),  # each SFT stage's end but the last
+            "retention_gates": {k: {"metric": g.get("metric", "perplexity"), "min_ratio": g["min_ratio"], "action": g["action"],
+                                    "history": [{x: r.get(x) for x in ("step", "ratio", "ppl_ratio", "accuracy_ratio", "decision")}
+                                                for r in g["history"]]} for k, g in gates.items()},
+            "curation": phases.get("data", {}).get("curation"),
             "export": {k: phases["export"][k] for k in ("target", "draft")} if "export" in phases else None,
             "speculative": summary["speculative"], "speculative_ce_draft": summary["speculative_ce_draft"]}
 

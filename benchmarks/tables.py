@@ -65,14 +65,31 @@ def pipeline(data: dict) -> list[str]:
             if r["method"].startswith(("chain", "tree")):
                 lines.append(f"| {who} | {r['method']} | {r['tau']:.2f} | {r['alpha']:.2f} | {r['speedup']:.2f}x | "
                              f"{_f(r.get('draft_agreement'), '.3f')} | {'yes' if r['exact'] else 'NO'} |")
-    lines += ["", "| phase | general ppl | general top-1 | domain ppl | domain top-1 | Rouge-1 | BLEU-4 | distinct-2 | "
-              "loop answers | identical answers |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, e in data["evaluate"].items():
-        d = e.get("degeneracy") or {}
-        lines.append(f"| {name} | {e['general_ppl']:.1f} | {e['general_top1']:.3f} | {e['domain_ppl']:.1f} | "
-                     f"{_f(e.get('domain_top1'), '.3f')} | {e['qa']['rouge-1']:.2f} | {e['qa']['bleu-4']:.2f} | "
-                     f"{_f(d.get('distinct_2'), '.3f')} | {_f(d.get('loop_share'), '.0%')} | "
-                     f"{_f(d.get('identical_share'), '.0%')} |")
+    lines += ["", "| phase | general ppl | general top-1 | general retention vs base (ppl / top-1) | domain ppl | "
+              "domain top-1 | Rouge-1 | BLEU-4 | distinct-2 | loop answers | identical answers |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ev, base = data["evaluate"], data["evaluate"].get("base")
+    order = [(n, e) for n, e in ev.items() if n in ("base", "cpt")]
+    order += [(f"SFT stage {n} (end)", e) for n, e in (data.get("evaluate_stages") or {}).items()]
+    order += [(n, e) for n, e in ev.items() if n not in ("base", "cpt")]
+    for name, e in order:
+        d, qa = e.get("degeneracy") or {}, e.get("qa")
+        kept = (f"{base['general_ppl'] / e['general_ppl']:.3f} / {e['general_top1'] / base['general_top1']:.3f}"
+                if base and name != "draft" else "-")
+        tail = (f"{qa['rouge-1']:.2f} | {qa['bleu-4']:.2f} | {_f(d.get('distinct_2'), '.3f')} | "
+                f"{_f(d.get('loop_share'), '.0%')} | {_f(d.get('identical_share'), '.0%')}" if qa else "- | - | - | - | -")
+        lines.append(f"| {name} | {e['general_ppl']:.1f} | {e['general_top1']:.3f} | {kept} | {e['domain_ppl']:.1f} | "
+                     f"{_f(e.get('domain_top1'), '.3f')} | {tail} |")
+    gates = data.get("retention_gates") or {}
+    if gates:
+        lines += ["", "| gated run | bound | retention against its start at each evaluation (ppl; top-1) | decisions |",
+                  "|---|---|---|---|"]
+        for run, g in gates.items():
+            h = g["history"]
+            ppl = " → ".join(_f(r.get("ppl_ratio", r["ratio"]), ".3f") for r in h)
+            acc = " → ".join(_f(r.get("accuracy_ratio"), ".3f") for r in h)
+            decisions = ", ".join(sorted({r["decision"] for r in h}))
+            lines.append(f"| {run} | {g['metric']} >= {g['min_ratio']} ({g['action']}) | {ppl}; {acc} | {decisions} |")
     return lines
 
 
