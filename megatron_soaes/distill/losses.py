@@ -18,16 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from megatron_soaes.models.vocab_parallel import mask_padding, tp_info as _tp, vp_argmax
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
-_MASKED = -1e9  # finite: exp() underflows to exactly 0 and 0 * (finite) stays 0 in the backward pass
-
-
-def _tp():
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return None, 1, 0
-    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
 
 
 def _reduce(x: torch.Tensor) -> torch.Tensor:
@@ -49,18 +42,6 @@ def _allreduce_both_ways(x: torch.Tensor) -> torch.Tensor:
                                                         reduce_from_tensor_model_parallel_region)
 
     return reduce_from_tensor_model_parallel_region(copy_to_tensor_model_parallel_region(x))
-
-
-def mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
-    """Megatron pads the vocabulary; padded entries get no probability mass."""
-    if vocab_size is None:
-        return logits
-    _, _, rank = _tp()
-    local = logits.shape[-1]
-    ids = torch.arange(rank * local, (rank + 1) * local, device=logits.device)
-    if int(ids[-1]) < vocab_size:
-        return logits
-    return logits.masked_fill(ids >= vocab_size, _MASKED)
 
 
 def vp_log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -150,16 +131,3 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_
     tvd = _reduce((0.5 * (vp_log_softmax(t).exp() - vp_log_softmax(s).exp()).abs()).sum(-1))
     top1 = (vp_argmax(s) == vp_argmax(t)).float()
     return 1.0 - tvd, top1
-
-
-def vp_argmax(logits: torch.Tensor) -> torch.Tensor:
-    group, size, rank = _tp()
-    v, i = logits.float().max(-1)
-    i = i + rank * logits.shape[-1]
-    if size == 1:
-        return i
-    vs, is_ = [torch.empty_like(v) for _ in range(size)], [torch.empty_like(i) for _ in range(size)]
-    torch.distributed.all_gather(vs, v.contiguous(), group=group)
-    torch.distributed.all_gather(is_, i.contiguous(), group=group)
-    best = torch.stack(vs, -1).argmax(-1, keepdim=True)  # first max wins, as in a full-vocab argmax
-    return torch.stack(is_, -1).gather(-1, best)[..., 0]

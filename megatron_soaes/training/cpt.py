@@ -55,7 +55,7 @@ def _loss_and_accuracy(b, vocab_size, logits):
     import torch
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_soaes.distill.losses import mask_padding, vp_argmax
+    from megatron_soaes.models.vocab_parallel import mask_padding, vp_argmax
 
     # megatron's vocab-parallel CE works in place on its input: give it a copy
     ce = vocab_parallel_cross_entropy(logits.float() if logits.dtype != torch.float32 else logits.clone(), b["labels"])
