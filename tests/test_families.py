@@ -124,6 +124,8 @@ def test_qwen3_bad_input_is_a_one_line_error(qwen3, tmp_path):
     assert not (tmp_path / "out").exists()
     cfg = json.loads((qwen3["tied"] / "config.json").read_text())
     with pytest.raises(ModelConfigError, match="unknown architecture"):
+        Qwen2Config.from_hf({**cfg, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"})
+    with pytest.raises(ModelConfigError, match="missing field 'num_experts'"):  # MoE: test_moe.py
         Qwen2Config.from_hf({**cfg, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"})
     with pytest.raises(ModelConfigError, match="rope_scaling"):
         Qwen2Config.from_hf({**cfg, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
