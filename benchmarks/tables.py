@@ -74,7 +74,8 @@ def pipeline(data: dict) -> list[str]:
     order += [(n, e) for n, e in ev.items() if n not in ("base", "cpt")]
     for name, e in order:
         d, qa = e.get("degeneracy") or {}, e.get("qa")
-        kept = (f"{base['general_ppl'] / e['general_ppl']:.3f} / {e['general_top1'] / base['general_top1']:.3f}"
+        kept = (f"{base['general_ppl'] / e['general_ppl']:.3f} / "
+                f"{_f(e['general_top1'] / base['general_top1'] if base['general_top1'] else None, '.3f')}"
                 if base and name != "draft" else "-")
         tail = (f"{qa['rouge-1']:.2f} | {qa['bleu-4']:.2f} | {_f(d.get('distinct_2'), '.3f')} | "
                 f"{_f(d.get('loop_share'), '.0%')} | {_f(d.get('identical_share'), '.0%')}" if qa else "- | - | - | - | -")
@@ -86,7 +87,7 @@ def pipeline(data: dict) -> list[str]:
                   "|---|---|---|---|"]
         for run, g in gates.items():
             h = g["history"]
-            ppl = " → ".join(_f(r.get("ppl_ratio", r["ratio"]), ".3f") for r in h)
+            ppl = " → ".join(_f(r.get("ppl_ratio") or r["ratio"], ".3f") for r in h)
             acc = " → ".join(_f(r.get("accuracy_ratio"), ".3f") for r in h)
             decisions = ", ".join(sorted({r["decision"] for r in h}))
             lines.append(f"| {run} | {g['metric']} >= {g['min_ratio']} ({g['action']}) | {ppl}; {acc} | {decisions} |")

@@ -49,6 +49,8 @@ def test_sparse_layer_rule_and_bad_configs():
         cfg.check_parallel(1, 1, 3)
     with pytest.raises(ModelConfigError, match="dense model"):
         preset("test").check_parallel(1, 1, 2)
+    with pytest.raises(ModelConfigError, match="pipeline parallel size 4 gives stage 1 no MoE layer"):
+        preset("test-moe").check_parallel(1, 4)  # layer 1 is dense: megatron's MoE reductions would hang
     hf = cfg.to_hf("float32")
     assert Qwen2Config.from_hf(hf).moe_layers() == cfg.moe_layers()
     with pytest.raises(ModelConfigError, match="shared_expert_intermediate_size.*not supported"):

@@ -183,9 +183,10 @@ def hf_to_megatron_layer(cfg: Qwen2Config, get, i: int, fused: bool = False) -> 
     m = p + "mlp."
     if cfg.moe_layers()[i]:
         out["mlp.router.weight"] = get(m + "gate.weight")
-        if fused:
-            out["mlp.experts.experts.linear_fc1.weight"] = PerExpert(cfg.num_experts, lambda e: get(m + "experts.gate_up_proj")[e])
-            out["mlp.experts.experts.linear_fc2.weight"] = PerExpert(cfg.num_experts, lambda e: get(m + "experts.down_proj")[e])
+        if fused:  # each [E, ...] tensor read once per layer
+            gate_up, down = get(m + "experts.gate_up_proj"), get(m + "experts.down_proj")
+            out["mlp.experts.experts.linear_fc1.weight"] = PerExpert(cfg.num_experts, gate_up.__getitem__)
+            out["mlp.experts.experts.linear_fc2.weight"] = PerExpert(cfg.num_experts, down.__getitem__)
         else:
             x = m + "experts.{}."
             out["mlp.experts.experts.linear_fc1.weight"] = PerExpert(cfg.num_experts, lambda e: torch.cat(

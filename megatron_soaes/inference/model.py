@@ -152,7 +152,7 @@ class Qwen2ForInference:
                 m = p + "mlp."
                 gate_up, down = _expert_weights(weights, m, cfg.num_experts)
                 half = gate_up.shape[1] // 2
-                layer.update(router=w(m + "gate.weight"), experts_down=tp.cols(down).to(device=self.device, dtype=dtype),
+                layer.update(router=w(m + "gate.weight"), experts_down=tp.cols(down).contiguous().to(device=self.device, dtype=dtype),
                              experts_gate_up=torch.cat([tp.rows(gate_up[:, :half].transpose(0, 1)),
                                                         tp.rows(gate_up[:, half:].transpose(0, 1))]).transpose(0, 1)
                              .contiguous().to(device=self.device, dtype=dtype))

@@ -186,6 +186,12 @@ class Qwen2Config:
         for value, what, size, kind in checks:
             if size < 1 or value % size:
                 raise ModelConfigError(f"{kind} {size} does not divide {what} {value}")
+        if self.is_moe:  # megatron-core's MoE reductions run on every stage: a stage without an MoE layer hangs them
+            per, sparse = self.num_layers // pipeline_parallel, self.moe_layers()
+            empty = [s for s in range(pipeline_parallel) if not any(sparse[s * per:(s + 1) * per])]
+            if empty:
+                raise ModelConfigError(f"pipeline parallel size {pipeline_parallel} gives stage {empty[0]} no MoE layer "
+                                       f"(layers {empty[0] * per}-{(empty[0] + 1) * per - 1} are all dense)")
 
     # ---- HF config.json ----
     @classmethod

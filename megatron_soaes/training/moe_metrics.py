@@ -9,20 +9,19 @@ import torch
 
 
 class MoEMetrics:
-    def __init__(self, model, num_layers: int, num_experts: int, device):
+    def __init__(self, model, cfg, device):
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_layer import MoELayer
 
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
-        self.sparse = torch.zeros(num_layers, dtype=torch.bool)
+        self.counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.float64, device=device)
+        # every MoE layer of the model, not only this pipeline stage's: rank 0 logs all of them (summed over ranks)
+        self.sparse = torch.tensor(cfg.moe_layers(), dtype=torch.bool)
         # tokens each rank routes: disjoint over DP / CP / EP ranks and over TP ranks with sequence parallelism
         # (each holds a slice of the sequence); without it TP ranks route the same tokens
         self.replicas = 1 if model.config.sequence_parallel else ps.get_tensor_model_parallel_world_size()
         for module in model.modules():
             if isinstance(module, MoELayer):
-                layer = module.layer_number - 1
-                self.sparse[layer] = True
-                module.router.register_forward_hook(self._hook(layer))
+                module.router.register_forward_hook(self._hook(module.layer_number - 1))
 
     def _hook(self, layer: int):
         def count(module, args, output):

@@ -52,7 +52,7 @@ def _reduce_reports(reports: list[dict], keys=("lm loss",)) -> dict[str, float]:
 
 def _grads_finite(ddp) -> bool:
     ok = torch.tensor([1.0], device=_comm_device())
-    for buf in ddp.buffers:
+    for buf in [*ddp.buffers, *ddp.expert_parallel_buffers]:  # expert weights' gradients live in the latter
         if not torch.isfinite(buf.grad_data).all():
             ok.zero_()
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
@@ -129,7 +129,7 @@ class Trainer:
         if self.model_cfg.is_moe:
             from megatron_soaes.training.moe_metrics import MoEMetrics
 
-            self.moe = MoEMetrics(model, self.model_cfg.num_layers, self.model_cfg.num_experts, _comm_device())
+            self.moe = MoEMetrics(model, self.model_cfg, _comm_device())
         on = [k.removesuffix("_fusion") for k, v in self.fusions.items() if v is True]
         self.log(f"layers: {'Transformer Engine' if self.use_te else 'megatron local'}, attention: {self.attention}, "
                  f"fusions: {', '.join(on) or 'none'}")
@@ -255,7 +255,7 @@ class Trainer:
         self.ddp.eval()  # no MoE load-balancing loss or load counts from held-out batches (train_step sets train())
         res = {}
         for name, micro in self.eval_sets.items():
-            loss, parts = self._schedule(micro, forward_only=True, forward_step=self.task.eval_forward_step)
+            loss, parts = self._schedule(micro, forward_only=True, forward_step=getattr(self.task, "eval_forward_step", None))
             res[name] = loss
             if len(parts) > 1:
                 res.update({f"{name}/{k}": v for k, v in parts.items() if k != "lm loss"})
@@ -293,8 +293,9 @@ class Trainer:
             if self.rank == 0:  # a gate of an earlier run in this directory publishes nothing now
                 (self.out / RETENTION_FILE).unlink(missing_ok=True)
             return
-        if "retention" in self.resumed_common:
+        if "retention" in self.resumed_common:  # the run's baseline and history; the bound is the job's
             self.gate = RetentionGate.restore(self.resumed_common["retention"])
+            self.gate.min_ratio, self.gate.action, self.gate.metric = r.min_ratio, r.action, r.metric
             last = self.gate.history[-1] if self.gate.history else None
             if last and last["decision"] == "stop":  # a rerun of a stopped run stops again, it does not train on
                 raise RetentionBreached(last["step"], last["ratio"], self.gate.min_ratio, self.ckpt_dir / f"iter_{last['step']:07d}")
