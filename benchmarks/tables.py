@@ -99,7 +99,8 @@ def test_tiers(data: dict) -> list[str]:
     pipelines = sum(r["seconds"] for r in rows if "test_pipeline.py" in r["test"])
     lines = [f"{data['passed']} passed, {data['failed']} failed, {data['skipped']} skipped in {data['wall_seconds'] / 60:.1f} min "
              f"(CPU: {data['user_seconds']:,.0f} s user, {data['sys_seconds']:,.0f} s kernel); the pipeline tests "
-             f"(whole pipelines as subprocesses) {pipelines / 60:.1f} min of it.", "",
+             f"(whole pipelines as subprocesses) {pipelines / 60:.1f} min of it"
+             + (f"; peak temporary files {data['peak_tmp_mb']:,} MB." if data.get("peak_tmp_mb") else "."), "",
              "| slowest tests | seconds |", "|---|---|"]
     lines += [f"| `{r['test']}` | {r['seconds']:.0f} |" for r in rows[:10]]
     return lines

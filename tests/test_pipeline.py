@@ -91,11 +91,10 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     lines = [x for x in open(out / "distill" / "metrics.jsonl") if '"step": ' in x and json.loads(x)["step"] <= 6]
     (out / "distill" / "metrics.jsonl").write_text("".join(lines))
     shutil.rmtree(out / "report")
-    log = run_pipeline(out)
-    assert "resumed from" in log and "iter_0000006" in log
+    log = run_pipeline(out, "--until", "distill")  # (the phases after it only read its checkpoint)
+    assert "resumed from" in log and "iter_0000006" in log and "[pipeline] evaluate" not in log
     resumed = [json.loads(x)["loss"] for x in open(out / "distill" / "metrics.jsonl") if '"loss"' in x]
     assert resumed == pytest.approx(distill_loss, rel=1e-6)
-    assert (out / "report" / "summary.md").exists()
 
 
 def test_force_phase_redoes_it_and_everything_downstream(tmp_path):
@@ -135,10 +134,10 @@ def test_pipeline_with_the_real_qwen_vocabulary(tmp_path):
     assert len(losses) == 3 and all(10 < v < 13 for v in losses)  # ~ln(151,680) = 11.9 at the start
 
 
-@pytest.mark.parametrize("family,arch", [("qwen3", "Qwen3ForCausalLM"), ("llama3", "LlamaForCausalLM")])
+@pytest.mark.parametrize("family,arch", [("llama3", "LlamaForCausalLM")])
 def test_pipeline_model_family_switch(tmp_path, family, arch):
     """`--set model.family=...`: every model of the pipeline is that family (data, base, CPT here; the
-    whole pipeline per family is in the slow tier)."""
+    whole pipeline per family is in the slow tier: Qwen3-MoE, whose draft is a dense Qwen3)."""
     out = tmp_path / family
     run_pipeline(out, "--set", f"model.family={family}", "--set", "base.pretrain_steps=2", "--set", "cpt.steps=3",
                  "--until", "cpt")
