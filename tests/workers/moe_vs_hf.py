@@ -6,12 +6,11 @@ Usage: torchrun --nproc-per-node N moe_vs_hf.py HF_DIR MCORE_DIR TP PP EP OUT_JS
 (TP > 1 runs sequence parallelism, which megatron-core's MoE layers need with TP)
 """
 
-import json
 import sys
 
 import torch
 
-from train_step_vs_hf import local_shard
+from train_step_vs_hf import local_shard, write_results
 
 
 def main():
@@ -116,16 +115,8 @@ def main():
         worst = max(worst, (p.main_grad - ref).abs().max().item())
         compared += 1
 
-    loss = torch.tensor(sum(x["loss"].item() for x in losses) / n_micro if losses else 0.0)
-    results = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(results, {
-        "rank": torch.distributed.get_rank(), "last_stage": ps.is_pipeline_last_stage(), "loss": loss.item(),
-        "ref_loss": ref_loss.item(), "max_logit_diff": logit_diff, "logits_compared": len(logits),
-        "max_grad_diff": worst, "compared": compared, "experts": sorted(experts_seen)})
-    if torch.distributed.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
-
+    write_results(out, losses, n_micro, ref_loss=ref_loss.item(), max_logit_diff=logit_diff, logits_compared=len(logits),
+                  max_grad_diff=worst, compared=compared, experts=sorted(experts_seen))
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,19 @@ def local_shard(t, tensor, tp_rank, tp):
     return chunks[tp_rank]
 
 
+def write_results(out, losses, n_micro: int, **fields) -> None:
+    """Every rank's figures in one JSON list, written by rank 0 (loss: the mean over micro-batches, last stage)."""
+    from megatron.core import parallel_state as ps
+
+    loss = sum(x["loss"].item() for x in losses) / n_micro if losses else 0.0
+    results = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(results, {"rank": torch.distributed.get_rank(),
+                                                  "last_stage": ps.is_pipeline_last_stage(), "loss": loss, **fields})
+    if torch.distributed.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def main():
     hf_dir, mc_dir, tp, pp, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     sp = sys.argv[6:] == ["sp"]
@@ -95,15 +108,7 @@ def main():
         worst = max(worst, (p.main_grad - ref).abs().max().item())
         compared += 1
 
-    loss = torch.tensor(sum(l["loss"].item() for l in losses) / n_micro if losses else 0.0)
-    results = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(results, {
-        "rank": torch.distributed.get_rank(), "last_stage": ps.is_pipeline_last_stage(),
-        "loss": loss.item(), "ref_loss": ref_loss.item(), "max_grad_diff": worst, "compared": compared})
-    if torch.distributed.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
-
+    write_results(out, losses, n_micro, ref_loss=ref_loss.item(), max_grad_diff=worst, compared=compared)
 
 if __name__ == "__main__":
     main()
