@@ -43,13 +43,16 @@ def spec_decode(data: dict) -> list[str]:
 
 
 def train_throughput(data: dict) -> list[str]:
-    lines = ["| variant | processes | tokens/s | ratio | final loss |", "|---|---|---|---|---|"]
+    moe = any(r.get("moe_load_worst") for r in data["rows"])  # MoE variants: expert load and aux loss too
+    extra = " expert load max/mean (worst layer) | aux loss |" if moe else ""
+    lines = ["| variant | processes | tokens/s | ratio | final loss |" + extra, "|---|---|---|---|---|" + "---|---|" * moe]
     for r in data["rows"]:
         if r.get("skipped"):
-            lines.append(f"| {r['variant']} | {r['nproc']} | skipped: {r['skipped'][:60]} | - | - |")
+            lines.append(f"| {r['variant']} | {r['nproc']} | skipped: {r['skipped'][:60]} | - | - |" + " - | - |" * moe)
         else:
+            tail = f" {_f(r.get('moe_load_worst'), '.2f')} | {_f(r.get('moe_aux_loss'), '.3f')} |" if moe else ""
             lines.append(f"| {r['variant']} | {r['nproc']} | {r['tokens_per_s']:,.0f} | {r.get('ratio', 1):.3f} | "
-                         f"{r['final_loss']:.6f} |")
+                         f"{r['final_loss']:.6f} |" + tail)
     return lines
 
 
