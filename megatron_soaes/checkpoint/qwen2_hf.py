@@ -168,6 +168,17 @@ def hf_to_megatron_global(cfg: Qwen2Config, get) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_experts(cfg: Qwen2Config, get, i: int, fused: bool) -> tuple[PerExpert, PerExpert]:
+    """Layer i's experts from HF tensors as ([gate; up] [2I, H], down [H, I]) per expert: from transformers 5's
+    fused tensors (each read once) or the hub's per-expert ones."""
+    m, n = f"model.layers.{i}.mlp.experts.", cfg.num_experts
+    if fused:
+        gate_up, down = get(m + "gate_up_proj"), get(m + "down_proj")
+        return PerExpert(n, gate_up.__getitem__), PerExpert(n, down.__getitem__)
+    return (PerExpert(n, lambda e: torch.cat([get(f"{m}{e}.gate_proj.weight"), get(f"{m}{e}.up_proj.weight")])),
+            PerExpert(n, lambda e: get(f"{m}{e}.down_proj.weight")))
+
+
 def hf_to_megatron_layer(cfg: Qwen2Config, get, i: int, fused: bool = False) -> dict:
     """Layer i's megatron tensors (keys as `megatron_tensors` names them); expert tensors as `PerExpert`.
     `fused`: this layer's HF experts are in transformers 5's fused layout."""
@@ -183,16 +194,8 @@ def hf_to_megatron_layer(cfg: Qwen2Config, get, i: int, fused: bool = False) -> 
     m = p + "mlp."
     if cfg.moe_layers()[i]:
         out["mlp.router.weight"] = get(m + "gate.weight")
-        if fused:  # each [E, ...] tensor read once per layer
-            gate_up, down = get(m + "experts.gate_up_proj"), get(m + "experts.down_proj")
-            out["mlp.experts.experts.linear_fc1.weight"] = PerExpert(cfg.num_experts, gate_up.__getitem__)
-            out["mlp.experts.experts.linear_fc2.weight"] = PerExpert(cfg.num_experts, down.__getitem__)
-        else:
-            x = m + "experts.{}."
-            out["mlp.experts.experts.linear_fc1.weight"] = PerExpert(cfg.num_experts, lambda e: torch.cat(
-                [get(x.format(e) + "gate_proj.weight"), get(x.format(e) + "up_proj.weight")]))
-            out["mlp.experts.experts.linear_fc2.weight"] = PerExpert(cfg.num_experts,
-                                                                     lambda e: get(x.format(e) + "down_proj.weight"))
+        out["mlp.experts.experts.linear_fc1.weight"], out["mlp.experts.experts.linear_fc2.weight"] = \
+            hf_experts(cfg, get, i, fused)
     else:
         out["mlp.linear_fc1.weight"] = torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")])
         out["mlp.linear_fc2.weight"] = get(m + "down_proj.weight")

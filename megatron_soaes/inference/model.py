@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_soaes.checkpoint import qwen2_hf
 from megatron_soaes.inference.tp import TensorParallel
 from megatron_soaes.models.config import Qwen2Config
 
@@ -150,7 +151,10 @@ class Qwen2ForInference:
                 o=Linear(w(a + "o_proj.weight", tp.cols), pack=packed))
             if sparse[i]:  # router replicated; each expert's intermediate units split over TP ranks like the dense MLP's
                 m = p + "mlp."
-                gate_up, down = _expert_weights(weights, m, cfg.num_experts)
+                names = weights.names if isinstance(weights, LazyWeights) else weights  # (no read to test a name)
+                fc1, fc2 = qwen2_hf.hf_experts(cfg, weights.__getitem__, i, m + "experts.gate_up_proj" in names)
+                gate_up = torch.stack([fc1.get(e) for e in range(fc1.n)])
+                down = torch.stack([fc2.get(e) for e in range(fc2.n)])
                 half = gate_up.shape[1] // 2
                 layer.update(router=w(m + "gate.weight"), experts_down=tp.cols(down).contiguous().to(device=self.device, dtype=dtype),
                              experts_gate_up=torch.cat([tp.rows(gate_up[:, :half].transpose(0, 1)),
@@ -312,18 +316,6 @@ class Qwen2ForInference:
         return out.view_as(h)
 
 
-def _expert_weights(weights, prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's experts as [E, 2I, H] ([gate; up]) and [E, H, I], from transformers 5's fused tensors or the
-    hub's per-expert ones."""
-    names = weights.names if isinstance(weights, LazyWeights) else weights  # (no read to test a name)
-    if prefix + "experts.gate_up_proj" in names:
-        return weights[prefix + "experts.gate_up_proj"], weights[prefix + "experts.down_proj"]
-    x = prefix + "experts.{}."
-    gate_up = torch.stack([torch.cat([weights[x.format(e) + "gate_proj.weight"], weights[x.format(e) + "up_proj.weight"]])
-                           for e in range(n)])
-    return gate_up, torch.stack([weights[x.format(e) + "down_proj.weight"] for e in range(n)])
-
-
 class LazyWeights(Mapping):
     """HF-named tensors read on access (a torch_dist layer is converted once, when first touched), so a
     tensor-parallel rank keeps only its slices and holds one full tensor at a time."""
@@ -351,7 +343,6 @@ class LazyWeights(Mapping):
 
 def load_weights(path: str | Path) -> tuple[Qwen2Config, Mapping[str, torch.Tensor]]:
     """HF-named tensors (read lazily) from an HF safetensors directory or a megatron-soaes torch_dist checkpoint."""
-    from megatron_soaes.checkpoint import qwen2_hf
     from megatron_soaes.checkpoint.meta import META_FILE, model_config_of
 
     path = Path(path)
