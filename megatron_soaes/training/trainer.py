@@ -154,7 +154,9 @@ class Trainer:
         self.batches, self.eval_sets = self.task.build(job, self.tokenizer, self.model_cfg,
                                                        ps.get_data_parallel_rank(), self.dp, consumed)
         r = job.train.retention
-        if r and r.eval_set not in self.eval_sets:  # the gate's general text, as plain next-token loss (CPT has it)
+        # the gate's general text as plain next-token loss and accuracy, unless the task evaluates it so itself
+        # (CPT); an SFT set of the same name is packed chat data, not that
+        if r and not (r.eval_set in self.eval_sets and getattr(self.task, "eval_forward_step", None)):
             from megatron_soaes.training.cpt import text_eval_batches
 
             self.retention_batches = text_eval_batches(job, job.data.valid[r.eval_set], self.tokenizer,
@@ -278,8 +280,7 @@ class Trainer:
         name = self.job.train.retention.eval_set
         if res and name in res and f"{name}/accuracy" in res:  # the task evaluated it as plain text itself (CPT)
             return res[name], res[f"{name}/accuracy"]
-        micro = self.eval_sets[name] if name in self.eval_sets else self.retention_batches
-        loss, parts = self._schedule(micro, forward_only=True,
+        loss, parts = self._schedule(self.retention_batches, forward_only=True,
                                      forward_step=partial(lm_eval_forward_step, vocab_size=self.model_cfg.vocab_size))
         return loss, parts["accuracy"]
 
