@@ -7,6 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
+from megatron_soaes.models.config import Qwen2Config
 from megatron_soaes.utils.files import read_json
 from megatron_soaes.workflows.export import ExportError, check_pair
 
@@ -22,7 +23,7 @@ def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_token
         n = cfg.get(key, cfg["num_attention_heads"])
         if n % tensor_parallel and tensor_parallel % n:
             raise ExportError(f"{target}: tensor parallel {tensor_parallel} does not divide {key} {n}")
-    experts = cfg.get("num_experts", cfg.get("num_local_experts"))  # an MoE target: experts over the TP ranks
+    experts = Qwen2Config.from_hf(cfg).num_experts  # an MoE target (0: dense): experts over the TP ranks
     if experts and experts % tensor_parallel:
         raise ExportError(f"{target}: tensor parallel {tensor_parallel} does not divide num_experts {experts} "
                           "(expert parallelism puts num_experts / TP experts on each GPU)")
