@@ -121,9 +121,9 @@ def test_a_missing_expert_is_a_one_line_error_and_nothing_is_written(moe_models,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name,tp,pp,ep", [("softmax_tied", 1, 1, 1), ("renorm", 1, 1, 2), ("softmax_tied", 1, 2, 1),
+@pytest.mark.parametrize("name,tp,pp,ep", [("softmax_tied", 1, 1, 1), ("renorm", 1, 1, 2), ("softmax_tied", 1, 2, 2),
                                            ("renorm", 2, 1, 2)],
-                         ids=["softmax-tied-tp1", "ep2", "softmax-tied-pp2", "tp2-sp-ep2"])
+                         ids=["softmax-tied-tp1", "ep2", "softmax-tied-pp2-ep2", "tp2-sp-ep2"])
 def test_logits_and_training_step_match_hf(moe_models, tmp_path, name, tp, pp, ep):
     """Forward logits (fp32) within 1e-5 of HF's, and one training step's loss and every gradient shard --
     experts on their EP rank by global index, the router, the dense layer -- within 1e-5."""
@@ -144,7 +144,10 @@ def test_logits_and_training_step_match_hf(moe_models, tmp_path, name, tp, pp, e
 
 def test_load_balancing_loss_matches_hf_per_layer(moe_models):
     """megatron-core's aux loss of each MoE layer (E * sum_i f_i P_i over the k * T routed slots) times k is
-    HF's load_balancing_loss_func of that layer's router logits."""
+    HF's load_balancing_loss_func of that layer's router logits; its router z-loss (when on) is the mean
+    squared log-sum-exp of those logits."""
+    import dataclasses
+
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
     from transformers import AutoModelForCausalLM
 
@@ -155,14 +158,15 @@ def test_load_balancing_loss_matches_hf_per_layer(moe_models):
 
     d = moe_models["renorm"]
     initialize(ParallelConfig())
-    cfg = Qwen2Config.from_hf(d / "hf")
+    cfg = dataclasses.replace(Qwen2Config.from_hf(d / "hf"), router_z_loss_coef=1e-3)
     model = build_model(cfg)
     load_model_weights(model, d / "mc")
     x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
     clear_aux_losses_tracker()
     model.train()
     model(x, torch.arange(16).expand(2, 16), None, labels=x).sum().backward()
-    ours = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].tolist()
+    tracker = get_moe_layer_wise_logging_tracker()
+    ours, z = (tracker[k]["values"].tolist() for k in ("load_balancing_loss", "z_loss"))
     clear_aux_losses_tracker()
 
     hf = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32)
@@ -172,12 +176,14 @@ def test_load_balancing_loss_matches_hf_per_layer(moe_models):
     for layer, lg in zip(sparse, logits):
         ref = load_balancing_loss_func((lg,), cfg.num_experts, cfg.num_experts_per_tok).item()
         assert ours[layer] * cfg.num_experts_per_tok == pytest.approx(ref, rel=1e-5), (layer, ours, ref)
+        assert z[layer] == pytest.approx(torch.logsumexp(lg.float(), -1).square().mean().item(), rel=1e-5), layer
 
 
 def test_training_at_ep2_logs_moe_metrics_and_resumes_at_ep1(cpt_data, tmp_path):
-    """CPT of an MoE model at EP=2 (2 processes; DP=2 for the dense weights): the log and metrics carry the
-    load-balancing loss and the expert load per layer; its step-8 checkpoint (experts saved by global index)
-    resumes on one process at EP=1 with the same losses."""
+    """CPT of an MoE model at EP=2 (2 processes; DP=2 for the dense weights) with the distributed optimizer:
+    the log and metrics carry the load-balancing loss and the expert load per layer; its step-8 checkpoint
+    (experts saved by global index, optimizer state in model space) resumes on one process at EP=1 with the
+    same losses."""
     import shutil
 
     import yaml
@@ -187,24 +193,27 @@ def test_training_at_ep2_logs_moe_metrics_and_resumes_at_ep1(cpt_data, tmp_path)
     def cfg(out, **parallel):
         path = write_config(cpt_data, out, steps=16)
         c = yaml.safe_load(path.read_text())
-        c["model"] = {"preset": "test-moe", "overrides": {"vocab_size": 4096, "router_aux_loss_coef": 0.01}}
+        c["model"] = {"preset": "test-moe",
+                      "overrides": {"vocab_size": 4096, "router_aux_loss_coef": 0.01, "router_z_loss_coef": 1e-3}}
         c["parallel"] = parallel
         path.write_text(yaml.safe_dump(c))
         return path
 
     ref = tmp_path / "ep2"
     res = torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config",
-                   cfg(ref, expert_parallel=2))
-    assert "moe aux" in res.stdout + res.stderr and "expert load max/mean" in res.stdout + res.stderr
+                   cfg(ref, expert_parallel=2, use_distributed_optimizer=True))
+    log = res.stdout + res.stderr
+    assert "moe aux" in log and "router z" in log and "expert load max/mean" in log
     rows = [json.loads(x) for x in open(ref / "metrics.jsonl") if '"moe_aux_loss"' in x]
     assert len(rows) == 16
     for r in rows:  # three sparse layers; balanced load is 1.0, all tokens on the same 2 of 4 experts is 2.0
         assert len(r["moe_aux_loss_per_layer"]) == 3 and all(1.0 <= x <= 2.0 + 1e-6 for x in r["moe_load_max_over_mean"])
         assert 0.9 < r["moe_aux_loss"] < 2.0  # E * sum f_i P_i: 1 when balanced
+        assert len(r["moe_z_loss_per_layer"]) == 3 and r["moe_z_loss"] > 0
     run = tmp_path / "ep1"
     shutil.copytree(ref / "checkpoints" / "iter_0000008", run / "checkpoints" / "iter_0000008")
     (run / "checkpoints" / "latest").write_text("iter_0000008")
-    torchrun(1, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg(run))
+    torchrun(1, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg(run, use_distributed_optimizer=True))
     full, got = losses(ref), losses(run)
     assert sorted(got) == list(range(9, 17))
     for s in range(9, 17):

@@ -97,6 +97,9 @@ class Qwen2Config:
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i is not in mlp_only_layers
     mlp_only_layers: list = field(default_factory=list)
     router_aux_loss_coef: float = 0.001  # the load-balancing loss weight (HF's; training adds it to the loss)
+    # the router z-loss weight (ST-MoE: squared log-sum-exp of the router logits, keeps them small); 0 = off,
+    # as Qwen3-MoE trains. Like the aux loss, applied to the mean over the MoE layers
+    router_z_loss_coef: float = 0.0
     extra_hf: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -231,7 +234,8 @@ class Qwen2Config:
                        moe_intermediate_size=hf.get("moe_intermediate_size"),
                        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),  # transformers' default
                        decoder_sparse_step=hf.get("decoder_sparse_step", 1), mlp_only_layers=hf.get("mlp_only_layers") or [],
-                       router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+                       router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+                       router_z_loss_coef=hf.get("router_z_loss_coef", 0.0))
             missing = [k for k, v in moe.items() if v is None]
             if missing:
                 raise ModelConfigError(f"{source}: missing field {missing[0]!r}")
@@ -290,7 +294,8 @@ class Qwen2Config:
             **({"num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
                 "moe_intermediate_size": self.moe_intermediate_size, "norm_topk_prob": self.norm_topk_prob,
                 "decoder_sparse_step": self.decoder_sparse_step, "mlp_only_layers": list(self.mlp_only_layers),
-                "router_aux_loss_coef": self.router_aux_loss_coef, "output_router_logits": False}
+                "router_aux_loss_coef": self.router_aux_loss_coef, "output_router_logits": False,
+                **({"router_z_loss_coef": self.router_z_loss_coef} if self.router_z_loss_coef else {})}
                if self.is_moe else {}),
         }
 

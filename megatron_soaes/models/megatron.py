@@ -189,7 +189,8 @@ def moe_kwargs(cfg: Qwen2Config, use_te: bool) -> dict:
     (pre_softmax False); without it the weights are the full softmax's (pre_softmax True). No shared
     expert, no token dropping. The load-balancing loss is megatron's per layer and micro-batch, E * sum_i
     f_i P_i with f_i the share of the k * T routed slots: HF's formula is k times that per layer, so the
-    coefficient is router_aux_loss_coef * k, spread over the MoE layers (HF averages its loss over them)."""
+    coefficient is router_aux_loss_coef * k, spread over the MoE layers (HF averages its loss over them); the
+    optional router z-loss likewise."""
     from megatron.core import parallel_state
 
     sparse = cfg.moe_layers()
@@ -199,6 +200,7 @@ def moe_kwargs(cfg: Qwen2Config, use_te: bool) -> dict:
         moe_router_score_function="softmax", moe_layer_freq=[int(s) for s in sparse],
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=cfg.router_aux_loss_coef * cfg.num_experts_per_tok / sum(sparse),
+        moe_z_loss_coeff=cfg.router_z_loss_coef / sum(sparse) if cfg.router_z_loss_coef else None,
         # gloo and CPU: the all-gather dispatcher (megatron's all-to-all one keeps CUDA streams)
         moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
         moe_grouped_gemm=use_te, moe_permute_fusion=False, moe_router_fusion=False,

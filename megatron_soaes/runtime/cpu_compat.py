@@ -12,6 +12,8 @@ here, so that the rest of the code base uses megatron-core unmodified:
 5. grad clipping asserts CUDA grads                                -> a CPU clip (same math).
 6. the CUDA RNG tracker (``fork()`` of the model-parallel RNG state) -> a tracker that
    keeps torch's CPU generator states instead, so TP dropout stays reproducible.
+7. the distributed optimizer sorts parameters by ``Tensor.type()`` names (``torch.cuda.FloatTensor``)
+   -> while it is built, a CPU tensor's type name is its CUDA twin's.
 
 `install()` is idempotent and does nothing when CUDA is available. It also keeps freed memory in the
 process (`keep_freed_memory`): a CPU step's large activations are otherwise handed back to the kernel
@@ -38,6 +40,7 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.utils",  # local_multi_tensor_l2_norm (grad-norm without apex)
 )
 
@@ -152,6 +155,35 @@ def _patch_optimizer():
         importlib.import_module(name).clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
 
 
+@contextlib.contextmanager
+def _cuda_type_names():
+    """``Tensor.type()`` of a CPU tensor named as its CUDA twin's, for code that dispatches on that name."""
+    plain = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and self.device.type == "cpu":
+            return plain(self).replace("torch.", "torch.cuda.", 1)
+        return plain(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = plain
+
+
+def _patch_distributed_optimizer():
+    cls = importlib.import_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        with _cuda_type_names():
+            init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+
 def keep_freed_memory() -> bool:
     """glibc serves every block over 32 MB with mmap and returns freed heap memory over its trim threshold
     to the kernel, so each training step's activations, logits and gradients are zero-filled and faulted
@@ -188,6 +220,7 @@ def install() -> bool:
         importlib.import_module(name).torch = proxy
     _patch_rng()
     _patch_optimizer()
+    _patch_distributed_optimizer()
     _INSTALLED = True
     return True
 

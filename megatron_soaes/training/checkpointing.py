@@ -10,6 +10,7 @@ not (a truncated or corrupted file), saying so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -21,6 +22,10 @@ import numpy as np
 import torch
 
 _ITER = re.compile(r"^iter_(\d{7})$")
+# the distributed optimizer's state saved in model space, each tensor whole per TP/EP shard: a checkpoint
+# resumes at another DP size and with or without the distributed optimizer (its default layout,
+# flattened ranges, is one megatron-core 0.16's checkpointing no longer writes)
+OPTIMIZER_LAYOUT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def rng_state() -> dict:
@@ -81,12 +86,13 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
     model_sd = _model_state(model, adapter is not None)
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd),
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_LAYOUT),
         "rng": ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0),
         "scheduler": scheduler.state_dict(),
         "common": common,
     }
-    publish = lambda: _publish(tmp, final, iteration, model_cfg, keep_last, adapter)  # noqa: E731
+    meta = {**(adapter or {}), "optimizer": optimizer_kind(optimizer)}
+    publish = lambda: _publish(tmp, final, iteration, model_cfg, keep_last, meta)  # noqa: E731
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
         publish()
@@ -104,7 +110,7 @@ def _model_state(model, adapters_only: bool) -> dict:
     return adapter_entries(sd) if adapters_only else sd
 
 
-def _publish(tmp: Path, final: Path, iteration: int, model_cfg, keep_last: int, adapter: dict | None = None) -> None:
+def _publish(tmp: Path, final: Path, iteration: int, model_cfg, keep_last: int, meta: dict | None = None) -> None:
     """Collective, after every rank finished writing `tmp`: sidecar, manifest (last), then one rename."""
     from megatron_soaes.checkpoint.meta import write_meta
 
@@ -112,7 +118,7 @@ def _publish(tmp: Path, final: Path, iteration: int, model_cfg, keep_last: int, 
     directory = final.parent
     torch.distributed.barrier()
     if rank == 0:
-        write_meta(tmp, model_cfg, iteration=iteration, world_size=world, **(adapter or {}))
+        write_meta(tmp, model_cfg, iteration=iteration, world_size=world, **(meta or {}))
     torch.distributed.barrier()
     _write_manifest(tmp)
     fault_point("before_rename", iteration)
@@ -182,6 +188,50 @@ def _set_aside(refused: list, good: Path, log) -> None:
     torch.distributed.barrier()
 
 
+def optimizer_kind(optimizer) -> str:
+    """"distributed" when megatron-core's distributed optimizer holds any of the state, else "plain"."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in chain) else "plain"
+
+
+@contextlib.contextmanager
+def _distributed_optimizer_load(optimizer):
+    """Three gaps of megatron-core 0.16's distributed optimizer over a torch Adam (no TE/apex: CPU, or a GPU
+    image without them), mended around a load:
+    - it reads the inner optimizer's `step` when it builds the state to load into, and a torch Adam has one
+      only after its first step: give it megatron's zero-gradient dummy step (the load replaces its values);
+    - its model-space loader copies every inner state entry from the checkpoint, where `step` is none (its
+      load_state_dict restores it from the common state): keep that one;
+    - that restored `step` is one tensor shared by every parameter's state, which torch Adam increments in
+      place once per parameter (wrong bias correction from the first step after a resume): one each."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    opts = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    for opt in opts:
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+        set_states = type(opt)._set_main_param_and_optimizer_states
+
+        def keep_step(model_param, tensors, opt=opt, set_states=set_states):
+            group, order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            set_states(opt, model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = keep_step
+    try:
+        yield
+    finally:
+        for opt in opts:
+            del opt._set_main_param_and_optimizer_states
+            for state in opt.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
 def load(path: str | Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and (at the same world size) RNG; returns `common`."""
     from megatron.core import dist_checkpointing
@@ -193,13 +243,23 @@ def load(path: str | Path, model, optimizer, scheduler) -> dict:
     meta = read_meta(path)
     same_world = meta.get("world_size") == world
     model_sd = _model_state(model, "adapter" in meta)
-    # scheduler and common are non-sharded: dist_checkpointing.load returns them from common.pt.
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
-    if same_world:
-        state["rng"] = ShardedObject("rng_state", None, (world,), (rank,), replica_id=0)
-    loaded = dist_checkpointing.load(state, str(path))
-    model.load_state_dict(loaded["model"], strict=False)
-    optimizer.load_state_dict(loaded["optimizer"])
+    saved, now = meta.get("optimizer", "plain"), optimizer_kind(optimizer)
+    if saved != now:  # megatron-core's two optimizers keep their state in different structures
+        from megatron_soaes.config import ConfigError
+
+        raise ConfigError(
+            f"{path}: saved {'with' if saved == 'distributed' else 'without'} the distributed optimizer; resume "
+            f"with parallel.use_distributed_optimizer={str(saved == 'distributed').lower()}, or start a new run "
+            "from its weights (model.init_checkpoint)")
+    with _distributed_optimizer_load(optimizer):
+        # scheduler and common are non-sharded: dist_checkpointing.load returns them from common.pt.
+        state = {"model": model_sd,
+                 "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_LAYOUT)}
+        if same_world:
+            state["rng"] = ShardedObject("rng_state", None, (world,), (rank,), replica_id=0)
+        loaded = dist_checkpointing.load(state, str(path))
+        model.load_state_dict(loaded["model"], strict=False)
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_world:
         set_rng_state(loaded["rng"])

@@ -1,5 +1,5 @@
-"""Per-step mixture-of-experts metrics: each MoE layer's load-balancing loss (megatron-core's tracker)
-and its expert load -- tokens routed to each expert over the global batch, as max / mean (1.0 = perfectly
+"""Per-step mixture-of-experts metrics: each MoE layer's load-balancing loss and router z-loss (when on;
+megatron-core's tracker) and its expert load -- tokens routed to each expert over the global batch, as max / mean (1.0 = perfectly
 balanced; E / k = every token on the same k experts). Counted by a hook on each router, whose output is
 (probs, routing_map [tokens, experts])."""
 
@@ -40,11 +40,12 @@ class MoEMetrics:
         load = (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).tolist()
         out = {"moe_load_max_over_mean": load, "moe_load_worst": max(load) if load else None}
         tracker = get_moe_layer_wise_logging_tracker()
-        if "load_balancing_loss" in tracker:
+        if tracker:
             reduce_aux_losses_tracker_across_ranks()
-            values = (tracker["load_balancing_loss"]["values"].float() / num_microbatches)[self.sparse.to(
-                tracker["load_balancing_loss"]["values"].device)]
-            out["moe_aux_loss"] = values.mean().item()  # per layer, before its coefficient
-            out["moe_aux_loss_per_layer"] = values.tolist()
+        for name, key in (("load_balancing_loss", "moe_aux_loss"), ("z_loss", "moe_z_loss")):
+            if name in tracker:  # per layer, before its coefficient
+                values = tracker[name]["values"].float() / num_microbatches
+                values = values[self.sparse.to(values.device)]
+                out[key], out[f"{key}_per_layer"] = values.mean().item(), values.tolist()
         clear_aux_losses_tracker()
         return out

@@ -428,8 +428,10 @@ class Trainer:
         eta = (t.steps - rec.step) * t.global_batch_size * seq / max(rec.tokens_per_s, 1e-9)
         per_src = ", ".join(f"{self.src_names.get(k, f'source {k}')}={v:,}" for k, v in sorted(self.source_tokens.items()))
         norm = rec.grad_norm if rec.grad_norm is None else round(rec.grad_norm, 3)
-        moe = (f" | moe aux {rec.moe['moe_aux_loss']:.4f} | expert load max/mean {rec.moe['moe_load_worst']:.2f}"
-               if rec.moe and "moe_aux_loss" in rec.moe else "")
+        moe = ""
+        if rec.moe and "moe_aux_loss" in rec.moe:
+            z = f" | router z {rec.moe['moe_z_loss']:.4f}" if "moe_z_loss" in rec.moe else ""
+            moe = f" | moe aux {rec.moe['moe_aux_loss']:.4f}{z} | expert load max/mean {rec.moe['moe_load_worst']:.2f}"
         self.log(f"step {rec.step}/{t.steps} | loss {rec.loss:.4f} | lr {rec.lr:.3e} | grad norm {norm} | "
                  f"{rec.tokens_per_s:,.0f} tok/s | {speed['model_tflops']:.3f} TFLOP/s (model){mfu}{moe} | "
                  f"ETA {eta:.0f}s | tokens {per_src}")
