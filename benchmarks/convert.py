@@ -10,6 +10,8 @@ bytes / seconds), peak RSS and its ratio to the largest shard, and the after/bef
 results file, and with --extrapolate the time the measured rate gives a 72B and a 235B checkpoint.
 
   python benchmarks/convert.py --before f2f4e43 --out benchmarks/results/convert_cpu.json
+  python benchmarks/convert.py --preset qwen3-30b-a3b --layers 4 --out benchmarks/results/convert_cpu_moe.json
+(MoE: the experts are read and written expert by expert, one tensor per layer on the global expert axis.)
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from pathlib import Path
 from provenance import write_results
 
 
-def make_checkpoint(preset_name: str, out: Path, shard_bytes: int = 1 << 30) -> int:
-    """Random bf16 HF checkpoint written shard by shard (never the whole model in memory)."""
+def make_checkpoint(preset_name: str, out: Path, shard_bytes: int = 1 << 30, layers: int | None = None) -> int:
+    """Random bf16 HF checkpoint written shard by shard (never the whole model in memory); `layers` keeps the
+    preset's first layers only (an MoE model's real layer shapes at a size this disk holds)."""
+    import dataclasses
+
     import torch
     from safetensors.torch import save_file
 
@@ -35,6 +40,8 @@ def make_checkpoint(preset_name: str, out: Path, shard_bytes: int = 1 << 30) -> 
     from megatron_soaes.models import preset
 
     cfg = preset(preset_name)
+    if layers:
+        cfg = dataclasses.replace(cfg, num_layers=layers)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_hf("bfloat16")))
     shapes = hf_tensor_shapes(cfg)
@@ -115,6 +122,7 @@ def export_revision(rev: str, dest: Path) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen2.5-1.5b")
+    p.add_argument("--layers", type=int, default=None, help="keep the preset's first N layers (e.g. an MoE preset's)")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--before", default=None, help="git revision whose converter is the 'before' rows")
     p.add_argument("--workdir", default="/tmp/soaes-convbench")
@@ -129,9 +137,9 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     hf = work / "hf"
     t0 = time.time()
-    size = make_checkpoint(args.preset, hf)
+    size = make_checkpoint(args.preset, hf, layers=args.layers)
     shard = max(f.stat().st_size for f in hf.glob("*.safetensors"))
-    print(f"random {args.preset} bf16 checkpoint: {size / 1e9:.2f} GB ({shard / 1e9:.2f} GB largest shard) "
+    print(f"random {args.preset}{f' ({args.layers} layers)' if args.layers else ''} bf16 checkpoint: {size / 1e9:.2f} GB ({shard / 1e9:.2f} GB largest shard) "
           f"written in {time.time() - t0:.1f}s")
     versions = [("after", "")]
     if args.before:
@@ -158,11 +166,15 @@ def main():
         print(f"{r['step']:40s} {r['seconds']:8.1f} {r['gb_per_s']:6.2f} {r['vs_plain_copy']:8.2f} "
               f"{r['peak_rss'] / 1e9:12.2f} {r['peak_rss_vs_largest_shard']:11.2f}x {r.get('speedup_vs_before', ''):>10}")
     # what the measured rates give at scale (bf16 weights: 2 bytes per parameter)
+    from megatron_soaes.models import preset
+
+    scale = (("qwen3-30b-a3b", 30.53e9), ("qwen3-235b-a22b", 235.09e9)) if preset(args.preset).is_moe else \
+        (("qwen2.5-72b", 72.7e9), ("qwen3-235b-a22b", 235e9))
     extrapolated = {name: {r["step"]: round(2 * params / 1e9 / r["gb_per_s"] / 60, 1) for r in rows}
-                    for name, params in (("qwen2.5-72b", 72.7e9), ("qwen3-235b-a22b", 235e9))}
+                    for name, params in scale}
     for name, mins in extrapolated.items():
         print(f"{name}: " + ", ".join(f"{k} {v} min" for k, v in mins.items()))
-    write_results(args.out or work / "result.json", rows, preset=args.preset, checkpoint_bytes=size,
+    write_results(args.out or work / "result.json", rows, preset=args.preset, layers=args.layers, checkpoint_bytes=size,
                   largest_shard_bytes=shard, before=args.before, minutes_at_scale=extrapolated)
     if not args.keep:
         shutil.rmtree(hf)

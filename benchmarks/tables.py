@@ -121,7 +121,8 @@ def checkpoint_io(data: dict) -> list[str]:
 
 
 def convert(data: dict) -> list[str]:
-    lines = [f"Checkpoint: random {data['preset']}, {data['checkpoint_bytes'] / 1e9:.2f} GB bf16, largest shard "
+    layers = f" (its first {data['layers']} layers)" if data.get("layers") else ""
+    lines = [f"Checkpoint: random {data['preset']}{layers}, {data['checkpoint_bytes'] / 1e9:.2f} GB bf16, largest shard "
              f"{data['largest_shard_bytes'] / 1e9:.2f} GB.", "",
              "| step | seconds | GB/s | vs plain copy | peak RSS GB | RSS / largest shard | speedup vs before |",
              "|---|---|---|---|---|---|---|"]
