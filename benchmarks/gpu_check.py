@@ -57,8 +57,8 @@ PLANTABLE = ("verify", "speculative")
 
 
 class Check:
-    def __init__(self, out: Path, budget: float, smoke: bool, plant: str | None, args_line: str):
-        self.out, self.smoke, self.plant = out, smoke, plant
+    def __init__(self, out: Path, budget: float, smoke: bool, plant: str | None, args_line: str, reuse_pair: bool = False):
+        self.out, self.smoke, self.plant, self.reuse_pair = out, smoke, plant, reuse_pair
         self.deadline = time.time() + budget
         self.report: dict = {"smoke": smoke, "tolerances": TOLERANCES, "provenance": provenance(args_line), "parts": {}}
 
@@ -208,6 +208,9 @@ def part_speculative(c: Check, py: str, dev: str) -> dict:
         draft += ["--set", "distill.teacher.preset=tiny", "--set", "optim.warmup_steps=1"]
     r: dict = {"wrong": []}
     for who, cmd in (("train_target", target), ("train_draft", draft)):
+        if c.reuse_pair and (Path(ckpt(who.split("_")[1])) / "manifest.json").exists():
+            r[who] = {"rc": 0, "reused": ckpt(who.split("_")[1])}
+            continue
         r[who] = c.run(cmd, c.left("speculative"), c.out / f"spec_{who}.log", results=[pair / who.split("_")[1]])
         if r[who]["rc"] != 0:
             r["wrong"].append(f"{who} failed")
@@ -275,6 +278,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=330, help="seconds for all parts (throughput gets the rest)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, a few steps: checks the command (CPU too)")
     ap.add_argument("--plant", choices=PLANTABLE, default=None, help="plant a bug in this part (the check must fail)")
+    ap.add_argument("--reuse-pair", action="store_true",
+                    help="the speculative part decodes with the pair an earlier run trained in --out (its final "
+                         "checkpoints complete) instead of training it again")
     args = ap.parse_args()
     import torch
 
@@ -286,7 +292,7 @@ def main() -> None:
         raise SystemExit("error: gpu-check needs a CUDA GPU (use --smoke to check the command on CPU)")
     if not (ROOT / "data" / "demo" / "tokenizer.json").exists():
         raise SystemExit("error: data/demo missing: run `soaes prepare-demo-data --out data/demo` first")
-    c = Check(out, float("inf") if smoke else args.budget, smoke, args.plant, " ".join(sys.argv))
+    c = Check(out, float("inf") if smoke else args.budget, smoke, args.plant, " ".join(sys.argv), args.reuse_pair)
     parts = [p for p in PARTS if p in args.parts]
     runners = {"env": lambda: part_env(c, py), "parity": lambda: part_parity(c, py),
                "packed": lambda: part_packed(c, py, dev, dtype), "verify": lambda: part_verify(c, py, dev),

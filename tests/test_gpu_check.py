@@ -23,14 +23,19 @@ def gpu_check(out, *args):
                           capture_output=True, text=True, timeout=1500, env=job_env())
 
 
-@pytest.mark.parametrize("part", ["verify", "speculative"])
-def test_a_planted_bug_fails_the_check_naming_the_part(demo_data, tmp_path, part):
-    res = gpu_check(tmp_path, "--parts", "env", part, "--plant", part)
+def planted_bug_fails(out, part, *args):
+    """The check with a bug planted in `part` fails, naming that part only."""
+    res = gpu_check(out, "--parts", "env", part, "--plant", part, *args)
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"gpu-check FAILED: {part}" in res.stdout
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    report = json.loads((out / "gpu_check.json").read_text())
     assert report["wrong"][part] and not report["parts"]["env"]["wrong"]
     assert report["provenance"]["commit"] and "--plant" in report["provenance"]["command"]
+    return report
+
+
+def test_a_planted_bug_fails_the_check_naming_the_part(demo_data, tmp_path):
+    planted_bug_fails(tmp_path, "verify")  # a lossy decoder: in the smoke test (it reuses that run's trained pair)
 
 
 @pytest.mark.slow
@@ -48,3 +53,6 @@ def test_gpu_check_smoke_runs_every_part(demo_data, tmp_path):
     assert all(r["same_output"] for r in parts["verify"]["rows"])  # the C++ op on CPU
     assert all(r["exact"] for r in parts["speculative"]["eager"]["rows"])
     assert (tmp_path / "gpu_check.png").stat().st_size > 10_000
+    # a lossy speculative decoder planted: the same pair decodes, and the check fails naming the part
+    report = planted_bug_fails(tmp_path, "speculative", "--reuse-pair")
+    assert all(report["parts"]["speculative"][w].get("reused") for w in ("train_target", "train_draft"))

@@ -121,31 +121,22 @@ def test_force_phase_redoes_it_and_everything_downstream(tmp_path):
     assert (out / "cpt" / "checkpoints").exists()  # a refused command changes nothing
 
 
-def test_pipeline_with_the_real_qwen_vocabulary(tmp_path):
-    """The one-line switch to Qwen2.5's 151,665-token BPE: data, base model and CPT run (fewer steps)."""
-    out = tmp_path / "qwen"
-    run_pipeline(out, "--set", "data.tokenizer=qwen", "--set", "base.pretrain_steps=2", "--set", "cpt.steps=3",
-                 "--until", "cpt")
-    base = json.loads((out / "phases" / "data.json").read_text())
-    assert base["tokenizer"] == "qwen"
+def test_pipeline_family_switch_with_the_real_qwen_vocabulary(tmp_path):
+    """Two one-line switches together: `--set model.family=llama3` makes every model of the pipeline that
+    family, `data.tokenizer=qwen` the real Qwen2.5 151,665-token BPE: data, base model and CPT run (fewer
+    steps). The whole pipeline per family is in the slow tier (Qwen3-MoE, whose draft is a dense Qwen3)."""
+    out = tmp_path / "llama3-qwen"
+    run_pipeline(out, "--set", "model.family=llama3", "--set", "data.tokenizer=qwen", "--set", "base.pretrain_steps=2",
+                 "--set", "cpt.steps=3", "--until", "cpt")
+    assert json.loads((out / "phases" / "data.json").read_text())["tokenizer"] == "qwen"
     meta = json.loads(next((out / "cpt" / "checkpoints").glob("iter_*/soaes_model.json")).read_text())
+    assert meta["architecture"] == "LlamaForCausalLM"
     assert meta["model"]["vocab_size"] == 151680  # 151,665 tokens padded to a multiple of 128
-    losses = [json.loads(x)["loss"] for x in open(out / "cpt" / "metrics.jsonl") if '"loss"' in x]
-    assert len(losses) == 3 and all(10 < v < 13 for v in losses)  # ~ln(151,680) = 11.9 at the start
-
-
-@pytest.mark.parametrize("family,arch", [("llama3", "LlamaForCausalLM")])
-def test_pipeline_model_family_switch(tmp_path, family, arch):
-    """`--set model.family=...`: every model of the pipeline is that family (data, base, CPT here; the
-    whole pipeline per family is in the slow tier: Qwen3-MoE, whose draft is a dense Qwen3)."""
-    out = tmp_path / family
-    run_pipeline(out, "--set", f"model.family={family}", "--set", "base.pretrain_steps=2", "--set", "cpt.steps=3",
-                 "--until", "cpt")
-    meta = json.loads(next((out / "cpt" / "checkpoints").glob("iter_*/soaes_model.json")).read_text())
-    assert meta["architecture"] == arch
     hf = json.loads((out / "base" / "hf_init" / "config.json").read_text())
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 5 writes rope_parameters
-    assert hf["architectures"] == [arch] and (family != "llama3" or rope["rope_type"] == "llama3")
+    assert hf["architectures"] == ["LlamaForCausalLM"] and rope["rope_type"] == "llama3"
+    losses = [json.loads(x)["loss"] for x in open(out / "cpt" / "metrics.jsonl") if '"loss"' in x]
+    assert len(losses) == 3 and all(10 < v < 13 for v in losses)  # ~ln(151,680) = 11.9 at the start
 
 
 @pytest.mark.slow
