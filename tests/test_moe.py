@@ -121,16 +121,18 @@ def test_a_missing_expert_is_a_one_line_error_and_nothing_is_written(moe_models,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name,tp,pp,ep", [("softmax_tied", 1, 1, 1), ("renorm", 1, 1, 2), ("softmax_tied", 1, 2, 2),
-                                           ("renorm", 2, 1, 2)],
-                         ids=["softmax-tied-tp1", "ep2", "softmax-tied-pp2-ep2", "tp2-sp-ep2"])
-def test_logits_and_training_step_match_hf(moe_models, tmp_path, name, tp, pp, ep):
+@pytest.mark.parametrize("name,tp,pp,ep,etp,n", [("softmax_tied", 1, 1, 1, 1, 1), ("renorm", 1, 1, 2, 1, 2),
+                                                ("softmax_tied", 1, 2, 2, 1, 4), ("renorm", 2, 1, 2, 2, 4),
+                                                ("renorm", 2, 1, 2, 1, 2)],
+                         ids=["softmax-tied-tp1", "ep2", "softmax-tied-pp2-ep2", "tp2-sp-ep2", "tp2-sp-ep2-etp1"])
+def test_logits_and_training_step_match_hf(moe_models, tmp_path, name, tp, pp, ep, etp, n):
     """Forward logits (fp32) within 1e-5 of HF's, and one training step's loss and every gradient shard --
-    experts on their EP rank by global index, the router, the dense layer -- within 1e-5."""
-    n = tp * pp * ep
+    experts on their EP rank by global index (split over the expert-TP ranks), the router, the dense
+    layer -- within 1e-5. The last layout keeps experts whole (expert TP 1) on the two ranks that split
+    attention (TP 2): the experts go to EP instead, on 2 processes."""
     out = tmp_path / "r.json"
     torchrun(n, ROOT / "tests" / "workers" / "moe_vs_hf.py", moe_models[name] / "hf", moe_models[name] / "mc",
-             tp, pp, ep, out)
+             tp, pp, ep, etp, out)
     ranks = read_json(out)
     last = [r for r in ranks if r["last_stage"]]
     assert last and all(r["logits_compared"] == 4 and r["max_logit_diff"] < TOL for r in last), ranks
@@ -139,7 +141,7 @@ def test_logits_and_training_step_match_hf(moe_models, tmp_path, name, tp, pp, e
     # every expert of every sparse layer was compared, on exactly one EP rank (per TP rank)
     seen = [tuple(e) for r in ranks for e in r["experts"]]
     assert sorted(set(seen)) == [(i, e) for i in (0, 2, 3) for e in range(4)]
-    assert len(seen) == 12 * tp
+    assert len(seen) == 12 * etp
 
 
 def test_load_balancing_loss_matches_hf_per_layer(moe_models):
@@ -288,7 +290,8 @@ def test_tensor_parallel_moe_inference_equals_one_process(moe_models, tmp_path):
 @pytest.mark.parametrize("sets,error", [
     (["parallel.expert_parallel=3"], "expert parallel size 3 does not divide num_experts 128"),
     (["parallel.sequence_parallel=false"], "parallel.sequence_parallel: megatron-core's MoE layers need it"),
-    (["model.preset=qwen3-8b"], "expert parallel size 8 given for a dense model")])
+    (["model.preset=qwen3-8b"], "expert parallel size 8 given for a dense model"),
+    (["parallel.expert_tensor_parallel=5"], "world size 96 is not divisible by expert TP*PP*EP = 5*1*8 = 40")])
 def test_moe_layout_errors_are_one_line_before_any_work(sets, error):
     """The 30B-A3B CPT config with a broken layout: `--dry-run` refuses it naming the field."""
     import subprocess

@@ -54,16 +54,27 @@ class ParallelConfig(StrictModel):
     use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
     # MoE models: experts split over this many ranks (each holds num_experts / expert_parallel experts; tokens
     # travel to their experts and back). Carved from the data-parallel ranks, so it must divide
-    # world / (TP * PP); expert layers keep TP's tensor split.
+    # world / (TP * PP); expert layers keep TP's tensor split unless expert_tensor_parallel says otherwise.
     expert_parallel: int = 1
+    # MoE models: the tensor split of each expert (default: tensor_parallel). 1 keeps experts whole and spreads
+    # them over the ranks TP would split them on (TP=2, EP=2, expert TP 1 on 2 GPUs): fewer, larger GEMMs.
+    # The expert layout (expert TP x EP x expert DP x PP) must fill the world like the dense one.
+    expert_tensor_parallel: int | None = None
+
+    @property
+    def expert_tp(self) -> int:
+        """The tensor split of each expert."""
+        return self.tensor_parallel if self.expert_tensor_parallel is None else self.expert_tensor_parallel
 
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
 
     def check_sizes(self) -> None:
         """What holds for any world size."""
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel", "expert_tensor_parallel"):
             value = getattr(self, name)
+            if value is None and name == "expert_tensor_parallel":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ParallelConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
         if self.sequence_parallel and self.tensor_parallel == 1:
@@ -79,11 +90,12 @@ class ParallelConfig(StrictModel):
             raise ParallelConfigError(
                 f"world size {world_size} is not divisible by TP*PP*CP = "
                 f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.context_parallel} = {mp}")
-        ep = self.tensor_parallel * self.pipeline_parallel * self.expert_parallel
+        etp = self.expert_tp
+        ep = etp * self.pipeline_parallel * self.expert_parallel
         if world_size % ep:
             raise ParallelConfigError(
-                f"world size {world_size} is not divisible by TP*PP*EP = "
-                f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.expert_parallel} = {ep}")
+                f"world size {world_size} is not divisible by expert TP*PP*EP = "
+                f"{etp}*{self.pipeline_parallel}*{self.expert_parallel} = {ep}")
         return world_size // mp
 
     validate = validate_world  # runtime's name

@@ -172,8 +172,10 @@ class Qwen2Config:
         emb = (self.padded_vocab_size if padded else self.vocab_size) * h
         return self.num_layers * attn + mlp + h + emb * (1 if self.tie_word_embeddings else 2)
 
-    def check_parallel(self, tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1) -> None:
-        """Raise a one-line error if this model cannot be split at TP/PP/EP."""
+    def check_parallel(self, tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
+                       expert_tensor_parallel: int | None = None) -> None:
+        """Raise a one-line error if this model cannot be split at TP/PP/EP (and expert TP, default TP)."""
+        etp = tensor_parallel if expert_tensor_parallel is None else expert_tensor_parallel
         if expert_parallel > 1 and not self.is_moe:
             raise ModelConfigError(f"expert parallel size {expert_parallel} given for a dense model ({self.architecture})")
         checks = [
@@ -183,7 +185,7 @@ class Qwen2Config:
             (self.padded_vocab_size, "padded vocab size", tensor_parallel, "tensor parallel size"),
             (self.num_layers, "num_layers", pipeline_parallel, "pipeline parallel size"),
             *([(self.num_experts, "num_experts", expert_parallel, "expert parallel size"),
-               (self.moe_intermediate_size, "moe_intermediate_size", tensor_parallel, "tensor parallel size")]
+               (self.moe_intermediate_size, "moe_intermediate_size", etp, "expert tensor parallel size")]
               if self.is_moe else []),
         ]
         for value, what, size, kind in checks:

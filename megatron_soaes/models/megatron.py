@@ -140,7 +140,8 @@ def transformer_config(cfg: Qwen2Config, dtype: str = "fp32", use_te: bool = Fal
         raise ModelConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg.check_parallel(tp, pp, parallel_state.get_expert_model_parallel_world_size())
+    cfg.check_parallel(tp, pp, parallel_state.get_expert_model_parallel_world_size(),
+                       parallel_state.get_expert_tensor_parallel_world_size())
     torch_dtype = DTYPES[dtype]
     kwargs = dict(
         num_layers=cfg.num_layers,
@@ -205,6 +206,7 @@ def moe_kwargs(cfg: Qwen2Config, use_te: bool) -> dict:
         moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
         moe_grouped_gemm=use_te, moe_permute_fusion=False, moe_router_fusion=False,
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
     )
 
 

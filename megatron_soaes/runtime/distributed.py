@@ -82,6 +82,7 @@ def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         context_parallel_size=parallel.context_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
         distributed_timeout_minutes=timeout_minutes,
     )
     set_seed(seed)

@@ -84,11 +84,13 @@ def check_model_layout(job: JobConfig, cfg) -> None:
 
     p = job.parallel
     try:
-        cfg.check_parallel(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel)
+        cfg.check_parallel(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel, p.expert_tensor_parallel)
     except ModelConfigError as e:
         raise ConfigError(f"parallel: {e}") from None
     if cfg.is_moe and p.tensor_parallel > 1 and not p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel: megatron-core's MoE layers need it when tensor_parallel > 1")
+    if p.expert_tensor_parallel is not None and not cfg.is_moe:
+        raise ConfigError(f"parallel.expert_tensor_parallel given for a dense model ({cfg.architecture})")
 
 
 def dry_run(job: JobConfig, world_size: int = 1, check_paths: bool = True, task: Task | None = None) -> str:
@@ -110,7 +112,7 @@ def dry_run(job: JobConfig, world_size: int = 1, check_paths: bool = True, task:
         job = prepare_job(job, task)
     steps = "train.steps from sft.epochs (data not checked)" if job.train.steps is None else f"train.steps {job.train.steps}"
     p, t = job.parallel, job.train
-    ep = f" (experts: EP {p.expert_parallel})" if p.expert_parallel > 1 else ""
+    ep = f" (experts: EP {p.expert_parallel}, expert TP {p.expert_tp})" if p.expert_parallel > 1 or p.expert_tp != p.tensor_parallel else ""
     return (f"OK for world size {world_size}: kind {job.kind}, TP {p.tensor_parallel} x PP {p.pipeline_parallel} x "
             f"CP {p.context_parallel} x DP {dp}{ep}; global batch {t.global_batch_size} = micro-batch {t.micro_batch_size} "
             f"x DP {dp} x {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches; {steps}")

@@ -2,8 +2,8 @@
 the logits of a forward pass, then one training step's loss and every local gradient shard (experts by
 their global index on this EP rank). Aux-loss coefficient 0 here (routing is unchanged by it).
 
-Usage: torchrun --nproc-per-node N moe_vs_hf.py HF_DIR MCORE_DIR TP PP EP OUT_JSON
-(TP > 1 runs sequence parallelism, which megatron-core's MoE layers need with TP)
+Usage: torchrun --nproc-per-node N moe_vs_hf.py HF_DIR MCORE_DIR TP PP EP ETP OUT_JSON
+(TP > 1 runs sequence parallelism, which megatron-core's MoE layers need with TP; ETP is the experts' TP)
 """
 
 import sys
@@ -14,7 +14,7 @@ from train_step_vs_hf import local_shard, write_results
 
 
 def main():
-    hf_dir, mc_dir, tp, pp, ep, out = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6]
+    hf_dir, mc_dir, tp, pp, ep, etp, out = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7]
     sp = tp > 1
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -26,7 +26,8 @@ def main():
     from megatron_soaes.models import Qwen2Config, build_model
     from megatron_soaes.runtime import ParallelConfig, initialize
 
-    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, sequence_parallel=sp))
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, expert_tensor_parallel=etp,
+                              sequence_parallel=sp))
     cfg = Qwen2Config.from_hf(hf_dir)
     cfg.router_aux_loss_coef = 0.0
     model = build_model(cfg, sequence_parallel=sp)
@@ -86,7 +87,7 @@ def main():
 
     glob = qwen2_hf.hf_to_megatron_global(cfg, get)
     specs = {t.key: t for t in qwen2_hf.megatron_tensors(cfg)}
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     offset = ps.get_pipeline_model_parallel_rank() * (cfg.num_layers // pp)
     local_experts = cfg.num_experts // ep
     first_expert = ps.get_expert_model_parallel_rank() * local_experts
@@ -104,6 +105,10 @@ def main():
                 e = first_expert + int(j)
                 ref = ref_layer[key].get(e)
                 experts_seen.add((i, e))
+                ref = local_shard(specs[key], ref, etp_rank, etp)  # an expert is split over the expert TP ranks
+                worst = max(worst, (p.main_grad - ref).abs().max().item())
+                compared += 1
+                continue
             else:
                 key = qwen2_hf.layer_key(cfg, rename.get(rest, rest), i)
                 ref = ref_layer[key]
