@@ -105,6 +105,21 @@ def cpt_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cpt_ref16(cpt_data, tmp_path_factory):
+    """One 16-step run of the tests' CPT config (checkpoints at 8 and 16) that the resume, kill and
+    preemption tests continue and compare with: (its directory, its losses by step). Copy, never change it."""
+    from test_cpt import losses, write_config
+
+    from megatron_soaes.config import load_config
+    from megatron_soaes.training import train
+    from megatron_soaes.training.cpt import CPTTask
+
+    ref = session_dir(tmp_path_factory, "cpt-ref16") / "ref"
+    train(load_config(write_config(cpt_data, ref, steps=16)), CPTTask(), log=lambda s: None)
+    return ref, losses(ref)
+
+
+@pytest.fixture(scope="session")
 def small_sft(cpt_data, tmp_path_factory):
     """Three small stages cut from the demo SFT data, and a CPT-like base checkpoint."""
     from megatron_soaes.checkpoint.convert import hf_to_megatron

@@ -11,8 +11,6 @@ import pytest
 from conftest import ROOT, job_env
 from test_cpt import losses, write_config
 
-from megatron_soaes.config import load_config
-
 
 def _train(cfg, extra_env=None, sets=()):
     """`soaes train` in its own session, output to files: megatron-core's checkpoint writer starts a
@@ -63,16 +61,11 @@ def test_manifest_refuses_a_corrupt_file(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_resume_falls_back_past_a_corrupt_checkpoint(cpt_data, tmp_path, damage):
+def test_resume_falls_back_past_a_corrupt_checkpoint(cpt_data, cpt_ref16, tmp_path, damage):
     """The newest checkpoint damaged on disk: resume refuses it (the log names the file), falls back to the
     previous one and reproduces the uninterrupted run's later losses bit for bit; loading it for weights
     and `soaes verify-checkpoint` refuse it with the file named."""
-    from megatron_soaes.training import train
-    from megatron_soaes.training.cpt import CPTTask
-
-    ref = tmp_path / "ref"
-    train(load_config(write_config(cpt_data, ref, steps=16)), CPTTask(), log=lambda s: None)
-    full = losses(ref)
+    ref, full = cpt_ref16
     run = tmp_path / "run"
     ck = run / "checkpoints"
     import shutil
@@ -104,12 +97,11 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(cpt_data, tmp_path, damage)
     assert res.returncode == 0 and "match the manifest" in res.stdout, res.stdout + res.stderr
 
 
-def test_async_save_losses_equal_sync_and_kill_in_flight_resumes(cpt_data, tmp_path):
+def test_async_save_losses_equal_sync_and_kill_in_flight_resumes(cpt_data, cpt_ref16, tmp_path):
     """train.async_save: the same losses as synchronous saves, bit for bit, and the same published
     checkpoints; kill -9 after a background save was scheduled but before it was published resumes
     from the previous complete checkpoint and reproduces the later losses."""
-    sync, asy = tmp_path / "sync", tmp_path / "async"
-    assert _train(write_config(cpt_data, sync, steps=16)).returncode == 0
+    sync, asy = cpt_ref16[0], tmp_path / "async"
     res = _train(write_config(cpt_data, asy, steps=16, async_save=True))
     assert res.returncode == 0, res.stderr[-3000:]
     assert losses(asy) == losses(sync)
@@ -134,13 +126,11 @@ def test_async_save_losses_equal_sync_and_kill_in_flight_resumes(cpt_data, tmp_p
     assert [got[s] for s in range(5, 17)] == [full[s] for s in range(5, 17)]
 
 
-def test_sigterm_saves_and_exits_for_a_requeue(cpt_data, tmp_path):
+def test_sigterm_saves_and_exits_for_a_requeue(cpt_data, cpt_ref16, tmp_path):
     """SIGTERM mid-run (what SLURM sends before the time limit): the step finishes, a checkpoint at that
     step is published, the exit status is EXIT_PREEMPTED, and rerunning continues with the same losses."""
     from megatron_soaes.training.preemption import EXIT_PREEMPTED
 
-    ref = tmp_path / "ref"
-    assert _train(write_config(cpt_data, ref, steps=16)).returncode == 0
     run = tmp_path / "run"
     cfg = write_config(cpt_data, run, steps=16)
     res = _train(cfg, {"SOAES_FAULT": "after_step:11:TERM"})
@@ -151,7 +141,7 @@ def test_sigterm_saves_and_exits_for_a_requeue(cpt_data, tmp_path):
     assert max(losses(run)) == 11
     res = _train(cfg)
     assert res.returncode == 0, res.stderr[-3000:]
-    full, got = losses(ref), losses(run)
+    full, got = cpt_ref16[1], losses(run)
     assert [got[s] for s in range(1, 17)] == [full[s] for s in range(1, 17)]
 
 
