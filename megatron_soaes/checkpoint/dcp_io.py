@@ -119,9 +119,14 @@ class DcpReader:
             raise FileNotFoundError(f"{self.dir}: not a torch_dist checkpoint (no .metadata)")
         with open(path, "rb") as f:
             self.metadata: Metadata = pickle.load(f)
+        # per tensor: (chunk offsets, chunk sizes, storage info); an MoE layer's experts are hundreds of chunks,
+        # read expert by expert, so the chunk sizes are looked up here once, not per read
+        sizes = {(k, tuple(c.offsets)): tuple(c.sizes) for k, md in self.metadata.state_dict_metadata.items()
+                 if isinstance(md, TensorStorageMetadata) for c in md.chunks}
         self._by_key: dict[str, list] = {}
         for index, info in self.metadata.storage_data.items():
-            self._by_key.setdefault(index.fqn, []).append((index.offset, info))
+            offset = tuple(index.offset)
+            self._by_key.setdefault(index.fqn, []).append((offset, sizes[index.fqn, offset], info))
 
     def keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
@@ -151,9 +156,8 @@ class DcpReader:
             lo[0], hi[0] = index, index + 1
         out = torch.empty([h - l for l, h in zip(lo, hi)], dtype=md.properties.dtype)
         filled = 0
-        for offset, info in self._by_key.get(key, []):
-            chunk_md = next(c for c in md.chunks if tuple(c.offsets) == tuple(offset))
-            c_lo, c_hi = list(offset), [o + s for o, s in zip(offset, chunk_md.sizes)]
+        for offset, size, info in self._by_key.get(key, []):
+            c_lo, c_hi = list(offset), [o + s for o, s in zip(offset, size)]
             ov_lo = [max(a, b) for a, b in zip(lo, c_lo)]
             ov_hi = [min(a, b) for a, b in zip(hi, c_hi)]
             if any(a >= b for a, b in zip(ov_lo, ov_hi)):
