@@ -125,6 +125,8 @@ class DcpReader:
                  if isinstance(md, TensorStorageMetadata) for c in md.chunks}
         self._by_key: dict[str, list] = {}
         for index, info in self.metadata.storage_data.items():
+            if index.offset is None:  # a byte object (RNG state, common values), not a tensor chunk
+                continue
             offset = tuple(index.offset)
             self._by_key.setdefault(index.fqn, []).append((offset, sizes[index.fqn, offset], info))
 
