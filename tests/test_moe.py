@@ -1,6 +1,7 @@
 """Qwen3-MoE on megatron-core: the model description against the model cards, HF <-> megatron conversion
 (the hub's per-expert layout and transformers 5's fused one), logits and a training step's gradients
-equal to HF transformers' at TP / EP / PP layouts, the load-balancing loss against HF's, and bad input."""
+equal to HF transformers' at TP / EP / PP layouts, the load-balancing loss against HF's, bad input, and LoRA
+on the experts against peft (transformers 5's fused experts, peft's `target_parameters`)."""
 
 import json
 from pathlib import Path
@@ -302,3 +303,79 @@ def test_moe_layout_errors_are_one_line_before_any_work(sets, error):
            "--skip-path-check", "--set", "train.global_batch_size=384", *[a for kv in sets for a in ("--set", kv)]]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and error in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# LoRA on the experts -------------------------------------------------------------------------------------
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def moe_adapter(moe_models, tmp_path_factory):
+    """A random peft LoRA adapter (B not zero, rsLoRA) on the renorm MoE model, every projection targeted:
+    peft turns gate_proj + up_proj + down_proj into adapters of transformers 5's fused expert tensors
+    (`target_parameters`; gate_up_proj at rank 2r, alpha 2*alpha) and leaves the dense layer's MLP alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(moe_models["renorm"] / "hf", dtype=torch.float32)
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("moe_lora") / "adapter"
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False,
+                                     use_rslora=True)).save_pretrained(out)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(conf["target_parameters"]) == ["down_proj", "gate_up_proj"]  # what the test is about
+    return out
+
+
+@pytest.mark.parametrize("tp,pp,ep,etp,n", [(1, 1, 1, 1, 1), (2, 1, 2, 2, 4)], ids=["tp1", "tp2-sp-ep2-etp2"])
+def test_lora_on_experts_matches_peft(moe_models, moe_adapter, tmp_path, tp, pp, ep, etp, n):
+    """Base + adapter (attention and every expert) on megatron-core against peft on transformers: logits and
+    one training step's loss and every adapter gradient within 1e-5, as the base's above (experts split over EP ranks and
+    over the expert-TP ranks, whose whole factor's gradient is summed across them), no gradient on the base."""
+    out = tmp_path / "r.json"
+    torchrun(n, ROOT / "tests" / "workers" / "moe_vs_hf.py", moe_models["renorm"] / "hf", moe_models["renorm"] / "mc",
+             tp, pp, ep, etp, out, moe_adapter)
+    ranks = read_json(out)
+    last = [r for r in ranks if r["last_stage"]]
+    assert last and all(r["logits_compared"] == 4 and r["max_logit_diff"] < TOL for r in last), ranks
+    assert all(abs(r["loss"] - r["ref_loss"]) < TOL for r in last), ranks
+    assert all(r["frozen_with_grad"] == [] and r["trainable"] > 0 for r in ranks), ranks
+    # 4 layers x 4 attention projections + 3 sparse layers x 2 expert tensors, A and B each
+    r = ranks[0]
+    assert r["adapter_tensors"] == 2 * (4 * 4 + 3 * 2) and r["max_adapter_grad_diff"] < TOL * max(1.0, r["max_adapter_grad"]), r
+
+
+def test_expert_adapter_round_trip_and_merge(moe_models, moe_adapter, tmp_path):
+    """peft -> our adapter checkpoint -> peft is bit-exact (names, config, values); merged into the base, it
+    gives peft's base + adapter logits, and only the adapted tensors changed (the dense layer's MLP did not)."""
+    from safetensors.torch import load_file
+
+    from megatron_soaes.adapters import base_identity
+    from megatron_soaes.adapters.merge import merge_adapter
+    from megatron_soaes.adapters.peft_io import from_peft, to_peft
+    from megatron_soaes.checkpoint.compare import hf_logits, logit_stats
+    from megatron_soaes.checkpoint.convert import megatron_to_hf
+    from megatron_soaes.checkpoint.dcp_io import DcpReader
+    from megatron_soaes.models import Qwen2Config
+
+    hf, mc = moe_models["renorm"] / "hf", moe_models["renorm"] / "mc"
+    ours = from_peft(moe_adapter, Qwen2Config.from_hf(hf), tmp_path / "ours", base=base_identity(mc))
+    back = to_peft(ours, tmp_path / "back")
+    a, b = load_file(moe_adapter / "adapter_model.safetensors"), load_file(back / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    c0, c1 = (json.loads((d / "adapter_config.json").read_text()) for d in (moe_adapter, back))
+    for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"):
+        assert c0[k] == c1[k], k
+    assert sorted(c0["target_modules"]) == sorted(c1["target_modules"])
+    assert sorted(t.split(".")[-1] for t in c1["target_parameters"]) == sorted(c0["target_parameters"])
+
+    merged = merge_adapter(mc, ours, tmp_path / "merged", progress=False)
+    megatron_to_hf(merged, tmp_path / "merged_hf", progress=False)
+    toks = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(3))
+    stats = logit_stats(hf_logits(tmp_path / "merged_hf", toks), hf_logits(hf, toks, moe_adapter))
+    assert stats["max_abs_diff"] < TOL and stats["top1_agreement"] == 1.0, stats
+    base, m = DcpReader(mc), DcpReader(merged)
+    changed = {k for k in base.keys() if not torch.equal(base.read(k), m.read(k))}
+    want = {f"decoder.layers.{i}.self_attention.{n}.weight" for i in range(4) for n in ("linear_qkv", "linear_proj")}
+    want |= {f"decoder.layers.{i}.mlp.experts.experts.linear_fc{j}.weight" for i in (0, 2, 3) for j in (1, 2)}
+    assert changed == want, sorted(changed ^ want)

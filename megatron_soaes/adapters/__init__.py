@@ -4,6 +4,7 @@ on a built model by `apply_lora`, and converted to and from HF PEFT adapter dire
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,61 @@ LAYER_LINEARS = {
 }
 HF_TARGETS = tuple(p for _, parts in LAYER_LINEARS.values() for p in parts)
 assert HF_TARGETS == LORA_TARGETS, (HF_TARGETS, LORA_TARGETS)
+# An MoE layer's experts (checkpoint name; megatron's module is mlp.experts.local_experts.{j}.linear_fc*).
+# transformers 5 fuses each layer's experts into two tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I],
+# and peft adapts those (`target_parameters`): what the targets gate_proj + up_proj mean there is one adapter
+# of rank 2r and alpha 2*alpha over [gate; up] per expert (peft's conversion of the two), down_proj one of rank
+# r. In an MoE model the MLP targets mean the experts (a Qwen3-MoE's dense layers, which no release has,
+# keep their MLP frozen, as peft leaves them).
+EXPERTS = "mlp.experts.experts."
+EXPERT_LINEARS = {EXPERTS + "linear_fc1": ("column", ("gate_proj", "up_proj"), "gate_up_proj"),
+                  EXPERTS + "linear_fc2": ("row", ("down_proj",), "down_proj")}
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """One adapted linear of a layer: where it is, which HF projections it holds and which are adapted."""
+
+    path: str  # its checkpoint name inside the layer (the weight is path + ".weight")
+    kind: str  # column | row
+    parts: tuple[str, ...]  # the HF projections the linear holds
+    adapted: tuple[str, ...]  # those with an adapter (experts: the one fused tensor, all parts under one adapter)
+    rank: int
+    alpha: float
+    expert: bool = False  # a leading global-expert axis in checkpoints; one adapter per expert
+
+    def module_paths(self, num_local_experts: int) -> list[str]:
+        """Where the linear is in megatron's layer module (one per local expert)."""
+        if not self.expert:
+            return [self.path]
+        name = self.path[len(EXPERTS):]
+        return [f"mlp.experts.local_experts.{j}.{name}" for j in range(num_local_experts)]
+
+
+def _targets(peft) -> set[str]:
+    return set(HF_TARGETS if "all-linear" in peft.target_modules else peft.target_modules)
+
+
+def layer_adapters(cfg, peft, sparse: bool) -> list[Adapted]:
+    """The adapted linears of a dense (`sparse` False) or MoE layer of the model `cfg` under `peft`."""
+    from megatron_soaes.config import ConfigError
+
+    targets, out = _targets(peft), []
+    for path, (kind, parts) in LAYER_LINEARS.items():
+        adapted = tuple(p for p in parts if p in targets)
+        if adapted and not (cfg.is_moe and path.startswith("mlp.")):
+            out.append(Adapted(path, kind, parts, adapted, peft.rank, peft.alpha))
+    if sparse:
+        for path, (kind, parts, fused) in EXPERT_LINEARS.items():
+            hit = tuple(p for p in parts if p in targets)
+            if hit and hit != parts:
+                raise ConfigError(f"peft: target_modules has {hit[0]} without {', '.join(set(parts) - set(hit))}: "
+                                  "an MoE model's experts fuse them (transformers 5), so both are adapted or neither")
+            if hit:
+                n = len(parts)
+                out.append(Adapted(path, kind, parts, (fused,), n * peft.rank, n * peft.alpha, expert=True))
+    return out
 
 
 def _layout(path: str, cfg, tp_size: int) -> FusedLayout | None:
@@ -38,36 +94,38 @@ def _layout(path: str, cfg, tp_size: int) -> FusedLayout | None:
 def apply_lora(model, peft, cfg, seed: int = 0) -> list[str]:
     """Wrap the targeted linears of every local transformer layer of `model` (one GPTModel chunk) in
     `LoRALinear` and freeze everything else; returns the wrapped module names. The adapters' initial
-    values depend only on `seed` and the global layer number, never on TP/PP."""
+    values depend only on `seed`, the global layer number and the global expert index, never on TP/PP/EP."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from megatron_soaes.config import ConfigError
 
-    targets = set(HF_TARGETS if "all-linear" in peft.target_modules else peft.target_modules)
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for p in model.parameters():
         p.requires_grad_(False)
+    sparse = cfg.moe_layers() if cfg.is_moe else None
+    local_experts = cfg.num_experts // ps.get_expert_model_parallel_world_size() if cfg.is_moe else 0
+    first_expert = ps.get_expert_model_parallel_rank() * local_experts
     wrapped = []
     for layer in model.decoder.layers:
-        for path, (kind, parts) in LAYER_LINEARS.items():
-            adapted = tuple(p for p in parts if p in targets)
-            if not adapted:
-                continue
-            parent_path, name = path.rsplit(".", 1)
-            parent = layer.get_submodule(parent_path)
-            base = getattr(parent, name)
-            want = ColumnParallelLinear if kind == "column" else RowParallelLinear
-            if not isinstance(base, want):
-                raise ConfigError(f"peft: LoRA needs megatron's local linears; {path} is {type(base).__name__} "
-                                  "(set train.transformer_impl: local)")
-            key = f"{layer.layer_number}.{path}"  # layer_number is global (1-based) under PP too
-            setattr(parent, name, LoRALinear(
-                base, kind, peft.rank, peft.alpha, peft.dropout, peft.rslora, adapted,
-                _layout(path, cfg, tp_size) if len(parts) > 1 else None, base.sequence_parallel,
-                tp_rank, tp_size, init_seed=seed * 1_000_003 + zlib.crc32(key.encode()),
-                glu=path == "mlp.linear_fc1" and model.config.gated_linear_unit))
-            wrapped.append(key)
+        i = layer.layer_number - 1  # global (layer_number is 1-based) under PP too
+        for spec in layer_adapters(cfg, peft, bool(sparse and sparse[i])):
+            for j, module_path in enumerate(spec.module_paths(local_experts)):
+                parent_path, name = module_path.rsplit(".", 1)
+                parent = layer.get_submodule(parent_path)
+                base = getattr(parent, name)
+                want = ColumnParallelLinear if spec.kind == "column" else RowParallelLinear
+                if not isinstance(base, want):
+                    raise ConfigError(f"peft: LoRA needs megatron's local linears; {module_path} is {type(base).__name__} "
+                                      "(set train.transformer_impl: local)")
+                key = f"{layer.layer_number}.{spec.path}" + (f".{first_expert + j}" if spec.expert else "")
+                tp_size = torch.distributed.get_world_size(base.tp_group)
+                fused = len(spec.parts) > 1 and not spec.expert
+                setattr(parent, name, LoRALinear(
+                    base, spec.kind, spec.rank, spec.alpha, peft.dropout, peft.rslora, spec.adapted,
+                    _layout(spec.path, cfg, tp_size) if fused else None,
+                    init_seed=seed * 1_000_003 + zlib.crc32(key.encode()),
+                    glu=spec.path.endswith("linear_fc1") and model.config.gated_linear_unit))
+                wrapped.append(key)
     return wrapped
 
 

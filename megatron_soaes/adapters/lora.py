@@ -11,6 +11,11 @@ Sharding follows the layer, the rank dimension is never split:
   ``[out, r]`` replicated; the partial ``A x`` is all-reduced (reduce-scattered along the sequence with SP,
   then B is marked ``sequence_parallel``).
 
+An expert's linears (megatron's MoE experts) do no communication of their own: the token dispatcher gathers
+their input and reduces their output across the expert-TP ranks, so the adapter does none either, and the
+factor every expert-TP rank holds whole (A of ``linear_fc1``, B of ``linear_fc2``) has its gradient summed
+over those ranks by a hook, the other factor being split like the weight.
+
 A fused layer holds several HF projections (q/k/v, gate/up): each adapted one is a *part* with its own r
 rows of A, and B is masked block-diagonally so part p's output rows only see part p's rows of A -- the
 exact equivalent of peft's separate q_proj/k_proj/v_proj adapters, kept exact through training (masked
@@ -26,6 +31,11 @@ import torch
 import torch.nn.functional as F
 
 
+def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
+    """peft's: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """Which HF projection each local output row of a column-parallel layer belongs to."""
@@ -36,16 +46,18 @@ class FusedLayout:
 
 class LoRALinear(torch.nn.Module):
     def __init__(self, base, kind: str, rank: int, alpha: float, dropout: float, rslora: bool,
-                 adapted: tuple[str, ...], layout: FusedLayout | None, sequence_parallel: bool,
-                 tp_rank: int, tp_size: int, init_seed: int, glu: bool = False):
+                 adapted: tuple[str, ...], layout: FusedLayout | None, init_seed: int, glu: bool = False):
         super().__init__()
         if kind not in ("column", "row"):
             raise ValueError(f"kind must be column or row, got {kind!r}")
         self.base, self.kind, self.rank, self.glu = base, kind, rank, glu
         self.adapted = adapted
-        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.scaling = lora_scaling(rank, alpha, rslora)
         self.dropout = dropout
-        self.sequence_parallel = sequence_parallel and tp_size > 1
+        self.group = base.tp_group  # the layer's own: the tensor-parallel group, or the expert-TP group
+        tp_rank, tp_size = torch.distributed.get_rank(self.group), torch.distributed.get_world_size(self.group)
+        self.expert = bool(getattr(base, "explicit_expert_comm", False))
+        self.sequence_parallel = base.sequence_parallel and tp_size > 1 and not self.expert
         for p in base.parameters():
             p.requires_grad_(False)
         out_local, in_local = base.weight.shape
@@ -75,12 +87,20 @@ class LoRALinear(torch.nn.Module):
             self.lora_mask = None
             if self.sequence_parallel:
                 self.lora_B.sequence_parallel = True
-        # megatron's optimizer and DDP look for these on parameters
+        # megatron's optimizer and DDP look for these on parameters (experts': reduced over expert-DP)
         for p in (self.lora_A, self.lora_B):
-            p.allreduce = True
+            p.allreduce = getattr(base.weight, "allreduce", True)
+        if self.expert and tp_size > 1:  # the whole factor's gradient is partial on each expert-TP rank
+            whole = self.lora_A if kind == "column" else self.lora_B
+            whole.register_hook(self._sum_over_expert_tp)
         self.lora_B.tensor_model_parallel = kind == "column"
         self.lora_A.tensor_model_parallel = kind == "row"
         (self.lora_B if kind == "column" else self.lora_A).partition_dim = 0 if kind == "column" else 1
+
+    def _sum_over_expert_tp(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=self.group)
+        return grad
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dropout or not self.training:
@@ -96,11 +116,18 @@ class LoRALinear(torch.nn.Module):
         from megatron.core.tensor_parallel import mappings as m
 
         a = F.linear(self._dropout(x), self.lora_A)
+        g = self.group
         if self.kind == "column":
-            a = m.gather_from_sequence_parallel_region(a) if self.sequence_parallel else m.copy_to_tensor_model_parallel_region(a)
+            if self.sequence_parallel:
+                a = m.gather_from_sequence_parallel_region(a, group=g)
+            elif not self.expert:
+                a = m.copy_to_tensor_model_parallel_region(a, group=g)
             b = self.lora_B if self.lora_mask is None else self.lora_B * self.lora_mask
         else:
-            a = m.reduce_scatter_to_sequence_parallel_region(a) if self.sequence_parallel else m.reduce_from_tensor_model_parallel_region(a)
+            if self.sequence_parallel:
+                a = m.reduce_scatter_to_sequence_parallel_region(a, group=g)
+            elif not self.expert:  # an expert's partial output is reduced by the dispatcher, as its layer's is
+                a = m.reduce_from_tensor_model_parallel_region(a, group=g)
             b = self.lora_B
         return F.linear(a, b) * self.scaling
 
@@ -120,12 +147,14 @@ class LoRALinear(torch.nn.Module):
         ([gate; up] on every TP rank) gets megatron's swiglu factory here, as `MLP` gives its weight, so
         checkpoints reshard across TP sizes."""
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         base = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
         lora = {"lora_A": self.lora_A, "lora_B": self.lora_B}
         axis = {"lora_B": 0} if self.kind == "column" else {"lora_A": 1}
-        base.update(make_sharded_tensors_for_checkpoint(lora, prefix, axis, sharded_offsets))
+        base.update(make_sharded_tensors_for_checkpoint(lora, prefix, axis, sharded_offsets, tp_group=self.group,
+                                                        dp_cp_group=metadata["dp_cp_group"]))
         if self.glu:
             singleton = (metadata or {}).get("singleton_local_shards", False)
             for k in (prefix + "weight", prefix + "bias", prefix + "lora_B"):

@@ -4,12 +4,11 @@ and streamed layer by layer like conversion; the result loads at any TP/PP and c
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-
-from megatron_soaes.adapters import LAYER_LINEARS, check_base
-from megatron_soaes.adapters.peft_io import MEGATRON_KEY, AdapterError
+from megatron_soaes.adapters import check_base
+from megatron_soaes.adapters.lora import lora_scaling
+from megatron_soaes.adapters.peft_io import AdapterError, adapted_layers, adapter_key
 
 
 def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, progress: bool = True) -> Path:
@@ -28,15 +27,16 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, progr
         raise AdapterError(f"{adapter_dir}: not an adapter checkpoint (its meta has no adapter section)")
     check_base(ameta, base_dir, adapter_dir)
     from megatron_soaes.checkpoint import qwen2_hf
+    from megatron_soaes.checkpoint.qwen2_hf import layer_key
 
     cfg, peft = Qwen2Config(**meta["model"]), PeftSection(**ameta["adapter"])
     shapes = lambda c: {t.key: t.shape for t in qwen2_hf.megatron_tensors(c)}  # noqa: E731
     if shapes(Qwen2Config(**ameta["model"])) != shapes(cfg):
         raise AdapterError(f"{adapter_dir}: its model's tensor shapes differ from the base's ({base_dir})")
-    scaling = peft.alpha / (math.sqrt(peft.rank) if peft.rslora else peft.rank)
     base, lora = DcpReader(base_dir), DcpReader(adapter_dir)
-    adapted = {f"decoder.layers.{p}.weight": p for p in LAYER_LINEARS
-               if MEGATRON_KEY.format(path=p, ab="A") in lora.metadata.state_dict_metadata}
+    adapted = {}  # base weight key -> [(layer index, Adapted)]
+    for i, spec in adapted_layers(cfg, peft):
+        adapted.setdefault(layer_key(cfg, spec.path + ".weight", i), []).append((i, spec))
     keys = [t.key for t in qwen2_hf.megatron_tensors(cfg)]  # the model's weights (not a training save's optimizer)
     with atomic_directory(out_dir, overwrite) as tmp:
         w = DcpWriter(tmp)
@@ -46,13 +46,19 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, progr
             if key not in adapted:
                 w.write(key, (0,) * len(base.shape(key)), base.read(key))
                 continue
-            path = adapted[key]
-            for i in range(base.shape(key)[0]):
-                weight = base.read(key, i)
-                a = lora.read(MEGATRON_KEY.format(path=path, ab="A"), i).float()
-                b = lora.read(MEGATRON_KEY.format(path=path, ab="B"), i).float()
-                merged = (weight.float() + scaling * (b @ a)).to(weight.dtype)
-                w.write(key, (i,) + (0,) * weight.dim(), merged.unsqueeze(0))
+            for i, spec in adapted[key]:
+                # one slice at a time: a layer of a stacked (dense) model, an expert of an MoE layer
+                slices = [i] if not cfg.is_moe else range(cfg.num_experts) if spec.expert else [None]
+                scaling = lora_scaling(spec.rank, spec.alpha, peft.rslora)
+                for n in slices:
+                    weight = base.read(key, n)
+                    a = lora.read(adapter_key(cfg, spec.path, "A", i), n).float()
+                    b = lora.read(adapter_key(cfg, spec.path, "B", i), n).float()
+                    merged = (weight.float() + scaling * (b @ a)).to(weight.dtype)
+                    if n is None:
+                        w.write(key, (0,) * weight.dim(), merged)
+                    else:
+                        w.write(key, (n,) + (0,) * weight.dim(), merged.unsqueeze(0))
         w.close()
         extra = {k: v for k, v in meta.items() if k not in ("format", "architecture", "model", "iteration", "world_size")}
         write_meta(tmp, cfg, **extra, merged_adapter={"path": str(adapter_dir), "adapter": peft.model_dump()})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_soaes.adapters import HF_TARGETS, LAYER_LINEARS
+from megatron_soaes.adapters import HF_TARGETS
 from megatron_soaes.checkpoint.qwen2_hf import _group_qkv, _ungroup_qkv
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -22,11 +22,32 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HF_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
              "down_proj": "mlp.down_proj"}
-MEGATRON_KEY = "decoder.layers.{path}.lora_{ab}"  # stacked over layers, like the base's weights
+# peft's `target_parameters` for transformers 5's fused experts: both adapted nest two wrappers on the experts
+# module, gate_up_proj inside (`experts.base_layer.lora_*`), down_proj outside (`experts.lora_*`); one alone
+# is `experts.lora_*`. Their rank and alpha for gate_up are 2r, 2*alpha by a pattern, as peft's conversion of
+# gate_proj + up_proj writes them.
+EXPERT_PARAMS = {"gate_up_proj": "mlp.experts.gate_up_proj", "down_proj": "mlp.experts.down_proj"}
+GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 
 class AdapterError(ValueError):
     """An adapter that cannot be converted or does not belong to the base; the message names the file."""
+
+
+def adapter_key(cfg, path: str, ab: str, i: int) -> str:
+    """The checkpoint key of layer i's adapter factor `ab` (A or B) of the linear `path`: stacked over layers
+    (dense models) or the layer's own (MoE models), like the base's weights."""
+    from megatron_soaes.checkpoint.qwen2_hf import layer_key
+
+    return layer_key(cfg, f"{path}.lora_{ab}", i)
+
+
+def adapted_layers(cfg, peft):
+    """(layer index, Adapted) for every adapted linear of the model."""
+    from megatron_soaes.adapters import layer_adapters
+
+    sparse = cfg.moe_layers() if cfg.is_moe else [False] * cfg.num_layers
+    return [(i, spec) for i in range(cfg.num_layers) for spec in layer_adapters(cfg, peft, sparse[i])]
 
 
 def adapter_section(adapter_dir):
@@ -37,24 +58,31 @@ def adapter_section(adapter_dir):
     if not path.exists():
         raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
     c = json.loads(path.read_text())
+    params = [str(t).removeprefix("mlp.experts.") for t in c.get("target_parameters") or []]
+    r, alpha = c["r"], c["lora_alpha"]
+    fused_pattern = ({GATE_UP_PATTERN: 2 * r}, {GATE_UP_PATTERN: 2 * alpha}) if "gate_up_proj" in params else ({}, {})
     unsupported = {"peft_type": c.get("peft_type") not in (None, "LORA"), "bias": c.get("bias", "none") != "none",
                    "use_dora": bool(c.get("use_dora")), "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
                    "layers_to_transform": c.get("layers_to_transform") is not None,
-                   "rank_pattern": bool(c.get("rank_pattern")), "alpha_pattern": bool(c.get("alpha_pattern")),
-                   "modules_to_save": bool(c.get("modules_to_save"))}
+                   "rank_pattern": (c.get("rank_pattern") or {}) != fused_pattern[0],
+                   "alpha_pattern": (c.get("alpha_pattern") or {}) != fused_pattern[1],
+                   "modules_to_save": bool(c.get("modules_to_save")),
+                   "target_parameters": any(t not in EXPERT_PARAMS for t in params)}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise AdapterError(f"{path}: {bad[0]}={c.get(bad[0])!r} is not supported (plain LoRA on linear layers only)")
+        hint = {"rank_pattern": f" (only the experts' gate_up_proj at 2r, {fused_pattern[0] or 'none here'})",
+                "alpha_pattern": " (only the experts' gate_up_proj at 2*alpha)",
+                "target_parameters": " (only the experts' gate_up_proj and down_proj; the router is not adapted)"}
+        raise AdapterError(f"{path}: {bad[0]}={c.get(bad[0])!r} is not supported{hint.get(bad[0], ' (plain LoRA on linear layers only)')}")
     targets = c.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     if targets != ["all-linear"] and any(t not in HF_TARGETS for t in targets):
         raise AdapterError(f"{path}: target_modules {targets}: only {', '.join(HF_TARGETS)} can be adapted")
-    return PeftSection(rank=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
-                       target_modules=targets, rslora=bool(c.get("use_rslora")))
-
-
-def _adapted(peft, parts) -> tuple[str, ...]:
-    return tuple(p for p in parts if "all-linear" in peft.target_modules or p in peft.target_modules)
+    if params and targets == ["all-linear"]:
+        raise AdapterError(f"{path}: all-linear with target_parameters {params}: list the target modules")
+    targets += [p for t in params for p in (("gate_proj", "up_proj") if t == "gate_up_proj" else (t,)) if p not in targets]
+    return PeftSection(rank=r, alpha=alpha, dropout=c.get("lora_dropout", 0.0), target_modules=targets,
+                       rslora=bool(c.get("use_rslora")))
 
 
 def _fused_rows(cfg, path: str, blocks: dict[str, torch.Tensor], adapted, r: int) -> torch.Tensor:
@@ -84,6 +112,26 @@ def _part_rows(cfg, path: str) -> dict[str, int]:
     return {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
 
 
+def _expert_names(cfg, peft, i: int) -> dict[str, str]:
+    """HF module names of layer i's expert adapters (fused tensor -> peft's wrapper name)."""
+    from megatron_soaes.adapters import layer_adapters
+
+    fused = [s.adapted[0] for s in layer_adapters(cfg, peft, True) if s.expert]
+    m = f"base_model.model.model.layers.{i}.mlp.experts"
+    return {f: m + (".base_layer" if f == "gate_up_proj" and len(fused) == 2 else "") for f in fused}
+
+
+# peft's expert factors: A [E*rk, in] (expert e's rows e*rk..), B [out, rk*E] (expert e's columns e, e+E, ...);
+# ours are stacked per expert: A [E, rk, in], B [E, out, rk]
+def _experts_from_peft(a: torch.Tensor, b: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return a.reshape(e, -1, a.shape[-1]).contiguous(), b.reshape(b.shape[0], -1, e).permute(2, 0, 1).contiguous()
+
+
+def _experts_to_peft(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    e, rk = a.shape[0], a.shape[1]
+    return a.reshape(e * rk, a.shape[-1]).contiguous(), b.permute(1, 2, 0).reshape(b.shape[1], rk * e).contiguous()
+
+
 def from_peft(adapter_dir, cfg, out_dir, base: dict | None = None) -> Path:
     """Write an HF PEFT LoRA adapter as a megatron-soaes adapter checkpoint (exact)."""
     from safetensors.torch import load_file
@@ -99,29 +147,35 @@ def from_peft(adapter_dir, cfg, out_dir, base: dict | None = None) -> Path:
     sd = {k.replace(".default", ""): v for k, v in load_file(str(path)).items()}
     r = peft.rank
 
-    def get(i: int, proj: str, ab: str) -> torch.Tensor:
-        key = f"base_model.model.model.layers.{i}.{HF_MODULE[proj]}.lora_{ab}.weight"
+    def get(name: str, ab: str) -> torch.Tensor:
+        key = f"{name}.lora_{ab}.weight"
         if key not in sd:
             raise AdapterError(f"{path}: missing tensor {key}")
         return sd[key]
 
+    layers = adapted_layers(cfg, peft)
     with atomic_directory(out_dir, overwrite=True) as tmp:
         w = DcpWriter(tmp)
-        for path_, (kind, parts) in LAYER_LINEARS.items():
-            adapted = _adapted(peft, parts)
-            if not adapted:
-                continue
-            for i in range(cfg.num_layers):
-                a = torch.cat([get(i, p, "A") for p in adapted])
-                if len(parts) > 1:
-                    b = _fused_rows(cfg, path_, {p: get(i, p, "B") for p in adapted}, adapted, r)
+        for i, spec in layers:
+            if spec.expert:
+                name = _expert_names(cfg, peft, i)[spec.adapted[0]]
+                a, b = _experts_from_peft(get(name, "A"), get(name, "B"), cfg.num_experts)
+            else:
+                hf = {p: f"base_model.model.model.layers.{i}.{HF_MODULE[p]}" for p in spec.adapted}
+                a = torch.cat([get(hf[p], "A") for p in spec.adapted])
+                if len(spec.parts) > 1:
+                    b = _fused_rows(cfg, spec.path, {p: get(hf[p], "B") for p in spec.adapted}, spec.adapted, r)
                 else:
-                    b = get(i, adapted[0], "B")
-                for ab, t in (("A", a), ("B", b)):
-                    key = MEGATRON_KEY.format(path=path_, ab=ab)
-                    if i == 0:
-                        w.declare(key, (cfg.num_layers, *t.shape), t.dtype)
-                    w.write(key, (i,) + (0,) * t.dim(), t.unsqueeze(0).contiguous())
+                    b = get(hf[spec.adapted[0]], "B")
+            for ab, t in (("A", a), ("B", b)):
+                key = adapter_key(cfg, spec.path, ab, i)
+                if cfg.is_moe:
+                    w.declare(key, t.shape, t.dtype)
+                    w.write(key, (0,) * t.dim(), t.contiguous())
+                    continue
+                if i == 0:
+                    w.declare(key, (cfg.num_layers, *t.shape), t.dtype)
+                w.write(key, (i,) + (0,) * t.dim(), t.unsqueeze(0).contiguous())
         w.close()
         write_meta(tmp, cfg, adapter=peft.model_dump(), base=base, source=str(adapter_dir))
         write_manifest(tmp)
@@ -144,22 +198,32 @@ def to_peft(adapter_ckpt, out_dir, base_model_name_or_path: str | None = None) -
         raise AdapterError(f"{adapter_ckpt}: not an adapter checkpoint (its meta has no adapter section)")
     cfg, peft = Qwen2Config(**meta["model"]), PeftSection(**meta["adapter"])
     reader = DcpReader(adapter_ckpt)
-    r, out = peft.rank, {}
-    for path_, (kind, parts) in LAYER_LINEARS.items():
-        adapted = _adapted(peft, parts)
-        for i in range(cfg.num_layers if adapted else 0):
-            a = reader.read(MEGATRON_KEY.format(path=path_, ab="A"), i)
-            b = reader.read(MEGATRON_KEY.format(path=path_, ab="B"), i)
-            rows = _split_rows(cfg, path_, b) if len(parts) > 1 else {adapted[0]: b}
-            for j, p in enumerate(adapted):
-                name = f"base_model.model.model.layers.{i}.{HF_MODULE[p]}"
-                out[name + ".lora_A.weight"] = a[j * r:(j + 1) * r].contiguous()
-                out[name + ".lora_B.weight"] = rows[p][:, j * r:(j + 1) * r].contiguous()
-    targets = [p for p in HF_TARGETS if p in _adapted(peft, HF_TARGETS)]
+    r, out, modules, params = peft.rank, {}, set(), set()
+    for i, spec in adapted_layers(cfg, peft):
+        idx = None if cfg.is_moe else i
+        a = reader.read(adapter_key(cfg, spec.path, "A", i), idx)
+        b = reader.read(adapter_key(cfg, spec.path, "B", i), idx)
+        if spec.expert:
+            name = _expert_names(cfg, peft, i)[spec.adapted[0]]
+            out[name + ".lora_A.weight"], out[name + ".lora_B.weight"] = _experts_to_peft(a, b)
+            params.add(EXPERT_PARAMS[spec.adapted[0]])
+            continue
+        rows = _split_rows(cfg, spec.path, b) if len(spec.parts) > 1 else {spec.adapted[0]: b}
+        for j, p in enumerate(spec.adapted):
+            name = f"base_model.model.model.layers.{i}.{HF_MODULE[p]}"
+            out[name + ".lora_A.weight"] = a[j * r:(j + 1) * r].contiguous()
+            out[name + ".lora_B.weight"] = rows[p][:, j * r:(j + 1) * r].contiguous()
+            modules.add(p)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": peft.alpha,
-              "lora_dropout": peft.dropout, "target_modules": targets, "use_rslora": peft.rslora, "bias": "none",
+              # peft refuses dropout on expert tensors; an exported adapter is for inference, where it is off
+              "lora_dropout": 0.0 if params else peft.dropout,
+              "target_modules": [p for p in HF_TARGETS if p in modules], "use_rslora": peft.rslora, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
               "base_model_name_or_path": base_model_name_or_path or (meta.get("base") or {}).get("path")}
+    if params:
+        config["target_parameters"] = sorted(params, key=list(EXPERT_PARAMS.values()).index)
+        if EXPERT_PARAMS["gate_up_proj"] in params:
+            config["rank_pattern"], config["alpha_pattern"] = {GATE_UP_PATTERN: 2 * r}, {GATE_UP_PATTERN: 2 * peft.alpha}
     with atomic_directory(out_dir, overwrite=True) as tmp:
         save_file(out, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

@@ -2,7 +2,11 @@
 the logits of a forward pass, then one training step's loss and every local gradient shard (experts by
 their global index on this EP rank). Aux-loss coefficient 0 here (routing is unchanged by it).
 
-Usage: torchrun --nproc-per-node N moe_vs_hf.py HF_DIR MCORE_DIR TP PP EP ETP OUT_JSON
+With ADAPTER (an HF PEFT LoRA directory) the model carries that adapter (experts included) and the
+reference is peft on transformers: the logits, the loss, and every adapter gradient (written as an adapter
+checkpoint, converted to peft's names and compared on rank 0); the base must get no gradient.
+
+Usage: torchrun --nproc-per-node N moe_vs_hf.py HF_DIR MCORE_DIR TP PP EP ETP OUT_JSON [ADAPTER]
 (TP > 1 runs sequence parallelism, which megatron-core's MoE layers need with TP; ETP is the experts' TP)
 """
 
@@ -15,6 +19,7 @@ from train_step_vs_hf import local_shard, write_results
 
 def main():
     hf_dir, mc_dir, tp, pp, ep, etp, out = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7]
+    adapter = sys.argv[8] if len(sys.argv) > 8 else None
     sp = tp > 1
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -32,6 +37,10 @@ def main():
     cfg.router_aux_loss_coef = 0.0
     model = build_model(cfg, sequence_parallel=sp)
     load_model_weights(model, mc_dir)
+    if adapter:
+        from megatron_soaes.adapters.peft_io import attach_peft_adapter
+
+        attach_peft_adapter(model, adapter, cfg)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     fb = get_forward_backward_func()
 
@@ -39,6 +48,10 @@ def main():
     n_micro, seq = 4, 16
     data = torch.randint(0, cfg.vocab_size, (n_micro, seq + 1), generator=gen)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        hf = PeftModel.from_pretrained(hf, adapter, is_trainable=True)
     ref_logits = hf(data[:, :-1]).logits
 
     # forward: the full-vocabulary logits of each micro-batch (last stage), vs HF's
@@ -79,6 +92,8 @@ def main():
     finalize_model_grads([ddp])
     ref_loss = torch.nn.functional.cross_entropy(ref_logits.reshape(-1, ref_logits.shape[-1]), data[:, 1:].reshape(-1))
     ref_loss.backward()
+    if adapter:
+        return compare_adapter_grads(model, hf, cfg, adapter, out, losses, n_micro, ref_loss.item(), logit_diff, len(logits))
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     if cfg.tie_word_embeddings:
         hf_grads.setdefault("lm_head.weight", hf_grads["model.embed_tokens.weight"])
@@ -122,6 +137,35 @@ def main():
 
     write_results(out, losses, n_micro, ref_loss=ref_loss.item(), max_logit_diff=logit_diff, logits_compared=len(logits),
                   max_grad_diff=worst, compared=compared, experts=sorted(experts_seen))
+
+def compare_adapter_grads(model, hf, cfg, adapter, out, losses, n_micro, ref_loss, logit_diff, n_logits):
+    """Our adapter gradients (as an adapter checkpoint -> peft names) against peft's; the base has none."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from megatron_soaes.adapters import save_adapter
+    from megatron_soaes.adapters.peft_io import adapter_section, to_peft
+
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and
+                        (p.grad is not None or getattr(p, "main_grad", None) is not None)]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(p.main_grad)
+    grads_dir = Path(out).with_suffix(".grads")
+    save_adapter(model, grads_dir, cfg, adapter_section(adapter))
+    worst, largest, names = None, None, 0
+    if torch.distributed.get_rank() == 0:
+        ours = load_file(str(to_peft(grads_dir, str(grads_dir) + "_peft") / "adapter_model.safetensors"))
+        ref = {n.replace(".default", ""): p.grad for n, p in hf.named_parameters() if p.requires_grad}
+        assert set(ref) == set(ours), sorted(set(ref) ^ set(ours))[:6]
+        worst, names = max((ref[k] - ours[k]).abs().max().item() for k in ref), len(ref)
+        largest = max(ref[k].abs().max().item() for k in ref)
+    write_results(out, losses, n_micro, ref_loss=ref_loss, max_logit_diff=logit_diff, logits_compared=n_logits,
+                  max_adapter_grad_diff=worst, max_adapter_grad=largest, adapter_tensors=names, frozen_with_grad=frozen_with_grad,
+                  trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
 
 if __name__ == "__main__":
     main()
