@@ -327,14 +327,14 @@ def moe_adapter(moe_models, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("tp,pp,ep,etp,n", [(1, 1, 1, 1, 1), (2, 1, 2, 2, 4)], ids=["tp1", "tp2-sp-ep2-etp2"])
-def test_lora_on_experts_matches_peft(moe_models, moe_adapter, tmp_path, tp, pp, ep, etp, n):
+def test_lora_on_experts_matches_peft(moe_models, moe_adapter, tmp_path):
     """Base + adapter (attention and every expert) on megatron-core against peft on transformers: logits and
     one training step's loss and every adapter gradient within 1e-5, as the base's above (experts split over EP ranks and
-    over the expert-TP ranks, whose whole factor's gradient is summed across them), no gradient on the base."""
+    over the expert-TP ranks, whose whole factor's gradient is summed across them), no gradient on the base.
+    One layout, TP 2 with SP x EP 2 x expert-TP 2 on 4 processes: every sharding the adapters have at once."""
     out = tmp_path / "r.json"
-    torchrun(n, ROOT / "tests" / "workers" / "moe_vs_hf.py", moe_models["renorm"] / "hf", moe_models["renorm"] / "mc",
-             tp, pp, ep, etp, out, moe_adapter)
+    torchrun(4, ROOT / "tests" / "workers" / "moe_vs_hf.py", moe_models["renorm"] / "hf", moe_models["renorm"] / "mc",
+             2, 1, 2, 2, out, moe_adapter)
     ranks = read_json(out)
     last = [r for r in ranks if r["last_stage"]]
     assert last and all(r["logits_compared"] == 4 and r["max_logit_diff"] < TOL for r in last), ranks
@@ -352,7 +352,7 @@ def test_expert_adapter_round_trip_and_merge(moe_models, moe_adapter, tmp_path):
 
     from megatron_soaes.adapters import base_identity
     from megatron_soaes.adapters.merge import merge_adapter
-    from megatron_soaes.adapters.peft_io import from_peft, to_peft
+    from megatron_soaes.adapters.peft_io import adapter_max_rank, from_peft, to_peft
     from megatron_soaes.checkpoint.compare import hf_logits, logit_stats
     from megatron_soaes.checkpoint.convert import megatron_to_hf
     from megatron_soaes.checkpoint.dcp_io import DcpReader
@@ -368,6 +368,7 @@ def test_expert_adapter_round_trip_and_merge(moe_models, moe_adapter, tmp_path):
         assert c0[k] == c1[k], k
     assert sorted(c0["target_modules"]) == sorted(c1["target_modules"])
     assert sorted(t.split(".")[-1] for t in c1["target_parameters"]) == sorted(c0["target_parameters"])
+    assert adapter_max_rank(back) == 2 * c1["r"]  # the engines' max LoRA rank (serve-check): the experts' gate_up
 
     merged = merge_adapter(mc, ours, tmp_path / "merged", progress=False)
     megatron_to_hf(merged, tmp_path / "merged_hf", progress=False)
@@ -379,3 +380,56 @@ def test_expert_adapter_round_trip_and_merge(moe_models, moe_adapter, tmp_path):
     want = {f"decoder.layers.{i}.self_attention.{n}.weight" for i in range(4) for n in ("linear_qkv", "linear_proj")}
     want |= {f"decoder.layers.{i}.mlp.experts.experts.linear_fc{j}.weight" for i in (0, 2, 3) for j in (1, 2)}
     assert changed == want, sorted(changed ^ want)
+
+
+def test_lora_training_on_moe_at_ep2_resumes_at_ep1_and_exports(cpt_data, tmp_path):
+    """A LoRA CPT job on an MoE base at EP=2: only adapters train and are saved (expert adapters by global
+    index); its step-8 adapter checkpoint resumes on one process at EP=1 with the same losses; the trained
+    adapter exports as base + HF PEFT adapter that peft loads to the merged model's logits."""
+    import shutil
+
+    import yaml
+
+    from test_cpt import losses, write_config
+
+    from megatron_soaes.adapters.merge import merge_adapter
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+    from megatron_soaes.checkpoint.manifest import read_manifest
+    from megatron_soaes.models.random_init import make_random_hf_model
+    from megatron_soaes.workflows.export import check_adapter_export, export_adapter, export_hf
+
+    make_random_hf_model(tmp_path / "hf", "test-moe", seed=5, vocab_size=4096)
+    base = hf_to_megatron(tmp_path / "hf", tmp_path / "base", progress=False)
+
+    def cfg(out, **parallel):
+        path = write_config(cpt_data, out, steps=16)
+        c = yaml.safe_load(path.read_text())
+        c["model"] = {"preset": "test-moe", "overrides": {"vocab_size": 4096}, "init_checkpoint": str(base)}
+        c["peft"] = {"rank": 4, "alpha": 8}
+        c["optim"]["lr"] = 1e-2
+        c["parallel"] = parallel
+        path.write_text(yaml.safe_dump(c))
+        return path
+
+    ref = tmp_path / "ep2"
+    res = torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg(ref, expert_parallel=2))
+    assert "peft: LoRA r=4" in res.stdout + res.stderr
+    full = losses(ref)
+    assert full[16] < full[1]
+    ck = ref / "checkpoints" / "iter_0000016"
+    tensors = read_manifest(ck)["tensors"]
+    assert all(".lora_" in k for k in tensors if not k.startswith("optimizer."))
+    assert {"decoder.layers.0.mlp.experts.experts.linear_fc1.lora_A",
+            "decoder.layers.3.mlp.experts.experts.linear_fc2.lora_B"} <= set(tensors)
+    run = tmp_path / "ep1"
+    shutil.copytree(ref / "checkpoints" / "iter_0000008", run / "checkpoints" / "iter_0000008")
+    torchrun(1, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg(run))
+    got = losses(run)
+    assert sorted(got) == list(range(9, 17)) and all(got[s] == pytest.approx(full[s], abs=2e-4) for s in got), got
+
+    tok = str(cpt_data / "spm.model")
+    paths = export_adapter(ck, base, tmp_path / "export" / "lora", tok)
+    merged = export_hf(merge_adapter(base, ck, tmp_path / "merged", progress=False), tmp_path / "export" / "merged",
+                       tok, dtype=None)
+    res = check_adapter_export(paths["base"], paths["adapter"], merged)
+    assert res["max_rel_logit_diff_vs_merged"] < 1e-5 and res["top1_agreement"] == 1.0, res

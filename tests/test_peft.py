@@ -34,8 +34,8 @@ def peft_pair(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama3"])
-@pytest.mark.parametrize("layout", ["tp1", "tp2", "tp2-sp", "pp2"])
+# every layout once and both families (Llama: some projections, rsLoRA) -- not the full product, for CI time
+@pytest.mark.parametrize("family,layout", [("qwen2", "tp1"), ("qwen2", "tp2-sp"), ("qwen2", "pp2"), ("llama3", "tp2")])
 def test_lora_logits_equal_peft(peft_pair, tmp_path, family, layout):
     from conftest import torchrun
 

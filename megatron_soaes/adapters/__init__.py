@@ -111,12 +111,15 @@ def apply_lora(model, peft, cfg, seed: int = 0) -> list[str]:
         for spec in layer_adapters(cfg, peft, bool(sparse and sparse[i])):
             for j, module_path in enumerate(spec.module_paths(local_experts)):
                 parent_path, name = module_path.rsplit(".", 1)
-                parent = layer.get_submodule(parent_path)
-                base = getattr(parent, name)
+                try:
+                    parent = layer.get_submodule(parent_path)
+                    base = getattr(parent, name)
+                except AttributeError:  # TE's grouped experts hold no per-expert modules
+                    parent = base = layer.get_submodule(spec.path.rsplit(".", 2)[0])
                 want = ColumnParallelLinear if spec.kind == "column" else RowParallelLinear
                 if not isinstance(base, want):
-                    raise ConfigError(f"peft: LoRA needs megatron's local linears; {module_path} is {type(base).__name__} "
-                                      "(set train.transformer_impl: local)")
+                    raise ConfigError(f"peft: LoRA needs megatron's local linears; {module_path} is in a "
+                                      f"{type(base).__name__} (set train.transformer_impl: local)")
                 key = f"{layer.layer_number}.{spec.path}" + (f".{first_expert + j}" if spec.expert else "")
                 tp_size = torch.distributed.get_world_size(base.tp_group)
                 fused = len(spec.parts) > 1 and not spec.expert

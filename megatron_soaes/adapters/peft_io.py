@@ -85,6 +85,13 @@ def adapter_section(adapter_dir):
                        rslora=bool(c.get("use_rslora")))
 
 
+def adapter_max_rank(adapter_dir) -> int:
+    """The largest rank in an HF PEFT adapter (an engine's max LoRA rank): r, or 2r with adapted experts."""
+    adapter_section(adapter_dir)  # refuses what we do not run
+    c = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    return max([c["r"], *(c.get("rank_pattern") or {}).values()])
+
+
 def _fused_rows(cfg, path: str, blocks: dict[str, torch.Tensor], adapted, r: int) -> torch.Tensor:
     """B of a fused layer from each part's B ([rows_p, r]): megatron row order, part j in columns j*r.."""
     sizes = _part_rows(cfg, path)

@@ -28,7 +28,8 @@ def run(args, spec=None, adapter=None) -> dict:
     kw = {"speculative_config": spec} if spec else {}
     req = {}
     if adapter:
-        r = json.load(open(f"{adapter}/adapter_config.json"))["r"]
+        c = json.load(open(f"{adapter}/adapter_config.json"))
+        r = max([c["r"], *(c.get("rank_pattern") or {}).values()])
         kw.update(enable_lora=True, max_loras=1, max_lora_rank=min(x for x in LORA_RANKS if x >= r))
         req = {"lora_request": LoRARequest("adapter", 1, adapter)}
     t0 = time.time()
