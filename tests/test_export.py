@@ -160,7 +160,7 @@ def test_mismatched_draft_is_refused_before_any_engine(cpt_data, bpe, checkpoint
     ok = serve_check(good, "--adapter", str(lora))
     assert ok.returncode == 0 and f"--lora-modules soaes={lora} --max-lora-rank 8" in ok.stdout, ok.stderr
     assert f"--lora-paths soaes={lora}" in ok.stdout
-    for draft, extra, msg in ((good, ("--adapter", str(dora)), "use_dora=True is not supported"),
+    for draft, extra, msg in ((good, ("--adapter", str(dora)), "vLLM and SGLang do not serve DoRA adapters"),
                               (bad_vocab, (), "its vocabulary differs from the target's"),
                               (short, (), "max_position_embeddings 256 < the target's 512"),
                               (good, ("--tp", "3"), "tensor parallel 3 does not divide num_attention_heads 8")):

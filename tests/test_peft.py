@@ -9,33 +9,45 @@ import torch
 from conftest import ROOT
 
 TARGETS = {"qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-           "llama3": ["q_proj", "v_proj", "down_proj"]}  # a subset: parts of the fused layers left out
+           "llama3": ["q_proj", "v_proj", "down_proj"],  # a subset: parts of the fused layers left out
+           "qwen2-dora": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}  # DoRA, fused layers in part
 
 
 @pytest.fixture(scope="module")
 def peft_pair(tmp_path_factory):
-    """Random HF Qwen2 and Llama models, each with a random peft LoRA adapter (B not zero)."""
+    """Random HF Qwen2 and Llama models, each with a random peft LoRA adapter (B not zero), and a random DoRA
+    adapter on the Qwen2 model (its magnitudes moved off the weight norms they start at, so m / ||W + s B A||
+    is not 1 and the test sees DoRA's rescaling)."""
     from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     from megatron_soaes.models.random_init import make_random_hf_model
 
     out = {}
     base = tmp_path_factory.mktemp("peft")
-    for family, preset in (("qwen2", "test"), ("llama3", "test-llama3")):
-        hf = base / family
-        make_random_hf_model(hf, preset, seed=3, tie_word_embeddings=False)
+    for family, preset in (("qwen2", "test"), ("llama3", "test-llama3"), ("qwen2-dora", None)):
+        hf = base / family.removesuffix("-dora")
+        if preset:
+            make_random_hf_model(hf, preset, seed=3, tie_word_embeddings=False)
         model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
         torch.manual_seed(1)
-        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family],
-                                              init_lora_weights=False, use_rslora=family == "llama3"))
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False,
+                                              use_rslora=family == "llama3", use_dora=family.endswith("dora")))
         pm.save_pretrained(base / f"{family}-adapter")
+        if family.endswith("dora"):
+            f = base / f"{family}-adapter" / "adapter_model.safetensors"
+            w = load_file(f)
+            g = torch.Generator().manual_seed(2)
+            w = {k: v * (1 + 0.2 * torch.randn(v.shape, generator=g)) if "magnitude" in k else v for k, v in w.items()}
+            save_file(w, str(f), metadata={"format": "pt"})
         out[family] = (hf, base / f"{family}-adapter")
     return out
 
 
 # every layout once and both families (Llama: some projections, rsLoRA) -- not the full product, for CI time
-@pytest.mark.parametrize("family,layout", [("qwen2", "tp1"), ("qwen2", "tp2-sp"), ("qwen2", "pp2"), ("llama3", "tp2")])
+@pytest.mark.parametrize("family,layout", [("qwen2", "tp1"), ("qwen2", "tp2-sp"), ("qwen2", "pp2"), ("llama3", "tp2"),
+                                           ("qwen2-dora", "tp2-sp")])
 def test_lora_logits_equal_peft(peft_pair, tmp_path, family, layout):
     from conftest import torchrun
 
@@ -60,10 +72,31 @@ def test_adapter_round_trip_is_exact(peft_pair, tmp_path):
         ours = from_peft(adapter, cfg, tmp_path / family / "ours")
         back = to_peft(ours, tmp_path / family / "back")
         a, b = load_file(adapter / "adapter_model.safetensors"), load_file(back / "adapter_model.safetensors")
-        assert set(a) == set(b) and len(a) == 2 * len(TARGETS[family]) * cfg.num_layers
+        per_target = 3 if family.endswith("dora") else 2  # A, B (and DoRA's magnitude)
+        assert set(a) == set(b) and len(a) == per_target * len(TARGETS[family]) * cfg.num_layers
         assert all(torch.equal(a[k], b[k]) for k in a)
         conf = json.loads((back / "adapter_config.json").read_text())
         assert sorted(conf["target_modules"]) == sorted(TARGETS[family]) and conf["r"] == 4
+        assert conf["use_dora"] == family.endswith("dora")
+
+
+def test_dora_merge_gives_base_plus_adapter_logits(peft_pair, tmp_path):
+    """A DoRA adapter merged into its base (each adapted row scaled by m / ||W + s B A||, the rows of a fused
+    layer's unadapted part left alone) gives peft's logits for base + adapter."""
+    from megatron_soaes.adapters import base_identity
+    from megatron_soaes.adapters.merge import merge_adapter
+    from megatron_soaes.adapters.peft_io import from_peft
+    from megatron_soaes.checkpoint.compare import hf_logits, logit_stats
+    from megatron_soaes.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from megatron_soaes.models import Qwen2Config
+
+    hf, adapter = peft_pair["qwen2-dora"]
+    base = hf_to_megatron(hf, tmp_path / "base", progress=False)
+    ours = from_peft(adapter, Qwen2Config.from_hf(hf), tmp_path / "ad", base=base_identity(base))
+    megatron_to_hf(merge_adapter(base, ours, tmp_path / "merged", progress=False), tmp_path / "merged_hf", progress=False)
+    tokens = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(5))
+    stats = logit_stats(hf_logits(tmp_path / "merged_hf", tokens), hf_logits(hf, tokens, adapter))
+    assert stats["max_abs_diff"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
 
 
 def test_lora_training_checkpoints_adapters_only_and_resumes_exactly(cpt_data, tmp_path):
@@ -128,9 +161,45 @@ def test_lora_training_checkpoints_adapters_only_and_resumes_exactly(cpt_data, t
     assert res.returncode == 2 and "was trained on the base" in res.stderr and str(bases[1]) in res.stderr, res.stderr[-2000:]
 
 
-@pytest.mark.parametrize("layout", ["tp1", "tp2-sp"])
-def test_lora_training_step_equals_peft(peft_pair, tmp_path, layout):
-    """Loss and every adapter gradient of one step equal peft's (1e-6); the base gets no gradient."""
+def test_dora_job_starts_as_its_base_and_trains(cpt_data, tmp_path):
+    """A CPT job with peft.dora: the magnitudes start at the loaded base's row norms, so step 1's loss is plain
+    LoRA's (both compute the base then); the magnitudes train, and the adapter exports as a peft DoRA adapter."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import job_env
+    from test_cpt import losses, write_config
+
+    from megatron_soaes.adapters.peft_io import to_peft
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    make_random_hf_model(tmp_path / "hf", "test", seed=4, vocab_size=4096)
+    base = hf_to_megatron(tmp_path / "hf", tmp_path / "base", progress=False)
+    runs = {}
+    for name, dora in (("lora", "false"), ("dora", "true")):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "megatron_soaes.cli", "train", "--config", str(write_config(cpt_data, out, steps=4)),
+               "--set", f"model.init_checkpoint={base}", "--set", "peft.rank=4", "--set", f"peft.dora={dora}"]
+        res = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = losses(out)
+    assert runs["dora"][1] == pytest.approx(runs["lora"][1], abs=1e-5) and runs["dora"][4] != runs["lora"][4], runs
+    adapter = load_file(to_peft(tmp_path / "dora" / "checkpoints" / "iter_0000004", tmp_path / "peft") /
+                        "adapter_model.safetensors")
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    key = "model.layers.0.self_attn.o_proj"
+    m = adapter[f"base_model.model.{key}.lora_magnitude_vector"]
+    assert m.shape == (64,) and not torch.allclose(m, hf[f"{key}.weight"].norm(dim=1), atol=1e-6)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+
+
+@pytest.mark.parametrize("family,layout", [("qwen2", "tp1"), ("qwen2", "tp2-sp"), ("qwen2-dora", "tp2-sp")])
+def test_lora_training_step_equals_peft(peft_pair, tmp_path, family, layout):
+    """Loss and every adapter gradient (DoRA: and every magnitude's) of one step equal peft's (1e-6); the base
+    gets no gradient."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -138,7 +207,7 @@ def test_lora_training_step_equals_peft(peft_pair, tmp_path, layout):
     from conftest import torchrun
     from megatron_soaes.adapters.peft_io import to_peft
 
-    hf, adapter = peft_pair["qwen2"]
+    hf, adapter = peft_pair[family]
     args = ["--tp", "1"] if layout == "tp1" else ["--tp", "2", "--sp"]
     torchrun(1 if layout == "tp1" else 2, ROOT / "tests" / "lora_step.py", "--hf", hf, "--adapter", adapter,
              "--out", tmp_path, *args)
@@ -153,7 +222,8 @@ def test_lora_training_step_equals_peft(peft_pair, tmp_path, layout):
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
     loss.backward()
     assert abs(loss.item() - ours["loss"]) < 1e-6, (loss.item(), ours["loss"])
-    ref = {n.replace(".default", "") + "": p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref = {n.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector"): p.grad
+           for n, p in model.named_parameters() if p.requires_grad}  # peft's saved names
     assert set(ref) == set(grads)
     worst = max((ref[k] - grads[k]).abs().max().item() for k in ref)
     assert worst < 1e-6, worst

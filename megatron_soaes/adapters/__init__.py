@@ -72,6 +72,9 @@ def layer_adapters(cfg, peft, sparse: bool) -> list[Adapted]:
             if hit and hit != parts:
                 raise ConfigError(f"peft: target_modules has {hit[0]} without {', '.join(set(parts) - set(hit))}: "
                                   "an MoE model's experts fuse them (transformers 5), so both are adapted or neither")
+            if hit and peft.dora:
+                raise ConfigError("peft.dora: DoRA on MoE experts is not supported (nor by peft's expert adapters); "
+                                  "target the attention projections only, or turn dora off")
             if hit:
                 n = len(parts)
                 out.append(Adapted(path, kind, parts, (fused,), n * peft.rank, n * peft.alpha, expert=True))
@@ -89,6 +92,22 @@ def _layout(path: str, cfg, tp_size: int) -> FusedLayout | None:
         f = cfg.intermediate_size // tp_size
         return FusedLayout(("gate_proj", "up_proj"), torch.tensor([0] * f + [1] * f))
     return None
+
+
+def adapted_rows(cfg, spec: Adapted) -> torch.Tensor | None:
+    """Which output rows of a fused dense linear belong to an adapted part (None: all of them)."""
+    layout = _layout(spec.path, cfg, 1) if len(spec.parts) > 1 and not spec.expert else None
+    if layout is None:
+        return None
+    return torch.isin(layout.row_part, torch.tensor([layout.parts.index(p) for p in spec.adapted]))
+
+
+def init_dora(model) -> int:
+    """Set every DoRA magnitude from the loaded base (a fresh adapter); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.dora]
+    for m in layers:
+        m.init_magnitude()
+    return len(layers)
 
 
 def apply_lora(model, peft, cfg, seed: int = 0) -> list[str]:
@@ -127,7 +146,7 @@ def apply_lora(model, peft, cfg, seed: int = 0) -> list[str]:
                     base, spec.kind, spec.rank, spec.alpha, peft.dropout, peft.rslora, spec.adapted,
                     _layout(spec.path, cfg, tp_size) if fused else None,
                     init_seed=seed * 1_000_003 + zlib.crc32(key.encode()),
-                    glu=spec.path.endswith("linear_fc1") and model.config.gated_linear_unit))
+                    glu=spec.path.endswith("linear_fc1") and model.config.gated_linear_unit, dora=peft.dora))
                 wrapped.append(key)
     return wrapped
 

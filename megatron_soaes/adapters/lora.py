@@ -16,6 +16,12 @@ their input and reduces their output across the expert-TP ranks, so the adapter 
 factor every expert-TP rank holds whole (A of ``linear_fc1``, B of ``linear_fc2``) has its gradient summed
 over those ranks by a hook, the other factor being split like the weight.
 
+DoRA (``dora``, peft's ``use_dora``): a learned magnitude m per output row rescales the adapted weight,
+``W' = m / ||W + s B A||_row * (W + s B A)``, the norm detached as in the paper and peft. The output is
+``out + (m/n - 1) * W x + m/n * s B A x``; the row norm is local on a column-parallel layer (whole rows) and
+summed over TP on a row-parallel one (rows split by columns); m is split like the rows (column) or whole
+(row, TP-reduced with SP like B). Rows of a fused layer whose part is not adapted keep scale 1.
+
 A fused layer holds several HF projections (q/k/v, gate/up): each adapted one is a *part* with its own r
 rows of A, and B is masked block-diagonally so part p's output rows only see part p's rows of A -- the
 exact equivalent of peft's separate q_proj/k_proj/v_proj adapters, kept exact through training (masked
@@ -46,7 +52,8 @@ class FusedLayout:
 
 class LoRALinear(torch.nn.Module):
     def __init__(self, base, kind: str, rank: int, alpha: float, dropout: float, rslora: bool,
-                 adapted: tuple[str, ...], layout: FusedLayout | None, init_seed: int, glu: bool = False):
+                 adapted: tuple[str, ...], layout: FusedLayout | None, init_seed: int, glu: bool = False,
+                 dora: bool = False):
         super().__init__()
         if kind not in ("column", "row"):
             raise ValueError(f"kind must be column or row, got {kind!r}")
@@ -87,8 +94,17 @@ class LoRALinear(torch.nn.Module):
             self.lora_mask = None
             if self.sequence_parallel:
                 self.lora_B.sequence_parallel = True
+        self.dora = dora
+        if dora:  # set from the loaded base (init_magnitude) or read from an adapter checkpoint
+            self.lora_magnitude = torch.nn.Parameter(torch.ones(out_local, dtype=dtype, device=device))
+            rows = None if self.lora_mask is None else self.lora_mask.sum(1) > 0  # rows of an adapted part
+            self.register_buffer("dora_rows", rows, persistent=False)
+            self.lora_magnitude.tensor_model_parallel = kind == "column"
+            self.lora_magnitude.partition_dim = 0
+            if self.sequence_parallel and kind == "row":
+                self.lora_magnitude.sequence_parallel = True
         # megatron's optimizer and DDP look for these on parameters (experts': reduced over expert-DP)
-        for p in (self.lora_A, self.lora_B):
+        for p in self.lora_parameters():
             p.allreduce = getattr(base.weight, "allreduce", True)
         if self.expert and tp_size > 1:  # the whole factor's gradient is partial on each expert-TP rank
             whole = self.lora_A if kind == "column" else self.lora_B
@@ -96,6 +112,30 @@ class LoRALinear(torch.nn.Module):
         self.lora_B.tensor_model_parallel = kind == "column"
         self.lora_A.tensor_model_parallel = kind == "row"
         (self.lora_B if kind == "column" else self.lora_A).partition_dim = 0 if kind == "column" else 1
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.lora_A, self.lora_B] + ([self.lora_magnitude] if self.dora else [])
+
+    def _b(self) -> torch.Tensor:
+        return self.lora_B if self.lora_mask is None else self.lora_B * self.lora_mask
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per local output row (fp32; summed over the TP ranks for a row-parallel layer)."""
+        w = self.base.weight.float() + self.scaling * (self._b().float() @ self.lora_A.float())
+        sq = (w * w).sum(dim=1)
+        if self.kind == "row" and torch.distributed.get_world_size(self.group) > 1:
+            torch.distributed.all_reduce(sq, group=self.group)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def init_magnitude(self) -> None:
+        """DoRA's start: m = ||W + s B A|| (||W|| with B zero), so the layer computes what the base does."""
+        self.lora_magnitude.copy_(self.weight_norm().to(self.lora_magnitude.dtype))
+
+    def _dora_scale(self) -> torch.Tensor:
+        scale = self.lora_magnitude / self.weight_norm().to(self.lora_magnitude.dtype)
+        return scale if self.dora_rows is None else torch.where(self.dora_rows, scale, torch.ones_like(scale))
 
     def _sum_over_expert_tp(self, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -122,7 +162,7 @@ class LoRALinear(torch.nn.Module):
                 a = m.gather_from_sequence_parallel_region(a, group=g)
             elif not self.expert:
                 a = m.copy_to_tensor_model_parallel_region(a, group=g)
-            b = self.lora_B if self.lora_mask is None else self.lora_B * self.lora_mask
+            b = self._b()
         else:
             if self.sequence_parallel:
                 a = m.reduce_scatter_to_sequence_parallel_region(a, group=g)
@@ -133,13 +173,12 @@ class LoRALinear(torch.nn.Module):
 
     def forward(self, x, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
-        return out + self.delta(x).to(out.dtype), bias
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """This rank's shard of W + scaling * B A, computed in fp32 and cast once to the weight's dtype."""
-        b = self.lora_B if self.lora_mask is None else self.lora_B * self.lora_mask
-        return (self.base.weight.float() + self.scaling * (b.float() @ self.lora_A.float())).to(self.base.weight.dtype)
+        delta = self.delta(x).to(out.dtype)
+        if not self.dora:
+            return out + delta, bias
+        scale = self._dora_scale().to(out.dtype)
+        wx = out - self.base.bias if self.base.bias is not None and not self.base.skip_bias_add else out
+        return out + (scale - 1) * wx + scale * delta, bias
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """The base layer's entries under their own checkpoint keys (a LoRA model loads a plain base
@@ -153,11 +192,15 @@ class LoRALinear(torch.nn.Module):
         base = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
         lora = {"lora_A": self.lora_A, "lora_B": self.lora_B}
         axis = {"lora_B": 0} if self.kind == "column" else {"lora_A": 1}
+        if self.dora:
+            lora["lora_magnitude"] = self.lora_magnitude
+            if self.kind == "column":
+                axis["lora_magnitude"] = 0
         base.update(make_sharded_tensors_for_checkpoint(lora, prefix, axis, sharded_offsets, tp_group=self.group,
                                                         dp_cp_group=metadata["dp_cp_group"]))
         if self.glu:
             singleton = (metadata or {}).get("singleton_local_shards", False)
-            for k in (prefix + "weight", prefix + "bias", prefix + "lora_B"):
+            for k in (prefix + "weight", prefix + "bias", prefix + "lora_B", prefix + "lora_magnitude"):
                 if k in base:
                     base[k] = apply_swiglu_sharded_factory(base[k], sharded_offsets, singleton)
         from megatron_soaes.checkpoint.load import ADAPTER_KEY

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_soaes.adapters import check_base
+import torch
+
+from megatron_soaes.adapters import adapted_rows, check_base
 from megatron_soaes.adapters.lora import lora_scaling
 from megatron_soaes.adapters.peft_io import AdapterError, adapted_layers, adapter_key
 
@@ -54,7 +56,12 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, progr
                     weight = base.read(key, n)
                     a = lora.read(adapter_key(cfg, spec.path, "A", i), n).float()
                     b = lora.read(adapter_key(cfg, spec.path, "B", i), n).float()
-                    merged = (weight.float() + scaling * (b @ a)).to(weight.dtype)
+                    merged = weight.float() + scaling * (b @ a)
+                    if peft.dora:  # m / ||W + s B A|| per row; rows of a part without adapter keep scale 1
+                        scale = lora.read(adapter_key(cfg, spec.path, "magnitude", i), n).float() / merged.norm(dim=1)
+                        rows = adapted_rows(cfg, spec)
+                        merged = merged * (scale if rows is None else torch.where(rows, scale, 1.0)).unsqueeze(1)
+                    merged = merged.to(weight.dtype)
                     if n is None:
                         w.write(key, (0,) * weight.dim(), merged)
                     else:

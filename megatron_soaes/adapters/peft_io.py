@@ -62,7 +62,7 @@ def adapter_section(adapter_dir):
     r, alpha = c["r"], c["lora_alpha"]
     fused_pattern = ({GATE_UP_PATTERN: 2 * r}, {GATE_UP_PATTERN: 2 * alpha}) if "gate_up_proj" in params else ({}, {})
     unsupported = {"peft_type": c.get("peft_type") not in (None, "LORA"), "bias": c.get("bias", "none") != "none",
-                   "use_dora": bool(c.get("use_dora")), "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
+                   "use_dora": bool(c.get("use_dora")) and bool(params), "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
                    "layers_to_transform": c.get("layers_to_transform") is not None,
                    "rank_pattern": (c.get("rank_pattern") or {}) != fused_pattern[0],
                    "alpha_pattern": (c.get("alpha_pattern") or {}) != fused_pattern[1],
@@ -81,8 +81,9 @@ def adapter_section(adapter_dir):
     if params and targets == ["all-linear"]:
         raise AdapterError(f"{path}: all-linear with target_parameters {params}: list the target modules")
     targets += [p for t in params for p in (("gate_proj", "up_proj") if t == "gate_up_proj" else (t,)) if p not in targets]
-    return PeftSection(rank=r, alpha=alpha, dropout=c.get("lora_dropout", 0.0), target_modules=targets,
-                       rslora=bool(c.get("use_rslora")))
+    dora = bool(c.get("use_dora"))
+    return PeftSection(rank=r, alpha=alpha, dropout=0.0 if dora else c.get("lora_dropout", 0.0),
+                       target_modules=targets, rslora=bool(c.get("use_rslora")), dora=dora)
 
 
 def adapter_max_rank(adapter_dir) -> int:
@@ -92,16 +93,27 @@ def adapter_max_rank(adapter_dir) -> int:
     return max([c["r"], *(c.get("rank_pattern") or {}).values()])
 
 
-def _fused_rows(cfg, path: str, blocks: dict[str, torch.Tensor], adapted, r: int) -> torch.Tensor:
-    """B of a fused layer from each part's B ([rows_p, r]): megatron row order, part j in columns j*r.."""
-    sizes = _part_rows(cfg, path)
-    dtype = next(iter(blocks.values())).dtype
-    full = {p: torch.zeros(n, len(adapted) * r, dtype=dtype) for p, n in sizes.items()}
-    for j, p in enumerate(adapted):
-        full[p][:, j * r:(j + 1) * r] = blocks[p]
+def _fuse(cfg, path: str, full: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every part's rows in megatron's order: grouped per query group (QKV) or [gate; up]."""
     if path == "self_attention.linear_qkv":
         return _group_qkv(cfg, full["q_proj"], full["k_proj"], full["v_proj"])
     return torch.cat([full["gate_proj"], full["up_proj"]])
+
+
+def _fused_rows(cfg, path: str, blocks: dict[str, torch.Tensor], adapted, r: int) -> torch.Tensor:
+    """B of a fused layer from each part's B ([rows_p, r]): megatron row order, part j in columns j*r.."""
+    dtype = next(iter(blocks.values())).dtype
+    full = {p: torch.zeros(n, len(adapted) * r, dtype=dtype) for p, n in _part_rows(cfg, path).items()}
+    for j, p in enumerate(adapted):
+        full[p][:, j * r:(j + 1) * r] = blocks[p]
+    return _fuse(cfg, path, full)
+
+
+def _fused_magnitude(cfg, path: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """DoRA's magnitude of a fused layer from each adapted part's; a part not adapted gets zeros (unused:
+    its rows keep scale 1)."""
+    dtype = next(iter(parts.values())).dtype
+    return _fuse(cfg, path, {p: parts.get(p, torch.zeros(n, dtype=dtype)) for p, n in _part_rows(cfg, path).items()})
 
 
 def _split_rows(cfg, path: str, b: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -155,7 +167,7 @@ def from_peft(adapter_dir, cfg, out_dir, base: dict | None = None) -> Path:
     r = peft.rank
 
     def get(name: str, ab: str) -> torch.Tensor:
-        key = f"{name}.lora_{ab}.weight"
+        key = f"{name}.lora_magnitude_vector" if ab == "magnitude" else f"{name}.lora_{ab}.weight"
         if key not in sd:
             raise AdapterError(f"{path}: missing tensor {key}")
         return sd[key]
@@ -174,7 +186,12 @@ def from_peft(adapter_dir, cfg, out_dir, base: dict | None = None) -> Path:
                     b = _fused_rows(cfg, spec.path, {p: get(hf[p], "B") for p in spec.adapted}, spec.adapted, r)
                 else:
                     b = get(hf[spec.adapted[0]], "B")
-            for ab, t in (("A", a), ("B", b)):
+            tensors = [("A", a), ("B", b)]
+            if peft.dora:
+                mags = {p: get(hf[p], "magnitude") for p in spec.adapted}
+                tensors.append(("magnitude", _fused_magnitude(cfg, spec.path, mags) if len(spec.parts) > 1
+                                else mags[spec.adapted[0]]))
+            for ab, t in tensors:
                 key = adapter_key(cfg, spec.path, ab, i)
                 if cfg.is_moe:
                     w.declare(key, t.shape, t.dtype)
@@ -215,16 +232,21 @@ def to_peft(adapter_ckpt, out_dir, base_model_name_or_path: str | None = None) -
             out[name + ".lora_A.weight"], out[name + ".lora_B.weight"] = _experts_to_peft(a, b)
             params.add(EXPERT_PARAMS[spec.adapted[0]])
             continue
-        rows = _split_rows(cfg, spec.path, b) if len(spec.parts) > 1 else {spec.adapted[0]: b}
+        split = (lambda t: _split_rows(cfg, spec.path, t)) if len(spec.parts) > 1 else (lambda t: {spec.adapted[0]: t})
+        rows = split(b)
+        mags = split(reader.read(adapter_key(cfg, spec.path, "magnitude", i), idx)) if peft.dora else {}
         for j, p in enumerate(spec.adapted):
             name = f"base_model.model.model.layers.{i}.{HF_MODULE[p]}"
             out[name + ".lora_A.weight"] = a[j * r:(j + 1) * r].contiguous()
             out[name + ".lora_B.weight"] = rows[p][:, j * r:(j + 1) * r].contiguous()
+            if peft.dora:
+                out[name + ".lora_magnitude_vector"] = mags[p].contiguous()
             modules.add(p)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": peft.alpha,
               # peft refuses dropout on expert tensors; an exported adapter is for inference, where it is off
               "lora_dropout": 0.0 if params else peft.dropout,
-              "target_modules": [p for p in HF_TARGETS if p in modules], "use_rslora": peft.rslora, "bias": "none",
+              "target_modules": [p for p in HF_TARGETS if p in modules], "use_rslora": peft.rslora,
+              "use_dora": peft.dora, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
               "base_model_name_or_path": base_model_name_or_path or (meta.get("base") or {}).get("path")}
     if params:

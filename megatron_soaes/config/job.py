@@ -291,6 +291,13 @@ class PeftSection(StrictModel):
     # HF projection names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or "all-linear"
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    dora: bool = False  # DoRA: a learned magnitude per output row of each adapted weight (not on MoE experts)
+
+    @model_validator(mode="after")
+    def _dora(self):
+        if self.dora and self.dropout:
+            raise ValueError("peft.dora with peft.dropout > 0 is not supported (DoRA here adapts the undropped input)")
+        return self
 
     @field_validator("target_modules")
     @classmethod

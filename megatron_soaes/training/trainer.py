@@ -120,7 +120,8 @@ class Trainer:
 
             apply_lora(model, job.peft, self.model_cfg, seed=t.seed)
             trainable, total = trainable_parameters(model)
-            self.log(f"peft: LoRA r={job.peft.rank} on {', '.join(job.peft.target_modules)}: {trainable:,} of "
+            self.log(f"peft: LoRA r={job.peft.rank}{' with DoRA magnitudes' if job.peft.dora else ''} on "
+                     f"{', '.join(job.peft.target_modules)}: {trainable:,} of "
                      f"{total:,} parameters train on this rank ({100 * trainable / total:.2f}%)")
         from megatron_soaes.models.megatron import FUSION_FLAGS
 
@@ -207,6 +208,11 @@ class Trainer:
             load_adapter(self.ddp.module, adapter)
             self.optimizer.reload_model_params()
             self.log(f"continuing the adapter {adapter}")
+        elif peft and peft.dora:  # a fresh DoRA adapter starts from the loaded base's row norms
+            from megatron_soaes.adapters import init_dora
+
+            init_dora(self.ddp.module)
+            self.optimizer.reload_model_params()
         return 0, 0
 
     # ---- one optimizer step ----

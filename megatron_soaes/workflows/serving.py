@@ -34,8 +34,11 @@ def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_token
         raise ExportError(f"max_model_len {max_model_len} exceeds the target's max_position_embeddings {limit}")
     rank = None
     if adapter is not None:
-        from megatron_soaes.adapters.peft_io import adapter_max_rank
+        from megatron_soaes.adapters.peft_io import adapter_max_rank, adapter_section
 
+        if adapter_section(adapter).dora:
+            raise ExportError(f"{adapter}: vLLM and SGLang do not serve DoRA adapters; merge it into the base "
+                              "(soaes peft merge, then export) and serve the merged model")
         rank = adapter_max_rank(adapter)  # an MoE adapter's experts' gate_up is rank 2r
     return {"target": str(target), "draft": str(draft), "tensor_parallel": tensor_parallel,
             "num_speculative_tokens": num_speculative_tokens, "max_model_len": max_model_len or limit,
