@@ -30,7 +30,7 @@ assert HF_TARGETS == LORA_TARGETS, (HF_TARGETS, LORA_TARGETS)
 EXPERTS = "mlp.experts.experts."
 EXPERT_LINEARS = {EXPERTS + "linear_fc1": ("column", ("gate_proj", "up_proj"), "gate_up_proj"),
                   EXPERTS + "linear_fc2": ("row", ("down_proj",), "down_proj")}
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PARTS = {fused: parts for _, parts, fused in EXPERT_LINEARS.values()}  # HF fused tensor -> its projections
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,12 @@ def apply_lora(model, peft, cfg, seed: int = 0) -> list[str]:
                 parent_path, name = module_path.rsplit(".", 1)
                 try:
                     parent = layer.get_submodule(parent_path)
-                    base = getattr(parent, name)
+                    base, what = getattr(parent, name), "a"
                 except AttributeError:  # TE's grouped experts hold no per-expert modules
-                    parent = base = layer.get_submodule(spec.path.rsplit(".", 2)[0])
+                    base, what = layer.get_submodule(spec.path.rsplit(".", 2)[0]), "inside a"
                 want = ColumnParallelLinear if spec.kind == "column" else RowParallelLinear
                 if not isinstance(base, want):
-                    raise ConfigError(f"peft: LoRA needs megatron's local linears; {module_path} is in a "
+                    raise ConfigError(f"peft: LoRA needs megatron's local linears; {module_path} is {what} "
                                       f"{type(base).__name__} (set train.transformer_impl: local)")
                 key = f"{layer.layer_number}.{spec.path}" + (f".{first_expert + j}" if spec.expert else "")
                 tp_size = torch.distributed.get_world_size(base.tp_group)
@@ -169,6 +169,18 @@ def base_identity(base_checkpoint) -> dict:
     manifest = Path(base_checkpoint) / MANIFEST
     return {"path": str(base_checkpoint),
             "manifest_xxh3_128": xxhash.xxh3_128(manifest.read_bytes()).hexdigest() if manifest.exists() else None}
+
+
+def check_structure(adapter_meta: dict, peft, where) -> None:
+    """Refuse an adapter checkpoint whose tensors the job's peft section would not build (one line)."""
+    from megatron_soaes.config import ConfigError
+    from megatron_soaes.config.job import PeftSection
+
+    have = PeftSection(**adapter_meta["adapter"])
+    for name, a, b in (("rank", have.rank, peft.rank), ("dora", have.dora, peft.dora),
+                       ("target_modules", sorted(_targets(have)), sorted(_targets(peft)))):
+        if a != b:
+            raise ConfigError(f"{where}: this adapter has peft.{name}={a}, the job's peft section says {b}")
 
 
 def check_base(adapter_meta: dict, base_checkpoint, where) -> None:

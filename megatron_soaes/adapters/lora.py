@@ -134,7 +134,8 @@ class LoRALinear(torch.nn.Module):
         self.lora_magnitude.copy_(self.weight_norm().to(self.lora_magnitude.dtype))
 
     def _dora_scale(self) -> torch.Tensor:
-        scale = self.lora_magnitude / self.weight_norm().to(self.lora_magnitude.dtype)
+        """m / ||W + s B A|| per local row, in fp32 (bf16 would round the scale's distance from 1)."""
+        scale = self.lora_magnitude.float() / self.weight_norm().to(self.lora_magnitude.dtype).float()
         return scale if self.dora_rows is None else torch.where(self.dora_rows, scale, torch.ones_like(scale))
 
     def _sum_over_expert_tp(self, grad: torch.Tensor) -> torch.Tensor:
@@ -148,8 +149,10 @@ class LoRALinear(torch.nn.Module):
         if self.kind == "column" and not self.sequence_parallel:
             return F.dropout(x, self.dropout)  # the same input on every TP rank: the same mask
         from megatron.core import tensor_parallel
+        from megatron.core.tensor_parallel.random import get_expert_parallel_rng_tracker_name
 
-        with tensor_parallel.get_cuda_rng_tracker().fork():  # each rank holds different elements
+        tracker = tensor_parallel.get_cuda_rng_tracker()  # each rank holds different elements
+        with (tracker.fork(get_expert_parallel_rng_tracker_name()) if self.expert else tracker.fork()):
             return F.dropout(x, self.dropout)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,9 +179,9 @@ class LoRALinear(torch.nn.Module):
         delta = self.delta(x).to(out.dtype)
         if not self.dora:
             return out + delta, bias
-        scale = self._dora_scale().to(out.dtype)
+        scale = self._dora_scale()
         wx = out - self.base.bias if self.base.bias is not None and not self.base.skip_bias_add else out
-        return out + (scale - 1) * wx + scale * delta, bias
+        return out + ((scale - 1) * wx.float() + scale * delta.float()).to(out.dtype), bias
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """The base layer's entries under their own checkpoint keys (a LoRA model loads a plain base

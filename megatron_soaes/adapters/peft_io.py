@@ -10,11 +10,12 @@ fc1 -- with each part's rows only in its own r columns. Both directions are exac
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from megatron_soaes.adapters import HF_TARGETS
+from megatron_soaes.adapters import EXPERT_PARTS, HF_TARGETS
 from megatron_soaes.checkpoint.qwen2_hf import _group_qkv, _ungroup_qkv
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -24,8 +25,8 @@ HF_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj
              "down_proj": "mlp.down_proj"}
 # peft's `target_parameters` for transformers 5's fused experts: both adapted nest two wrappers on the experts
 # module, gate_up_proj inside (`experts.base_layer.lora_*`), down_proj outside (`experts.lora_*`); one alone
-# is `experts.lora_*`. Their rank and alpha for gate_up are 2r, 2*alpha by a pattern, as peft's conversion of
-# gate_proj + up_proj writes them.
+# is `experts.lora_*`. gate_up's rank and alpha (2r, 2*alpha: adapters.EXPERT_PARTS) come by a pattern, as
+# peft's conversion of gate_proj + up_proj writes them.
 EXPERT_PARAMS = {"gate_up_proj": "mlp.experts.gate_up_proj", "down_proj": "mlp.experts.down_proj"}
 GATE_UP_PATTERN = r".*\.gate_up_proj"
 
@@ -59,8 +60,8 @@ def adapter_section(adapter_dir):
         raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
     c = json.loads(path.read_text())
     params = [str(t).removeprefix("mlp.experts.") for t in c.get("target_parameters") or []]
-    r, alpha = c["r"], c["lora_alpha"]
-    fused_pattern = ({GATE_UP_PATTERN: 2 * r}, {GATE_UP_PATTERN: 2 * alpha}) if "gate_up_proj" in params else ({}, {})
+    r, alpha, n = c["r"], c["lora_alpha"], len(EXPERT_PARTS["gate_up_proj"])
+    fused_pattern = ({GATE_UP_PATTERN: n * r}, {GATE_UP_PATTERN: n * alpha}) if "gate_up_proj" in params else ({}, {})
     unsupported = {"peft_type": c.get("peft_type") not in (None, "LORA"), "bias": c.get("bias", "none") != "none",
                    "use_dora": bool(c.get("use_dora")) and bool(params), "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
                    "layers_to_transform": c.get("layers_to_transform") is not None,
@@ -70,8 +71,11 @@ def adapter_section(adapter_dir):
                    "target_parameters": any(t not in EXPERT_PARAMS for t in params)}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        hint = {"rank_pattern": f" (only the experts' gate_up_proj at 2r, {fused_pattern[0] or 'none here'})",
+        hint = {"rank_pattern": f" (the experts' gate_up_proj must have rank 2r and alpha 2*alpha by a pattern, "
+                                f"{fused_pattern[0]}, as peft writes for target_modules gate_proj + up_proj)"
+                                if fused_pattern[0] else " (plain LoRA, one rank)",
                 "alpha_pattern": " (only the experts' gate_up_proj at 2*alpha)",
+                "use_dora": " on MoE experts (target_parameters; peft refuses it there too)",
                 "target_parameters": " (only the experts' gate_up_proj and down_proj; the router is not adapted)"}
         raise AdapterError(f"{path}: {bad[0]}={c.get(bad[0])!r} is not supported{hint.get(bad[0], ' (plain LoRA on linear layers only)')}")
     targets = c.get("target_modules") or []
@@ -80,8 +84,8 @@ def adapter_section(adapter_dir):
         raise AdapterError(f"{path}: target_modules {targets}: only {', '.join(HF_TARGETS)} can be adapted")
     if params and targets == ["all-linear"]:
         raise AdapterError(f"{path}: all-linear with target_parameters {params}: list the target modules")
-    targets += [p for t in params for p in (("gate_proj", "up_proj") if t == "gate_up_proj" else (t,)) if p not in targets]
-    dora = bool(c.get("use_dora"))
+    targets += [p for t in params for p in EXPERT_PARTS[t] if p not in targets]
+    dora = bool(c.get("use_dora"))  # dropout off: a DoRA job here trains without it (config.job.PeftSection)
     return PeftSection(rank=r, alpha=alpha, dropout=0.0 if dora else c.get("lora_dropout", 0.0),
                        target_modules=targets, rslora=bool(c.get("use_rslora")), dora=dora)
 
@@ -164,12 +168,16 @@ def from_peft(adapter_dir, cfg, out_dir, base: dict | None = None) -> Path:
     if not path.exists():
         raise AdapterError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
     sd = {k.replace(".default", ""): v for k, v in load_file(str(path)).items()}
-    r = peft.rank
+    if cfg.is_moe and any(re.search(r"\.mlp\.experts\.\d+\.", k) for k in sd):
+        raise AdapterError(f"{path}: per-expert adapters (transformers 4's layout); load the adapter with peft on "
+                           "transformers 5 and save it again, which writes the fused experts' layout read here")
+    r, used = peft.rank, set()
 
     def get(name: str, ab: str) -> torch.Tensor:
         key = f"{name}.lora_magnitude_vector" if ab == "magnitude" else f"{name}.lora_{ab}.weight"
         if key not in sd:
             raise AdapterError(f"{path}: missing tensor {key}")
+        used.add(key)
         return sd[key]
 
     layers = adapted_layers(cfg, peft)
@@ -201,6 +209,8 @@ def from_peft(adapter_dir, cfg, out_dir, base: dict | None = None) -> Path:
                     w.declare(key, (cfg.num_layers, *t.shape), t.dtype)
                 w.write(key, (i,) + (0,) * t.dim(), t.unsqueeze(0).contiguous())
         w.close()
+        if set(sd) - used:  # e.g. an MoE model's dense-layer MLP, which peft does not adapt either
+            raise AdapterError(f"{path}: tensors this model has no adapter for: {sorted(set(sd) - used)[:4]}")
         write_meta(tmp, cfg, adapter=peft.model_dump(), base=base, source=str(adapter_dir))
         write_manifest(tmp)
     return Path(out_dir)
@@ -222,7 +232,7 @@ def to_peft(adapter_ckpt, out_dir, base_model_name_or_path: str | None = None) -
         raise AdapterError(f"{adapter_ckpt}: not an adapter checkpoint (its meta has no adapter section)")
     cfg, peft = Qwen2Config(**meta["model"]), PeftSection(**meta["adapter"])
     reader = DcpReader(adapter_ckpt)
-    r, out, modules, params = peft.rank, {}, set(), set()
+    r, out, modules, params, pattern = peft.rank, {}, set(), set(), None
     for i, spec in adapted_layers(cfg, peft):
         idx = None if cfg.is_moe else i
         a = reader.read(adapter_key(cfg, spec.path, "A", i), idx)
@@ -231,6 +241,8 @@ def to_peft(adapter_ckpt, out_dir, base_model_name_or_path: str | None = None) -
             name = _expert_names(cfg, peft, i)[spec.adapted[0]]
             out[name + ".lora_A.weight"], out[name + ".lora_B.weight"] = _experts_to_peft(a, b)
             params.add(EXPERT_PARAMS[spec.adapted[0]])
+            if spec.rank != r:  # gate_up: 2r, 2*alpha
+                pattern = ({GATE_UP_PATTERN: spec.rank}, {GATE_UP_PATTERN: spec.alpha})
             continue
         split = (lambda t: _split_rows(cfg, spec.path, t)) if len(spec.parts) > 1 else (lambda t: {spec.adapted[0]: t})
         rows = split(b)
@@ -251,8 +263,8 @@ def to_peft(adapter_ckpt, out_dir, base_model_name_or_path: str | None = None) -
               "base_model_name_or_path": base_model_name_or_path or (meta.get("base") or {}).get("path")}
     if params:
         config["target_parameters"] = sorted(params, key=list(EXPERT_PARAMS.values()).index)
-        if EXPERT_PARAMS["gate_up_proj"] in params:
-            config["rank_pattern"], config["alpha_pattern"] = {GATE_UP_PATTERN: 2 * r}, {GATE_UP_PATTERN: 2 * peft.alpha}
+        if pattern:
+            config["rank_pattern"], config["alpha_pattern"] = pattern
     with atomic_directory(out_dir, overwrite=True) as tmp:
         save_file(out, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

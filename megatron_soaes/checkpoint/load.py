@@ -17,7 +17,7 @@ def _drop_absent_objects(sharded_sd: dict, ckpt_dir: Path) -> dict:
             if not (isinstance(v, ShardedObject) and v.unique_key not in present)}
 
 
-ADAPTER_KEY = ".lora_"  # what names an adapter tensor (adapters.lora: lora_A / lora_B)
+ADAPTER_KEY = ".lora_"  # what names an adapter tensor (adapters.lora: lora_A / lora_B / lora_magnitude)
 
 
 def adapter_entries(sharded_state_dict: dict) -> dict:

@@ -194,10 +194,12 @@ class Trainer:
                 self.log(f"initialised weights from {init}")
         adapter = resume or (resolve_checkpoint(self.job.model.init_adapter) if self.job.model.init_adapter else None)
         if peft and adapter is not None:
-            from megatron_soaes.adapters import check_base
+            from megatron_soaes.adapters import check_base, check_structure
             from megatron_soaes.checkpoint.meta import read_meta
 
-            check_base(read_meta(adapter), init, adapter)
+            meta = read_meta(adapter)
+            check_base(meta, init, adapter)
+            check_structure(meta, peft, adapter)
         if resume is not None:
             common = ckpt.load(resume, self.ddp.module, self.optimizer, self.scheduler)
             self.resumed_common = common
