@@ -369,6 +369,23 @@ def test_expert_adapter_round_trip_and_merge(moe_models, moe_adapter, tmp_path):
     assert sorted(c0["target_modules"]) == sorted(c1["target_modules"])
     assert sorted(t.split(".")[-1] for t in c1["target_parameters"]) == sorted(c0["target_parameters"])
     assert adapter_max_rank(back) == 2 * c1["r"]  # the engines' max LoRA rank (serve-check): the experts' gate_up
+    # what cannot be converted is one line, nothing written: a tensor the model has no adapter for (here the
+    # dense layer's MLP, which peft leaves alone too), transformers 4's per-expert layout
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megatron_soaes.adapters.peft_io import AdapterError
+
+    cfg = Qwen2Config.from_hf(hf)
+    for extra, msg in (("model.layers.1.mlp.down_proj", "tensors this model has no adapter for"),
+                       ("model.layers.0.mlp.experts.3.down_proj", "transformers 4's layout")):
+        bad = tmp_path / "bad"
+        shutil.copytree(moe_adapter, bad, dirs_exist_ok=True)
+        save_file({**a, f"base_model.model.{extra}.lora_A.weight": torch.zeros(4, 48)}, str(bad / "adapter_model.safetensors"))
+        with pytest.raises(AdapterError, match=msg):
+            from_peft(bad, cfg, tmp_path / "not_written")
+        assert not (tmp_path / "not_written").exists()
 
     merged = merge_adapter(mc, ours, tmp_path / "merged", progress=False)
     megatron_to_hf(merged, tmp_path / "merged_hf", progress=False)

@@ -194,6 +194,12 @@ def test_dora_job_starts_as_its_base_and_trains(cpt_data, tmp_path):
     m = adapter[f"base_model.model.{key}.lora_magnitude_vector"]
     assert m.shape == (64,) and not torch.allclose(m, hf[f"{key}.weight"].norm(dim=1), atol=1e-6)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    # continuing a plain LoRA adapter as DoRA: refused in one line before any step
+    cmd += ["--set", f"model.init_adapter={tmp_path / 'lora' / 'checkpoints' / 'iter_0000004'}",
+            "--set", f"train.output_dir={tmp_path / 'mixed'}"]
+    res = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "this adapter has peft.dora=False, the job's peft section says True" in res.stderr, \
+        res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("family,layout", [("qwen2", "tp1"), ("qwen2", "tp2-sp"), ("qwen2-dora", "tp2-sp")])
