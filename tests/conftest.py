@@ -33,6 +33,27 @@ def torchrun(nproc: int, script, *args, timeout=600):
     return res
 
 
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+    """`soaes <args>` in this process, for commands that only read configs (dry runs, refusals): a subprocess
+    would spend its seconds importing torch and megatron-core."""
+    import contextlib
+    import io
+
+    from megatron_soaes.cli import main
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(map(str, args)))
+            except SystemExit as e:  # argparse
+                rc = e.code
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
 def read_json(path):
     return json.loads(Path(path).read_text())
 

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli_in_process
 
 SLURM = ROOT / "examples" / "slurm"
 
 
 def soaes(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_soaes.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    return cli_in_process(*args)
 
 
 def sbatch_world(script):

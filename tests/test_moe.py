@@ -295,13 +295,11 @@ def test_tensor_parallel_moe_inference_equals_one_process(moe_models, tmp_path):
     (["parallel.expert_tensor_parallel=5"], "world size 96 is not divisible by expert TP*PP*EP = 5*1*8 = 40")])
 def test_moe_layout_errors_are_one_line_before_any_work(sets, error):
     """The 30B-A3B CPT config with a broken layout: `--dry-run` refuses it naming the field."""
-    import subprocess
-    import sys
+    from conftest import cli_in_process
 
-    cmd = [sys.executable, "-m", "megatron_soaes.cli", "train", "--config",
-           str(ROOT / "examples" / "slurm" / "configs" / "cpt_qwen3_30b_a3b.yaml"), "--dry-run", "--world-size", "96",
-           "--skip-path-check", "--set", "train.global_batch_size=384", *[a for kv in sets for a in ("--set", kv)]]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    res = cli_in_process("train", "--config", ROOT / "examples" / "slurm" / "configs" / "cpt_qwen3_30b_a3b.yaml",
+                         "--dry-run", "--world-size", "96", "--skip-path-check", "--set", "train.global_batch_size=384",
+                         *[a for kv in sets for a in ("--set", kv)])
     assert res.returncode == 2 and error in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 

@@ -75,7 +75,7 @@ def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        _destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
@@ -89,10 +89,24 @@ def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout
     return parallel.data_parallel_size(world)
 
 
+def _destroy_model_parallel() -> None:
+    """megatron-core's destroy_model_parallel only forgets its groups; torch keeps them, each with gloo
+    threads that poll (three per group). A process that sets up its layout again (the SFT curriculum's
+    stages, the pipeline's in-process phases, a test session) destroys them too, or it piles up groups
+    whose threads took a third of a core within a test run."""
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d as c10d
+
+    parallel_state.destroy_model_parallel()
+    for group in list(c10d._world.pg_map):
+        if group is not c10d.GroupMember.WORLD:
+            torch.distributed.destroy_process_group(group)
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        _destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
