@@ -27,8 +27,26 @@ def test_initialize_single_process():
     assert dp == 1
     assert torch.distributed.get_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
     assert parallel_state.get_tensor_model_parallel_world_size() == 1
-    # re-initialising (as consecutive jobs in one process do) is allowed
-    assert initialize(ParallelConfig(), seed=3) == 1
+    # re-initialising (as consecutive jobs in one process do) is allowed, and does not pile up groups: each
+    # one torch keeps holds gloo threads that poll
+    groups, threads = _groups_and_gloo_threads()
+    for _ in range(3):
+        assert initialize(ParallelConfig(), seed=3) == 1
+    assert _groups_and_gloo_threads() == (groups, threads)
+
+
+def _groups_and_gloo_threads() -> tuple[int, int]:
+    import os
+
+    from torch.distributed import distributed_c10d
+
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{t}/comm").read())
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return len(distributed_c10d._world.pg_map), sum(n.startswith(("gloo", "pt_gloo")) for n in names)
 
 
 def test_initialize_rejects_layout_larger_than_world():
