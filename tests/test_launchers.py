@@ -6,13 +6,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cli_in_process
+from conftest import ROOT
+from conftest import cli_in_process as soaes  # dry runs only read configs
 
 SLURM = ROOT / "examples" / "slurm"
-
-
-def soaes(*args):
-    return cli_in_process(*args)
 
 
 def sbatch_world(script):

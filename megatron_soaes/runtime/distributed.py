@@ -93,7 +93,8 @@ def _destroy_model_parallel() -> None:
     """megatron-core's destroy_model_parallel only forgets its groups; torch keeps them, each with gloo
     threads that poll (three per group). A process that sets up its layout again (the SFT curriculum's
     stages, the pipeline's in-process phases, a test session) destroys them too, or it piles up groups
-    whose threads took a third of a core within a test run."""
+    whose threads took two thirds of a core by the middle of a test run. (shutdown() needs none of
+    this: destroying the default group destroys them all.)"""
     from megatron.core import parallel_state
     from torch.distributed import distributed_c10d as c10d
 
@@ -107,6 +108,6 @@ def shutdown() -> None:
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        _destroy_model_parallel()
+        parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
