@@ -68,9 +68,36 @@ def pipeline(data: dict) -> list[str]:
             if r["method"].startswith(("chain", "tree")):
                 lines.append(f"| {who} | {r['method']} | {r['tau']:.2f} | {r['alpha']:.2f} | {r['speedup']:.2f}x | "
                              f"{_f(r.get('draft_agreement'), '.3f')} | {'yes' if r['exact'] else 'NO'} |")
-    lines += ["", "| phase | general ppl | general top-1 | general retention vs base (ppl / top-1) | domain ppl | "
-              "domain top-1 | Rouge-1 | BLEU-4 | distinct-2 | loop answers | identical answers |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ev = data["evaluate"]
+    if any(e.get("qa_sets") for e in ev.values()):
+        from megatron_soaes.workflows.report import general_lines, qa_lines
+
+        lines += qa_lines(ev, data.get("comparisons") or {})
+        lines += general_lines(ev, data.get("evaluate_stages") or {}, None)
+        lines += ["", "| phase | domain ppl | domain top-1 |", "|---|---|---|"]
+        order = [(n, e) for n, e in ev.items() if n in ("base", "cpt")]
+        order += [(f"SFT stage {n} (end)", e) for n, e in (data.get("evaluate_stages") or {}).items()]
+        order += [(n, e) for n, e in ev.items() if n not in ("base", "cpt")]
+        lines += [f"| {n} | {e['domain_ppl']:.1f} | {_f(e.get('domain_top1'), '.3f')} |" for n, e in order]
+    else:  # results files of older versions
+        lines += legacy_phase_table(data)
+    gates = data.get("retention_gates") or {}
+    if gates:
+        lines += ["", "| gated run | bound | retention against its start at each evaluation (ppl; top-1) | decisions |",
+                  "|---|---|---|---|"]
+        for run, g in gates.items():
+            h = g["history"]
+            ppl = " → ".join(_f(r.get("ppl_ratio") or r["ratio"], ".3f") for r in h)
+            acc = " → ".join(_f(r.get("accuracy_ratio"), ".3f") for r in h)
+            decisions = ", ".join(sorted({r["decision"] for r in h}))
+            lines.append(f"| {run} | {g['metric']} >= {g['min_ratio']} ({g['action']}) | {ppl}; {acc} | {decisions} |")
+    return lines
+
+
+def legacy_phase_table(data: dict) -> list[str]:
+    lines = ["", "| phase | general ppl | general top-1 | general retention vs base (ppl / top-1) | domain ppl | "
+             "domain top-1 | Rouge-1 | BLEU-4 | distinct-2 | loop answers | identical answers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ev, base = data["evaluate"], data["evaluate"].get("base")
     order = [(n, e) for n, e in ev.items() if n in ("base", "cpt")]
     order += [(f"SFT stage {n} (end)", e) for n, e in (data.get("evaluate_stages") or {}).items()]
@@ -84,16 +111,6 @@ def pipeline(data: dict) -> list[str]:
                 f"{_f(d.get('loop_share'), '.0%')} | {_f(d.get('identical_share'), '.0%')}" if qa else "- | - | - | - | -")
         lines.append(f"| {name} | {e['general_ppl']:.1f} | {e['general_top1']:.3f} | {kept} | {e['domain_ppl']:.1f} | "
                      f"{_f(e.get('domain_top1'), '.3f')} | {tail} |")
-    gates = data.get("retention_gates") or {}
-    if gates:
-        lines += ["", "| gated run | bound | retention against its start at each evaluation (ppl; top-1) | decisions |",
-                  "|---|---|---|---|"]
-        for run, g in gates.items():
-            h = g["history"]
-            ppl = " → ".join(_f(r.get("ppl_ratio") or r["ratio"], ".3f") for r in h)
-            acc = " → ".join(_f(r.get("accuracy_ratio"), ".3f") for r in h)
-            decisions = ", ".join(sorted({r["decision"] for r in h}))
-            lines.append(f"| {run} | {g['metric']} >= {g['min_ratio']} ({g['action']}) | {ppl}; {acc} | {decisions} |")
     return lines
 
 

@@ -157,3 +157,41 @@ def test_bad_input_is_one_line_error(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [json.loads(x) for x in open(tmp_path / "o3" / "removed.jsonl", encoding="utf-8")]
     assert [(r["where"].rsplit(":", 1)[1], r["rule"]) for r in rows] == [("2", "malformed"), ("3", "malformed")]
+
+
+def test_knowledge_qa_pairs_are_leakage_while_their_articles_stay_in_cpt(cpt_data, tmp_path):
+    """Knowledge QA asks about articles CPT trains on: a test question -> answer pair copied into an SFT set
+    or a CPT document is removed, while the article itself stays in the CPT corpus (and an index of the
+    references alone, the wrong rule, would have removed it)."""
+    import shutil
+
+    from megatron_soaes.config.curation import CurationConfig
+    from megatron_soaes.curation.decontam import EvalIndex, jsonl_items
+    from megatron_soaes.data.demo_data import CURATED, curate_demo_data, evaluation_items
+    from megatron_soaes.data.sft_demo import build_sft_demo
+
+    out = tmp_path / "data"
+    shutil.copytree(cpt_data / "corpora", out / "corpora", ignore=shutil.ignore_patterns("*.bin", "*.idx"))
+    build_sft_demo(out / "sft")
+    tests = [json.loads(x) for x in open(out / "sft" / "soae_qa.test.jsonl", encoding="utf-8")]
+    laws = {t["id"].split("#")[0] for t in tests}
+    assert len(tests) >= 200 and len(laws) >= 5
+    assert len({t["id"].split("#")[0] for t in tests[:20]}) >= 5  # hashed order: any prefix spans the laws
+    domain = out / "corpora" / "domain.train.jsonl"
+    articles = {r["id"]: r for r in map(json.loads, open(domain, encoding="utf-8"))}
+    assert all(t["id"] in articles for t in tests)  # every test question asks about a CPT training document
+    pair = tests[0]["messages"]
+    with open(domain, "a", encoding="utf-8") as f:  # a CPT document that copies a test pair
+        f.write(json.dumps({"id": "planted-pair", "text": f"{pair[1]['content']}\n{pair[2]['content']}"},
+                           ensure_ascii=False) + "\n")
+    with open(out / "sft" / "soae_qa.train.jsonl", "a", encoding="utf-8") as f:  # an SFT example that is a test pair
+        f.write(json.dumps({"id": "planted-sft", "messages": tests[1]["messages"]}, ensure_ascii=False) + "\n")
+    curate_demo_data(out, CurationConfig(near_dedup=False), log=lambda *_: None)
+    kept_cpt = {json.loads(x)["id"] for x in open(out / CURATED / "domain.jsonl", encoding="utf-8")}
+    kept_sft = {json.loads(x)["id"] for x in open(out / CURATED / "sft" / "soae_qa.jsonl", encoding="utf-8")}
+    assert "planted-pair" not in kept_cpt and "planted-sft" not in kept_sft
+    assert sum(t["id"] in kept_cpt for t in tests) >= 0.95 * len(tests)  # the knowledge stays
+    wrong = EvalIndex(jsonl_items(out / "sft" / "soae_qa.test.jsonl"), 50, 16)  # references indexed alone
+    assert sum(wrong.match(articles[t["id"]]["text"]) is not None for t in tests) >= 0.9 * len(tests)
+    right = EvalIndex(evaluation_items(out, knowledge_pairs=50), 50, 16)
+    assert right.match(articles[tests[0]["id"]]["text"]) is None

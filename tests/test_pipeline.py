@@ -32,8 +32,8 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     out = tmp_path / "tiny"
     log = run_pipeline(out)
     report = (out / "report" / "summary.md").read_text(encoding="utf-8")
-    for row in ("General-ability retention after CPT", "Domain perplexity", "Rouge-1: base / CPT / SFT progressive",
-                "BLEU-4: base / CPT / SFT progressive", "Progressive vs single-stage SFT, Rouge-1 ratio",
+    for row in ("General-ability retention after CPT", "Domain perplexity", "Knowledge QA rouge-l",
+                "Knowledge QA bleu-4", "Progressive vs single-stage SFT, Rouge-1 ratio", "Progressive - single-stage at equal cost",
                 "Progressive vs single-stage SFT, BLEU-4 ratio", "Speculative decoding speedup",
                 "Mean accepted length tau", "identical to target-only greedy", "Export: transformers loads it",
                 "Distilled vs CE-only draft (same student and steps)", "Distillation vs CE-only draft: tau",
@@ -50,6 +50,12 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     assert all(0 <= r["draft_agreement"] <= 1 for r in summary["speculative"] + summary["speculative_ce_draft"]
                if r["method"].startswith(("chain", "tree")))
     assert "## Sample answers" in report and "- draft:" in report and "distinct-2" in report
+    assert "## Question answering" in report and "Paired differences" in report and "rep-4" in report
+    ev = summary["evaluate"]
+    assert set(ev["base"]["qa_sets"]) == {"knowledge", "consultation"} and ev["base"]["qa_sets"]["knowledge"]["n"] == 6
+    assert set(summary["comparisons"]) >= {"cpt - base", "sft_progressive - cpt", "sft_progressive - sft_single"}
+    answers = [json.loads(x) for x in open(out / "evaluate" / "sft_progressive.answers.jsonl", encoding="utf-8")]
+    assert len(answers) == 10 and {a["set"] for a in answers} == {"knowledge", "consultation"}
     assert set(summary["evaluate"]["sft_progressive"]["degeneracy"]) >= {"distinct_2", "loop_share", "identical_share"}
     export = json.loads((out / "phases" / "export.json").read_text())
     # exported in the trained dtype (fp32): transformers gives our logits
@@ -112,6 +118,12 @@ def test_force_phase_redoes_it_and_everything_downstream(tmp_path):
     assert steps == [1, 2]
     cpt = [json.loads(x)["step"] for x in open(out / "cpt" / "metrics.jsonl") if '"loss"' in x]
     assert cpt == [1, 2, 3] and (out / "phases" / "cpt.json").stat().st_mtime_ns != cpt_done  # its record rewritten
+
+    # a changed setting redoes the phase that reads it (and what reads its result), never reports the old one
+    log = run_pipeline(out, *short, "--set", "cpt.lr=5e-4", "--until", "cpt")
+    assert "[pipeline] base: done, skipped" in log and "cpt: settings changed since it ran (cpt.lr): redone" in log
+    assert json.loads((out / "phases" / "cpt.json").read_text())["settings"]["cpt.lr"] == 5e-4
+    assert "[pipeline] cpt: done, skipped" in run_pipeline(out, *short, "--set", "cpt.lr=5e-4", "--until", "cpt")
 
     for bad in (["--force-phase", "cptt"], ["--until", "sftt"]):
         cmd = [sys.executable, "-m", "megatron_soaes.cli", "pipeline", "--config",

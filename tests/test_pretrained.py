@@ -88,7 +88,45 @@ def test_real_model_pipeline_reduced(tmp_path, smollm2):
     assert export["target"]["top1_agreement"] == 1.0 and export["draft"]["top1_agreement"] == 1.0
     report = (out / "report" / "summary.md").read_text(encoding="utf-8")
     assert "The pretrained smollm2-135m-instruct" in report and "Python language reference" in report
-    assert "(consultation)" in report and "(soae_qa)" in report  # samples of every SFT stage
+    assert "(consultation)" in report and "(knowledge)" in report  # samples of every QA set
+
+    # the guard can fail: the same target planted with a copy loop (it repeats its last 24 tokens: a clause of
+    # 12-20 characters, longer than the loops the old 12-character detector caught) is found degenerate
+    from megatron_soaes.data.sft import Template
+    from megatron_soaes.data.tokenizer import load_tokenizer
+    from megatron_soaes.eval.ability import evaluate_checkpoint
+    from megatron_soaes.inference import load_inference_model
+    from megatron_soaes.workflows.pipeline import Pipeline, load_pipeline_config
+
+    pipe = Pipeline(load_pipeline_config(ROOT / "examples/smollm2/pipeline_ci.yaml",
+                                         [f"output_dir={out}", f"data.dir={tmp_path / 'demo-smollm2'}"]))
+    ckpt = json.loads((out / "phases" / "sft.json").read_text())["checkpoint"]
+    looping = CopyLoop(load_inference_model(ckpt), period=24)
+    planted = evaluate_checkpoint(ckpt, load_tokenizer(pipe.tokenizer_spec), qa_sets=pipe.qa_sets(), template=Template(None),
+                                  resamples=100, model=looping)
+    assert degenerate(planted["degeneracy"]), planted["degeneracy"]
+    assert planted["degeneracy"]["rep_4"] > 2 * ev["sft_progressive"]["degeneracy"]["rep_4"]
+
+
+class CopyLoop:
+    """A planted collapse: the model's own logits, plus a large bonus for the token it was fed `period` decoding
+    steps ago -- after its first `period` tokens it repeats them forever."""
+
+    def __init__(self, model, period: int):
+        self.model, self.period, self.fed = model, period, None
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward(self, tokens, positions, cache, **kw):
+        logits = self.model.forward(tokens, positions, cache, **kw)
+        if tokens.shape[1] > 1:  # a prefill: a new batch
+            self.fed = None
+            return logits
+        self.fed = tokens if self.fed is None or self.fed.shape[0] != tokens.shape[0] else torch.cat([self.fed, tokens], 1)
+        if self.fed.shape[1] >= self.period:  # fed[-1] is the token generated last: repeat the one `period` back
+            logits[:, -1].scatter_add_(-1, self.fed[:, -self.period:1 - self.period], torch.full_like(logits[:, -1, :1], 1e4))
+        return logits
 
 
 def test_first_layers_is_the_model_cut_after_n_layers(hf_models, tmp_path):

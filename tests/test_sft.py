@@ -249,3 +249,11 @@ def test_single_stage_baseline_sees_the_union(small_sft, cpt_data, tmp_path):
     assert len(base.stages) == 1 and base.stages[0].epochs == 1
     assert hashes(stage_job(base, 1, "x", tmp_path / "single")) == union  # the same multiset of examples
     assert 80 <= len(union) <= 24 * 4  # 24 records per stage (stage 3 twice), minus those truncated to no target
+    # stages given in steps: the baseline at equal cost -- their summed steps, the same batch, over the union
+    stepped = recipe.model_copy(update={"stages": [s.model_copy(update={"epochs": None, "steps": k + 2})
+                                                   for k, s in enumerate(recipe.stages)]})
+    eq = single_stage(stepped)
+    assert eq.stages[0].steps == 2 + 3 + 4 and eq.stages[0].epochs is None
+    assert [f.path for f in eq.stages[0].files()] == [f.path for s in recipe.stages for f in s.files()]
+    jobs = [stage_job(eq, 1, "x", tmp_path / "eq"), stage_job(stepped, 3, "x", tmp_path / "s3")]
+    assert jobs[0].train.steps == 9 and jobs[0].train.global_batch_size == jobs[1].train.global_batch_size

@@ -95,8 +95,15 @@ def stage_job(recipe: Recipe, k: int, init_checkpoint, output_dir=None, init_ada
 
 
 def single_stage(recipe: Recipe) -> Recipe:
-    """The ablation baseline: one stage over the union of every stage's training data (each file
-    repeated as many times as its stage's integer epochs), same shared settings."""
+    """The ablation baseline: one stage over the union of every stage's training data, same shared settings.
+    With steps in every stage, it trains their sum (equal cost: the same steps and sequences); with epochs,
+    each file is repeated as many times as its stage's integer epochs."""
+    if all(st.steps for st in recipe.stages):
+        last = recipe.stages[-1]
+        base = Stage(name="single-stage", train=[f for st in recipe.stages for f in st.files()], valid=last.valid,
+                     steps=sum(st.steps for st in recipe.stages), optim=last.optim, train_overrides=last.train_overrides)
+        return recipe.model_copy(update={"name": recipe.name + "-single", "stages": [base],
+                                         "output_dir": recipe.output_dir.rstrip("/") + "-single"})
     epochs = {st.epochs for st in recipe.stages}
     same = len(epochs) == 1 and None not in epochs  # e.g. every stage 0.5 epochs: the union, 0.5 epochs
     train = []

@@ -25,6 +25,19 @@ INPUTS = {"data": (), "base": ("data",), "cpt": ("base",), "sft": ("cpt",), "sft
 assert tuple(INPUTS) == PHASES
 
 
+# the config fields each phase's result depends on (beside its inputs' results): a finished phase whose
+# fields changed is redone with everything downstream of it (`Pipeline.run`)
+SETTINGS = {"data": ("data", "evaluation.mcq_files"), "base": ("base", "model", "distill.student_layers"),
+            "cpt": ("cpt", "retention"), "sft": ("sft", "retention", "evaluation.qa_limit"),
+            "sft_single": ("sft", "retention"), "distill": ("distill",), "distill_ce": ("distill",),
+            "evaluate": ("evaluation",), "export": (), "speculative": ("speculative",), "report": ()}
+assert tuple(SETTINGS) == PHASES
+# fields that change how a phase runs, not what it produces
+NOT_SETTINGS = ("data.curation.workers", "data.curation.checkpoint_every", "sft.single_stage", "distill.ce_baseline")
+# bumped when the demo data's construction changes (splits, sets): a data directory built otherwise is rebuilt
+DATA_VERSION = 2
+
+
 def downstream(phases) -> list[str]:
     """`phases` and every phase that reads their results, directly or not, in pipeline order."""
     unknown = sorted(set(phases) - set(PHASES))
@@ -47,6 +60,10 @@ class DataCfg(_Strict):
     # the general (replay, retention) corpus: People's Daily 1998 (Chinese news), or CPython's own English
     # language reference (pydoc topics) -- general text an English-centric pretrained base already handles
     general: Literal["peoples_daily", "python_docs"] = "peoples_daily"
+    # general text no phase trains on, from another source and topic than the replay corpus: retention is
+    # measured there (perplexity, next-token accuracy, a 4-way next-sentence cloze). lee_news: the Lee
+    # corpus of English news (300 articles, shipped in gensim's test data) for an English-centric base
+    heldout_general: Literal["lee_news"] | None = None
     # dedup, quality rules and decontamination of every training set before tokenization (`soaes curate`)
     curation: CurationConfig = CurationConfig()
 
@@ -93,8 +110,19 @@ class CPTCfg(TrainCfg):
 class SFTStageCfg(_Strict):
     name: str
     data: str  # a demo SFT dataset name: consultation | recitation | soae_qa
-    epochs: float = 1.0
+    # the stage's length: epochs of its data, or optimizer steps (with steps in every stage, the single-stage
+    # ablation trains their sum over the union of the data: the same steps and sequences)
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, ge=1)
     replay_fraction: float = 0.0
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError(f"SFT stage {self.name}: give epochs or steps, not both")
+        if self.epochs is None and self.steps is None:
+            self.epochs = 1.0
+        return self
 
 
 class SFTCfg(_Strict):
@@ -104,6 +132,7 @@ class SFTCfg(_Strict):
     micro_batch_size: int = 8
     lr: float = 5e-4
     min_lr: float = 5e-5
+    warmup_steps: int = Field(5, ge=0)  # of every stage (each stage restarts its schedule)
     single_stage: bool = True
     # LoRA instead of full SFT (the job config's peft section: rank, alpha, dropout, target_modules,
     # rslora): every stage trains adapters on the CPT model, each continuing the previous stage's; later
@@ -148,12 +177,22 @@ class SpecCfg(_Strict):
 
 
 class EvalCfg(_Strict):
-    qa_limit: int = 40
+    # knowledge QA: held-out questions about articles CPT trains on (soae_qa's test split, in hashed order
+    # across the laws); 0: all of them
+    qa_limit: int = Field(40, ge=0)
+    # the free-form set: held-out legal consultations (the first SFT stage's test split); 0: all of them
+    consultation_limit: int = Field(0, ge=0)
     mcq_limit: int = 50
     mcq_files: list[str] = ["1-2知识问答_val.csv", "3-6案例分析_val.csv"]
-    max_new_tokens: int = 64
+    # answers and references are scored on their first sentence, at most this many characters
+    # (eval.metrics.first_sentence): whole articles run to hundreds of characters
+    unit_chars: int = Field(100, ge=8)
+    # new tokens per answer; null: 1.2x the 90th percentile of the (cut) references' lengths in tokens, per set
+    max_new_tokens: int | None = Field(None, ge=1)
     samples: int = Field(3, ge=1)  # held-out questions per SFT stage answered by every phase in the report
     ppl_docs: int = Field(64, ge=1)  # held-out documents (first 256 tokens each) per perplexity
+    cloze_limit: int = Field(200, ge=0)  # next-sentence cloze items on the never-trained general text (data.heldout_general)
+    bootstrap: int = Field(1000, ge=100)  # resamples for the 95% intervals (eval.stats)
 
 
 class RetentionCfg(_Strict):
@@ -192,6 +231,30 @@ class PipelineConfig(_Strict):
         if self.base.hf is not None and self.model.family != "qwen2":
             raise ValueError("model.family applies to the presets; with base.hf the family is the pretrained model's own")
         return self
+
+
+def phase_settings(cfg: PipelineConfig, phase: str) -> dict:
+    """{dotted field: value} of the config fields `phase` depends on (`SETTINGS`), flattened."""
+    full = cfg.model_dump(mode="json")
+    out = {"version": DATA_VERSION} if phase == "data" else {}
+
+    def flat(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                flat(f"{prefix}.{k}", x)
+        elif prefix not in NOT_SETTINGS:
+            out[prefix] = v
+
+    for path in SETTINGS[phase]:
+        v = full
+        for part in path.split("."):
+            v = (v or {}).get(part)
+        flat(path, v)
+    return out
+
+
+def changed_fields(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def load_pipeline_config(path, overrides: list[str] | None = None) -> PipelineConfig:

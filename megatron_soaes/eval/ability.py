@@ -66,14 +66,23 @@ def at_chance(accuracy: float, questions: int, chance: float = MCQ_CHANCE) -> bo
     return abs(accuracy - chance) <= chance_band(questions, chance)
 
 
+def read_cloze(path, limit: int | None = None) -> list[dict]:
+    """The never-trained general text's cloze items (`data.corpora.build_lee_news`): question, options, answer."""
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:limit] if limit else rows
+
+
 @torch.no_grad()
-def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_tokens: int = 384) -> dict:
+def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_tokens: int = 384,
+                 prompt: str = "问题：{question}\n答案：", reader=read_mcq) -> dict:
+    """Accuracy of the best-scored option; `prompt` frames the question (the cloze set: its context, a space)."""
     correct = total = 0
     per_file = {}
     for path in files:
         c = t = 0
-        for q in read_mcq(path, limit_per_file):
-            prefix = tokenizer.encode(f"问题：{q['question']}\n答案：")
+        for q in reader(path, limit_per_file):
+            prefix = tokenizer.encode(prompt.format(question=q["question"]))
             seqs, spans = [], []
             for _, text in q["options"]:
                 opt = tokenizer.encode(text or "无")
@@ -93,47 +102,53 @@ def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_
     return {"accuracy": correct / max(total, 1), "questions": total, "per_file": per_file}
 
 
-def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=None, mcq_files=(), qa_file=None,
-                        template=None, qa_limit: int = 50, mcq_limit: int = 100, max_new_tokens: int = 96,
-                        samples: int = 4, sample_files: dict | None = None, ppl_docs: int = 64) -> dict:
-    """Everything the report compares across phases, for one checkpoint, with its answers to the first
-    `samples` questions of the QA file and of each of `sample_files` ({set name: chat jsonl}, e.g. each
-    SFT stage's held-out questions). Degeneracy is measured over all of these answers."""
+def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=None, heldout_text=None,
+                        cloze_file=None, cloze_limit: int | None = 200, mcq_files=(), mcq_limit: int = 100,
+                        qa_sets: dict | None = None, template=None, unit_chars: int = 100,
+                        max_new_tokens: int | None = None, resamples: int = 1000, samples: int = 2,
+                        sample_files: dict | None = None, ppl_docs: int = 64, answers_file=None, model=None) -> dict:
+    """Everything the report compares across phases, for one checkpoint: perplexity and next-token accuracy on
+    held-out general, domain and never-trained general text; the cloze and MCQ sets; each of `qa_sets`
+    ({name: list of conversations}) scored with intervals (`eval.qa.score_set`), every answer written to
+    `answers_file` (jsonl); its answers to the first `samples` questions of each QA set and of each of
+    `sample_files` ({set name: chat jsonl}, e.g. each SFT stage's held-out questions). Degeneracy (loops,
+    rep-4, identical answers) is measured over every answer it gave. `model`: the checkpoint already loaded."""
     from megatron_soaes.inference.model import load_inference_model
 
-    model = load_inference_model(checkpoint)
+    model = model or load_inference_model(checkpoint)
     res = {"checkpoint": str(checkpoint)}
-    if general_text:
-        g = perplexity(model, tokenizer, general_text, max_docs=ppl_docs)
-        res["general_ppl"], res["general_top1"] = g["ppl"], g["top1"]
-    if domain_text:
-        d = perplexity(model, tokenizer, domain_text, max_docs=ppl_docs)
-        res["domain_ppl"], res["domain_top1"] = d["ppl"], d["top1"]
+    for key, path in (("general", general_text), ("domain", domain_text), ("heldout", heldout_text)):
+        if path:
+            r = perplexity(model, tokenizer, path, max_docs=ppl_docs)
+            res[f"{key}_ppl"], res[f"{key}_top1"] = r["ppl"], r["top1"]
+    if cloze_file:
+        c = mcq_accuracy(model, tokenizer, [cloze_file], cloze_limit, prompt="{question} ", reader=read_cloze)
+        res["cloze"] = {**c, "chance": MCQ_CHANCE, "chance_band": chance_band(c["questions"])}
     if mcq_files:
         res["mcq"] = mcq_accuracy(model, tokenizer, mcq_files, mcq_limit)
-    if qa_file:
-        from megatron_soaes.eval.metrics import degeneracy, generation_metrics
-        from megatron_soaes.eval.qa import answer, load_qa
+    if qa_sets:
+        from megatron_soaes.eval.metrics import degeneracy
+        from megatron_soaes.eval.qa import load_qa, score_set
 
-        def ask(convs):
-            return answer(model, tokenizer, convs, template, max_new_tokens,
-                          max_prompt_tokens=model.cfg.max_position_embeddings - max_new_tokens)
-
-        def sample(name, convs, hyps):
-            return [{"set": name, "question": c[-2]["content"], "reference": c[-1]["content"], "answer": h}
-                    for c, h in zip(convs[:samples], hyps)]
-
-        convs = load_qa(qa_file, qa_limit)
-        hyps = ask(convs)
-        res["qa"] = generation_metrics(hyps, [c[-1]["content"] for c in convs])
-        res["samples"], every = [], list(hyps)
-        for name, path in (sample_files or {Path(qa_file).name.split(".")[0]: qa_file}).items():
-            if Path(path) == Path(qa_file):
-                res["samples"] += sample(name, convs, hyps)
-            else:
-                more = load_qa(path, samples)
-                more_hyps = ask(more)
-                res["samples"] += sample(name, more, more_hyps)
-                every += more_hyps
+        res["qa_sets"], res["samples"], every = {}, [], []
+        for name, convs in qa_sets.items():
+            r = res["qa_sets"][name] = score_set(model, tokenizer, convs, template, unit_chars, max_new_tokens, resamples)
+            every += [it["answer"] for it in r["items"]]
+            res["samples"] += [{"set": name, **it} for it in r["items"][:samples]]
+        for name, path in (sample_files or {}).items():
+            more = load_qa(path, samples)
+            r = score_set(model, tokenizer, more, template, unit_chars, max_new_tokens, resamples=100)
+            res["samples"] += [{"set": name, **it} for it in r["items"]]
+            every += [it["answer"] for it in r["items"]]
         res["degeneracy"] = degeneracy(every)
+        if answers_file:
+            from megatron_soaes.utils.files import atomic_write_text
+
+            atomic_write_text(answers_file, "".join(json.dumps({"set": n, **it}, ensure_ascii=False) + "\n"
+                                                    for n, r in res["qa_sets"].items() for it in r.pop("items")))
+        else:
+            for r in res["qa_sets"].values():
+                r.pop("items")
+        first = next(iter(res["qa_sets"].values()))  # the headline set: metric -> its value on all items
+        res["qa"] = {m: v["mean"] for m, v in first["metrics"].items()} | {"n": first["n"]}
     return res

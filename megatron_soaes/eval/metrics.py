@@ -83,19 +83,41 @@ def generation_metrics(hypotheses: list[str], references: list[str], level: str 
             "bleu-4": corpus_bleu(hypotheses, references), "n": len(hypotheses)}
 
 
-def is_loop(text: str, max_period: int = 12, min_repeats: int = 3, min_share: float = 0.5) -> bool:
-    """Whether `text` is mostly one short unit repeated (``证券）证券）证券）...``): some period p <= max_period
-    whose repetition runs at least `min_repeats` times over at least `min_share` of the characters."""
+def is_loop(text: str, max_period: int = 40, min_repeats: int = 2, min_share: float = 0.5) -> bool:
+    """Whether `text` is mostly one unit repeated (``证券）证券）证券）...``, or a whole clause over and over:
+    ``不得按照法律的规定，不得按照法律的规定，...``): some period p <= max_period whose back-to-back repetition
+    spans at least `min_repeats` periods and at least `min_share` of the characters. Periods up to 40
+    characters: a 135M model's greedy loops are often a clause of 10-30 characters, which a short bound misses."""
     s = [c for c in text if not c.isspace()]
     n = len(s)
-    for p in range(1, max_period + 1):
+    for p in range(1, min(max_period, n // min_repeats) + 1):
         run = best = 0
         for i in range(p, n):
             run = run + 1 if s[i] == s[i - p] else 0
             best = max(best, run)
-        if best + p >= max(min_repeats * p, min_share * n) and n >= min_repeats * p:
+        if best + p >= max(min_repeats * p, min_share * n):
             return True
     return False
+
+
+def rep_n(text: str, n: int = 4) -> float:
+    """rep-n: the share of an answer's character n-grams (whitespace dropped) that repeat an earlier one
+    (0: none repeated; near 1: a loop). Welleck et al.'s within-sequence repetition measure."""
+    s = "".join(c for c in text if not c.isspace())
+    grams = [s[i:i + n] for i in range(len(s) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+SENTENCE_END = "。！？；"
+
+
+def first_sentence(text: str, max_chars: int = 100) -> str:
+    """The answer unit knowledge QA scores: text up to and including its first sentence end (。！？；),
+    at most `max_chars` characters. A statute's first sentence states its rule; whole articles run to
+    hundreds of characters, more than a CPU evaluation can generate for every question."""
+    t = text.strip()
+    ends = [i for i in (t.find(c) for c in SENTENCE_END) if i >= 0]
+    return t[:min(min(ends) + 1 if ends else len(t), max_chars)]
 
 
 # the bounds `degenerate` applies: a model whose answers cross one is not answering the questions
@@ -105,7 +127,8 @@ DEGENERACY_BOUNDS = {"identical_share": 0.5, "loop_share": 0.5, "distinct_2": 0.
 def degeneracy(answers: list[str]) -> dict:
     """How far a model's answers to different prompts are real answers: distinct-1/2 (unique character
     unigrams/bigrams over all answers, whitespace dropped), the share of answers that are a repeated
-    loop (`is_loop`), the share equal to the most common answer, and the share that are empty."""
+    loop (`is_loop`), the share equal to the most common answer, the share that are empty, and the mean
+    rep-4 (`rep_n`)."""
     chars = [[c for c in a if not c.isspace()] for a in answers]
     uni = [c for s in chars for c in s]
     bi = [tuple(s[i:i + 2]) for s in chars for i in range(len(s) - 1)]
@@ -113,7 +136,8 @@ def degeneracy(answers: list[str]) -> dict:
     most = max((answers.count(a) for a in set(answers)), default=0)
     return {"answers": len(answers), "distinct_1": len(set(uni)) / max(1, len(uni)),
             "distinct_2": len(set(bi)) / max(1, len(bi)), "loop_share": sum(map(is_loop, answers)) / n,
-            "identical_share": most / n, "empty_share": sum(not s for s in chars) / n}
+            "identical_share": most / n, "empty_share": sum(not s for s in chars) / n,
+            "rep_4": sum(map(rep_n, answers)) / n}
 
 
 def degenerate(d: dict) -> list[str]:

@@ -101,8 +101,11 @@ def all_done(out, max_new_tokens, eos_id) -> bool:
 
 @torch.no_grad()
 def generate(target: Qwen2ForInference, prompts: list[list[int]], max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> GenerationResult:
-    """Target-only decoding, one token per forward: the baseline and the lossless reference."""
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             stop=None) -> GenerationResult:
+    """Target-only decoding, one token per forward: the baseline and the lossless reference. `stop(tokens)`,
+    when given, ends the batch early once it holds for every row not ended by EOS or the budget (rows it
+    ended may carry a few tokens past that point)."""
     check_prompts(prompts, max_new_tokens, target)
     gen = torch.Generator(device=target.device).manual_seed(seed)
     t0 = time.perf_counter()
@@ -110,7 +113,14 @@ def generate(target: Qwen2ForInference, prompts: list[list[int]], max_new_tokens
     cache, root = prefill(target, prompts, max(map(len, prompts)) + max_new_tokens + 1)
     out: list[list[int]] = [[] for _ in range(B)]
     forwards = 0
-    while not all_done(out, max_new_tokens, eos_id):
+    stopped = [False] * B
+
+    def done(b):
+        if not stopped[b] and stop is not None and out[b]:
+            stopped[b] = bool(stop(out[b]))
+        return stopped[b] or row_done(out[b], max_new_tokens, eos_id)
+
+    while not all(done(b) for b in range(B)):
         logits = target.forward(root[:, None], cache.lengths[:, None], cache)[:, 0]
         forwards += 1
         cache.lengths += 1

