@@ -103,7 +103,7 @@ def test_real_model_pipeline_reduced(tmp_path, smollm2):
     ckpt = json.loads((out / "phases" / "sft.json").read_text())["checkpoint"]
     looping = CopyLoop(load_inference_model(ckpt), period=24)
     planted = evaluate_checkpoint(ckpt, load_tokenizer(pipe.tokenizer_spec), qa_sets=pipe.qa_sets(), template=Template(None),
-                                  resamples=100, model=looping)
+                                  repetition_penalty=pipe.cfg.evaluation.repetition_penalty, resamples=100, model=looping)
     assert degenerate(planted["degeneracy"]), planted["degeneracy"]
     assert planted["degeneracy"]["rep_4"] > 2 * ev["sft_progressive"]["degeneracy"]["rep_4"]
 

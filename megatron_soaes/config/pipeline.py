@@ -28,7 +28,7 @@ assert tuple(INPUTS) == PHASES
 # the config fields each phase's result depends on (beside its inputs' results): a finished phase whose
 # fields changed is redone with everything downstream of it (`Pipeline.run`)
 SETTINGS = {"data": ("data", "evaluation.mcq_files"), "base": ("base", "model", "distill.student_layers"),
-            "cpt": ("cpt", "retention"), "sft": ("sft", "retention", "evaluation.qa_limit"),
+            "cpt": ("cpt", "retention"), "sft": ("sft", "retention"),
             "sft_single": ("sft", "retention"), "distill": ("distill",), "distill_ce": ("distill",),
             "evaluate": ("evaluation",), "export": (), "speculative": ("speculative",), "report": ()}
 assert tuple(SETTINGS) == PHASES
@@ -189,6 +189,12 @@ class EvalCfg(_Strict):
     unit_chars: int = Field(100, ge=8)
     # new tokens per answer; null: 1.2x the 90th percentile of the (cut) references' lengths in tokens, per set
     max_new_tokens: int | None = Field(None, ge=1)
+    # greedy decoding of every QA answer, with this repetition penalty (transformers' CTRL penalty over the
+    # answer's own tokens) for every model alike; 1.0: plain greedy
+    repetition_penalty: float = Field(1.0, ge=1.0)
+    # with a penalty: the SFT targets also answer this many knowledge questions plain greedy, and the report
+    # shows their loops there (what the penalty hides)
+    greedy_check: int = Field(0, ge=0)
     samples: int = Field(3, ge=1)  # held-out questions per SFT stage answered by every phase in the report
     ppl_docs: int = Field(64, ge=1)  # held-out documents (first 256 tokens each) per perplexity
     cloze_limit: int = Field(200, ge=0)  # next-sentence cloze items on the never-trained general text (data.heldout_general)

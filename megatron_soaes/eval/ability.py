@@ -105,14 +105,16 @@ def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_
 def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=None, heldout_text=None,
                         cloze_file=None, cloze_limit: int | None = 200, mcq_files=(), mcq_limit: int = 100,
                         qa_sets: dict | None = None, template=None, unit_chars: int = 100,
-                        max_new_tokens: int | None = None, resamples: int = 1000, samples: int = 2,
+                        max_new_tokens: int | None = None, repetition_penalty: float = 1.0, greedy_check: int = 0,
+                        resamples: int = 1000, samples: int = 2,
                         sample_files: dict | None = None, ppl_docs: int = 64, answers_file=None, model=None) -> dict:
     """Everything the report compares across phases, for one checkpoint: perplexity and next-token accuracy on
     held-out general, domain and never-trained general text; the cloze and MCQ sets; each of `qa_sets`
     ({name: list of conversations}) scored with intervals (`eval.qa.score_set`), every answer written to
     `answers_file` (jsonl); its answers to the first `samples` questions of each QA set and of each of
     `sample_files` ({set name: chat jsonl}, e.g. each SFT stage's held-out questions). Degeneracy (loops,
-    rep-4, identical answers) is measured over every answer it gave. `model`: the checkpoint already loaded."""
+    rep-4, identical answers) is measured over every answer it gave; with `greedy_check`, also over plain
+    greedy answers to the first questions of the first set. `model`: the checkpoint already loaded."""
     from megatron_soaes.inference.model import load_inference_model
 
     model = model or load_inference_model(checkpoint)
@@ -132,15 +134,22 @@ def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=No
 
         res["qa_sets"], res["samples"], every = {}, [], []
         for name, convs in qa_sets.items():
-            r = res["qa_sets"][name] = score_set(model, tokenizer, convs, template, unit_chars, max_new_tokens, resamples)
+            r = res["qa_sets"][name] = score_set(model, tokenizer, convs, template, unit_chars, max_new_tokens, resamples,
+                                                 repetition_penalty=repetition_penalty)
             every += [it["answer"] for it in r["items"]]
             res["samples"] += [{"set": name, **it} for it in r["items"][:samples]]
         for name, path in (sample_files or {}).items():
             more = load_qa(path, samples)
-            r = score_set(model, tokenizer, more, template, unit_chars, max_new_tokens, resamples=100)
+            r = score_set(model, tokenizer, more, template, unit_chars, max_new_tokens, resamples=100,
+                          repetition_penalty=repetition_penalty)
             res["samples"] += [{"set": name, **it} for it in r["items"]]
             every += [it["answer"] for it in r["items"]]
         res["degeneracy"] = degeneracy(every)
+        if greedy_check and repetition_penalty != 1.0:
+            convs = next(iter(qa_sets.values()))[:greedy_check]
+            r = score_set(model, tokenizer, convs, template, unit_chars, max_new_tokens, resamples=100)
+            res["greedy_check"] = {**degeneracy([it["answer"] for it in r["items"]]),
+                                   "rouge-l": r["metrics"]["rouge-l"]["mean"], "samples": r["items"][:samples]}
         if answers_file:
             from megatron_soaes.utils.files import atomic_write_text
 

@@ -23,7 +23,8 @@ def load_qa(path, limit: int | None = None) -> list[list[dict]]:
 
 @torch.no_grad()
 def answer(model, tokenizer, conversations: list[list[dict]], template: Template, max_new_tokens: int = 128,
-           batch_size: int = 16, max_prompt_tokens: int | None = None, stop=None) -> list[str]:
+           batch_size: int = 16, max_prompt_tokens: int | None = None, stop=None,
+           repetition_penalty: float = 1.0) -> list[str]:
     """Greedy answers to the last user turn of each conversation (its reference answer is dropped);
     `stop(tokens)` ends an answer early (`generate`)."""
     from megatron_soaes.inference.generate import generate
@@ -34,7 +35,8 @@ def answer(model, tokenizer, conversations: list[list[dict]], template: Template
         prompts.append(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)
     out = []
     for i in range(0, len(prompts), batch_size):
-        res = generate(model, prompts[i:i + batch_size], max_new_tokens, eos_id=tokenizer.stop_id, stop=stop)
+        res = generate(model, prompts[i:i + batch_size], max_new_tokens, eos_id=tokenizer.stop_id, stop=stop,
+                       repetition_penalty=repetition_penalty)
         for toks in res.tokens:
             if toks and toks[-1] == tokenizer.stop_id:
                 toks = toks[:-1]
@@ -52,7 +54,8 @@ def reference_budget(tokenizer, references: list[str], factor: float = 1.2, perc
 
 
 def score_set(model, tokenizer, conversations: list[list[dict]], template: Template, unit_chars: int = 100,
-              max_new_tokens: int | None = None, resamples: int = 1000, batch_size: int = 16) -> dict:
+              max_new_tokens: int | None = None, resamples: int = 1000, batch_size: int = 16,
+              repetition_penalty: float = 1.0) -> dict:
     """One model on one QA set: greedy answers and references both cut to their first sentence
     (`first_sentence`), Rouge-1/2/L and BLEU-4 with bootstrap 95% intervals, the per-item scores (for paired
     comparisons) and every question, reference and answer. The budget is `reference_budget` unless given;
@@ -67,10 +70,11 @@ def score_set(model, tokenizer, conversations: list[list[dict]], template: Templ
         return any(c in text for c in SENTENCE_END) or sum(not c.isspace() for c in text) >= unit_chars
 
     raw = answer(model, tokenizer, conversations, template, budget, batch_size=batch_size, stop=unit_done,
-                 max_prompt_tokens=model.cfg.max_position_embeddings - budget)
+                 max_prompt_tokens=model.cfg.max_position_embeddings - budget, repetition_penalty=repetition_penalty)
     hyps = [first_sentence(h, unit_chars) for h in raw]
     scores = item_scores(hyps, refs)
     return {"n": len(refs), "max_new_tokens": budget, "unit": f"first sentence, at most {unit_chars} characters",
+            "repetition_penalty": repetition_penalty,
             "metrics": intervals(scores, resamples), "scores": to_lists(scores),
             "items": [{"question": c[-2]["content"], "reference": r, "answer": h}
                       for c, r, h in zip(conversations, refs, hyps)]}

@@ -102,10 +102,12 @@ def all_done(out, max_new_tokens, eos_id) -> bool:
 @torch.no_grad()
 def generate(target: Qwen2ForInference, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             stop=None) -> GenerationResult:
+             stop=None, repetition_penalty: float = 1.0) -> GenerationResult:
     """Target-only decoding, one token per forward: the baseline and the lossless reference. `stop(tokens)`,
     when given, ends the batch early once it holds for every row not ended by EOS or the budget (rows it
-    ended may carry a few tokens past that point)."""
+    ended may carry a few tokens past that point). `repetition_penalty` > 1 (CTRL's, as in transformers, over
+    the tokens this call generated, not the prompt's) makes a token already said less likely: an evaluation
+    setting; the lossless speculative reference stays plain greedy."""
     check_prompts(prompts, max_new_tokens, target)
     gen = torch.Generator(device=target.device).manual_seed(seed)
     t0 = time.perf_counter()
@@ -122,6 +124,10 @@ def generate(target: Qwen2ForInference, prompts: list[list[int]], max_new_tokens
 
     while not all(done(b) for b in range(B)):
         logits = target.forward(root[:, None], cache.lengths[:, None], cache)[:, 0]
+        if repetition_penalty != 1.0 and out[0]:
+            said = torch.tensor(out, device=logits.device)
+            seen = logits.gather(-1, said)
+            logits = logits.scatter(-1, said, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
         forwards += 1
         cache.lengths += 1
         root = logits.argmax(-1) if temperature <= 0 else sample(probs_from_logits(logits, temperature, top_p), gen)

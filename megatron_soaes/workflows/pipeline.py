@@ -75,6 +75,7 @@ class ModelEval(BaseModel):
     # per QA set (knowledge, consultation): n, max_new_tokens, unit, metrics {m: mean, lo, hi}, per-item scores
     qa_sets: dict[str, dict] = {}
     degeneracy: dict = {}  # eval.metrics.degeneracy of its answers (QA and every stage's samples)
+    greedy_check: dict | None = None  # with a repetition penalty: degeneracy of plain greedy answers (evaluation.greedy_check)
     samples: list[dict] = []  # the first held-out questions of each SFT stage: set, question, reference, answer
 
 
@@ -522,7 +523,8 @@ class Pipeline:
                 domain_text=corpora / "domain.test.jsonl", heldout_text=heldout,
                 cloze_file=corpora / "heldout.cloze.jsonl" if heldout else None, cloze_limit=e.cloze_limit,
                 mcq_files=self.mcq_files(), mcq_limit=e.mcq_limit, qa_sets=qa_sets, template=Template(None),
-                unit_chars=e.unit_chars, max_new_tokens=e.max_new_tokens, resamples=e.bootstrap, samples=e.samples,
+                unit_chars=e.unit_chars, max_new_tokens=e.max_new_tokens, repetition_penalty=e.repetition_penalty,
+                greedy_check=e.greedy_check if name.startswith("sft") else 0, resamples=e.bootstrap, samples=e.samples,
                 ppl_docs=e.ppl_docs, answers_file=self.out / "evaluate" / f"{name}.answers.jsonl",
                 sample_files={st.name: self.sft_file(st.data, "test") for st in self.cfg.sft.stages
                               if st.data not in ("soae_qa", "consultation")}))

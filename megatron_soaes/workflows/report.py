@@ -143,8 +143,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         named_k = [(n, k[x]) for n, x in (("base", "base"), ("CPT", "cpt"), ("SFT progressive", "sft_progressive"))]
         rows += [(f"Knowledge QA {m} ({prog.qa_sets['knowledge']['n']} questions, 95% interval): base / CPT / SFT progressive",
                   " / ".join(_ci(v[m], ".2f") for _, v in named_k), None) for m in ("rouge-l", "bleu-4")]
-    heldout = [m for m in (base, cpt, prog) if m.heldout_ppl is not None]
-    if len(heldout) == 3:
+    if all(m.heldout_ppl is not None for m in (base, cpt, prog)):
         rows.insert(0, ("General-ability retention after CPT, never-trained general text (next-token accuracy, "
                         "after / before; perplexity before / after)",
                         f"{_fmt(_ratio(cpt.heldout_top1, base.heldout_top1), '.1%')} / "
@@ -289,9 +288,11 @@ def qa_lines(models: dict, comparisons: dict) -> list[str]:
         if not rows:
             continue
         r0 = rows[0][1]
-        md += ["", f"**{title}**: {r0['n']} held-out questions; answers and references cut to the {r0['unit']}; "
-               f"up to {r0['max_new_tokens']} new tokens (1.2x the references' 90th percentile in tokens). "
-               "Mean [95% bootstrap interval].", "",
+        rp = r0.get("repetition_penalty", 1.0)
+        decoding = "greedy" if rp == 1.0 else f"greedy with repetition penalty {rp:g} over the answer's own tokens"
+        md += ["", f"**{title}**: {r0['n']} held-out questions; {decoding}; answers and references cut to the "
+               f"{r0['unit']}; up to {r0['max_new_tokens']} new tokens (1.2x the references' 90th percentile in "
+               "tokens). Mean [95% bootstrap interval].", "",
                "| model | Rouge-1 | Rouge-2 | Rouge-L | BLEU-4 |", "|---|---|---|---|---|"]
         md += [f"| {MODEL_NAMES.get(n, n)} | {_ci(r['metrics']['rouge-1'])} | {_ci(r['metrics']['rouge-2'])} | "
                f"{_ci(r['metrics']['rouge-l'])} | {_ci(r['metrics']['bleu-4'], '.2f')} |" for n, r in rows]
@@ -303,6 +304,12 @@ def qa_lines(models: dict, comparisons: dict) -> list[str]:
         d = m.get("degeneracy") or {}
         md.append(f"| {MODEL_NAMES.get(n, n)} | {_fmt(d.get('loop_share'), '.1%')} | {_fmt(d.get('rep_4'), '.3f')} | "
                   f"{_fmt(d.get('distinct_2'), '.3f')} | {_fmt(d.get('identical_share'), '.1%')} |")
+    plain = [(n, m["greedy_check"]) for n, m in models.items() if m.get("greedy_check")]
+    if plain:
+        md += ["", "The same models decoding plain greedy (no penalty), on the first "
+               f"{plain[0][1]['answers']} knowledge questions: what the penalty keeps out of the answers.", "",
+               "| model | loop answers | rep-4 | Rouge-L |", "|---|---|---|---|"]
+        md += [f"| {MODEL_NAMES.get(n, n)} | {g['loop_share']:.1%} | {g['rep_4']:.3f} | {g['rouge-l']:.1f} |" for n, g in plain]
     if comparisons:
         md += ["", "Paired differences (a - b on the same questions, 95% paired bootstrap interval; bold: the interval "
                "excludes 0):", "", "| comparison | set | Rouge-1 | Rouge-L | BLEU-4 |", "|---|---|---|---|---|"]
