@@ -183,3 +183,24 @@ def test_whole_pipeline_per_family(tmp_path, family):
         res = subprocess.run([sys.executable, "-m", "megatron_soaes.cli", "serve-check", "--target", str(out / "export" / "target"),
                               "--draft", str(out / "export" / "draft"), "--tp", "2"], capture_output=True, text=True, cwd=ROOT)
         assert res.returncode == 0 and "--enable-expert-parallel" in res.stdout and "--ep-size 2" in res.stdout, res.stderr
+
+
+def test_phase_settings_name_what_each_phase_depends_on():
+    """Switching the single-stage ablation or the CE-only draft on redoes only the phase it adds; the pretrained
+    model and the MCQ files are data settings (the tokenizer and decontamination follow them); evaluation knobs
+    redo no training."""
+    from megatron_soaes.config.pipeline import PHASES, changed_fields, load_pipeline_config, phase_settings
+
+    cfg = ROOT / "examples/smollm2/pipeline.yaml"
+
+    def redone(*overrides):
+        a, b = load_pipeline_config(cfg), load_pipeline_config(cfg, list(overrides))
+        return [p for p in PHASES if phase_settings(a, p) != phase_settings(b, p)]
+
+    assert redone("sft.single_stage=false") == ["sft_single"]
+    assert redone("distill.ce_baseline=false") == ["distill_ce"]
+    assert redone("evaluation.repetition_penalty=1.0") == ["evaluate"]
+    assert redone("data.curation.workers=1") == []
+    assert redone("sft.lr=1e-4") == ["sft", "sft_single"]
+    assert "data" in redone("evaluation.mcq_files=[a.csv]")
+    assert changed_fields({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0}) == ["b", "c"]

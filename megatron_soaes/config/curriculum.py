@@ -96,7 +96,8 @@ def stage_job(recipe: Recipe, k: int, init_checkpoint, output_dir=None, init_ada
 
 def single_stage(recipe: Recipe) -> Recipe:
     """The ablation baseline: one stage over the union of every stage's training data, same shared settings.
-    With steps in every stage, it trains their sum (equal cost: the same steps and sequences); with epochs,
+    With steps in every stage, it trains their sum (equal cost: the same number of steps and sequences, drawn
+    from the union as its files' sizes give, not as the stages' steps split them); with epochs,
     each file is repeated as many times as its stage's integer epochs."""
     if all(st.steps for st in recipe.stages):
         last = recipe.stages[-1]

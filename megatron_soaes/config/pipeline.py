@@ -27,13 +27,14 @@ assert tuple(INPUTS) == PHASES
 
 # the config fields each phase's result depends on (beside its inputs' results): a finished phase whose
 # fields changed is redone with everything downstream of it (`Pipeline.run`)
-SETTINGS = {"data": ("data", "evaluation.mcq_files"), "base": ("base", "model", "distill.student_layers"),
-            "cpt": ("cpt", "retention"), "sft": ("sft", "retention"),
-            "sft_single": ("sft", "retention"), "distill": ("distill",), "distill_ce": ("distill",),
-            "evaluate": ("evaluation",), "export": (), "speculative": ("speculative",), "report": ()}
+SETTINGS = {"data": ("data", "base.hf", "evaluation.mcq_files"), "base": ("base", "model"),
+            "cpt": ("cpt", "retention"), "sft": ("sft", "retention"), "sft_single": ("sft", "retention"),
+            "distill": ("distill",), "distill_ce": ("distill",), "evaluate": ("evaluation",), "export": (),
+            "speculative": ("speculative",), "report": ()}
 assert tuple(SETTINGS) == PHASES
-# fields that change how a phase runs, not what it produces
-NOT_SETTINGS = ("data.curation.workers", "data.curation.checkpoint_every", "sft.single_stage", "distill.ce_baseline")
+# fields of those sections that change how a phase runs, or whether another phase runs, not what it produces
+NOT_SETTINGS = {"data": ("data.curation.workers", "data.curation.checkpoint_every"), "sft": ("sft.single_stage",),
+                "distill": ("distill.ce_baseline",)}
 # bumped when the demo data's construction changes (splits, sets): a data directory built otherwise is rebuilt
 DATA_VERSION = 2
 
@@ -138,6 +139,14 @@ class SFTCfg(_Strict):
     # rslora): every stage trains adapters on the CPT model, each continuing the previous stage's; later
     # phases read each stage's merged weights
     peft: PeftSection | None = None
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        short = [st.name for st in self.stages if st.steps is not None and st.steps <= self.warmup_steps]
+        if short:
+            raise ValueError(f"SFT stage(s) {', '.join(short)}: steps must exceed sft.warmup_steps ({self.warmup_steps}); "
+                             "every stage restarts its schedule with that warmup")
+        return self
 
 
 class DistillCfg(_Strict):
@@ -248,7 +257,7 @@ def phase_settings(cfg: PipelineConfig, phase: str) -> dict:
         if isinstance(v, dict):
             for k, x in v.items():
                 flat(f"{prefix}.{k}", x)
-        elif prefix not in NOT_SETTINGS:
+        elif prefix not in NOT_SETTINGS.get(phase, ()):
             out[prefix] = v
 
     for path in SETTINGS[phase]:

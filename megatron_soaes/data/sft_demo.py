@@ -7,7 +7,8 @@ Stages, from weakly relevant to expert domain data:
                 SOAE laws (企业国有资产法, 公司法, 企业破产法, 会计法, 审计法, 预算法, 资产评估法, ...),
                 phrased with one of three templates picked by a hash of the article id; the answer is
                 the article text. It is the knowledge QA set (`soae_qa_split`): its test questions ask
-                about articles that CPT trains on, while the question -> answer pairs never enter SFT.
+                about articles in the CPT corpus' training split (curation may still drop a few), while
+                the question -> answer pairs never enter SFT.
 consultation and recitation are split train/valid/test by a hash of a stable record id (90/5/5,
 `corpora.split_of`), so the held-out test questions never enter training, in any stage.
 """

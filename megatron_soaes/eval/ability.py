@@ -75,8 +75,9 @@ def read_cloze(path, limit: int | None = None) -> list[dict]:
 
 @torch.no_grad()
 def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_tokens: int = 384,
-                 prompt: str = "问题：{question}\n答案：", reader=read_mcq) -> dict:
-    """Accuracy of the best-scored option; `prompt` frames the question (the cloze set: its context, a space)."""
+                 prompt: str = "问题：{question}\n答案：", option: str = "{}", reader=read_mcq) -> dict:
+    """Accuracy of the best-scored option; `prompt` frames the question and `option` each option (the cloze
+    set: the context, then " " + the sentence, so the space stays with the word as BPE tokenizes it)."""
     correct = total = 0
     per_file = {}
     for path in files:
@@ -85,7 +86,7 @@ def mcq_accuracy(model, tokenizer, files, limit_per_file: int | None = 100, max_
             prefix = tokenizer.encode(prompt.format(question=q["question"]))
             seqs, spans = [], []
             for _, text in q["options"]:
-                opt = tokenizer.encode(text or "无")
+                opt = tokenizer.encode(option.format(text or "无"))
                 s = (prefix + opt)[-max_tokens:]
                 seqs.append(s)
                 spans.append(min(len(opt), len(s) - 1))
@@ -124,7 +125,7 @@ def evaluate_checkpoint(checkpoint, tokenizer, general_text=None, domain_text=No
             r = perplexity(model, tokenizer, path, max_docs=ppl_docs)
             res[f"{key}_ppl"], res[f"{key}_top1"] = r["ppl"], r["top1"]
     if cloze_file:
-        c = mcq_accuracy(model, tokenizer, [cloze_file], cloze_limit, prompt="{question} ", reader=read_cloze)
+        c = mcq_accuracy(model, tokenizer, [cloze_file], cloze_limit, prompt="{question}", option=" {}", reader=read_cloze)
         res["cloze"] = {**c, "chance": MCQ_CHANCE, "chance_band": chance_band(c["questions"])}
     if mcq_files:
         res["mcq"] = mcq_accuracy(model, tokenizer, mcq_files, mcq_limit)

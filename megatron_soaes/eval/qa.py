@@ -73,7 +73,9 @@ def score_set(model, tokenizer, conversations: list[list[dict]], template: Templ
                  max_prompt_tokens=model.cfg.max_position_embeddings - budget, repetition_penalty=repetition_penalty)
     hyps = [first_sentence(h, unit_chars) for h in raw]
     scores = item_scores(hyps, refs)
-    return {"n": len(refs), "max_new_tokens": budget, "unit": f"first sentence, at most {unit_chars} characters",
+    rule = "a fixed budget" if max_new_tokens else "1.2x the references' 90th percentile in tokens"
+    return {"n": len(refs), "max_new_tokens": budget, "budget": rule,
+            "unit": f"first sentence, at most {unit_chars} characters",
             "repetition_penalty": repetition_penalty,
             "metrics": intervals(scores, resamples), "scores": to_lists(scores),
             "items": [{"question": c[-2]["content"], "reference": r, "answer": h}

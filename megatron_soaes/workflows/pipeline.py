@@ -316,7 +316,7 @@ class Pipeline:
 
         c = self.cfg.data
         stamp, settings = self.data / "pipeline_data.json", phase_settings(self.cfg, "data")
-        built = json.loads(stamp.read_text()) if stamp.exists() else ({} if self.data.exists() else None)
+        built = self.data_stamp()
         if built is not None and built != settings:  # built by other settings or an older version: rebuilt whole
             self.log(f"[pipeline] data: {self.data} was built with other settings "
                      f"({', '.join(changed_fields(built, settings)) if built else 'not recorded'}); rebuilding it")
@@ -334,6 +334,11 @@ class Pipeline:
         atomic_write_text(stamp, json.dumps(settings, indent=2, ensure_ascii=False))
         return DataResult(dir=str(self.data), tokenizer=self.tokenizer_spec,
                           stats=json.loads((self.data / "sft" / "sft_stats.json").read_text()), curation=curation)
+
+    def data_stamp(self) -> dict | None:
+        """The settings the data directory was built with ({} for one built by an older version; None: none)."""
+        stamp = self.data / "pipeline_data.json"
+        return json.loads(stamp.read_text()) if stamp.exists() else ({} if self.data.exists() else None)
 
     def mcq_files(self) -> list[Path]:
         from megatron_soaes.data.assets import fetch
@@ -436,8 +441,11 @@ class Pipeline:
         return self._train_draft(self.distill_ce_job())
 
     def _train_draft(self, job: JobConfig) -> DistillResult:
+        from megatron_soaes.checkpoint.convert import hf_to_megatron
         from megatron_soaes.training.metrics import last_eval
 
+        if self.cfg.distill.student_layers and not self.draft_init.exists():  # a depth chosen after the base phase
+            hf_to_megatron(self.draft_hf, self.draft_init, overwrite=True, progress=False)
         ckpt = self._train(job)
         return DistillResult(checkpoint=ckpt, target=job.distill.teacher.checkpoint,
                              eval=last_eval(Path(job.train.output_dir)))
@@ -492,8 +500,8 @@ class Pipeline:
                                    kd_weight=d.kd_weight if kd_weight is None else kd_weight))
 
     def qa_sets(self) -> dict[str, list]:
-        """The QA sets every model answers: knowledge (soae_qa's test split: articles CPT trains on, pairs
-        SFT never sees) and the free-form consultations' test split."""
+        """The QA sets every model answers: knowledge (soae_qa's test split: articles in CPT's training split,
+        which curation may still drop a few of; pairs SFT never sees) and the free-form consultations' test split."""
         from megatron_soaes.eval.qa import load_qa
 
         e = self.cfg.evaluation
@@ -660,9 +668,10 @@ class Pipeline:
         return lines
 
     def outputs(self, phase: str) -> list[Path]:
-        """What a phase writes (moved aside when it is redone). The data directory lives outside the run and
-        other runs with the same data settings share it: redoing the data phase rebuilds it."""
-        return {"data": [self.data], "base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
+        """What a phase writes (moved aside when it is redone). Not the data directory: it lives outside the run
+        and runs with the same data settings share it; the data phase rebuilds it when its stamp names other
+        settings, and `--force` / `--force-phase data` rebuild it."""
+        return {"base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
                 "sft_single": [self.out / "sft-single"], "distill": [self.out / "distill"],
                 "distill_ce": [self.out / "distill_ce"], "evaluate": [self.out / "evaluate"],
                 "export": [self.out / "export"],
@@ -694,6 +703,12 @@ class Pipeline:
                 fields = changed_fields(rec.settings or {}, now) if rec.settings is not None else ["(not recorded)"]
                 self.log(f"[pipeline] {phase}: settings changed since it ran ({', '.join(fields)}): redone")
                 stale.append(phase)
+            elif rec is not None and phase == "data" and self.data_stamp() != now:  # rebuilt by another run since
+                self.log(f"[pipeline] data: {self.data} is no longer what this run's data phase built: redone")
+                stale.append(phase)
+        if "data" in redo and self.data.exists():  # --force / --force-phase data: rebuilt from the packages
+            remove_atomically(self.data)
+            self.log(f"[pipeline] data: {self.data} removed, to be rebuilt")
         redo = list(PHASES) if force else downstream([*redo, *stale])
         if redo:
             self.log(f"[pipeline] redoing {', '.join(redo)}")

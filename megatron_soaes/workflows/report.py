@@ -65,8 +65,8 @@ def _plots(out: Path, phases: list, runs: list[tuple[str, Path]], general: str) 
     for ax, m, title in ((axes[0], "rouge-l", "Rouge-L"), (axes[1], "bleu-4", "BLEU-4")):
         k = [(r.qa_sets.get("knowledge") or {}).get("metrics", {}).get(m) for _, r in phases]
         if all(k):  # with 95% bootstrap intervals
-            ax.bar(names, [v["mean"] for v in k], yerr=[[v["mean"] - v["lo"] for v in k], [v["hi"] - v["mean"] for v in k]],
-                   capsize=3)
+            ax.bar(names, [v["mean"] for v in k], capsize=3,  # (a corpus BLEU may fall outside its bootstrap interval)
+                   yerr=[[max(0.0, v["mean"] - v["lo"]) for v in k], [max(0.0, v["hi"] - v["mean"]) for v in k]])
             ax.set_title(f"{title}, knowledge QA (95% CI)")
         else:
             ax.bar(names, [r.qa[m] for _, r in phases])
@@ -264,7 +264,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     return out / "summary.md"
 
 
-QA_SETS = {"knowledge": "knowledge QA (articles CPT trains on)", "consultation": "legal consultations (free-form)"}
+QA_SETS = {"knowledge": "knowledge QA (articles in the CPT corpus)", "consultation": "legal consultations (free-form)"}
 MODEL_NAMES = {"base": "base", "cpt": "CPT", "sft_progressive": "SFT progressive", "sft_single": "SFT single-stage",
                "draft": "draft"}
 
@@ -291,8 +291,8 @@ def qa_lines(models: dict, comparisons: dict) -> list[str]:
         rp = r0.get("repetition_penalty", 1.0)
         decoding = "greedy" if rp == 1.0 else f"greedy with repetition penalty {rp:g} over the answer's own tokens"
         md += ["", f"**{title}**: {r0['n']} held-out questions; {decoding}; answers and references cut to the "
-               f"{r0['unit']}; up to {r0['max_new_tokens']} new tokens (1.2x the references' 90th percentile in "
-               "tokens). Mean [95% bootstrap interval].", "",
+               f"{r0['unit']}; up to {r0['max_new_tokens']} new tokens "
+               f"({r0.get('budget', 'a fixed budget')}). Mean [95% bootstrap interval].", "",
                "| model | Rouge-1 | Rouge-2 | Rouge-L | BLEU-4 |", "|---|---|---|---|---|"]
         md += [f"| {MODEL_NAMES.get(n, n)} | {_ci(r['metrics']['rouge-1'])} | {_ci(r['metrics']['rouge-2'])} | "
                f"{_ci(r['metrics']['rouge-l'])} | {_ci(r['metrics']['bleu-4'], '.2f')} |" for n, r in rows]
