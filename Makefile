@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/soaes demo --out outputs/demo
 
 # The main job: SmolLM2-135M-Instruct (a real pretrained model, from PyPI) through every phase,
-# under an hour on 2 cores. Report: outputs/smollm2/report/summary.md
+# about 75 minutes on 2 cores (its budget is an hour: README). Report: outputs/smollm2/report/summary.md
 pipeline: $(STAMP)
 	$(BIN)/soaes pipeline --config examples/smollm2/pipeline.yaml
 
