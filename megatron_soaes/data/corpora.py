@@ -23,7 +23,7 @@ import sqlite3
 from pathlib import Path
 
 from megatron_soaes.data.assets import fetch
-from megatron_soaes.utils.files import atomic_write_json
+from megatron_soaes.utils.files import atomic_write_json, atomic_write_text
 
 SOAE_LAWS = ("企业国有资产法", "公司法", "企业破产法", "会计法", "审计法", "预算法", "资产评估法",
              "证券法", "商业银行法", "全民所有制工业企业法", "企业所得税法", "银行业监督管理法")
@@ -32,8 +32,13 @@ SPLITS = (("train", 0.90), ("valid", 0.05), ("test", 0.05))
 _TAG = re.compile(r"/[A-Za-z]+\d*$")
 
 
+def hash01(key: str) -> float:
+    """A stable uniform number in [0, 1) for a string: splits and orders that never change between runs."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def split_of(doc_id: str) -> str:
-    h = int.from_bytes(hashlib.sha1(doc_id.encode("utf-8")).digest()[:8], "big") / 2**64
+    h = hash01(doc_id)
     acc = 0.0
     for name, frac in SPLITS:
         acc += frac
@@ -154,9 +159,7 @@ def build_lee_news(out_dir, cache_dir=None, seed: int = 0) -> dict:
                       "options": [["ABCD"[k], options[o]] for k, o in enumerate(order)],
                       "answer": "ABCD"[order.index(0)]})
     for name, recs in (("heldout.test.jsonl", rows), ("heldout.cloze.jsonl", cloze)):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return {"source": "lee_news", "documents": len(rows), "cloze": len(cloze)}
 
 

@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from megatron_soaes.data.corpora import SPLITS, law_articles, split_of
+from megatron_soaes.data.corpora import SPLITS, hash01, law_articles, split_of
 
 SYSTEM = {"consultation": "你是一名专业的法律顾问，请回答用户的法律咨询并给出法律依据。",
           "recitation": "回答以下问题，只需直接给出法条内容。",
@@ -31,17 +31,13 @@ QUESTION_TEMPLATES = ("《{law}》{no}是如何规定的？", "请说明《{law}
 KNOWLEDGE_TEST_SHARE = 0.22  # of the core-law articles in CPT's training split: about 220 test questions
 
 
-def _hash01(key: str) -> float:
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
-
-
 def soae_qa_split(rid: str) -> str:
     """Knowledge QA: a test question asks about an article in the CPT corpus' training split (the knowledge
     the pipeline teaches), a hashed `KNOWLEDGE_TEST_SHARE` of them; the other articles of CPT's training
     split train SFT. Articles CPT holds out (its valid/test documents) only validate SFT."""
     if split_of(rid) != "train":  # the domain corpus' own split of this article (corpora.build_domain_corpus)
         return "valid"
-    return "test" if _hash01(f"soae_qa:{rid}") < KNOWLEDGE_TEST_SHARE else "train"
+    return "test" if hash01(f"soae_qa:{rid}") < KNOWLEDGE_TEST_SHARE else "train"
 
 
 def _write(name: str, records, out: Path, split=None) -> dict:
@@ -76,7 +72,7 @@ def _unilaw(path: Path, system: str, strip_prefix: str = ""):
 def soae_qa(laws_db):
     """One question per core-law article, in a hashed order (not law by law): any prefix of the test file is
     a sample across the laws."""
-    arts = sorted(law_articles(laws_db, soae_only=True), key=lambda a: _hash01(f"order:{a[0]}#{a[2]}"))
+    arts = sorted(law_articles(laws_db, soae_only=True), key=lambda a: hash01(f"order:{a[0]}#{a[2]}"))
     for law, chapter, no, text, _ in arts:
         short = law.removeprefix("中华人民共和国")
         rid = f"{law}#{no}"
