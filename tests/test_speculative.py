@@ -46,6 +46,24 @@ def test_inference_model_matches_hf(hf_models, name, packed, monkeypatch):
     assert (torch.cat(outs, 1) - ref).abs().max() < 1e-5
 
 
+def test_option_scores_share_the_prefix_and_match_transformers(hf_models):
+    """MCQ/cloze options scored as branches of one tree forward equal transformers' log-probabilities of
+    each prefix + option sequence run alone (and a wrong branch mask would let options see each other)."""
+    from megatron_soaes.checkpoint.compare import hf_logits
+    from megatron_soaes.eval.ability import option_scores
+
+    model = load_inference_model(hf_models["untied"])
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 200, (9,), generator=g).tolist()
+    options = [torch.randint(0, 200, (k,), generator=g).tolist() for k in (1, 4, 2, 6)]
+    got = option_scores(model, prefix, options)
+    for opt, score in zip(options, got):
+        seq = prefix + opt
+        lp = torch.log_softmax(hf_logits(hf_models["untied"], torch.tensor([seq]))[0], -1)
+        ref = lp[len(prefix) - 1:len(seq) - 1].gather(-1, torch.tensor(opt)[:, None]).mean().item()
+        assert score == pytest.approx(ref, abs=1e-4)
+
+
 def test_inference_model_from_megatron_checkpoint(hf_models, tmp_path):
     from megatron_soaes.checkpoint.convert import hf_to_megatron
 

