@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo pipeline pipeline-tiny test test-fast test-slow test-serving test-all bench-spec gpu-check clean
+.PHONY: venv demo pipeline pipeline-tiny test test-fast test-slow test-serving test-all bench-spec gpu-check docs docs-serve clean
 
 $(STAMP): requirements/cpu.txt setup.py csrc/tree_verify.cpp csrc/tree_verify.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/soaes demo --out outputs/demo
 
 # The main job: SmolLM2-135M-Instruct (a real pretrained model, from PyPI) through every phase,
-# about 75 minutes on 2 cores (its budget is an hour: README). Report: outputs/smollm2/report/summary.md
+# about 58 minutes on 2 cores (its budget is an hour: README). Report: outputs/smollm2/report/summary.md
 pipeline: $(STAMP)
 	$(BIN)/soaes pipeline --config examples/smollm2/pipeline.yaml
 
@@ -63,10 +63,23 @@ bench-spec: $(STAMP)
 	    --prompts data/demo/corpora/domain.test.jsonl --num-prompts 16 --prompt-len 48 --max-new-tokens 64 \
 	    --gammas 2 3 4 --trees 2,1 2,1,1 2,2,1 3,1,1 dynamic:2,4,8 --out $(SPEC)/bench
 
+# The manual (docs/, MkDocs + Material): built with warnings as errors, so a broken link, a page missing
+# from the navigation or a config field without a comment fails; the site goes to site/.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP) requirements/docs.txt
+	$(BIN)/pip install -q -r requirements/docs.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 # Every GPU-only check and benchmark in one command on a CUDA machine (README "The GPU check"): results
 # in benchmarks/results/gpu/. Uses the machine's python3 (a CUDA torch), not the CPU .venv.
 gpu-check:
 	bash tools/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) $(SERVING) outputs .pytest_cache
+	rm -rf $(VENV) $(SERVING) outputs .pytest_cache site

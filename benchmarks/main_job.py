@@ -32,11 +32,12 @@ def collect(out_dir: Path) -> dict:
     summary = json.loads((out_dir / "report" / "summary.json").read_text())
     gates = {str(p.relative_to(out_dir)): json.loads((p / RETENTION_FILE).read_text())
              for p in [out_dir / "cpt", *sorted((out_dir / "sft").glob("stage*"))] if (p / RETENTION_FILE).exists()}
+    ev = phases["evaluate"]  # the evaluate phase's own record (a run stopped --until evaluate has no newer report)
     evaluate = {n: {**m, "qa_sets": {k: {x: v for x, v in q.items() if x != "scores"}  # per-item scores: in the run
                                      for k, q in (m.get("qa_sets") or {}).items()}}
-                for n, m in summary["evaluate"].items()}
+                for n, m in ev["models"].items()}
     return {"phase_seconds": {p: phases[p]["seconds"] for p in PHASES if p in phases},
-            "table": summary["table"], "evaluate": evaluate, "comparisons": summary.get("comparisons") or {},
+            "table": summary["table"], "evaluate": evaluate, "comparisons": ev.get("comparisons") or {},
             "evaluate_stages": phases.get("evaluate", {}).get("stages", {}),  # each SFT stage's end but the last
             "retention_gates": {k: {"metric": g.get("metric", "perplexity"), "min_ratio": g["min_ratio"], "action": g["action"],
                                     "history": [{x: r.get(x) for x in ("step", "ratio", "ppl_ratio", "accuracy_ratio", "decision")}

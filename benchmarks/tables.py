@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""The README's result tables, rendered from the committed results files they cite, so no figure in
-a table can drift from its file: each table sits between ``<!-- table: NAME -->`` and
-``<!-- /table -->`` and is exactly `render(NAME)` of ``benchmarks/results/NAME.json`` (a test holds
-the README to it).
+"""The result tables of the README and the manual (docs/*.md), rendered from the committed results files
+they cite, so no figure in a table can drift from its file: each table sits between
+``<!-- table: NAME -->`` and ``<!-- /table -->`` and is exactly `render(NAME)` of
+``benchmarks/results/NAME.json`` (a test holds every page to it).
 
   python benchmarks/tables.py            # check: exit 1 naming the tables that differ
-  python benchmarks/tables.py --write    # rewrite the README's tables from the files
+  python benchmarks/tables.py --write    # rewrite every page's tables from the files
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
-MARK = re.compile(r"<!-- table: (?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+
+
+def pages() -> list[Path]:
+    """Every page that may hold result tables."""
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+MARK = re.compile(r"<!-- table: (?P<name>[\w.@-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
 
 
 def _f(v, fmt: str) -> str:
@@ -91,6 +96,49 @@ def pipeline(data: dict) -> list[str]:
             acc = " → ".join(_f(r.get("accuracy_ratio"), ".3f") for r in h)
             decisions = ", ".join(sorted({r["decision"] for r in h}))
             lines.append(f"| {run} | {g['metric']} >= {g['min_ratio']} ({g['action']}) | {ppl}; {acc} | {decisions} |")
+    return lines
+
+
+
+
+def pipeline_headline(data: dict) -> list[str]:
+    """The README's view of a main-job file: every model on both QA sets and the never-trained text, the
+    paired differences that carry the claims, speculative decoding, the time."""
+    from megatron_soaes.workflows.report import MODEL_NAMES
+
+    ev, cmp = data["evaluate"], data.get("comparisons") or {}
+
+    def ci(m):
+        return f"{m['mean']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}]"
+
+    def diff(d):
+        return f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+    k = ev["base"]["qa_sets"]["knowledge"]
+    lines = [f"Knowledge QA: {k['n']} held-out questions on articles the CPT corpus holds; consultations: "
+             f"{ev['base']['qa_sets']['consultation']['n']} free-form questions; mean [95% bootstrap interval]. "
+             "Never-trained text: English news no phase trains on (cloze chance 0.25).", "",
+             "| model | knowledge Rouge-L | knowledge BLEU-4 | consultation Rouge-L | news ppl | news cloze |",
+             "|---|---|---|---|---|---|"]
+    for name, e in ev.items():
+        q = e["qa_sets"]
+        lines.append(f"| {MODEL_NAMES.get(name, name)} | {ci(q['knowledge']['metrics']['rouge-l'])} | "
+                     f"{ci(q['knowledge']['metrics']['bleu-4'])} | {ci(q['consultation']['metrics']['rouge-l'])} | "
+                     + ("- | - |" if name == "draft" else  # a 4-layer draft is not a general model: its text is QA
+                        f"{_f(e.get('heldout_ppl'), '.1f')} | {_f((e.get('cloze') or {}).get('accuracy'), '.3f')} |"))
+    lines += ["", "| paired difference (knowledge QA) | Rouge-L | BLEU-4 |", "|---|---|---|"]
+    for key, label in (("cpt - base", "CPT - base"), ("sft_progressive - cpt", "SFT progressive - CPT"),
+                       ("sft_progressive - sft_single", "progressive - single-stage (equal cost)"),
+                       ("sft_lora - sft_progressive", "LoRA - full SFT (same curriculum)")):
+        if key in cmp:
+            d = cmp[key]["knowledge"]
+            lines.append(f"| {label} | {diff(d['rouge-l'])} | {diff(d['bleu-4'])} |")
+    best = max((r for r in data["speculative"] if r["method"].startswith(("chain", "tree"))), key=lambda r: r["speedup"])
+    ce = {r["method"]: r for r in data["speculative_ce_draft"]}.get(best["method"])
+    lines += ["", f"Speculative decoding (CPU, batch 1): {best['speedup']:.2f}x with {best['method']} (tau {best['tau']:.2f}), "
+              f"output identical to target-only greedy: {'yes' if all(r['exact'] for r in data['speculative']) else 'NO'}"
+              + (f"; the CE-only draft: {ce['speedup']:.2f}x (tau {ce['tau']:.2f})." if ce else "."),
+              f"The whole job: {data['wall_seconds'] / 60:.0f} min."]
     return lines
 
 
@@ -199,10 +247,14 @@ RENDER = {"spec_decode": spec_decode, "replay_retention": replay_retention, "cur
           "checkpoint_io": checkpoint_io, "convert": convert, "peft_memory": peft_memory}
 
 
+VIEWS = {"headline": pipeline_headline}  # NAME@VIEW: another view of NAME's file
+
+
 def render(name: str) -> str:
+    name, _, view = name.partition("@")
     data = json.loads((RESULTS / f"{name}.json").read_text())
-    kind = next(k for k in RENDER if name.startswith(k))
-    return "\n".join([source_line(data, name), "", *RENDER[kind](data), ""]) + "\n"
+    fn = VIEWS[view] if view else RENDER[next(k for k in RENDER if name.startswith(k))]
+    return "\n".join([source_line(data, name), "", *fn(data), ""]) + "\n"
 
 
 def check(text: str) -> list[str]:
@@ -214,16 +266,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    text = README.read_text(encoding="utf-8")
-    if args.write:
-        new = MARK.sub(lambda m: f"<!-- table: {m['name']} -->\n{render(m['name'])}<!-- /table -->", text)
-        README.write_text(new, encoding="utf-8")
-        print(f"rewrote {len(MARK.findall(text))} tables")
-        return
-    stale = check(text)
+    stale = []
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        if args.write:
+            new = MARK.sub(lambda m: f"<!-- table: {m['name']} -->\n{render(m['name'])}<!-- /table -->", text)
+            if new != text:
+                page.write_text(new, encoding="utf-8")
+                print(f"{page.relative_to(ROOT)}: rewrote its tables")
+        else:
+            stale += [f"{page.relative_to(ROOT)}: {n}" for n in check(text)]
     if stale:
-        sys.exit(f"README tables differ from their results files: {', '.join(stale)} (python benchmarks/tables.py --write)")
-    print("README tables match their results files")
+        sys.exit(f"tables differ from their results files: {', '.join(stale)} (python benchmarks/tables.py --write)")
+    if not args.write:
+        print("every table matches its results file")
 
 
 if __name__ == "__main__":

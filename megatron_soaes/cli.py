@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from megatron_soaes.utils.dtypes import DTYPE_CHOICES
@@ -11,12 +12,23 @@ from megatron_soaes.utils.dtypes import DTYPE_CHOICES
 
 def _convert(args) -> int:
     from megatron_soaes.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
 
     if args.direction == "hf-to-megatron":
         out = hf_to_megatron(args.input, args.output, args.tp, args.pp, args.dtype, overwrite=args.force)
     else:
-        out = megatron_to_hf(args.input, args.output, args.dtype, overwrite=args.force,
-                             max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+        from megatron_soaes.checkpoint.meta import META_FILE, read_meta
+        from megatron_soaes.data.tokenizer import tokenizer_available
+
+        src = resolve_checkpoint(args.input)
+        tok = read_meta(src).get("tokenizer") if (src / META_FILE).exists() else None
+        if tok and not (src / "tokenizer").is_dir() and tokenizer_available(tok):
+            from megatron_soaes.workflows.export import export_hf  # the tokenizer it trained with: a whole HF dir
+
+            out = export_hf(src, args.output, tok, dtype=args.dtype, overwrite=args.force)
+        else:
+            out = megatron_to_hf(src, args.output, args.dtype, overwrite=args.force,
+                                 max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
     print(f"wrote {out}")
     return 0
 
@@ -27,8 +39,8 @@ def _verify_checkpoint(args) -> int:
 
     path = resolve_checkpoint(args.path)
     manifest = verify(path, checksums=not args.sizes_only)
-    if manifest is None:
-        print(f"{path}: no manifest (written before manifests); nothing to check against")
+    if manifest is None:  # --allow-unverified
+        print(f"{path}: no manifest; nothing to check against")
         return 1
     print(f"{path}: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e9:.3f} GB, "
           f"{len(manifest['tensors'])} tensors match the manifest")
@@ -67,7 +79,10 @@ def _compare(args) -> int:
         from megatron_soaes.adapters.peft_io import attach_peft_adapter
 
         prepare = lambda model, cfg: attach_peft_adapter(model, args.adapter, cfg)  # noqa: E731
-    stats = compare_logits(args.hf, args.tp, args.pp, mcore_dir=args.megatron, batch=args.batch,
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
+
+    stats = compare_logits(args.hf, args.tp, args.pp, mcore_dir=args.megatron and resolve_checkpoint(args.megatron),
+                           batch=args.batch,
                            seq_len=args.seq_len, seed=args.seed, adapter=args.adapter, sequence_parallel=args.sp,
                            prepare=prepare)
     import torch
@@ -134,6 +149,11 @@ def _generate(args) -> int:
         initialize(ParallelConfig(tensor_parallel=args.tp), seed=args.seed)
         tp = TensorParallel.from_env()
         rank = tp.rank
+    from megatron_soaes.config import ConfigError
+
+    for flag, path in (("--target", args.target), ("--draft", args.draft)):
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{flag} {path}: no such model directory or checkpoint")
     tok = load_tokenizer(args.tokenizer or args.target)
     target = load_inference_model(args.target, dtype, args.device, tp=tp, cuda_graphs=args.cuda_graphs)
     prompts = [tok.encode(p) for p in args.prompt]
@@ -186,7 +206,10 @@ def _sft(args) -> int:
 def _pipeline(args) -> int:
     from megatron_soaes.workflows.pipeline import Pipeline, load_pipeline_config
 
+    from megatron_soaes.config.pipeline import check_phases
+
     p = Pipeline(load_pipeline_config(args.config, args.set))
+    check_phases(args.force_phase, args.until)  # before a dry run too: it refuses what the run would
     if args.dry_run:
         for line in p.dry_run():
             print(line)
@@ -406,11 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tp", type=int, default=1)
     d.add_argument("--pp", type=int, default=1)
     d.set_defaults(fn=_demo)
+    # every command that reads a checkpoint: one without a manifest (written by megatron-core, Megatron-Bridge)
+    no_checkpoints = ("fetch-assets", "curate", "prepare-demo-data", "demo")
+    for parser in [*(v for k, v in sub.choices.items() if k not in no_checkpoints), *pfs.choices.values()]:
+        parser.add_argument("--allow-unverified", action="store_true",
+                            help="read checkpoints without a manifest unchecked, with a warning (default: refuse them)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "allow_unverified", False):
+        from megatron_soaes.checkpoint.manifest import ALLOW_UNVERIFIED
+
+        os.environ[ALLOW_UNVERIFIED] = "1"  # the environment: workers and torchrun's re-exec see it too
     import torch
 
     if not torch.cuda.is_available():

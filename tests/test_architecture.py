@@ -1,7 +1,6 @@
 """How the package is put together: no import loops between its packages, a wheel (no `-e`) that
 holds every package and runs, and one meaning for a job config whichever command starts it."""
 
-import ast
 import json
 import math
 import os
@@ -16,32 +15,8 @@ import yaml
 
 from conftest import ROOT
 
-PKG = ROOT / "megatron_soaes"
-
-
-def _package_of(module: str) -> str | None:
-    parts = module.split(".")
-    return parts[1] if parts[0] == "megatron_soaes" and len(parts) > 1 else None
-
-
-def package_imports() -> dict[str, set[str]]:
-    """package -> the other megatron_soaes packages it imports (module level or inside functions)."""
-    graph: dict[str, set[str]] = {}
-    for path in PKG.rglob("*.py"):
-        rel = path.relative_to(PKG)
-        src = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-        deps = graph.setdefault(src, set())
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "megatron_soaes"]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for n in names:
-                dst = _package_of(n)
-                if dst and dst != src and ((PKG / dst).is_dir() or (PKG / f"{dst}.py").exists()):
-                    deps.add(dst)
-    return graph
+sys.path.insert(0, str(ROOT / "tools"))
+from package_graph import PKG, package_imports  # noqa: E402
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

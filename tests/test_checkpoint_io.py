@@ -171,3 +171,44 @@ def test_parallel_conversion_is_bit_exact_and_verified(hf_models, tmp_path):
     with pytest.raises(ConversionError, match=victim.name):
         megatron_to_hf(tmp_path / "mc3", tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_checkpoint_without_manifest_is_refused_unless_allowed(hf_models, tmp_path):
+    """A checkpoint without manifest.json (as megatron-core or Megatron-Bridge write them) is refused in one line
+    by every command that reads one -- here megatron -> HF conversion and verify-checkpoint -- and read, with a
+    warning, under --allow-unverified."""
+    from megatron_soaes.checkpoint.convert import hf_to_megatron
+
+    hf_to_megatron(hf_models["tied"], tmp_path / "mc", progress=False)
+    (tmp_path / "mc" / "manifest.json").unlink()
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "megatron_soaes.cli", *map(str, a)],  # noqa: E731
+                                    env=job_env(), cwd=ROOT, capture_output=True, text=True)
+    for args in (("convert", "megatron-to-hf", tmp_path / "mc", tmp_path / "hf"), ("verify-checkpoint", tmp_path / "mc")):
+        p = cli(*args)
+        assert p.returncode == 2 and "no manifest.json" in p.stderr and "--allow-unverified" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
+    p = cli("convert", "megatron-to-hf", tmp_path / "mc", tmp_path / "hf", "--allow-unverified")
+    assert p.returncode == 0 and "WARNING" in p.stderr and "read unchecked" in p.stderr, p.stderr
+    assert (tmp_path / "hf" / "config.json").exists()
+
+
+def test_every_command_reads_a_checkpoint_path_in_every_form(cpt_ref16, tmp_path):
+    """A run directory, its `checkpoints/`, `checkpoints/latest` and the iteration itself name the same
+    checkpoint to megatron -> HF conversion and to the inference engine (`resolve_checkpoint`, one reader); the
+    training checkpoint records its tokenizer, so the HF directory is complete (tokenizer, generation config)."""
+    from conftest import cli_in_process
+    from safetensors.torch import load_file
+
+    from megatron_soaes.inference.model import load_weights
+
+    run = cpt_ref16[0]
+    forms = [run, run / "checkpoints", run / "checkpoints" / "latest", run / "checkpoints" / "iter_0000016"]
+    outs = []
+    for k, form in enumerate(forms):
+        res = cli_in_process("convert", "megatron-to-hf", str(form), str(tmp_path / f"hf{k}"))
+        assert res.returncode == 0, res.stderr
+        outs.append(load_file(next((tmp_path / f"hf{k}").glob("*.safetensors"))))
+        assert load_weights(form)[0] == load_weights(forms[-1])[0]
+    assert all(o.keys() == outs[0].keys() and all(o[n].equal(outs[0][n]) for n in o) for o in outs)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "hf0" / f).exists(), f

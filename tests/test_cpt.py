@@ -109,8 +109,12 @@ def test_context_parallel_checks(cpt_data, tmp_path):
     from megatron_soaes.models.megatron import use_transformer_engine
 
     if not have_transformer_engine():  # megatron's local attention cannot split a sequence
+        from megatron_soaes.training import dry_run
+
         with pytest.raises(ConfigError, match="context_parallel > 1 needs Transformer Engine"):
             use_transformer_engine(job)
+        with pytest.raises(ConfigError, match="context_parallel > 1 needs Transformer Engine"):
+            dry_run(job, 2, check_paths=False)  # the dry run refuses what the run would
     cfg["data"]["seq_length"] = 66
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="seq_length 66 must be divisible by 2\\*CP = 4"):
@@ -258,3 +262,41 @@ def test_resume_at_a_different_layout(cpt_data, cpt_ref16, tmp_path, layout):
             train(load_config(write_config(cpt_data, tmp_path / "plain", steps=16),
                               ["parallel.use_distributed_optimizer=true"]), CPTTask(), log=lambda s: None)
         assert not (tmp_path / "plain" / "metrics.jsonl").exists()
+
+
+def test_pipeline_stages_draw_their_own_initial_weights(cpt_data, tmp_path):
+    """From random init at PP=3 (one layer per stage), the middle and the last stage's layers differ: each stage
+    seeds from seed + 100 x its pipeline rank (Megatron-LM's rule), where one seed for all stages gives both the
+    same weights (they build the same shapes in the same order; only the first stage draws embeddings first)."""
+    from conftest import ROOT, torchrun
+
+    from megatron_soaes.checkpoint.dcp_io import DcpReader
+
+    run = tmp_path / "pp3"
+    cfg = write_config(cpt_data, run, steps=1, save_interval=1, eval_interval=0)
+    torchrun(3, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg, "--set", "parallel.pipeline_parallel=3",
+             "--set", "model.overrides.num_layers=3", "--set", "optim.lr=1e-9", "--set", "optim.warmup_steps=0")
+    r = DcpReader(run / "checkpoints" / "iter_0000001")
+    key = next(k for k in r.keys() if k.endswith("mlp.linear_fc2.weight"))
+    w = [r.read(key, i) for i in range(3)]
+    assert w[1].shape == w[2].shape
+    assert (w[1] - w[2]).abs().max() > 0.5 * w[1].std(), "stages 2 and 3 started from the same weights"
+    assert (w[0] - w[1]).abs().max() > 0.5 * w[0].std()
+
+
+@pytest.mark.slow
+def test_rng_state_is_restored_only_onto_its_own_layout(cpt_data, tmp_path):
+    """A checkpoint saved on 2 processes at TP=2 and resumed on 2 at DP=2: the same world size, another layout,
+    so rank k's saved RNG belongs to another part of the model; it is not restored (the run says so) and the
+    run continues from the checkpoint. Resumed at its own layout, the RNG is restored silently."""
+    from conftest import ROOT, torchrun
+
+    run = tmp_path / "run"
+    cfg = write_config(cpt_data, run, steps=4, save_interval=4)
+    torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg, "--set", "parallel.tensor_parallel=2")
+    same = torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg, "--set", "train.steps=5",
+                    "--set", "parallel.tensor_parallel=2")
+    assert "resumed from" in same.stdout and "RNG state not restored" not in same.stdout
+    other = torchrun(2, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg, "--set", "train.steps=6")
+    assert "RNG state not restored" in other.stdout and "resumed from" in other.stdout, other.stdout[-2000:]
+    assert sorted(losses(run)) == list(range(1, 7))

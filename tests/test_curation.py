@@ -195,3 +195,36 @@ def test_knowledge_qa_pairs_are_leakage_while_their_articles_stay_in_cpt(cpt_dat
     assert sum(wrong.match(articles[t["id"]]["text"]) is not None for t in tests) >= 0.9 * len(tests)
     right = EvalIndex(evaluation_items(out, knowledge_pairs=50), 50, 16)
     assert right.match(articles[tests[0]["id"]]["text"]) is None
+
+
+def test_every_record_shape_the_sft_reader_takes(tmp_path):
+    """Curation and decontamination read records through the SFT reader (`utils.records`): the same
+    conversation as messages, ShareGPT, Alpaca or ms-swift gives the same evaluation items, a training example
+    in any shape that copies an evaluation answer is removed, and an evaluation file of an unknown shape is a
+    one-line error naming its line."""
+    from megatron_soaes.config.curation import CurationConfig
+    from megatron_soaes.curation import curate
+    from megatron_soaes.curation.decontam import jsonl_items
+
+    q = "国家出资企业的监事会依照法律、行政法规以及企业章程的规定行使哪些职权？"
+    a = "监事会对董事、高级管理人员执行职务的行为进行监督，对企业财务进行监督检查，并依法提出纠正意见。"
+    shapes = {"messages": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+              "sharegpt": {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+              "alpaca": {"instruction": q, "input": "", "output": a},
+              "swift": {"query": q, "response": a}}
+    texts = {n: [t for _, t in jsonl_items(_write(tmp_path / f"{n}.jsonl", [rec]))] for n, rec in shapes.items()}
+    assert all(t == [q, a] for t in texts.values()), texts
+    items = list(jsonl_items(tmp_path / "alpaca.jsonl"))
+    other = {"instruction": "国有资本经营预算如何编制？", "output": "国有资本经营预算按年度单独编制，纳入本级人民政府预算。"}
+    train = [{**shapes["swift"], "id": "copy"}, {**other, "id": "clean"}]
+    cfg = CurationConfig(near_dedup=False, exact_dedup=False)
+    curate({"sft": _write(tmp_path / "train.jsonl", train)}, tmp_path / "out", cfg, items, progress=False,
+           log=lambda *_: None)
+    kept = [json.loads(x)["id"] for x in open(tmp_path / "out" / "sft.jsonl", encoding="utf-8")]
+    assert kept == ["clean"]
+    unknown = _write(tmp_path / "unknown.jsonl", [{"question": q, "answer": a}])
+    p = subprocess.run([sys.executable, "-m", "megatron_soaes.cli", "curate", "--source", f"x={tmp_path / 'train.jsonl'}",
+                        "--eval", str(unknown), "--out", str(tmp_path / "o")], env=job_env(), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "unknown.jsonl:1: unknown record shape" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -37,7 +37,7 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
                 "Progressive vs single-stage SFT, BLEU-4 ratio", "Speculative decoding speedup",
                 "Mean accepted length tau", "identical to target-only greedy", "Export: transformers loads it",
                 "Distilled vs CE-only draft (same student and steps)", "Distillation vs CE-only draft: tau",
-                "General MCQ accuracy"):
+                "General MCQ accuracy", "LoRA - full SFT, the same curriculum"):
         line = next(ln for ln in report.splitlines() if row in ln)
         assert "| - |" not in line.split(row)[1][:12], line  # a real number in the "this run" column
     for png in ("loss_curves.png", "metrics_per_phase.png", "speedup_vs_tree.png"):
@@ -53,7 +53,12 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     assert "## Question answering" in report and "Paired differences" in report and "rep-4" in report
     ev = summary["evaluate"]
     assert set(ev["base"]["qa_sets"]) == {"knowledge", "consultation"} and ev["base"]["qa_sets"]["knowledge"]["n"] == 6
-    assert set(summary["comparisons"]) >= {"cpt - base", "sft_progressive - cpt", "sft_progressive - sft_single"}
+    assert set(summary["comparisons"]) >= {"cpt - base", "sft_progressive - cpt", "sft_progressive - sft_single",
+                                           "sft_lora - sft_progressive"}
+    # the LoRA ablation trained adapters only, on the same stages, and was evaluated like the others
+    lora = json.loads((out / "phases" / "sft_lora.json").read_text())
+    assert [st["name"] for st in lora["stages"]] == ["consultation", "recitation", "soae_qa"]
+    assert all(st["adapter"] for st in lora["stages"]) and "sft_lora" in summary["evaluate"]
     answers = [json.loads(x) for x in open(out / "evaluate" / "sft_progressive.answers.jsonl", encoding="utf-8")]
     assert len(answers) == 10 and {a["set"] for a in answers} == {"knowledge", "consultation"}
     assert set(summary["evaluate"]["sft_progressive"]["degeneracy"]) >= {"distinct_2", "loop_share", "identical_share"}
@@ -86,7 +91,7 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
 
     # re-running skips every phase
     again = run_pipeline(out)
-    assert again.count("done, skipped") == 11 and "running" not in again.replace("[pipeline] ", "")
+    assert again.count("done, skipped") == 12 and "running" not in again.replace("[pipeline] ", "")
 
     # killed in the middle of distillation (after its mid-run checkpoint): later phases never ran
     distill_loss = [json.loads(x)["loss"] for x in open(out / "distill" / "metrics.jsonl") if '"loss"' in x]
@@ -126,7 +131,8 @@ def test_force_phase_redoes_it_and_everything_downstream(tmp_path):
     assert json.loads((out / "phases" / "cpt.json").read_text())["settings"]["cpt.lr"] == 5e-4
     assert "[pipeline] cpt: done, skipped" in run_pipeline(out, *short, "--set", "cpt.lr=5e-4", "--until", "cpt")
 
-    for bad in (["--force-phase", "cptt"], ["--until", "sftt"]):
+    for bad in (["--force-phase", "cptt"], ["--until", "sftt"], ["--dry-run", "--force-phase", "cptt"],
+                ["--dry-run", "--until", "sftt"]):  # a dry run refuses what the run would
         cmd = [sys.executable, "-m", "megatron_soaes.cli", "pipeline", "--config",
                str(ROOT / "examples/tiny/pipeline_ci.yaml"), "--set", f"output_dir={out}", *bad]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -165,7 +171,7 @@ def test_whole_pipeline_per_family(tmp_path, family):
     (test_pretrained.test_real_model_pipeline_reduced); Llama 3 RoPE scaling is held by test_families
     (training and inference logits beyond the original context) and the family switch test above."""
     out = tmp_path / family
-    run_pipeline(out, "--set", f"model.family={family}", "--set", "sft.single_stage=false",
+    run_pipeline(out, "--set", f"model.family={family}", "--set", "sft.single_stage=false", "--set", "sft.lora_ablation=null",
                  "--set", "distill.ce_baseline=false", "--set", "speculative.hf_assisted=false",
                  "--set", "base.pretrain_steps=4", "--set", "cpt.steps=8", "--set", "distill.steps=6",
                  "--set", "evaluation.qa_limit=3", "--set", "retention=null")
@@ -186,9 +192,9 @@ def test_whole_pipeline_per_family(tmp_path, family):
 
 
 def test_phase_settings_name_what_each_phase_depends_on():
-    """Switching the single-stage ablation or the CE-only draft on redoes only the phase it adds; the pretrained
-    model and the MCQ files are data settings (the tokenizer and decontamination follow them); evaluation knobs
-    redo no training."""
+    """Switching an ablation (single-stage, LoRA, the CE-only draft) on redoes only its phase and the phase that
+    compares it; the pretrained model and the MCQ files are data settings (the tokenizer and decontamination
+    follow them); evaluation knobs redo no training."""
     from megatron_soaes.config.pipeline import PHASES, changed_fields, load_pipeline_config, phase_settings
 
     cfg = ROOT / "examples/smollm2/pipeline.yaml"
@@ -197,8 +203,10 @@ def test_phase_settings_name_what_each_phase_depends_on():
         a, b = load_pipeline_config(cfg), load_pipeline_config(cfg, list(overrides))
         return [p for p in PHASES if phase_settings(a, p) != phase_settings(b, p)]
 
-    assert redone("sft.single_stage=false") == ["sft_single"]
-    assert redone("distill.ce_baseline=false") == ["distill_ce"]
+    # an ablation switched on or off: its own phase, and the phase that compares it
+    assert redone("sft.single_stage=false") == ["sft_single", "evaluate"]
+    assert redone("sft.lora_ablation={peft: {rank: 8}}") == ["sft_lora", "evaluate"]
+    assert redone("distill.ce_baseline=false") == ["distill_ce", "speculative"]
     assert redone("evaluation.repetition_penalty=1.0") == ["evaluate"]
     assert redone("data.curation.workers=1") == []
     assert redone("sft.lr=1e-4") == ["sft", "sft_single"]

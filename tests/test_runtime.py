@@ -10,6 +10,7 @@ from megatron_soaes.runtime import ParallelConfig, ParallelConfigError, initiali
     (ParallelConfig(tensor_parallel=0), 1, "tensor_parallel must be a positive integer"),
     (ParallelConfig(sequence_parallel=True), 1, "sequence_parallel needs tensor_parallel > 1"),
     (ParallelConfig(virtual_pipeline=2), 1, "virtual_pipeline needs pipeline_parallel > 1"),
+    (ParallelConfig(pipeline_parallel=2, virtual_pipeline=2), 2, "the interleaved schedule is not built"),
 ])
 def test_parallel_config_errors(cfg, world, msg):
     with pytest.raises(ParallelConfigError, match=msg):

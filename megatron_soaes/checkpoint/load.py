@@ -64,22 +64,36 @@ def _load_into(model, ckpt_dir, prefix: str, adapters: bool) -> None:
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
     # a training checkpoint also returns its non-sharded common items (scheduler, iteration, ...)
     state = {k: v for k, v in state.items() if k in sharded}
+    load_complete(model, state, ckpt_dir, adapters)
+
+
+def load_complete(model, state: dict, where, adapters: bool) -> None:
+    """`model.load_state_dict(state)`, refusing a state that leaves any of the model's weights (adapters: its
+    adapter tensors) unfilled or holds tensors the model lacks. Only TE's `_extra_state` may be absent, and an
+    adapter load leaves the base's weights as they are."""
+    from megatron_soaes.checkpoint.manifest import CheckpointCorrupt
+
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state") and (ADAPTER_KEY in k) == adapters]
     if missing or (unexpected and not adapters):
         what = "adapter tensors" if adapters else "weights"
-        raise RuntimeError(f"{ckpt_dir}: {what} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointCorrupt(f"{where}: {what} do not match the model: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}")
 
 
 RETENTION_FILE = "retention.json"  # a run's retention-gate record; with keep_best it names the published checkpoint
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint dir, a `checkpoints/` dir with `latest`, or a run dir holding `checkpoints/` (or the
-    checkpoint its retention gate published: `retention.json` with keep_best)."""
+    """The one reading of a checkpoint path, for every command that takes one: a checkpoint dir, a
+    `checkpoints/` dir or its `latest` file, or a run dir holding `checkpoints/` (or the checkpoint its
+    retention gate published: `retention.json` with keep_best). Anything else is returned as it is (an HF
+    directory, say)."""
     from megatron_soaes.config import ConfigError
 
     p = Path(path)
+    if p.name == "latest" and p.is_file():
+        return p.parent / p.read_text().strip()
     gate = p / RETENTION_FILE
     if gate.exists():
         published = json.loads(gate.read_text()).get("published")

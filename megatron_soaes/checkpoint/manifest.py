@@ -26,6 +26,26 @@ class CheckpointCorrupt(RuntimeError):
     """A checkpoint whose files do not match its manifest (or that has none where one is required)."""
 
 
+class CheckpointUnverified(CheckpointCorrupt):
+    """A checkpoint without a manifest, refused because nothing says its files are whole."""
+
+
+ALLOW_UNVERIFIED = "SOAES_ALLOW_UNVERIFIED"  # set by every command's --allow-unverified (and seen by its workers)
+
+
+def unverified(directory: str | Path, log=None) -> None:
+    """A checkpoint without a manifest -- one megatron-core or Megatron-Bridge wrote, which carry none -- is
+    refused, unless the user allowed unverified reads (`--allow-unverified`): then it is read with a warning."""
+    d = Path(directory)
+    if os.environ.get(ALLOW_UNVERIFIED) != "1":
+        raise CheckpointUnverified(f"{d}: no {MANIFEST}, so nothing says its files are whole (checkpoints written "
+                                   "by megatron-core or Megatron-Bridge carry none); rerun with --allow-unverified "
+                                   "to read it unchecked")
+    import sys
+
+    (log or (lambda m: print(m, file=sys.stderr)))(f"WARNING: {d}: no {MANIFEST}; read unchecked (--allow-unverified)")
+
+
 def _checksum(path: Path) -> str:
     import xxhash
 
@@ -92,11 +112,12 @@ def read_manifest(directory: str | Path) -> dict | None:
 
 def verify(directory: str | Path, checksums: bool = True, names: list[str] | None = None) -> dict | None:
     """Check `directory` against its manifest (`names`: only those files); raises `CheckpointCorrupt`
-    naming the first bad file. Sizes always, checksums with `checksums`. Returns the manifest, or None
-    for a checkpoint without one (written before manifests existed)."""
+    naming the first bad file. Sizes always, checksums with `checksums`. Returns the manifest; a checkpoint without one is
+    refused (`unverified`), or with --allow-unverified read unchecked (None)."""
     d = Path(directory)
     manifest = read_manifest(d)
     if manifest is None:
+        unverified(d)
         return None
     files = manifest["files"]
     names = sorted(files) if names is None else names
@@ -126,6 +147,8 @@ def verify_distributed(directory: str | Path, checksums: bool = True) -> str | N
         manifest = read_manifest(directory)
         if manifest is not None:
             verify(directory, checksums, sorted(manifest["files"])[rank::world])
+        else:
+            unverified(directory, log=(lambda m: None) if rank else None)  # refused on every rank alike
     except Exception as e:  # noqa: BLE001  every rank must reach the gather: an I/O error is a refusal too
         error = str(e) if isinstance(e, CheckpointCorrupt) else f"{directory}: unreadable ({type(e).__name__}: {e})"
     errors = [None] * world

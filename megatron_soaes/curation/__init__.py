@@ -140,7 +140,8 @@ def curate(sources: dict, out_dir, cfg: CurationConfig | None = None, eval_items
     out = Path(out_dir)
     for name, p in sources.items():
         if not Path(p).is_file():
-            raise CurationError(f"source {name!r}: {p}: no such file")
+            what = "is a directory, expected a JSONL file" if Path(p).is_dir() else "no such file"
+            raise CurationError(f"source {name!r}: {p}: {what}")
     t0 = time.time()
     index = EvalIndex(eval_items, cfg.decontam_ngram, cfg.decontam_min_item) if cfg.decontaminate and eval_items else None
     if index is not None:

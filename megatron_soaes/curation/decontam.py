@@ -3,10 +3,10 @@ so that a training document sharing one with any of them is found (and removed b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from megatron_soaes.curation.rules import content
+from megatron_soaes.utils.records import read_records, record_text, record_turns
 
 
 class EvalIndex:
@@ -42,25 +42,23 @@ class EvalIndex:
         return None
 
 
-def text_of(record: dict) -> str:
-    """A corpus document's text, or an SFT example's turns joined (system prompts left out: shared by
-    every example of a set, they would make unrelated examples look alike)."""
-    if "text" in record:
-        return record["text"]
-    return "\n".join(m.get("content") or "" for m in record["messages"] if m.get("role") != "system")
+def text_of(record: dict, where: str = "record") -> str:
+    """A corpus document's text, or a chat example's turns joined, in any shape the SFT reader takes
+    (`utils.records.record_text`)."""
+    return record_text(record, where)
 
 
 def jsonl_items(path, tag: str | None = None):
-    """(item id, text) of a jsonl corpus or SFT file: documents whole; for SFT examples each turn that is
-    not a system prompt apart (a question alone, a reference answer alone)."""
+    """(item id, text) of a corpus or chat file (any shape and format `utils.records` reads): documents
+    whole; for chat examples each turn that is not a system prompt apart (a question alone, a reference
+    answer alone)."""
     tag = tag or Path(path).name
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            rec = json.loads(line)
-            rid = f"{tag}#{rec.get('id', n)}"
-            if "messages" in rec:
-                for k, m in enumerate(rec["messages"]):
-                    if m.get("role") != "system" and m.get("content"):
-                        yield f"{rid}/{m['role']}{k}", m["content"]
-            else:
-                yield rid, rec["text"]
+    for n, (where, rec) in enumerate(read_records(path), 1):
+        rid = f"{tag}#{rec.get('id', n) if isinstance(rec, dict) else n}"
+        turns = record_turns(rec, where)
+        if len(turns) == 1 and turns[0]["role"] == "document":
+            yield rid, turns[0]["content"]
+            continue
+        for k, m in enumerate(turns):
+            if m["role"] != "system" and m["content"]:
+                yield f"{rid}/{m['role']}{k}", m["content"]

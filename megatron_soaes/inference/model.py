@@ -343,9 +343,10 @@ class LazyWeights(Mapping):
 
 def load_weights(path: str | Path) -> tuple[Qwen2Config, Mapping[str, torch.Tensor]]:
     """HF-named tensors (read lazily) from an HF safetensors directory or a megatron-soaes torch_dist checkpoint."""
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
     from megatron_soaes.checkpoint.meta import META_FILE, model_config_of
 
-    path = Path(path)
+    path = resolve_checkpoint(path)  # a run directory, checkpoints/ or its latest too
     cfg = model_config_of(path)
     if (path / META_FILE).exists():
         from megatron_soaes.checkpoint.dcp_io import DcpReader

@@ -85,7 +85,9 @@ def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout
         expert_tensor_parallel_size=parallel.expert_tensor_parallel,
         distributed_timeout_minutes=timeout_minutes,
     )
-    set_seed(seed)
+    # Megatron-LM's rule: each pipeline stage draws from seed + 100 x its rank, so identically shaped stages
+    # do not start from the same weights (and dropout differs per stage); megatron's tracker adds the TP rank
+    set_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     return parallel.data_parallel_size(world)
 
 

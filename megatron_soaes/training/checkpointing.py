@@ -65,7 +65,7 @@ def fault_point(name: str, iteration: int) -> None:
 
 
 def save(directory: str | Path, iteration: int, model, optimizer, scheduler, common: dict, model_cfg, keep_last: int,
-         async_queue=None, adapter: dict | None = None) -> Path:
+         async_queue=None, adapter: dict | None = None, extra: dict | None = None) -> Path:
     """Collective: every rank calls it. With `async_queue` (megatron-core's `AsyncCallsQueue`) the state is
     staged and written by a background process while training goes on; the checkpoint is published
     (manifest, rename, ``latest``, keep-last-K) by the queue's finalization once every rank is done.
@@ -91,7 +91,7 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         "scheduler": scheduler.state_dict(),
         "common": common,
     }
-    meta = {**(adapter or {}), "optimizer": optimizer_kind(optimizer)}
+    meta = {**(adapter or {}), **(extra or {}), "optimizer": optimizer_kind(optimizer), "layout": layout()}
     publish = lambda: _publish(tmp, final, iteration, model_cfg, keep_last, meta)  # noqa: E731
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
@@ -101,6 +101,15 @@ def save(directory: str | Path, iteration: int, model, optimizer, scheduler, com
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
     return final
+
+
+def layout() -> dict:
+    """This process group's parallel layout: RNG states belong to a rank of one layout (`load`)."""
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(), "vp": ps.get_virtual_pipeline_model_parallel_world_size()}
 
 
 def _model_state(model, adapters_only: bool) -> dict:
@@ -151,11 +160,14 @@ def latest_verified(directory: str | Path, checksums: bool = True, log=print) ->
     a log line naming the file, and -- once a good one is found -- moved aside (``iter_X.corrupt-<time>``)
     with ``latest`` pointed at the good one. If every checkpoint is corrupt this raises and moves nothing,
     rather than let a rerun start over."""
-    from megatron_soaes.checkpoint.manifest import CheckpointCorrupt, verify_distributed
+    from megatron_soaes.checkpoint.manifest import CheckpointCorrupt, read_manifest, unverified, verify_distributed
 
     found = complete_checkpoints(directory)
     refused: list[tuple[Path, str]] = []
     for path in reversed(found):
+        if read_manifest(path) is None:  # not corrupt, unverifiable: refused in one line (or allowed) as it is
+            unverified(path, log if torch.distributed.get_rank() == 0 else (lambda m: None))
+            return path
         error = verify_distributed(path, checksums)
         if error is not None:
             refused.append((path, error))
@@ -232,16 +244,23 @@ def _distributed_optimizer_load(optimizer):
                     state["step"] = state["step"].clone()
 
 
-def load(path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and (at the same world size) RNG; returns `common`."""
+def load(path: str | Path, model, optimizer, scheduler, log=print) -> dict:
+    """Restore model, optimizer, scheduler and -- onto the layout that saved it -- RNG; returns `common`. A rank of
+    another layout (or of a checkpoint that does not record its layout) keeps the fresh RNG its seed gave it:
+    another layout's rank k holds a state drawn for another part of the model."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    from megatron_soaes.checkpoint.load import load_complete
     from megatron_soaes.checkpoint.meta import read_meta
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     meta = read_meta(path)
-    same_world = meta.get("world_size") == world
+    same_layout = meta.get("world_size") == world and meta.get("layout") == layout()
+    if not same_layout and rank == 0:
+        saved_at = meta.get("layout") or "an unrecorded layout"
+        log(f"{path}: saved at world size {meta.get('world_size')}, {saved_at}; resumed at world size {world}, "
+            f"{layout()}: RNG state not restored, every rank keeps the fresh state of its seed")
     model_sd = _model_state(model, "adapter" in meta)
     saved, now = meta.get("optimizer", "plain"), optimizer_kind(optimizer)
     if saved != now:  # megatron-core's two optimizers keep their state in different structures
@@ -255,12 +274,12 @@ def load(path: str | Path, model, optimizer, scheduler) -> dict:
         # scheduler and common are non-sharded: dist_checkpointing.load returns them from common.pt.
         state = {"model": model_sd,
                  "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_LAYOUT)}
-        if same_world:
+        if same_layout:
             state["rng"] = ShardedObject("rng_state", None, (world,), (rank,), replica_id=0)
         loaded = dist_checkpointing.load(state, str(path))
-        model.load_state_dict(loaded["model"], strict=False)
+        load_complete(model, loaded["model"], path, adapters="adapter" in meta)
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
-    if same_world:
+    if same_layout:
         set_rng_state(loaded["rng"])
     return loaded["common"]

@@ -98,7 +98,10 @@ def dry_run(job: JobConfig, world_size: int = 1, check_paths: bool = True, task:
     would run: the layout, the batch split and the number of steps. Builds nothing."""
     from megatron_soaes.data.tokenizer import tokenizer_available
 
+    from megatron_soaes.models.megatron import select_attention, use_transformer_engine
+
     dp = job.check_world(world_size)
+    select_attention(job, use_transformer_engine(job))  # what the installed layers cannot run, as the run refuses it
     if check_paths:
         job.check_paths()
     if job.model.preset or Path(job.model.hf_config).exists():  # the architecture, without the tokenizer

@@ -201,7 +201,7 @@ class Trainer:
             check_base(meta, init, adapter)
             check_structure(meta, peft, adapter)
         if resume is not None:
-            common = ckpt.load(resume, self.ddp.module, self.optimizer, self.scheduler)
+            common = ckpt.load(resume, self.ddp.module, self.optimizer, self.scheduler, log=self.log)
             self.resumed_common = common
             self.source_tokens = {int(k): int(v) for k, v in common.get("source_tokens", {}).items()}
             self.log(f"resumed from {resume} at step {common['iteration']}")
@@ -348,7 +348,7 @@ class Trainer:
             from megatron_soaes.training import checkpointing as ckpt
 
             path = ckpt.save(self.out / "best", step, self.ddp.module, self.optimizer, self.scheduler,
-                             self._common(step), self.model_cfg, 1, None, self._adapter_meta())
+                             self._common(step), self.model_cfg, 1, None, self._adapter_meta(), self._meta())
             self.gate.best = {"step": step, "select_loss": rec["select_loss"], "ratio": rec["ratio"],
                               "checkpoint": str(Path(path).resolve())}
         elif rec["decision"] == "stop":
@@ -396,7 +396,7 @@ class Trainer:
         t0 = time.time()
         self.finish_saves(blocking=True)  # at most one save in flight
         path = ckpt.save(self.ckpt_dir, step, self.ddp.module, self.optimizer, self.scheduler, self._common(step),
-                         self.model_cfg, self.job.train.keep_last, self.async_queue, self._adapter_meta())
+                         self.model_cfg, self.job.train.keep_last, self.async_queue, self._adapter_meta(), self._meta())
         blocked = time.time() - t0
         self.log(f"{'saving' if self.async_queue else 'saved'} {path} (training blocked {blocked:.2f}s)")
         return blocked
@@ -409,6 +409,12 @@ class Trainer:
             common["retention"] = self.gate.state()
         return common
 
+    def _meta(self) -> dict:
+        """What a checkpoint records beside its weights: its tokenizer (so megatron -> HF writes a complete HF
+        directory), as an absolute path when it is a file or directory."""
+        tok = self.job.data.tokenizer
+        return {"tokenizer": str(Path(tok).resolve()) if Path(tok).exists() else tok}
+
     def _adapter_meta(self) -> dict | None:
         if not self.job.peft:
             return None
@@ -416,11 +422,17 @@ class Trainer:
 
         return {"adapter": self.job.peft.model_dump(), "base": base_identity(self.job.model.init_checkpoint)}
 
-    def finish_saves(self, blocking: bool) -> None:
-        """Publish background saves that every rank has finished (collective); `blocking` waits for them."""
-        if self.async_queue is not None and self.async_queue.get_num_unfinalized_calls():
-            for _ in self.async_queue.maybe_finalize_async_calls(blocking=blocking):
-                self.log("background save published")
+    def finish_saves(self, blocking: bool) -> float | None:
+        """Publish background saves that every rank has finished (collective); `blocking` waits for them.
+        Returns the seconds a publication held the training loop (the manifest's hashing is its cost), or None
+        when none was published."""
+        if self.async_queue is None or not self.async_queue.get_num_unfinalized_calls():
+            return None
+        t0, published = time.time(), None
+        for _ in self.async_queue.maybe_finalize_async_calls(blocking=blocking):
+            published = time.time() - t0
+            self.log(f"background save published (the loop held {published:.2f}s: waiting, manifest, rename)")
+        return published
 
     # ---- the loop ----
     def _speed(self, rec: StepRecord, dt: float, tokens: int) -> dict:
@@ -462,7 +474,7 @@ class Trainer:
                 rec, parts = self.train_step(step)
                 if self.moe is not None:  # collective, every step
                     rec.moe = self.moe.collect(t.global_batch_size // (t.micro_batch_size * self.dp))
-                self.finish_saves(blocking=False)
+                publish_s = self.finish_saves(blocking=False)
                 tokens_since += t.global_batch_size * seq
                 speed = {}
                 if step % t.log_interval == 0 or step == t.steps:
@@ -478,7 +490,8 @@ class Trainer:
                     blocked = self.save(step)
                 self.metrics.write({"step": step, "loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm,
                                     "skipped": rec.skipped, "source_tokens": self.source_tokens, **speed,
-                                    **({"save_blocked_s": blocked} if blocked is not None else {}), **(rec.moe or {}),
+                                    **({"save_blocked_s": blocked} if blocked is not None else {}),
+                                    **({"save_publish_s": publish_s} if publish_s is not None else {}), **(rec.moe or {}),
                                     **{k: v for k, v in parts.items() if k != "lm loss"}})
                 if self.stop_at:
                     self._stop_at_gate(step)

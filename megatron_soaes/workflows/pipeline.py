@@ -95,7 +95,7 @@ def _f(v, fmt: str = ".1f") -> str:
 
 
 class EvaluateResult(PhaseResult):
-    models: dict[str, ModelEval]  # base, cpt, sft_progressive[, sft_single], draft
+    models: dict[str, ModelEval]  # base, cpt, sft_progressive[, sft_single][, sft_lora], draft
     stages: dict[str, TextEval] = {}  # each progressive SFT stage's end but the last (that is sft_progressive)
     # "a - b" -> QA set -> metric -> {diff, lo, hi, p_le_0}: paired bootstrap of every comparison the report makes
     comparisons: dict[str, dict[str, dict]] = {}
@@ -103,7 +103,8 @@ class EvaluateResult(PhaseResult):
 
 # the comparisons the report makes (a, b): is a better than b on the same questions?
 COMPARISONS = (("cpt", "base"), ("sft_progressive", "cpt"), ("sft_progressive", "base"),
-               ("sft_progressive", "sft_single"), ("sft_single", "cpt"))
+               ("sft_progressive", "sft_single"), ("sft_single", "cpt"), ("sft_lora", "sft_progressive"),
+               ("sft_lora", "cpt"))
 
 
 class ExportCheck(BaseModel):
@@ -157,7 +158,7 @@ class ReportResult(PhaseResult):
 
 RESULTS: dict[str, type[PhaseResult]] = {
     "data": DataResult, "base": TrainResult, "cpt": TrainResult, "sft": CurriculumResult,
-    "sft_single": CurriculumResult, "distill": DistillResult, "distill_ce": DistillResult, "evaluate": EvaluateResult,
+    "sft_single": CurriculumResult, "sft_lora": CurriculumResult, "distill": DistillResult, "distill_ce": DistillResult, "evaluate": EvaluateResult,
     "export": ExportResult, "speculative": SpeculativeResult, "report": ReportResult}
 assert tuple(RESULTS) == PHASES
 
@@ -392,25 +393,28 @@ class Pipeline:
     def phase_cpt(self) -> TrainResult:
         return TrainResult(checkpoint=self._train(self.cpt_job()))
 
-    def sft_recipe(self) -> Recipe:
-        """The curriculum: a kind-sft job template, one stage per configured stage."""
+    def sft_recipe(self, lora=None) -> Recipe:
+        """The curriculum: a kind-sft job template, one stage per configured stage; `lora` (sft.lora_ablation):
+        the same stages training LoRA adapters at its rates, under sft-lora/."""
         from megatron_soaes.config import parse_config
         from megatron_soaes.config.curriculum import Evaluation
 
         s, e = self.cfg.sft, self.cfg.evaluation
+        peft, lr, min_lr = (lora.peft, lora.lr, lora.min_lr) if lora else (s.peft, s.lr, s.min_lr)
         template = parse_config({
             "kind": "sft", "model": self.model("target").model_dump(exclude_unset=True),
             "data": {"tokenizer": self.tokenizer_spec, "seq_length": s.seq_length,
                      **({"valid": {"general": [self.corpus("general", "valid").model_dump()]}} if self.cfg.retention else {})},
-            "optim": {"lr": s.lr, "min_lr": s.min_lr, "warmup_steps": s.warmup_steps, "weight_decay": 0.0},
+            "optim": {"lr": lr, "min_lr": min_lr, "warmup_steps": s.warmup_steps, "weight_decay": 0.0},
             "train": {"global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size, "dtype": "fp32",
                       "log_interval": 20, "eval_iters": 2, "save_interval": 50, "keep_last": 1, **self.gate_fields()},
-            "sft": {"default_system": None}, **({"peft": s.peft.model_dump()} if s.peft else {})},
+            "sft": {"default_system": None}, **({"peft": peft.model_dump()} if peft else {})},
             "pipeline sft template", template=True)
         stages = [Stage(name=st.name, train=[self.sft_file(st.data, "train")],
                         valid={st.data: [self.sft_file(st.data, "valid")]}, epochs=st.epochs, steps=st.steps,
                         replay_fraction=st.replay_fraction) for st in s.stages]
-        return Recipe(name=f"{self.cfg.name}-progressive", output_dir=str(self.out / "sft"),
+        return Recipe(name=f"{self.cfg.name}-progressive{'-lora' if lora else ''}",
+                      output_dir=str(self.out / ("sft-lora" if lora else "sft")),
                       init_checkpoint=self.checkpoint("cpt"), job=template, stages=stages,
                       # each stage's end, a quick look (the evaluate phase scores the whole set)
                       evaluation=Evaluation(qa=self.sft_file("soae_qa", "test"), limit=min(e.qa_limit or 16, 16),
@@ -429,6 +433,15 @@ class Pipeline:
         if not self.cfg.sft.single_stage:
             return CurriculumResult(skipped=True)
         recs = run_curriculum(single_stage(self.sft_recipe()), log=self.log)
+        return CurriculumResult(stages=recs, checkpoint=recs[-1].checkpoint)
+
+    def phase_sft_lora(self) -> CurriculumResult:
+        """The LoRA ablation: the curriculum with adapters instead of full weights (sft.lora_ablation)."""
+        from megatron_soaes.workflows.curriculum import run_curriculum
+
+        if self.cfg.sft.lora_ablation is None:
+            return CurriculumResult(skipped=True)
+        recs = run_curriculum(self.sft_recipe(lora=self.cfg.sft.lora_ablation), log=self.log)
         return CurriculumResult(stages=recs, checkpoint=recs[-1].checkpoint)
 
     def phase_distill(self) -> DistillResult:
@@ -517,8 +530,9 @@ class Pipeline:
         e = self.cfg.evaluation
         models = {"base": self.result("base").checkpoint, "cpt": self.result("cpt").checkpoint,
                   "sft_progressive": self.result("sft").checkpoint}
-        if not self.result("sft_single").skipped:
-            models["sft_single"] = self.result("sft_single").checkpoint
+        for name in ("sft_single", "sft_lora"):
+            if not self.result(name).skipped:
+                models[name] = self.result(name).checkpoint
         models["draft"] = self.result("distill").checkpoint
         corpora = self.data / "corpora"
         heldout = corpora / "heldout.test.jsonl" if self.cfg.data.heldout_general else None
@@ -621,6 +635,9 @@ class Pipeline:
         single = self.result("sft_single")
         if not single.skipped:
             runs.append(("SFT single-stage", Path(single.stages[-1].run_dir)))
+        lora = self.result("sft_lora")
+        if not lora.skipped:
+            runs += [(f"SFT LoRA stage {st.stage}: {st.name}", Path(st.run_dir)) for st in lora.stages]
         runs.append(("distillation (draft)", self.out / "distill"))
         if not self.result("distill_ce").skipped:
             runs.append(("CE-only draft (baseline)", self.out / "distill_ce"))
@@ -658,6 +675,8 @@ class Pipeline:
             recipes = [("sft", self.sft_recipe())]
             if self.cfg.sft.single_stage:
                 recipes.append(("sft_single", single_stage(self.sft_recipe())))
+            if self.cfg.sft.lora_ablation:
+                recipes.append(("sft_lora", self.sft_recipe(lora=self.cfg.sft.lora_ablation)))
             for phase, recipe in recipes:
                 for k, st in enumerate(recipe.stages, 1):
                     job = stage_job(recipe, k, self.checkpoint("cpt"))
@@ -674,7 +693,7 @@ class Pipeline:
         and runs with the same data settings share it; the data phase rebuilds it when its stamp names other
         settings, and `--force` / `--force-phase data` rebuild it."""
         return {"base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
-                "sft_single": [self.out / "sft-single"], "distill": [self.out / "distill"],
+                "sft_single": [self.out / "sft-single"], "sft_lora": [self.out / "sft-lora"], "distill": [self.out / "distill"],
                 "distill_ce": [self.out / "distill_ce"], "evaluate": [self.out / "evaluate"],
                 "export": [self.out / "export"],
                 "report": [self.out / "report"]}.get(phase, [])
@@ -692,11 +711,10 @@ class Pipeline:
     def run(self, force: bool = False, force_phase: list[str] | None = None, until: str | None = None) -> dict:
         """Run the phases in order, skipping those already done. force: redo every phase; force_phase: redo
         these and every phase downstream of them (their results would be stale)."""
-        from megatron_soaes.config.pipeline import changed_fields, downstream, phase_settings
+        from megatron_soaes.config.pipeline import changed_fields, check_phases, downstream, phase_settings
 
+        check_phases(force_phase, until)
         redo = list(PHASES) if force else downstream(force_phase or [])
-        if until is not None and until not in PHASES:
-            raise ValueError(f"--until: unknown pipeline phase {until!r}; the phases are {', '.join(PHASES)}")
         stale = []  # finished phases run with other settings: their results are not this config's
         for phase in PHASES:
             rec = None if phase in redo else self.done(phase)

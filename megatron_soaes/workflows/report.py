@@ -162,6 +162,10 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         if d:
             rows.append(("Progressive - single-stage at equal cost, knowledge QA Rouge-L / BLEU-4 (paired 95% interval)",
                          f"{_diff(d['rouge-l'])} / {_diff(d['bleu-4'])}", None))
+    d = evaluation.comparisons.get("sft_lora - sft_progressive", {}).get("knowledge")
+    if d:
+        rows.append(("LoRA - full SFT, the same curriculum, knowledge QA Rouge-L / BLEU-4 (paired 95% interval)",
+                     f"{_diff(d['rouge-l'])} / {_diff(d['bleu-4'])}", None))
     de = distill.eval
     rows += [
         ("Draft vs target, teacher-forced on held-out reference answers: 1 - TVD / top-1 agreement",
@@ -267,7 +271,7 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
 
 QA_SETS = {"knowledge": "knowledge QA (articles in the CPT corpus)", "consultation": "legal consultations (free-form)"}
 MODEL_NAMES = {"base": "base", "cpt": "CPT", "sft_progressive": "SFT progressive", "sft_single": "SFT single-stage",
-               "draft": "draft"}
+               "sft_lora": "SFT progressive, LoRA", "draft": "draft"}
 
 
 def _ci(m: dict, fmt: str = ".1f") -> str:
