@@ -4,7 +4,9 @@
 
 Each variant is the same `soaes train` run (log every step, a save every `--save-every` steps). What a
 save costs the run is read two ways from its metrics.jsonl: `save_blocked_s`, the seconds the training
-loop waited in the save call, and the extra wall time of the steps that follow a save against the
+loop waited in the save call (plus, for asynchronous saves, `save_publish_s`: the seconds the loop held
+at the step that published a finished background save -- waiting for every rank, the manifest's
+hashing, the rename), and the extra wall time of the steps that follow a save against the
 no-save run's median step (a background writer still competes for the same cores). Ratios are async
 against sync. Writes <out> (JSON) and a PNG beside it.
 
@@ -48,9 +50,10 @@ def run(config: str, model: str, variant: str, steps: int, every: int, workdir: 
     seq = json.loads((out / "resolved_config.json").read_text())["job"]["data"]["seq_length"]
     step_s = {s: 8 * seq / r["tokens_per_s"] for s, r in steps_.items()}
     blocked = [r["save_blocked_s"] for r in steps_.values() if "save_blocked_s" in r]
+    publish = [r["save_publish_s"] for r in steps_.values() if "save_publish_s" in r]
     size = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
     n_ckpt = sum(1 for p in (out / "checkpoints").iterdir() if p.is_dir())
-    return {"steps": step_s, "blocked": blocked, "ckpt_mb": size / max(n_ckpt, 1) / 1e6 if n_ckpt else 0.0,
+    return {"steps": step_s, "blocked": blocked, "publish": publish, "ckpt_mb": size / max(n_ckpt, 1) / 1e6 if n_ckpt else 0.0,
             "losses": [steps_[s]["loss"] for s in sorted(steps_)]}
 
 
@@ -77,6 +80,7 @@ def main() -> None:
                 t for s, t in r["steps"].items() if 1 < s < args.steps and s not in after), 4),
                 "checkpoint_mb": round(r["ckpt_mb"], 1), "saves": len(r["blocked"]),
                 "blocked_s_per_save": round(statistics.mean(r["blocked"][1:-1] or r["blocked"] or [0.0]), 4),
+                "publish_held_s_per_save": round(statistics.mean(r["publish"]), 4) if r["publish"] else None,
                 "wall_lost_s_per_save": round(statistics.mean(lost), 4) if lost else 0.0,
                 "same_losses_as_no_save": r["losses"] == res["no save"]["losses"]})
         sync = next(r for r in rows if r["model"] == model and r["variant"] == "sync save")
@@ -85,14 +89,15 @@ def main() -> None:
             r["blocked_vs_sync"] = round(r["blocked_s_per_save"] / max(sync["blocked_s_per_save"], 1e-9), 3)
             r["wall_lost_vs_sync"] = round(r["wall_lost_s_per_save"] / max(sync["wall_lost_s_per_save"], 1e-9), 3)
     print(f"{'model':6} {'variant':11} {'ckpt MB':>8} {'step s':>7} {'blocked s/save':>15} {'vs sync':>8} "
-          f"{'wall lost s/save':>17} {'vs sync':>8} same losses")
+          f"{'publish held s':>15} {'wall lost s/save':>17} {'vs sync':>8} same losses")
     for r in rows:
         print(f"{r['model']:6} {r['variant']:11} {r['checkpoint_mb']:8.1f} {r['median_step_s']:7.3f} "
-              f"{r['blocked_s_per_save']:15.3f} {r.get('blocked_vs_sync', 0):8.3f} {r['wall_lost_s_per_save']:17.3f} "
+              f"{r['blocked_s_per_save']:15.3f} {r.get('blocked_vs_sync', 0):8.3f} {r['publish_held_s_per_save'] or 0:15.3f} "
+              f"{r['wall_lost_s_per_save']:17.3f} "
               f"{r.get('wall_lost_vs_sync', 0):8.3f} {r['same_losses_as_no_save']}")
     path = write_results(args.out, rows, note="blocked: seconds the training loop waited in save() (the first "
                          "save, which starts megatron-core's writer manager, and the last, waited for at exit, are "
-                         "left out); wall lost: extra seconds of the step after a save vs the no-save run's median step")
+                         "left out); publish held: seconds the loop held at the step that published a background save; wall lost: extra seconds of the step after a save vs the no-save run's median step")
     try:
         import matplotlib
 

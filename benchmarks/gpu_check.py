@@ -7,10 +7,14 @@ Parts, in order of value (correctness of each GPU path first, throughput last); 
 figures against the bounds in TOLERANCES and the run exits 1 naming every part that was wrong:
 
   parity       bf16 training, megatron's local attention vs SDPA with the CUDA fusions, same seed and
-               data: the first losses agree (rel. diff <= parity_first_rel at step 1, <= parity_rel after)
+               data: the first losses agree (rel. diff <= parity_first_rel at step 1, <= parity_rel after);
+               and both are causal, exactly: changing a token changes no earlier token's loss
+               (attention_probe.py --probe causal)
   packed       packed SFT rows, forward + backward: compiled FlexAttention's document mask vs the dense
                block-causal mask give the same per-token losses (mean rel <= packed_mean_rel,
-               max abs <= packed_max_abs)
+               max abs <= packed_max_abs); both keep examples apart, exactly: changing a token changes
+               no loss of another example or an earlier token; and both equal the examples run one by one,
+               per-token losses and parameter gradients (attention_probe.py --probe packed)
   verify       the CUDA tree-verify op equals the PyTorch reference on every tree (verify_op.py)
   speculative  a small target + distilled draft trained here in bf16, decoded in fp32 on the GPU at batch
                1, 4 and 16: every speculative output equals target-only greedy; with CUDA graphs the
@@ -24,7 +28,9 @@ to --out (default benchmarks/results/gpu).
 
   python benchmarks/gpu_check.py [--parts verify speculative] [--budget 330] [--smoke]
   --smoke: tiny shapes in fp32 on any device (CI runs it on CPU: the verify part uses the C++ op there)
-  --plant verify|speculative: plant a wrong verify op / a lossy decoder, to see the check fail
+  --plant PLANT: plant a bug to see the check fail naming its part: parity (non-causal SDPA), packed (no
+               document mask), packed-boundary (each example's first token sees the one before), verify (a
+               wrong verify op), speculative (a lossy decoder)
 """
 
 from __future__ import annotations
@@ -53,7 +59,10 @@ TOLERANCES = {
 }
 # Seconds each part may take at most (on one H100); throughput gets what the budget has left.
 LIMITS = {"parity": 100, "packed": 90, "verify": 90, "speculative": 210, "throughput": 240}
-PLANTABLE = ("verify", "speculative")
+# What --plant can plant -> the part that must then fail.
+PLANTS = {"parity": "parity", "packed": "packed", "packed-boundary": "packed", "verify": "verify",
+          "speculative": "speculative"}
+PROBE_PLANT = {"parity": "noncausal", "packed": "no-document-mask", "packed-boundary": "boundary"}
 
 
 class Check:
@@ -123,7 +132,21 @@ def shapes(c: Check) -> tuple[str, str]:
     return "train.dtype=bf16", "bf16"
 
 
-def part_parity(c: Check, py: str) -> dict:
+def probe(c: Check, py: str, kind: str, part: str, dev: str, dtype: str, shape: list) -> dict:
+    """attention_probe.py: which losses a changed token moves (exact), planted where --plant says."""
+    out = c.out / f"{kind}_probe.json"
+    cmd = [py, "benchmarks/attention_probe.py", "--probe", kind, "--device", dev, "--dtype", dtype, "--json", out, *shape]
+    if c.plant in PROBE_PLANT and PLANTS[c.plant] == part:
+        cmd += ["--plant", PROBE_PLANT[c.plant]]
+    r = c.run(cmd, c.left(part), c.out / f"{kind}_probe.log", results=[out])
+    r["rows"] = read_rows(out) or []
+    r["wrong"] = [f"{row['path']}: {w}" for row in r["rows"] for w in row["wrong"]]
+    if not r["rows"]:
+        r["wrong"].append(f"no probe result ({r['rc']})")
+    return r
+
+
+def part_parity(c: Check, py: str, dev: str, dtype: str) -> dict:
     base, _ = shapes(c)
     local = f"{base},train.transformer_impl=local"  # megatron's local layers even where TE imports
     out = c.out / "parity"
@@ -141,7 +164,15 @@ def part_parity(c: Check, py: str) -> dict:
     elif rel[0] > TOLERANCES["parity_first_rel"] or max(rel) > TOLERANCES["parity_rel"]:
         r["wrong"].append(f"local vs SDPA losses differ: rel {['%.2e' % x for x in rel]} (bounds "
                           f"{TOLERANCES['parity_first_rel']} at step 1, {TOLERANCES['parity_rel']} after)")
+    r["causal_probe"] = probe(c, py, "causal", "parity", dev, dtype, probe_shape(c, packed=False))
+    r["wrong"] += r["causal_probe"]["wrong"]
     return r
+
+
+def probe_shape(c: Check, packed: bool) -> list:
+    if c.smoke:
+        return ["--preset", "test", "--seq", "256"]
+    return ["--preset", "qwen2.5-0.5b", "--seq", "1024", "--mbs", "2", "--per-row", "8" if packed else "1"]
 
 
 def part_packed(c: Check, py: str, dev: str, dtype: str) -> dict:
@@ -156,6 +187,8 @@ def part_packed(c: Check, py: str, dev: str, dtype: str) -> dict:
     elif r["mean_rel_loss_diff"] > TOLERANCES["packed_mean_rel"] or r["max_abs_loss_diff"] > TOLERANCES["packed_max_abs"]:
         r["wrong"].append(f"flex vs dense per-token losses differ: mean rel {r['mean_rel_loss_diff']:.2e}, max abs "
                           f"{r['max_abs_loss_diff']:.2e} (bounds {TOLERANCES['packed_mean_rel']}, {TOLERANCES['packed_max_abs']})")
+    r["packed_probe"] = probe(c, py, "packed", "packed", dev, dtype, probe_shape(c, packed=True))
+    r["wrong"] += r["packed_probe"]["wrong"]
     return r
 
 
@@ -277,7 +310,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu"))
     ap.add_argument("--budget", type=float, default=330, help="seconds for all parts (throughput gets the rest)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, a few steps: checks the command (CPU too)")
-    ap.add_argument("--plant", choices=PLANTABLE, default=None, help="plant a bug in this part (the check must fail)")
+    ap.add_argument("--plant", choices=PLANTS, default=None, help="plant a bug (the check must fail naming its part)")
     ap.add_argument("--reuse-pair", action="store_true",
                     help="the speculative part decodes with the pair an earlier run trained in --out (its final "
                          "checkpoints complete) instead of training it again")
@@ -294,7 +327,7 @@ def main() -> None:
         raise SystemExit("error: data/demo missing: run `soaes prepare-demo-data --out data/demo` first")
     c = Check(out, float("inf") if smoke else args.budget, smoke, args.plant, " ".join(sys.argv), args.reuse_pair)
     parts = [p for p in PARTS if p in args.parts]
-    runners = {"env": lambda: part_env(c, py), "parity": lambda: part_parity(c, py),
+    runners = {"env": lambda: part_env(c, py), "parity": lambda: part_parity(c, py, dev, dtype),
                "packed": lambda: part_packed(c, py, dev, dtype), "verify": lambda: part_verify(c, py, dev),
                "speculative": lambda: part_speculative(c, py, dev), "throughput": lambda: part_throughput(c, py)}
     print(f"gpu-check on {dev} ({'smoke, ' if smoke else ''}budget {args.budget:.0f}s), parts: {' '.join(parts)}", flush=True)

@@ -175,12 +175,13 @@ def test_tiers(data: dict) -> list[str]:
 
 
 def checkpoint_io(data: dict) -> list[str]:
-    lines = ["| model | variant | checkpoint MB | median step s | blocked in save() s | vs sync | step wall time lost s | vs sync | same losses |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | variant | checkpoint MB | median step s | blocked in save() s | vs sync | publication held s | "
+             "step wall time lost s | vs sync | same losses |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         blocked = "-" if r["variant"] == "no save" else f"{r['blocked_s_per_save']:.3f}"  # only the save at exit
         lines.append(f"| {r['model']} | {r['variant']} | {r['checkpoint_mb']:.1f} | {r['median_step_s']:.3f} | "
-                     f"{blocked} | {_f(r.get('blocked_vs_sync'), '.3f')} | {r['wall_lost_s_per_save']:.3f} | "
+                     f"{blocked} | {_f(r.get('blocked_vs_sync'), '.3f')} | {_f(r.get('publish_held_s_per_save'), '.3f')} | "
+                     f"{r['wall_lost_s_per_save']:.3f} | "
                      f"{_f(r.get('wall_lost_vs_sync'), '.3f')} | {'yes' if r['same_losses_as_no_save'] else 'NO'} |")
     return lines
 
@@ -243,7 +244,26 @@ def curate(data: dict) -> list[str]:
     return lines
 
 
-RENDER = {"spec_decode": spec_decode, "replay_retention": replay_retention, "curate": curate, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
+def cp_memory(data: dict) -> list[str]:
+    cps = list(data["rows"][0]["activation_gb"])
+    lines = ["| model | TP | sequence | " + " | ".join(f"CP {c}" for c in cps) + " |", "|---|---|---|" + "---|" * len(cps)]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['tp']} | {r['seq_length'] // 1024}k | "
+                     + " | ".join(f"{r['activation_gb'][c]:.1f} GB" for c in cps) + " |")
+    return lines
+
+
+def context_parallel(data: dict) -> list[str]:
+    lines = ["| sequence | CP | processes | tokens/s | vs CP 1 | peak RSS per process | vs CP 1 | same losses as CP 1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['seq_length']} | {r['cp']} | {r['nproc']} | {r['tokens_per_s']:,.0f} | {r['speed_vs_cp1']:.2f}x | "
+                     f"{r['peak_rss_per_process_gb']:.2f} GB | {r['memory_vs_cp1']:.2f}x | "
+                     f"{'-' if r['cp'] == 1 else 'yes' if r['same_losses_as_cp1'] else 'NO'} |")
+    return lines
+
+
+RENDER = {"spec_decode": spec_decode, "cp_memory": cp_memory, "context_parallel": context_parallel, "replay_retention": replay_retention, "curate": curate, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
           "checkpoint_io": checkpoint_io, "convert": convert, "peft_memory": peft_memory}
 
 

@@ -75,7 +75,8 @@ def test_attention_choice_is_checked_before_work():
     from megatron_soaes.config import ConfigError
     from megatron_soaes.models.megatron import select_attention
 
-    job = lambda a: SimpleNamespace(train=SimpleNamespace(attention=a))  # noqa: E731
+    job = lambda a, cp=1: SimpleNamespace(train=SimpleNamespace(attention=a),  # noqa: E731
+                                          parallel=SimpleNamespace(context_parallel=cp))
     assert select_attention(job("auto"), use_te=False) == "sdpa"
     assert select_attention(job("megatron_local"), use_te=False) == "megatron_local"
     assert select_attention(job("auto"), use_te=True) == "transformer_engine"
@@ -83,6 +84,9 @@ def test_attention_choice_is_checked_before_work():
         select_attention(job("transformer_engine"), use_te=False)
     with pytest.raises(ConfigError, match="set train.transformer_impl: local"):
         select_attention(job("sdpa"), use_te=True)
+    assert select_attention(job("auto", cp=2), use_te=False) == "sdpa"  # context parallelism in the SDPA layers
+    with pytest.raises(ConfigError, match="megatron's unfused local attention cannot split a sequence"):
+        select_attention(job("megatron_local", cp=2), use_te=False)
 
 
 def _sft_job(attention="auto", **sft):

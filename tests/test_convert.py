@@ -65,7 +65,7 @@ def test_sharded_hf_input_and_output(hf_models, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "back")
 
 
-def test_converted_checkpoint_equals_megatron_own_save(hf_models, tmp_path):
+def test_converted_checkpoint_equals_megatron_own_save(hf_models, tmp_path, monkeypatch):
     """Our streamed writer and megatron-core's own dist_checkpointing.save hold the same tensors."""
     from megatron.core import dist_checkpointing
 
@@ -87,6 +87,9 @@ def test_converted_checkpoint_equals_megatron_own_save(hf_models, tmp_path):
     assert set(ours.keys()) == set(theirs.keys())
     for k in ours.keys():
         assert torch.equal(ours.read(k), theirs.read(k)), k
+    with pytest.raises(ConversionError, match="no manifest.json"):  # megatron-core writes none: refused ...
+        megatron_to_hf(tmp_path / "theirs", tmp_path / "back", progress=False)
+    monkeypatch.setenv("SOAES_ALLOW_UNVERIFIED", "1")  # ... unless the user says --allow-unverified
     megatron_to_hf(tmp_path / "theirs", tmp_path / "back", progress=False)
     a, b = hf_tensors(src), hf_tensors(tmp_path / "back")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -153,5 +156,5 @@ def test_existing_output_needs_force(hf_models, tmp_path):
 
 
 def test_megatron_to_hf_rejects_non_checkpoint(tmp_path):
-    with pytest.raises(ConversionError, match="no soaes_model.json"):
+    with pytest.raises(ConversionError, match="not a megatron checkpoint"):
         megatron_to_hf(tmp_path, tmp_path / "out")

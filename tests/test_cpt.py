@@ -93,9 +93,10 @@ def test_bad_configs_fail_before_work(cpt_data, tmp_path, edit, msg):
 
 
 def test_context_parallel_checks(cpt_data, tmp_path):
-    """CP needs Transformer Engine attention (a clear error here) and 2*CP | seq_length (checked in dry runs)."""
+    """CP runs on the SDPA core attention without Transformer Engine; megatron's unfused local attention
+    cannot split a sequence (a clear error, in the dry run too); 2*CP | seq_length (checked in dry runs)."""
     from megatron_soaes.training.cpt import CPTTask
-    from megatron_soaes.training import train
+    from megatron_soaes.training import dry_run, train
 
     path = write_config(cpt_data, tmp_path / "run")
     cfg = yaml.safe_load(path.read_text())
@@ -106,15 +107,12 @@ def test_context_parallel_checks(cpt_data, tmp_path):
     with pytest.raises(ConfigError, match="world size 1 is not divisible by TP\\*PP\\*CP = 1\\*1\\*2 = 2"):
         train(job, CPTTask(), log=lambda s: None)
     from megatron_soaes.models import have_transformer_engine
-    from megatron_soaes.models.megatron import use_transformer_engine
 
-    if not have_transformer_engine():  # megatron's local attention cannot split a sequence
-        from megatron_soaes.training import dry_run
-
-        with pytest.raises(ConfigError, match="context_parallel > 1 needs Transformer Engine"):
-            use_transformer_engine(job)
-        with pytest.raises(ConfigError, match="context_parallel > 1 needs Transformer Engine"):
-            dry_run(job, 2, check_paths=False)  # the dry run refuses what the run would
+    if not have_transformer_engine():
+        assert "CP 2" in dry_run(job, 2, check_paths=False)
+        local = load_config(path, ["train.attention=megatron_local"])
+        with pytest.raises(ConfigError, match="megatron's unfused local attention cannot split a sequence"):
+            dry_run(local, 2, check_paths=False)  # the dry run refuses what the run would
     cfg["data"]["seq_length"] = 66
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="seq_length 66 must be divisible by 2\\*CP = 4"):
@@ -275,7 +273,8 @@ def test_pipeline_stages_draw_their_own_initial_weights(cpt_data, tmp_path):
     run = tmp_path / "pp3"
     cfg = write_config(cpt_data, run, steps=1, save_interval=1, eval_interval=0)
     torchrun(3, ROOT / "megatron_soaes" / "cli.py", "train", "--config", cfg, "--set", "parallel.pipeline_parallel=3",
-             "--set", "model.overrides.num_layers=3", "--set", "optim.lr=1e-9", "--set", "optim.warmup_steps=0")
+             "--set", "model.overrides.num_layers=3", "--set", "optim.lr=1e-9", "--set", "optim.min_lr=0",
+             "--set", "optim.warmup_steps=0")
     r = DcpReader(run / "checkpoints" / "iter_0000001")
     key = next(k for k in r.keys() if k.endswith("mlp.linear_fc2.weight"))
     w = [r.read(key, i) for i in range(3)]

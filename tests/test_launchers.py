@@ -24,7 +24,9 @@ def sbatch_world(script):
                                            ("cpt_qwen3_8b.sbatch", "cpt_qwen3_8b.yaml"),
                                            ("cpt_llama3.1_8b.sbatch", "cpt_llama3.1_8b.yaml"),
                                            ("cpt_qwen3_30b_a3b.sbatch", "cpt_qwen3_30b_a3b.yaml"),
-                                           ("cpt_qwen3_235b_a22b.sbatch", "cpt_qwen3_235b_a22b.yaml")])
+                                           ("cpt_qwen3_235b_a22b.sbatch", "cpt_qwen3_235b_a22b.yaml"),
+                                           ("cpt_qwen2.5_7b_32k.sbatch", "cpt_7b_32k.yaml"),
+                                           ("cpt_qwen2.5_72b_128k.sbatch", "cpt_72b_128k.yaml")])
 def test_training_configs_fit_their_sbatch_layout(script, config):
     world = sbatch_world(script)
     res = soaes("train", "--config", str(SLURM / "configs" / config), "--dry-run", "--world-size", str(world),

@@ -37,6 +37,8 @@ def unverified(directory: str | Path, log=None) -> None:
     """A checkpoint without a manifest -- one megatron-core or Megatron-Bridge wrote, which carry none -- is
     refused, unless the user allowed unverified reads (`--allow-unverified`): then it is read with a warning."""
     d = Path(directory)
+    if not (d / ".metadata").exists():
+        raise CheckpointCorrupt(f"{d}: not a megatron checkpoint (no {MANIFEST} and no .metadata)")
     if os.environ.get(ALLOW_UNVERIFIED) != "1":
         raise CheckpointUnverified(f"{d}: no {MANIFEST}, so nothing says its files are whole (checkpoints written "
                                    "by megatron-core or Megatron-Bridge carry none); rerun with --allow-unverified "

@@ -48,7 +48,7 @@ class ParallelConfig(StrictModel):
 
     tensor_parallel: int = 1  # TP: each layer's weights split over this many ranks
     pipeline_parallel: int = 1  # PP: the layers split into this many consecutive stages
-    context_parallel: int = 1  # CP: each sequence split over this many ranks
+    context_parallel: int = 1  # CP: each sequence split over this many ranks (TE attention or the SDPA layers)
     sequence_parallel: bool = False  # needs tensor_parallel > 1
     # interleaved schedule chunks per stage: refused above 1 (one model chunk per stage is built)
     virtual_pipeline: int | None = None
@@ -168,6 +168,12 @@ class OptimSection(StrictModel):
     # then a linear decay over the last wsd_decay_steps)
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     wsd_decay_steps: int | None = None  # with schedule wsd: steps of the final decay
+
+    @model_validator(mode="after")
+    def _decay_goes_down(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}: the schedule decays from lr to min_lr")
+        return self
 
 
 class RetentionSection(StrictModel):
@@ -394,8 +400,6 @@ class JobConfig(StrictModel):
         if self.data.seq_length % (2 * cp):
             raise ConfigError(f"parallel.context_parallel {cp}: data.seq_length {self.data.seq_length} must be "
                               f"divisible by 2*CP = {2 * cp} (each rank holds two load-balanced chunks)")
-        if self.kind == "sft" or self.sft is not None:
-            raise ConfigError("parallel.context_parallel: packed SFT rows are not split across CP ranks; use CP=1")
         if self.distill and (self.distill.offline_logits or self.distill.on_policy.fraction > 0):
             raise ConfigError("parallel.context_parallel: offline teacher logits and on-policy rollouts need CP=1")
 

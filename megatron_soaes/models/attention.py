@@ -66,6 +66,20 @@ class DocumentMask:
 
 
 class SDPAttention(DotProductAttention):
+    """megatron's core attention on SDPA / FlexAttention, with context parallelism
+    (`models.context_parallel`: K and V all-gathered over the CP group, masked by global position)."""
+
+    def __init__(self, config, *args, **kwargs):
+        from megatron_soaes.models.context_parallel import cp_group_and_rank
+
+        cp = config.context_parallel_size
+        config.context_parallel_size = 1  # megatron's local attention refuses CP when built; this one handles it
+        try:
+            super().__init__(config, *args, **kwargs)
+        finally:
+            config.context_parallel_size = cp
+        self.cp_group, self.cp_size, self.cp_rank = cp_group_and_rank()
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np*hn].
@@ -83,7 +97,9 @@ class SDPAttention(DotProductAttention):
         mask_type = attn_mask_type or self.attn_mask_type
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         dropout = self.attention_dropout.p if self.training else 0.0
-        if isinstance(attention_mask, DocumentMask):
+        if self.cp_size > 1:
+            out = self._context_parallel(q, k, v, attention_mask, mask_type, groups, dropout)
+        elif isinstance(attention_mask, DocumentMask):
             if dropout:
                 raise NotImplementedError("attention dropout with FlexAttention (packed rows)")
             out = _flex(q.is_cuda)(q, k, v, block_mask=attention_mask.block_mask(), scale=self.softmax_scale,
@@ -101,3 +117,24 @@ class SDPAttention(DotProductAttention):
                                                  scale=self.softmax_scale)
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _context_parallel(self, q, k, v, attention_mask, mask_type, groups, dropout):
+        """Local queries (this rank's two chunks) against the whole sequence's keys and values: through
+        FlexAttention on CUDA (a block mask, GQA without copies), else SDPA with an explicit mask."""
+        from megatron_soaes.models.context_parallel import cp_mask, gather_sequence
+
+        if mask_type != AttnMaskType.causal:
+            raise NotImplementedError(f"context parallelism in SDPAttention: {mask_type} masks (causal only)")
+        if attention_mask is not None and not isinstance(attention_mask, DocumentMask):
+            raise NotImplementedError("context parallelism in SDPAttention: pass packed rows as a DocumentMask "
+                                      "(segment ids), not a dense mask of this rank's chunks")
+        k, v = (gather_sequence(t, self.cp_group, self.cp_size, self.cp_rank) for t in (k, v))
+        flex = q.is_cuda and have_flex_attention()
+        mask = cp_mask(attention_mask, q.shape[2], self.cp_size, self.cp_rank, self.cp_group, q.device, flex)
+        if flex:
+            if dropout:
+                raise NotImplementedError("attention dropout with FlexAttention (context parallelism on CUDA)")
+            return _flex(True)(q, k, v, block_mask=mask, scale=self.softmax_scale, enable_gqa=groups > 1)
+        if groups > 1:  # with an explicit mask, enable_gqa would select the O(s^2) math kernel
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale)

@@ -22,7 +22,7 @@ def have_transformer_engine() -> bool:
 
 
 def use_transformer_engine(job) -> bool:
-    """Whether `job` runs Transformer Engine layers (train.transformer_impl, fp8, context parallelism);
+    """Whether `job` runs Transformer Engine layers (train.transformer_impl, fp8);
     a clear error when it asks for TE without it."""
     from megatron_soaes.config import ConfigError
 
@@ -31,9 +31,6 @@ def use_transformer_engine(job) -> bool:
     if t.transformer_impl == "transformer_engine" and not have:
         raise ConfigError("train.transformer_impl: transformer_engine is not installed (pip install '.[gpu]' on a "
                           "CUDA machine)")
-    if job.parallel.context_parallel > 1 and (t.transformer_impl == "local" or not have):
-        raise ConfigError("parallel.context_parallel > 1 needs Transformer Engine attention (megatron-core's local "
-                          "attention has no context parallelism)")
     if t.fp8 and (t.transformer_impl == "local" or not have):
         raise ConfigError("train.fp8: FP8 needs Transformer Engine layers (pip install '.[gpu]' on a CUDA machine; "
                           "transformer_impl must not be 'local')")
@@ -69,7 +66,11 @@ def select_attention(job, use_te: bool) -> str:
     if want in ("sdpa", "megatron_local") and use_te:
         raise ConfigError(f"train.attention: {want} runs in megatron's local layers; set train.transformer_impl: local "
                           "(Transformer Engine layers bring their own attention)")
-    return "transformer_engine" if use_te else ("sdpa" if want == "auto" else want)
+    chosen = "transformer_engine" if use_te else ("sdpa" if want == "auto" else want)
+    if job.parallel.context_parallel > 1 and chosen == "megatron_local":
+        raise ConfigError("parallel.context_parallel > 1: megatron's unfused local attention cannot split a sequence; "
+                          "use train.attention sdpa (or auto), or Transformer Engine layers")
+    return chosen
 
 
 def layer_spec(use_te: bool | None = None, attention: str = "auto", qk_norm: bool = False, num_experts: int | None = None):

@@ -7,8 +7,9 @@ here, so that the rest of the code base uses megatron-core unmodified:
 2. ``torch.cuda.synchronize()`` in the p2p pipeline code             -> no-op.
 3. ``Tensor.cuda()`` (tied-embedding sync across pipeline stages)   -> stays on CPU.
 4. literal ``device="cuda"`` allocations in the pipeline schedules, the default causal
-   mask, the DDP buffer, the optimizer (loss scale, grad-norm)      -> the ``torch`` name
-   inside those modules is swapped for a proxy that maps CUDA devices to CPU.
+   mask, the DDP buffer, the optimizer (loss scale, grad-norm), and pinned host tensors (the rotary
+   positions of a context-parallel rank)                            -> the ``torch`` name inside those
+   modules is swapped for a proxy that maps CUDA devices to CPU and drops ``pin_memory``.
 5. grad clipping asserts CUDA grads                                -> a CPU clip (same math).
 6. the CUDA RNG tracker (``fork()`` of the model-parallel RNG state) -> a tracker that
    keeps torch's CPU generator states instead, so TP dropout stays reproducible.
@@ -42,6 +43,7 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.utils",  # local_multi_tensor_l2_norm (grad-norm without apex)
+    "megatron.core.models.common.embeddings.rope_utils",  # get_pos_emb_on_this_cp_rank (pin_memory=True)
 )
 
 
@@ -72,6 +74,7 @@ class _CpuTorchProxy(types.ModuleType):
             def value(*args, **kwargs):
                 if "device" in kwargs:
                     kwargs["device"] = _cpu_device(kwargs["device"])
+                kwargs.pop("pin_memory", None)  # pinned memory needs an accelerator
                 return fn(*args, **kwargs)
 
         setattr(self, name, value)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from megatron_soaes.config import ConfigError
-from megatron_soaes.data.gpt_data import ResumableBatches, collate, to_device
+from megatron_soaes.data.gpt_data import ResumableBatches, collate, on_this_rank
 from megatron_soaes.data.sft import PackedSFTDataset, Template, cached_pack
 from megatron_soaes.training.task import BaseTask, masked_token_loss
 
@@ -55,8 +55,12 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 def packed_mask(segment_ids: torch.Tensor, kind: str = "dense_mask"):
-    """The attention_mask that keeps packed examples apart: a FlexAttention document mask, or dense."""
-    if kind == "flex":
+    """The attention_mask that keeps packed examples apart: a FlexAttention document mask, or dense. Under
+    context parallelism always the segment ids (`DocumentMask`): a rank's chunks attend across chunks, which
+    only the attention itself can mask (`models.context_parallel`)."""
+    from megatron_soaes.models.context_parallel import cp_group_and_rank
+
+    if kind == "flex" or cp_group_and_rank()[1] > 1:
         from megatron_soaes.models.attention import DocumentMask
 
         return DocumentMask(segment_ids)
@@ -142,7 +146,7 @@ class SFTTask(BaseTask):
         return batches, evals
 
     def forward_step(self, data_iterator, model):
-        b = to_device(next(data_iterator))
+        b = on_this_rank(next(data_iterator))
         if self.packed_attention == "thd":
             out = model(b["tokens"], b["position_ids"], None, labels=b["labels"],
                         packed_seq_params=packed_seq_params(b["segment_ids"]))
