@@ -5,15 +5,14 @@ megatron-core splits a sequence over the CP group only inside TE's attention; it
 gives each CP rank chunks r and 2*CP-1-r of every sequence (`data.gpt_data.cp_slice`, load-balanced for
 causal masks), megatron's rotary embedding slices its positions the same way, and the trainer sums
 losses and token counts over the CP group. What is left is attention, done here by all-gathering K and V
-over the CP group (megatron's "allgather" CP mode, `cp_comm_type: all_gather`): each rank attends its
+over the CP group (what megatron's TE path calls the `all_gather` CP mode): each rank attends its
 local queries to the whole sequence's keys, masked by global positions -- causal across chunks, and
 within one packed example when rows are packed (the segment ids are gathered too). The backward of the
 gather sums each rank's K/V gradients over the group and keeps the local part.
 
-Why all-gather rather than a ring: its communication is one collective per layer that overlaps nothing
-but is simple and exact on gloo and NCCL alike, and K/V are small beside Q under GQA (Qwen2.5-72B: 8 KV
-heads for 64 query heads), so the gathered K/V of a 128k sequence is 8x smaller than its queries. The
-cost is K/V for the whole sequence on every rank, which the memory table in the manual counts.
+Why all-gather rather than a ring: one collective per layer, which overlaps nothing but is simple and
+exact on gloo and NCCL alike, and K/V are small beside Q under GQA (Qwen2.5-72B: 8 KV heads for 64 query
+heads). The cost is K/V for the whole sequence on every rank, which the memory table in the manual counts.
 """
 
 from __future__ import annotations
