@@ -65,8 +65,8 @@ def probe_positions(segment_ids: torch.Tensor, row: int, n_random: int, seed: in
     """Positions to perturb in `row`: the first and last token of every example (where off-by-one masks
     leak) and a few others."""
     seg = segment_ids[row].tolist()
-    edges = {0, len(seg) - 1}
-    edges |= {i for i in range(1, len(seg)) if seg[i] != seg[i - 1]} | {i - 1 for i in range(1, len(seg)) if seg[i] != seg[i - 1]}
+    starts = [i for i in range(1, len(seg)) if seg[i] != seg[i - 1]]
+    edges = {0, len(seg) - 1, *starts, *(i - 1 for i in starts)}
     g = torch.Generator().manual_seed(seed)
     return sorted(edges | set(torch.randint(0, len(seg), (n_random,), generator=g).tolist()))
 

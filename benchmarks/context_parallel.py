@@ -12,39 +12,26 @@ Tokens/s is the mean over the logged steps after the first; peak RSS is the larg
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
-from measure import run_measured
 from provenance import write_results
-
-from megatron_soaes.training.metrics import read_metrics
+from train_throughput import run_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(config: str, seq: int, cp: int, steps: int, out: Path) -> dict:
-    run_dir = out / f"seq{seq}-cp{cp}"
+    """One layout as a `train_throughput` variant (the same command, thread split and rate reading)."""
     sets = [f"data.seq_length={seq}", f"model.overrides.max_position_embeddings={max(seq, 2048)}",
-            "train.global_batch_size=1", "train.micro_batch_size=1", f"train.steps={steps}", "optim.warmup_steps=1",
-            "train.log_interval=1",
-            "train.save_interval=0", "train.eval_interval=0", "train.tensorboard=false", f"train.output_dir={run_dir}",
+            "train.global_batch_size=1", "train.micro_batch_size=1", "optim.warmup_steps=1",
             f"parallel.context_parallel={cp}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cp}",
-           "-m", "megatron_soaes.cli", "train", "--config", config] + [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cp))}
-    with tempfile.TemporaryFile("w+") as log:
-        rc, wall, peak = run_measured(cmd, per_process=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        if rc:
-            log.seek(0)
-            raise SystemExit(f"seq {seq} CP {cp} failed ({rc}):\n{log.read()[-3000:]}")
-    recs = [r for r in read_metrics(run_dir) if "tokens_per_s" in r]
-    timed = recs[1:] or recs
-    return {"seq_length": seq, "cp": cp, "nproc": cp, "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
-            "peak_rss_per_process_gb": peak / 1e9, "losses": [r["loss"] for r in recs], "wall_s": round(wall, 1)}
+    row = run_variant(SimpleNamespace(config=config, steps=steps, log_interval=1), f"seq{seq}-cp{cp}", cp, sets, out)
+    if row.get("skipped"):
+        raise SystemExit(f"seq {seq} CP {cp}: {row['skipped']}")
+    return {"seq_length": seq, "cp": cp, "nproc": cp, "tokens_per_s": row["tokens_per_s"],
+            "peak_rss_per_process_gb": row["peak_rss_per_process_gb"], "losses": row["losses"],
+            "wall_s": round(row["wall_s"], 1)}
 
 
 def main() -> None:

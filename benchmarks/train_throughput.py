@@ -3,7 +3,7 @@
 
 Each variant is the same `soaes train` job with a few `--set` overrides (and a process count), run
 in turn; tokens/s is the mean over the logged intervals after the first (warm-up), read back from
-the run's metrics.jsonl. Ratios are against the first variant. Writes <out>/train_throughput.json/.png.
+the run's metrics.jsonl, and peak RSS is the largest single process's (a rank). Ratios are against the first variant. Writes <out>/train_throughput.json/.png.
 
   CPU (default variants: fp32 1 process, TP=2 and DP=2 on 2 gloo processes), the tiny model:
     python benchmarks/train_throughput.py --config examples/tiny/cpt.yaml --steps 30
@@ -24,11 +24,13 @@ import argparse
 import os
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-from megatron_soaes.training.metrics import read_metrics
+from measure import run_measured
 from provenance import write_results
+
+from megatron_soaes.training.metrics import read_metrics
 
 CPU_VARIANTS = ["fp32 1 proc=1:", "fp32 TP=2=2:parallel.tensor_parallel=2", "fp32 DP=2=2:"]
 MOE_VARIANTS = ["dense 1 proc=1:", "MoE EP=1=1:model.preset=tiny-moe", "MoE EP=1 DP=2=2:model.preset=tiny-moe",
@@ -76,18 +78,22 @@ def run_variant(args, name: str, nproc: int, sets: list[str], out: Path) -> dict
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] + cmd[2:]
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
-    t0 = time.time()
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))})
-    if res.returncode:
-        return dict(variant=name, nproc=nproc, skipped=f"failed ({res.returncode}): {res.stdout.strip()[-500:]}")
-    recs = [r for r in read_metrics(run_dir) if "tokens_per_s" in r]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    with tempfile.TemporaryFile("w+") as log:
+        rc, wall, peak = run_measured(cmd, per_process=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if rc:
+            log.seek(0)
+            return dict(variant=name, nproc=nproc, skipped=f"failed ({rc}): {log.read().strip()[-500:]}")
+    every = read_metrics(run_dir)
+    recs = [r for r in every if "tokens_per_s" in r]
+    losses = [r["loss"] for r in recs]
     recs = recs[1:] or recs  # the first interval includes warm-up
     mean = lambda k: sum(r[k] for r in recs) / len(recs) if recs and recs[0].get(k) is not None else None  # noqa: E731
-    moe = [r for r in read_metrics(run_dir) if "moe_load_worst" in r]
+    moe = [r for r in every if "moe_load_worst" in r]
     moe_mean = lambda k: sum(r[k] for r in moe) / len(moe) if moe else None  # noqa: E731
     return dict(variant=name, nproc=nproc, tokens_per_s=mean("tokens_per_s"), model_tflops=mean("model_tflops"),
-                mfu=mean("mfu"), final_loss=recs[-1]["loss"] if recs else None, wall_s=time.time() - t0,
+                mfu=mean("mfu"), final_loss=recs[-1]["loss"] if recs else None, wall_s=wall,
+                peak_rss_per_process_gb=peak / 1e9, losses=losses,
                 moe_load_worst=moe_mean("moe_load_worst"), moe_aux_loss=moe_mean("moe_aux_loss"))
 
 

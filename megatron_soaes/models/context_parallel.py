@@ -46,15 +46,20 @@ def gathered_positions(local_len: int, cp_size: int, device=None) -> torch.Tenso
     return torch.cat([chunk_positions(local_len, cp_size, r, device) for r in range(cp_size)])
 
 
+def _all_gather_cat(x: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
+    """Every CP rank's `x`, concatenated along `dim` in rank order (gather order)."""
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
 class _GatherSequence(torch.autograd.Function):
     """All-gather along dim 2 over the CP group; backward: the summed gradient's local part."""
 
     @staticmethod
     def forward(ctx, x, group, size, rank):
         ctx.group, ctx.size, ctx.rank = group, size, rank
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=2)
+        return _all_gather_cat(x, group, size, dim=2)
 
     @staticmethod
     def backward(ctx, grad):
@@ -70,9 +75,7 @@ def gather_sequence(x: torch.Tensor, group, size: int, rank: int) -> torch.Tenso
 
 def gather_segments(segment_ids: torch.Tensor, group, size: int) -> torch.Tensor:
     """[b, s_local] segment ids of every CP rank, in gather order (no gradient)."""
-    parts = [torch.empty_like(segment_ids) for _ in range(size)]
-    dist.all_gather(parts, segment_ids.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
+    return _all_gather_cat(segment_ids, group, size, dim=1)
 
 
 def _segments(attention_mask) -> torch.Tensor | None:
