@@ -16,6 +16,11 @@ def _convert(args) -> int:
 
     if args.direction == "hf-to-megatron":
         out = hf_to_megatron(args.input, args.output, args.tp, args.pp, args.dtype, overwrite=args.force)
+    elif args.direction == "head-to-eagle3":
+        from megatron_soaes.heads.export import export_eagle3
+        from megatron_soaes.utils.dtypes import torch_dtype
+
+        out = export_eagle3(args.input, args.output, torch_dtype(args.dtype) if args.dtype else None, overwrite=args.force)
     else:
         from megatron_soaes.checkpoint.meta import META_FILE, read_meta
         from megatron_soaes.data.tokenizer import tokenizer_available
@@ -160,7 +165,10 @@ def _generate(args) -> int:
     kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_id=tok.eod_id)
     if args.draft:
         spec = SpecConfig.parse(args.tree, args.gamma, args.topk, args.depth, args.budget)
-        draft = load_inference_model(args.draft, dtype, args.device, cuda_graphs=args.cuda_graphs)
+        from megatron_soaes.heads.inference import is_head, load_head
+
+        draft = (load_head(args.draft, target) if is_head(args.draft) else
+                 load_inference_model(args.draft, dtype, args.device, cuda_graphs=args.cuda_graphs))
         res = speculative_generate(target, draft, prompts, args.max_new_tokens, spec, **kw)
     else:
         res = generate(target, prompts, args.max_new_tokens, **kw)
@@ -276,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("convert", help="HF <-> megatron torch_dist checkpoint conversion (streamed)")
-    c.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    c.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf", "head-to-eagle3"],
+                   help="head-to-eagle3: a draft head's run or checkpoint -> the EAGLE-3 directory vLLM / SGLang load")
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (hf-to-megatron)")
@@ -336,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="target-only or speculative (chain/tree) generation")
     g.add_argument("--target", required=True, help="HF directory or megatron-soaes checkpoint")
-    g.add_argument("--draft", default=None, help="draft model (enables speculative decoding)")
+    g.add_argument("--draft", default=None, help="draft model or EAGLE-3 draft head (enables speculative decoding)")
     g.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the target directory)")
     g.add_argument("--prompt", action="append", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -397,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("serve-check", help="dry run for serving a target with its draft under vLLM / SGLang: checks "
                                            "the pair and the layout, prints the commands")
     sc.add_argument("--target", required=True, help="exported target directory")
-    sc.add_argument("--draft", required=True, help="exported draft directory")
+    sc.add_argument("--draft", required=True, help="exported draft directory, or an EAGLE-3 head directory")
     sc.add_argument("--tp", type=int, default=1, help="tensor-parallel size the engine will use")
     sc.add_argument("--num-speculative-tokens", type=int, default=3)
     sc.add_argument("--max-model-len", type=int, default=None)

@@ -239,7 +239,30 @@ class OnPolicySection(StrictModel):
     temperature: float = Field(1.0, ge=0)  # student sampling temperature (0: greedy)
 
 
+class DraftHeadSection(StrictModel):
+    """The EAGLE-3 head (distill.draft: eagle3): one decoder layer on the target's own hidden states."""
+
+    # target layers whose inputs are fused into the head's feature (three: low, middle, high); null: EAGLE-3's
+    # (2, L // 2, L - 3), as vLLM collects them
+    feature_layers: list[int] | None = None
+    # the draft vocabulary: the head scores only this many of the training answers' most frequent tokens
+    # (verification still scores every token, so decoding stays lossless); null: the whole vocabulary
+    draft_vocab: int | None = Field(None, ge=1)
+    ttt_steps: int = Field(3, ge=1)  # training-time test: steps unrolled, each fed the head's own previous output
+    # keep the teacher's outputs for each training row after its first pass (features, embeddings, its logits over the
+    # draft vocabulary; ~(4 x hidden x 4 + draft_vocab / TP x 2) bytes per token on each rank), so later epochs cost
+    # only the head: EAGLE's offline training without a dump, for data that fits in memory
+    cache_teacher: bool = False
+    # target: the head's output layer and final norm start as the target's (its rows of the draft vocabulary) and fc
+    # passes the highest feature layer through, so the head starts in the target's hidden space; random: EAGLE-3's init
+    init: Literal["target", "random"] = "target"
+
+
 class DistillSection(StrictModel):
+    # what is trained: a separate draft model (`model`, the student), or an EAGLE-3 head (`eagle3`) that reads the
+    # teacher's hidden states; with eagle3, `model` names the teacher's architecture and the head is built from it
+    draft: Literal["model", "eagle3"] = "model"
+    head: DraftHeadSection = Field(default_factory=DraftHeadSection)  # draft: eagle3
     teacher: TeacherSection | None = None  # online teacher; omit when training from offline logits
     # between the teacher's and the student's next-token distributions: forward KL(teacher || student),
     # reverse KL(student || teacher), generalised JSD(beta) or total variation distance
@@ -423,6 +446,13 @@ class JobConfig(StrictModel):
             raise ConfigError(f"distill.teacher.checkpoint: {d.teacher.checkpoint} does not exist")
         if d and d.offline_logits and not (Path(d.offline_logits) / "topk.json").exists():
             raise ConfigError(f"distill.offline_logits: {d.offline_logits} has no topk.json (run soaes distill-dump)")
+
+    @property
+    def task_name(self) -> str:
+        """The training.task registry entry this job runs: its kind, or the draft head's task."""
+        if self.kind == "distill" and self.distill.draft == "eagle3":
+            return "draft_head"
+        return self.kind
 
     def source_names(self) -> dict[int, str]:
         """Names of the training data sources, by blend index (for per-source token counts)."""

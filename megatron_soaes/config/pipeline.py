@@ -15,14 +15,15 @@ from megatron_soaes.config.base import load_config
 from megatron_soaes.config.curation import CurationConfig
 from megatron_soaes.config.job import PeftSection
 
-PHASES = ("data", "base", "cpt", "sft", "sft_single", "sft_lora", "distill", "distill_ce", "evaluate", "export",
-          "speculative", "report")
+PHASES = ("data", "base", "cpt", "sft", "sft_single", "sft_lora", "distill", "distill_ce", "draft_head", "evaluate",
+          "export", "speculative", "report")
 # what each phase reads: redoing a phase (--force-phase) redoes everything downstream of it
 INPUTS = {"data": (), "base": ("data",), "cpt": ("base",), "sft": ("cpt",), "sft_single": ("cpt",), "sft_lora": ("cpt",),
-          "distill": ("sft",), "distill_ce": ("sft",),
+          "distill": ("sft",), "distill_ce": ("sft",), "draft_head": ("sft",),
           "evaluate": ("base", "cpt", "sft", "sft_single", "sft_lora", "distill"),
-          "export": ("distill",), "speculative": ("distill", "distill_ce", "export"),
-          "report": ("evaluate", "distill", "distill_ce", "export", "speculative", "sft", "sft_single", "sft_lora")}
+          "export": ("distill", "draft_head"), "speculative": ("distill", "distill_ce", "draft_head", "export"),
+          "report": ("evaluate", "distill", "distill_ce", "draft_head", "export", "speculative", "sft", "sft_single",
+                     "sft_lora")}
 assert tuple(INPUTS) == PHASES
 
 
@@ -32,6 +33,8 @@ SETTINGS = {"data": ("data", "base.hf", "evaluation.mcq_files"), "base": ("base"
             "cpt": ("cpt", "retention"), "sft": ("sft", "retention"), "sft_single": ("sft", "retention"),
             "sft_lora": ("sft", "retention"),
             "distill": ("distill",), "distill_ce": ("distill",),
+            # the head trains on the distillation data (the target's answers) at the distillation's length
+            "draft_head": ("draft_head", "distill.prompts", "distill.answer_tokens", "distill.seq_length"),
             # which models exist is a setting of the phases that compare them
             "evaluate": ("evaluation", "sft.single_stage", "sft.lora_ablation"), "export": (),
             "speculative": ("speculative", "distill.ce_baseline"), "report": ()}
@@ -208,6 +211,28 @@ class DistillCfg(_Strict):
         return self
 
 
+class HeadCfg(_Strict):
+    """An EAGLE-3 draft head (`heads`) trained in megatron beside the frozen SFT target, on the target's own
+    answers (the distillation data), compared with the separate draft on the same prompts."""
+
+    steps: int = Field(60, ge=1)  # optimizer steps (distill.seq_length)
+    global_batch_size: int | None = Field(None, ge=1)  # null: the SFT phases'
+    lr: float = 1e-3  # peak learning rate (cosine to a tenth)
+    # the text the head learns the target's distributions on: the SFT data (every stage's training split), one demo
+    # SFT dataset's training split (e.g. soae_qa: the knowledge questions whose test split the benchmark asks), or
+    # the target's own answers (distillation's data: distill.prompts of them)
+    data: str = "sft"
+    examples: int | None = Field(None, ge=1)  # only the first this many records of that data (null: all)
+    # keep the teacher's outputs per training row after its first pass (distill.head.cache_teacher): later epochs
+    # over `examples` cost only the head
+    cache_teacher: bool = False
+    # the draft vocabulary: the head scores only the answers' K most frequent tokens (null: the whole vocabulary);
+    # the speculative phase also runs the separate draft restricted to the same K tokens
+    draft_vocab: int | None = Field(8192, ge=1)
+    ttt_steps: int = Field(3, ge=1)  # training-time test steps (the head fed its own outputs)
+    feature_layers: list[int] | None = None  # target layers read (null: EAGLE-3's low / middle / high)
+
+
 class SpecCfg(_Strict):
     """The speculative-decoding benchmark: target-only greedy against each setting on held-out prompts."""
 
@@ -266,6 +291,7 @@ class PipelineConfig(_Strict):
     cpt: CPTCfg  # continual pre-training: domain corpus + general replay
     sft: SFTCfg  # the domain-progressive curriculum (and its single-stage ablation)
     distill: DistillCfg = Field(default_factory=DistillCfg)  # the draft, distilled from the SFT target
+    draft_head: HeadCfg | None = None  # an EAGLE-3 head on the SFT target (null: none)
     speculative: SpecCfg = Field(default_factory=SpecCfg)
     evaluation: EvalCfg = Field(default_factory=EvalCfg)  # every model on QA, held-out text and cloze
     retention: RetentionCfg | None = Field(default_factory=RetentionCfg)  # null: no gate

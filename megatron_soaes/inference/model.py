@@ -124,6 +124,9 @@ class Qwen2ForInference:
         if cuda_graphs and cfg.is_moe:
             raise ValueError("cuda_graphs with an MoE model is not supported yet (its expert batches are sized on the host)")
         self.static_shapes, self.cuda_graphs = static_shapes or cuda_graphs, cuda_graphs
+        # layers whose inputs a forward keeps in `features` (what an EAGLE-3 head reads), and a reduced output
+        # vocabulary (`restrict_vocab`)
+        self.feature_layers, self.features, self.draft_ids = (), None, None
         self._step, self._cache_pool = self._forward, {}
         self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
 
@@ -268,7 +271,10 @@ class Qwen2ForInference:
         H, Hkv, d = self.heads, self.kv_heads, cfg.head_dim  # this rank's heads
         x = F.embedding(tokens, self.embed)
         idx = slots[:, None, :, None].expand(B, Hkv, n, d)
+        feats = []
         for li, L in enumerate(self.layers):
+            if li in self.feature_layers:
+                feats.append(x)
             qkv = L["qkv"](_rms_norm(x, L["ln1"], cfg.rms_norm_eps)).view(B, n, H + 2 * Hkv, d).transpose(1, 2)
             qk = qkv[:, :H + Hkv]
             if L["q_norm"] is not None:  # Qwen3: RMSNorm over each q and k head before RoPE
@@ -286,8 +292,24 @@ class Qwen2ForInference:
             else:
                 gate, up = L["gate_up"](h).chunk(2, dim=-1)
                 x = x + self.tp.all_reduce(L["down"](F.silu(gate) * up))
-        logits = self.lm_head(_rms_norm(x, self.norm, cfg.rms_norm_eps)).float()
-        return self.tp.gather_vocab(logits, self.vocab_rows)
+        if feats:
+            self.features = torch.cat(feats, -1)
+        logits = self.tp.gather_vocab(self.lm_head(_rms_norm(x, self.norm, cfg.rms_norm_eps)).float(), self.vocab_rows)
+        if self.draft_ids is not None:  # a reduced vocabulary: every other token is never drafted
+            full = logits.new_full((B, n, cfg.vocab_size), float("-inf"))
+            full[..., self.draft_ids] = logits
+            return full
+        return logits
+
+    def restrict_vocab(self, ids: torch.Tensor) -> None:
+        """Score only the target ids `ids` (a draft vocabulary, `heads.vocab`): the output layer keeps their
+        rows, so its cost falls with K / V; logits of every other token are -inf."""
+        if self.tp.size > 1 or self.cuda_graphs:
+            raise ValueError("a reduced draft vocabulary runs eagerly at tensor_parallel 1")
+        ids = ids.to(self.device).long()
+        weight = self.lm_head.weight[:self.vocab_rows][ids]
+        self.lm_head = Linear(weight.contiguous())
+        self.draft_ids, self.vocab_rows = ids, len(ids)
 
 
     def _experts(self, L, h: torch.Tensor) -> torch.Tensor:

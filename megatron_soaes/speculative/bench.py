@@ -69,7 +69,7 @@ def run_benchmark(target, draft, prompts: list[list[int]], max_new_tokens: int, 
     ref, base_s = baseline.outputs, baseline.seconds
     ntok = sum(len(t) for t in ref)
     rows = [dict(baseline.row)]
-    matches = draft_agreement(draft, prompts, ref)
+    matches = draft_agreement(draft, prompts, ref, target)
     agreement = sum(map(sum, matches)) / max(1, sum(map(len, matches)))
     specs = [(f"chain gamma={g}", SpecConfig("chain", gamma=g)) for g in gammas]
     specs += [(f"tree {t}", SpecConfig.parse(t)) for t in trees]
@@ -81,11 +81,11 @@ def run_benchmark(target, draft, prompts: list[list[int]], max_new_tokens: int, 
                          draft_agreement=agreement))
         log(f"spec-decode (batch {batch_size}): {name}: tau {rows[-1]['tau']:.2f}, speedup {rows[-1]['speedup']:.2f}x")
     if hf_dirs and batch_size == 1:
-        rows += _hf_rows(hf_dirs, prompts, n, dev, target.dtype, ref, ntok, base_s, eos_id)
+        rows += hf_rows(hf_dirs, prompts, n, dev, target.dtype, ref, ntok, base_s, eos_id)
     return rows
 
 
-def _hf_rows(hf_dirs, prompts, n, device, dtype, ref, ntok, base_s, eos_id) -> list[dict]:
+def hf_rows(hf_dirs, prompts, n, device, dtype, ref, ntok, base_s, eos_id) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     tgt = AutoModelForCausalLM.from_pretrained(str(hf_dirs[0]), dtype=dtype).to(device).eval()
@@ -113,20 +113,20 @@ def _hf_rows(hf_dirs, prompts, n, device, dtype, ref, ntok, base_s, eos_id) -> l
 
 
 @torch.no_grad()
-def draft_agreement(draft, prompts: list[list[int]], outputs: list[list[int]]) -> list[list[bool]]:
+def draft_agreement(draft, prompts: list[list[int]], outputs: list[list[int]], target=None) -> list[list[bool]]:
     """Teacher-forced on the target's own outputs: at each output position, whether the draft's greedy
     token (given the prompt and the target's tokens so far) is the target's. Greedy speculation accepts
     exactly these (`chain_rounds`), so this -- not agreement on reference answers -- is what a draft's
-    acceptance rate must be compared with."""
+    acceptance rate must be compared with. A draft head needs the `target` (it reads its hidden states)."""
+    from megatron_soaes.speculative.decode import drafter_for
+
+    drafter = drafter_for(draft)
     out = []
     for p, o in zip(prompts, outputs):
         if not o:
             out.append([])
             continue
-        seq = torch.tensor([p + o[:-1]], device=draft.device)
-        n = seq.shape[1]
-        logits = draft.forward(seq, torch.arange(n, device=draft.device)[None], draft.new_cache(1, n), capture=False)
-        pred = logits[0, len(p) - 1:].argmax(-1).tolist()
+        pred = drafter.predictions(target, p + o[:-1])[len(p) - 1:]
         out.append([a == b for a, b in zip(pred, o)])
     return out
 

@@ -6,6 +6,10 @@ One round of speculative decoding, for a batch:
   2. the target scores the whole tree in ONE forward (tree mask, position = length + depth);
   3. `tree_verify` (native op) walks it: accepted path + the next token, lossless;
   4. both KV caches are compacted to the accepted path; the next token becomes the new root.
+
+The draft is a `Drafter`: a separate draft model (`ModelDrafter`, its own KV cache over every emitted
+token) or an EAGLE-3 head (`HeadDrafter`, fed the target's hidden states of verified tokens and its own
+of drafted ones). Both may score a reduced draft vocabulary; verification always scores the whole one.
 """
 
 from __future__ import annotations
@@ -97,15 +101,179 @@ def _ancestors(parents: torch.Tensor) -> torch.Tensor:
     return anc
 
 
-def _root_logits(draft, cache, root, pending):
-    """Draft logits [B, 1, V] for the root (K/V at block slot 0). `pending` [B] is the last accepted token
-    of the previous round when it never went through the draft: it is committed in the same forward."""
-    if pending is None:
-        return draft.forward(root[:, None], cache.lengths[:, None], cache)
-    pos = cache.lengths[:, None] + torch.arange(2, device=root.device)
-    logits = draft.forward(torch.stack([pending, root], 1), pos, cache)
-    cache.lengths += 1
-    return logits[:, 1:]
+class ModelDrafter:
+    """A separate draft model: its KV cache holds every emitted token."""
+
+    feature_layers: tuple[int, ...] = ()
+
+    def __init__(self, model: Qwen2ForInference):
+        self.model, self.device, self.vocab_size = model, model.device, model.vocab_size
+
+    def check(self, target: Qwen2ForInference) -> None:
+        check_same_family(target.cfg, self.model.cfg)
+        if self.vocab_size != target.vocab_size:
+            raise ValueError(f"draft vocabulary {self.vocab_size} != target vocabulary {target.vocab_size}")
+
+    def start(self, prompts: list[list[int]], size: int, features=None) -> None:
+        self.cache, _ = prefill(self.model, prompts, size)
+        self.pending = None  # [B] last accepted token not yet in the cache (fed with the next root)
+
+    def root(self, root: torch.Tensor) -> torch.Tensor:
+        """Draft logits [B, 1, V] for the root (K/V at block slot 0); a pending token is committed in the same forward."""
+        m, cache, pending = self.model, self.cache, self.pending
+        if pending is None:
+            return m.forward(root[:, None], cache.lengths[:, None], cache)
+        pos = cache.lengths[:, None] + torch.arange(2, device=root.device)
+        logits = m.forward(torch.stack([pending, root], 1), pos, cache)
+        cache.lengths += 1
+        return logits[:, 1:]
+
+    def step(self, tokens, depth: int, block_mask, write_offset: int) -> torch.Tensor:
+        """Logits of `tokens` [B, n] at depth `depth`, K/V at block slots write_offset + j."""
+        return self.model.forward(tokens, self.cache.lengths[:, None] + depth, self.cache, block_mask=block_mask,
+                                  write_offset=write_offset)
+
+    def accept(self, tree: "DraftTree", path, length, features=None) -> None:
+        """Keep the written prefix of the accepted path; the last accepted node may not have been run."""
+        B = path.shape[0]
+        ar = torch.arange(B, device=path.device)
+        pslot = tree.draft_slot.gather(1, path.clamp(min=0))
+        in_path = torch.arange(path.shape[1], device=path.device)[None] < length[:, None]
+        written = (pslot >= 0) & in_path
+        dcount = written.sum(1)
+        self.cache.commit(torch.where(written, pslot, -1), dcount)
+        need = dcount < length
+        self.pending = None
+        if need.any():
+            last = tree.tokens[ar, path[ar, (length - 1).clamp(min=0)]]
+            if bool(need.all()):
+                self.pending = last  # goes through the draft together with the next root: one forward saved
+            else:
+                self.model.forward(last[:, None], self.cache.lengths[:, None], self.cache)
+                self.cache.lengths += need.long()
+
+    def predictions(self, target, seq: list[int]) -> list[int]:
+        """Teacher-forced greedy tokens: entry i predicts seq[i + 1]."""
+        n = len(seq)
+        x = torch.tensor([seq], device=self.device)
+        logits = self.model.forward(x, torch.arange(n, device=self.device)[None], self.model.new_cache(1, n), capture=False)
+        return logits[0].argmax(-1).tolist()
+
+
+class HeadDrafter:
+    """An EAGLE-3 head (`heads.inference`). Its cache slot t holds token t + 1 with the target's fused
+    feature of position t, so the root (the last emitted token) needs the feature of the token before it.
+    Drafted nodes read the head's own output at their parent; once the target has verified a path, those
+    tokens are run again with the target's features (the next round's root forward), as EAGLE does."""
+
+    def __init__(self, head):
+        self.head, self.device, self.vocab_size = head, head.device, head.vocab_size
+        self.feature_layers = tuple(head.hcfg.feature_layers)
+
+    def check(self, target: Qwen2ForInference) -> None:
+        from megatron_soaes.heads.inference import check_head
+
+        check_head(self.head.hcfg, target.cfg, "draft head")
+
+    def start(self, prompts: list[list[int]], size: int, features: torch.Tensor) -> None:
+        """`features` [B, n, 3d]: the target's, from prefilling every prompt token but the last."""
+        if any(len(p) < 2 for p in prompts):
+            raise ValueError("an EAGLE-3 head drafts from the target's hidden state of the token before the root: "
+                             "every prompt needs at least 2 tokens")
+        h, B = self.head, len(prompts)
+        dev = self.device
+        self.cache = h.new_cache(B, size)
+        g = h.fuse(features)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        n = int(lens.max()) - 2
+        if n > 0:
+            toks = torch.zeros(B, n, dtype=torch.long, device=dev)
+            for b, p in enumerate(prompts):
+                toks[b, :len(p) - 2] = torch.tensor(p[1:-1])
+            h.hidden_in = g[:, :n]
+            h.forward(toks, torch.arange(n, device=dev).expand(B, n), self.cache, capture=False)
+        self.cache.lengths.copy_(lens - 2)
+        ar = torch.arange(B, device=dev)
+        self.root_hidden = g[ar, lens - 2]
+        self.pend_tokens = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        self.pend_hidden = g.new_zeros(B, 0, g.shape[-1])
+        self.pend_count = torch.zeros(B, dtype=torch.long, device=dev)
+        self.block_hidden = g.new_zeros(B, size, g.shape[-1])  # the head's outputs at this round's block slots
+
+    def root(self, root: torch.Tensor) -> torch.Tensor:
+        """Runs the tokens verified last round (with the target's features) and the root in one forward; commits
+        the former, so the root's K/V end at block slot 0."""
+        h, cache, k = self.head, self.cache, self.pend_count
+        B, dev = root.shape[0], self.device
+        ar = torch.arange(B, device=dev)
+        width = int(k.max()) + 1
+        toks = torch.zeros(B, width, dtype=torch.long, device=dev)
+        hid = self.root_hidden.new_zeros(B, width, self.root_hidden.shape[-1])
+        toks[:, :width - 1], hid[:, :width - 1] = self.pend_tokens[:, :width - 1], self.pend_hidden[:, :width - 1]
+        toks[ar, k], hid[ar, k] = root, self.root_hidden
+        h.hidden_in = hid
+        logits = h.forward(toks, cache.lengths[:, None] + torch.arange(width, device=dev), cache)
+        cache.commit(torch.arange(width - 1, device=dev).expand(B, width - 1), k)
+        self.block_hidden[:, 0] = h.hidden_out[ar, k]
+        return logits[ar, k][:, None]
+
+    def step(self, tokens, depth: int, block_mask, write_offset: int) -> torch.Tensor:
+        h = self.head
+        B, n = tokens.shape
+        dev = self.device
+        ar = torch.arange(B, device=dev)
+        slots = write_offset + torch.arange(n, device=dev)
+        if block_mask is None:  # a chain: each node's parent is the slot before it
+            parent = (slots - 1).expand(B, n)
+        else:  # the parent is the deepest ancestor: the largest visible slot before the node's own
+            cols = torch.arange(block_mask.shape[-1], device=dev)
+            visible = block_mask & (cols[None, None, :] < slots[None, :, None])
+            parent = torch.where(visible, cols, -1).amax(-1)
+        h.hidden_in = self.block_hidden[ar[:, None], parent.clamp(min=0)]
+        logits = h.forward(tokens, self.cache.lengths[:, None] + depth, self.cache, block_mask=block_mask,
+                           write_offset=write_offset)
+        self.block_hidden[ar[:, None], slots.expand(B, n)] = h.hidden_out
+        return logits
+
+    def accept(self, tree: "DraftTree", path, length, features: torch.Tensor) -> None:
+        """Commit the root (its feature was the target's); the accepted nodes after it, and the next root, wait
+        for the next round with the target's features of the positions before them."""
+        B, dev = path.shape[0], self.device
+        ar = torch.arange(B, device=dev)
+        g = self.head.fuse(features)  # [B, N, d]: the target's fused features of the tree's nodes
+        self.cache.commit(torch.zeros(B, 1, dtype=torch.long, device=dev), (length > 0).long())
+        p = path.clamp(min=0)
+        g_path = g[ar[:, None], p]
+        self.pend_tokens = tree.tokens.gather(1, p)[:, 1:]
+        self.pend_hidden = g_path[:, :-1]
+        self.pend_count = (length - 1).clamp(min=0)
+        self.root_hidden = torch.where((length > 0)[:, None], g_path[ar, (length - 1).clamp(min=0)], self.root_hidden)
+
+    def predictions(self, target, seq: list[int]) -> list[int]:
+        """Teacher-forced: entry i predicts seq[i + 1] from the target's feature at i - 1 (entry 0: -1)."""
+        n = len(seq)
+        dev = self.device
+        target.feature_layers = self.feature_layers
+        try:
+            target.forward(torch.tensor([seq], device=dev), torch.arange(n, device=dev)[None], target.new_cache(1, n),
+                           capture=False)
+            g = self.head.fuse(target.features)
+        finally:
+            target.feature_layers = ()
+        if n < 2:
+            return [-1] * n
+        self.head.hidden_in = g[:, :n - 1]
+        logits = self.head.forward(torch.tensor([seq[1:]], device=dev), torch.arange(n - 1, device=dev)[None],
+                                   self.head.new_cache(1, n), capture=False)
+        return [-1] + logits[0].argmax(-1).tolist()
+
+
+def drafter_for(draft) -> "ModelDrafter | HeadDrafter":
+    if isinstance(draft, (ModelDrafter, HeadDrafter)):
+        return draft
+    from megatron_soaes.heads.inference import Eagle3ForInference
+
+    return HeadDrafter(draft) if isinstance(draft, Eagle3ForInference) else ModelDrafter(draft)
 
 
 @functools.lru_cache(maxsize=32)
@@ -122,7 +290,7 @@ def _static_shape(branching: tuple[int, ...], device: str):
     return par, torch.tensor(depth, device=device)[None], _ancestors(par), levels
 
 
-def _static_tree(draft, cache, root, spec: SpecConfig, temperature, top_p, gen, pending=None) -> DraftTree:
+def _static_tree(draft, root, spec: SpecConfig, temperature, top_p, gen) -> DraftTree:
     B, dev = root.shape[0], draft.device
     par, dep, anc, levels = _static_shape(spec.branching, str(dev))
     N, V = par.shape[1], draft.vocab_size
@@ -134,11 +302,10 @@ def _static_tree(draft, cache, root, spec: SpecConfig, temperature, top_p, gen, 
     nxt = 1
     for d, ((lo, hi), k) in enumerate(zip(levels, spec.branching)):
         if d == 0:
-            logits = _root_logits(draft, cache, root, pending)
+            logits = draft.root(root)
         else:  # a chain's node sees every node before it: causal, no mask needed
             chain = hi - lo == 1 and all(b == 1 for b in spec.branching[:d])
-            logits = draft.forward(tokens[:, lo:hi], cache.lengths[:, None] + d, cache,
-                                   block_mask=None if chain else anc[:, lo:hi, :hi], write_offset=lo)
+            logits = draft.step(tokens[:, lo:hi], d, None if chain else anc[:, lo:hi, :hi], lo)
         if not sampled:
             top = logits.topk(k, dim=-1).indices  # [B, hi - lo, k]: children in parent order
             tokens[:, nxt:nxt + (hi - lo) * k] = top.reshape(B, -1)
@@ -158,7 +325,7 @@ def _static_tree(draft, cache, root, spec: SpecConfig, temperature, top_p, gen, 
     return DraftTree(parents, tokens, depth, qs, slot, anc)
 
 
-def _dynamic_tree(draft, cache, root, spec: SpecConfig, pending=None) -> DraftTree:
+def _dynamic_tree(draft, root, spec: SpecConfig) -> DraftTree:
     """EAGLE-2: expand the `topk` best nodes per depth by cumulative draft probability; keep the best `budget`."""
     B, dev, K = root.shape[0], draft.device, spec.topk
     cap = 1 + K + (spec.depth - 1) * K * K
@@ -174,8 +341,7 @@ def _dynamic_tree(draft, cache, root, spec: SpecConfig, pending=None) -> DraftTr
     n = 1
     for d in range(spec.depth):
         f = frontier.shape[1]
-        logits = (_root_logits(draft, cache, root, pending) if d == 0
-                  else _forward_at_slots(draft, cache, tokens, frontier, anc, d, n))
+        logits = draft.root(root) if d == 0 else _forward_at_slots(draft, tokens, frontier, anc, d, n)
         written[:, int(frontier.min()):n] = True  # the whole block ran, each node under its own ancestors
         logp = torch.log_softmax(logits, -1)  # [B, f, V]
         top = logp.topk(K, dim=-1)
@@ -204,7 +370,7 @@ def _dynamic_tree(draft, cache, root, spec: SpecConfig, pending=None) -> DraftTr
     return DraftTree(new_par, tokens.gather(1, keep), depth.gather(1, keep), None, slot, keep_anc)
 
 
-def _forward_at_slots(draft, cache, tokens, nodes, anc, d, n_written):
+def _forward_at_slots(draft, tokens, nodes, anc, d, n_written):
     """Draft forward of candidate `nodes` [B, f] (all at depth d), K/V at block slot = candidate index.
 
     Slots must equal candidate indices, so the forward covers the contiguous block
@@ -213,23 +379,33 @@ def _forward_at_slots(draft, cache, tokens, nodes, anc, d, n_written):
     B, f = nodes.shape
     ar = torch.arange(B, device=nodes.device)
     lo = int(nodes.min())
-    width = n_written - lo
     block_tokens = tokens[:, lo:n_written]
     mask = anc[:, lo:n_written, :n_written]
-    logits = draft.forward(block_tokens, cache.lengths[:, None] + d, cache, block_mask=mask, write_offset=lo)
+    logits = draft.step(block_tokens, d, mask, lo)
     return logits[ar[:, None], nodes - lo]
 
 
 @torch.no_grad()
-def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, prompts: list[list[int]],
+def speculative_generate(target: Qwen2ForInference, draft, prompts: list[list[int]],
                          max_new_tokens: int, spec: SpecConfig | None = None, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
                          verify_impl: str = "auto") -> GenerationResult:
+    """`draft`: a draft model (`Qwen2ForInference`, full or reduced vocabulary), an EAGLE-3 head
+    (`heads.inference.Eagle3ForInference`) or a `Drafter` wrapping either."""
     spec = spec or SpecConfig()
     check_prompts(prompts, max_new_tokens, target)
-    check_same_family(target.cfg, draft.cfg)
-    if draft.vocab_size != target.vocab_size:
-        raise ValueError(f"draft vocabulary {draft.vocab_size} != target vocabulary {target.vocab_size}")
+    draft = drafter_for(draft)
+    draft.check(target)
+    if draft.feature_layers and target.cuda_graphs:
+        raise ValueError("an EAGLE-3 head reads the target's hidden states: run the target without cuda_graphs")
+    target.feature_layers = draft.feature_layers  # what the head reads from every target forward
+    try:
+        return _generate(target, draft, prompts, max_new_tokens, spec, temperature, top_p, seed, eos_id, verify_impl)
+    finally:
+        target.feature_layers, target.features = (), None
+
+
+def _generate(target, draft, prompts, max_new_tokens, spec, temperature, top_p, seed, eos_id, verify_impl):
     gen = torch.Generator(device=target.device).manual_seed(seed)
     t0 = time.perf_counter()
     B = len(prompts)
@@ -240,15 +416,13 @@ def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, pr
     # + (tree_depth + 1) committed slots, and every forward writes at most one tree block past that.
     committed = max(map(len, prompts)) + max_new_tokens + tree_depth
     tcache, root = prefill(target, prompts, committed + spec.max_nodes)
-    dcache, _ = prefill(draft, prompts, committed + cap + 1)
+    draft.start(prompts, committed + cap + 1, target.features)
     out: list[list[int]] = [[] for _ in range(B)]
     accepted_hist, forwards = [], 0
-    ar = torch.arange(B, device=target.device)
-    pending = None  # [B] last accepted token not yet in the draft cache (fed with the next root)
     while not all_done(out, max_new_tokens, eos_id):
         active = torch.tensor([not row_done(o, max_new_tokens, eos_id) for o in out], device=target.device)
-        tree = (_dynamic_tree(draft, dcache, root, spec, pending) if spec.mode == "dynamic"
-                else _static_tree(draft, dcache, root, spec, temperature, top_p, gen, pending))
+        tree = (_dynamic_tree(draft, root, spec) if spec.mode == "dynamic"
+                else _static_tree(draft, root, spec, temperature, top_p, gen))
         logits = target.forward(tree.tokens, tcache.lengths[:, None] + tree.depth, tcache, block_mask=tree.anc)
         forwards += 1
         p = probs_from_logits(logits, temperature, top_p)
@@ -258,21 +432,7 @@ def speculative_generate(target: Qwen2ForInference, draft: Qwen2ForInference, pr
         path, length, nxt = path.to(target.device), length.to(target.device), nxt.to(target.device)
         length = length * active  # finished rows are frozen: nothing committed, nothing emitted
         tcache.commit(path, length)
-        # draft cache: the written prefix of the path; the last accepted node may not have been run
-        pslot = tree.draft_slot.gather(1, path.clamp(min=0))
-        in_path = torch.arange(path.shape[1], device=path.device)[None] < length[:, None]
-        written = (pslot >= 0) & in_path
-        dcount = written.sum(1)
-        dcache.commit(torch.where(written, pslot, -1), dcount)
-        need = dcount < length
-        pending = None
-        if need.any():
-            last = tree.tokens[ar, path[ar, length - 1]]
-            if bool(need.all()):
-                pending = last  # goes through the draft together with the next root: one forward saved
-            else:
-                draft.forward(last[:, None], dcache.lengths[:, None], dcache)
-                dcache.lengths += need.long()
+        draft.accept(tree, path, length, target.features)
         for b, (toks, k) in enumerate(zip(tree.tokens.gather(1, path.clamp(min=0)).tolist(), length.tolist())):
             if k:
                 out[b].extend(toks[1:k])

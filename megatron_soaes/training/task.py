@@ -60,6 +60,7 @@ TASKS: dict[str, str] = {
     "cpt": "megatron_soaes.training.cpt:CPTTask",
     "sft": "megatron_soaes.sft.task:SFTTask",
     "distill": "megatron_soaes.distill.task:DistillTask",
+    "draft_head": "megatron_soaes.heads.task:DraftHeadTask",
 }
 
 
@@ -74,7 +75,7 @@ def prepare_job(job: JobConfig, task: Task | None = None, tokenizer=None) -> Job
     """`job` as the trainer will run it (what `--dry-run` shows, and what the trainer itself uses)."""
     from megatron_soaes.data.tokenizer import load_tokenizer
 
-    task = task or task_for(job.kind)
+    task = task or task_for(job.task_name)
     return task.prepare(job, tokenizer or load_tokenizer(job.data.tokenizer))
 
 

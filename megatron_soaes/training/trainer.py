@@ -61,7 +61,7 @@ def _grads_finite(ddp) -> bool:
 
 class Trainer:
     def __init__(self, job: JobConfig, task: Task | None = None, log: Callable[[str], None] = print):
-        self.job, self.task, self.log = job, task or task_for(job.kind), log
+        self.job, self.task, self.log = job, task or task_for(job.task_name), log
         self.async_queue = None  # megatron-core's AsyncCallsQueue while a run with train.async_save is going
         self.gate, self.stop_at = None, None  # the general-ability gate (train.retention), once started
 
@@ -114,7 +114,9 @@ class Trainer:
         extra = {"sequence_parallel": p.sequence_parallel, "calculate_per_token_loss": True}
         if t.fp8:
             extra.update(fp8="hybrid")
-        model = build_model(self.model_cfg, dtype=t.dtype, use_te=self.use_te, attention=self.attention, **extra)
+        own = getattr(self.task, "build_model", None)  # a task that trains something else than the GPT model (a draft head)
+        model = (own(job, self.model_cfg) if own else
+                 build_model(self.model_cfg, dtype=t.dtype, use_te=self.use_te, attention=self.attention, **extra))
         if job.peft:  # before DDP and the optimizer: they only see the adapters
             from megatron_soaes.adapters import apply_lora, trainable_parameters
 
@@ -127,7 +129,7 @@ class Trainer:
 
         self.fusions = {k: getattr(model.config, k) for k in FUSION_FLAGS}
         self.moe = None  # MoE models: per-step aux loss and expert load
-        if self.model_cfg.is_moe:
+        if self.model_cfg.is_moe and not own:
             from megatron_soaes.training.moe_metrics import MoEMetrics
 
             self.moe = MoEMetrics(model, self.model_cfg, _comm_device())
@@ -413,7 +415,8 @@ class Trainer:
         """What a checkpoint records beside its weights: its tokenizer (so megatron -> HF writes a complete HF
         directory), as an absolute path when it is a file or directory."""
         tok = self.job.data.tokenizer
-        return {"tokenizer": str(Path(tok).resolve()) if Path(tok).exists() else tok}
+        own = getattr(self.task, "checkpoint_meta", dict)()  # e.g. a draft head's record
+        return {"tokenizer": str(Path(tok).resolve()) if Path(tok).exists() else tok, **own}
 
     def _adapter_meta(self) -> dict | None:
         if not self.job.peft:

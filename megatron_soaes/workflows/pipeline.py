@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from megatron_soaes.config import (ConfigError, DataSection, DataSource, DistillSection, JobConfig, ModelSection,
+from megatron_soaes.config import (ConfigError, DataSection, DataSource, DistillSection, DraftHeadSection, JobConfig, ModelSection,
                                    OptimSection, SFTFile, SFTSection, TeacherSection, TrainSection, replace)
 from megatron_soaes.config.job import ReplaySchedule
 from megatron_soaes.config.curriculum import Recipe, Stage
@@ -132,6 +132,7 @@ class ExportResult(PhaseResult):
     target: ExportCheck
     draft: ExportCheck
     target_adapter: AdapterExportCheck | None = None
+    draft_head: str | None = None  # the EAGLE-3 head as vLLM / SGLang load it (draft_head)
 
 
 class SpecRow(BaseModel):
@@ -150,6 +151,8 @@ class SpecRow(BaseModel):
 class SpeculativeResult(PhaseResult):
     rows: list[SpecRow]
     ce_rows: list[SpecRow] = []  # the same settings with the CE-only draft (distill.ce_baseline)
+    head_rows: list[SpecRow] = []  # the same settings with the EAGLE-3 head (draft_head)
+    reduced_rows: list[SpecRow] = []  # the distilled draft restricted to the head's draft vocabulary
 
 
 class ReportResult(PhaseResult):
@@ -158,7 +161,8 @@ class ReportResult(PhaseResult):
 
 RESULTS: dict[str, type[PhaseResult]] = {
     "data": DataResult, "base": TrainResult, "cpt": TrainResult, "sft": CurriculumResult,
-    "sft_single": CurriculumResult, "sft_lora": CurriculumResult, "distill": DistillResult, "distill_ce": DistillResult, "evaluate": EvaluateResult,
+    "sft_single": CurriculumResult, "sft_lora": CurriculumResult, "distill": DistillResult, "distill_ce": DistillResult,
+    "draft_head": DistillResult, "evaluate": EvaluateResult,
     "export": ExportResult, "speculative": SpeculativeResult, "report": ReportResult}
 assert tuple(RESULTS) == PHASES
 
@@ -453,6 +457,38 @@ class Pipeline:
             return DistillResult(skipped=True)
         return self._train_draft(self.distill_ce_job())
 
+    def phase_draft_head(self) -> DistillResult:
+        """The EAGLE-3 head, trained beside the frozen SFT target (on the SFT data or the target's own answers)."""
+        from megatron_soaes.training.metrics import last_eval
+
+        if self.cfg.draft_head is None:
+            return DistillResult(skipped=True)
+        job = self.draft_head_job()
+        return DistillResult(checkpoint=self._train(job), target=job.distill.teacher.checkpoint,
+                             eval=last_eval(Path(job.train.output_dir)))
+
+    def draft_head_job(self) -> JobConfig:
+        h, d, s = self.cfg.draft_head, self.cfg.distill, self.cfg.sft
+        t = TrainCfg(steps=h.steps, seq_length=d.seq_length, lr=h.lr, min_lr=h.lr / 10,
+                     global_batch_size=h.global_batch_size or s.global_batch_size, micro_batch_size=s.micro_batch_size)
+        teacher = TeacherSection(**self.spec("target"), checkpoint=self.checkpoint("sft"))
+        files = ([self.target_answers()] if h.data == "target_answers" else
+                 [self.sft_file(st.data, "train") for st in s.stages] if h.data == "sft" else [self.sft_file(h.data, "train")])
+        if h.examples is not None and not self.planning:  # the first records of that data, written once
+            sub = self.out / "draft_head" / f"train_{h.data}_{h.examples}.jsonl"
+            lines = [x for f in files for x in Path(f).read_text(encoding="utf-8").splitlines() if x.strip()][:h.examples]
+            if not sub.exists() or sub.read_text(encoding="utf-8") != "\n".join(lines) + "\n":
+                atomic_write_text(sub, "\n".join(lines) + "\n")
+            files = [str(sub)]
+        train = [SFTFile(path=f) for f in files]
+        return self._job(
+            "distill", self.model("target"), t, self.out / "draft_head",
+            sft=SFTSection(train=train,
+                           valid={"soae_qa": [SFTFile(path=self.sft_file("soae_qa", "valid"))]}, default_system=None),
+            distill=DistillSection(draft="eagle3", teacher=teacher, divergence=d.divergence,
+                                   head=DraftHeadSection(draft_vocab=h.draft_vocab, ttt_steps=h.ttt_steps,
+                                                         feature_layers=h.feature_layers, cache_teacher=h.cache_teacher)))
+
     def _train_draft(self, job: JobConfig) -> DistillResult:
         from megatron_soaes.checkpoint.convert import hf_to_megatron
         from megatron_soaes.training.metrics import last_eval
@@ -593,6 +629,19 @@ class Pipeline:
             export_hf(ckpt, dst, self.tokenizer_spec, dtype=None, default_system=None)
             checks[name] = ExportCheck(dir=str(dst), **check_export(dst, texts=texts, conversations=convs))
         check_pair(checks["target"].dir, checks["draft"].dir)
+        head = self.result("draft_head")
+        if not head.skipped:  # the EAGLE-3 layout, read back and checked against the checkpoint
+            import torch
+
+            from megatron_soaes.heads.export import export_eagle3, read_eagle3
+            from megatron_soaes.heads.inference import load_head_weights
+
+            dst = export_eagle3(head.checkpoint, self.out / "export" / "draft_head", dtype=None, overwrite=True)
+            (ours, a), (back, b) = load_head_weights(head.checkpoint), read_eagle3(dst)
+            if ours != back or a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+                raise RuntimeError(f"{dst}: the exported head does not read back as the checkpoint")
+            checks["draft_head"] = str(dst)
+            self.log(f"export: EAGLE-3 head ({ours.draft_vocab_size} draft tokens) at {dst}")
         last = (self.result("sft").stages or [None])[-1]
         if last is not None and last.adapter and last.checkpoint == dist.target:  # LoRA SFT: base + PEFT adapter too
             paths = export_adapter(last.adapter, last.init_checkpoint, self.out / "export" / "target_lora",
@@ -625,7 +674,20 @@ class Pipeline:
             ce_rows = run_benchmark(target, load_inference_model(ce.checkpoint), prompts, sp.max_new_tokens, sp.gammas,
                                     sp.trees, log=self.log, baseline=base)
             self.log("CE-only draft:\n" + format_table(ce_rows))
-        return SpeculativeResult(rows=rows, ce_rows=ce_rows)
+        head_rows, reduced_rows, head = [], [], self.result("draft_head")
+        if not head.skipped:
+            from megatron_soaes.heads.inference import load_head
+
+            eagle = load_head(head.checkpoint, target)
+            head_rows = run_benchmark(target, eagle, prompts, sp.max_new_tokens, sp.gammas, sp.trees, log=self.log,
+                                      baseline=base)
+            self.log("EAGLE-3 head:\n" + format_table(head_rows))
+            if eagle.hcfg.draft_vocab_size < target.vocab_size:  # the separate draft on the head's draft vocabulary
+                draft.restrict_vocab(eagle.draft_ids)
+                reduced_rows = run_benchmark(target, draft, prompts, sp.max_new_tokens, sp.gammas, sp.trees,
+                                             log=self.log, baseline=base)
+                self.log(f"distilled draft, {len(eagle.draft_ids)}-token vocabulary:\n" + format_table(reduced_rows))
+        return SpeculativeResult(rows=rows, ce_rows=ce_rows, head_rows=head_rows, reduced_rows=reduced_rows)
 
     def loss_runs(self) -> list[tuple[str, Path]]:
         """(title, run directory) of every training run, in pipeline order, for the loss plot."""
@@ -641,6 +703,8 @@ class Pipeline:
         runs.append(("distillation (draft)", self.out / "distill"))
         if not self.result("distill_ce").skipped:
             runs.append(("CE-only draft (baseline)", self.out / "distill_ce"))
+        if not self.result("draft_head").skipped:
+            runs.append(("EAGLE-3 draft head", self.out / "draft_head"))
         return runs
 
     def phase_report(self) -> ReportResult:
@@ -684,6 +748,8 @@ class Pipeline:
             lines.append(f"distill: {dry_run(self.distill_job(), world_size, check_paths=False)}")
             if self.cfg.distill.ce_baseline:
                 lines.append(f"distill_ce: {dry_run(self.distill_ce_job(), world_size, check_paths=False)}")
+            if self.cfg.draft_head is not None:
+                lines.append(f"draft_head: {dry_run(self.draft_head_job(), world_size, check_paths=False)}")
         finally:
             self.planning = False
         return lines
@@ -694,7 +760,8 @@ class Pipeline:
         settings, and `--force` / `--force-phase data` rebuild it."""
         return {"base": [self.out / "base"], "cpt": [self.out / "cpt"], "sft": [self.out / "sft"],
                 "sft_single": [self.out / "sft-single"], "sft_lora": [self.out / "sft-lora"], "distill": [self.out / "distill"],
-                "distill_ce": [self.out / "distill_ce"], "evaluate": [self.out / "evaluate"],
+                "distill_ce": [self.out / "distill_ce"], "draft_head": [self.out / "draft_head"],
+                "evaluate": [self.out / "evaluate"],
                 "export": [self.out / "export"],
                 "report": [self.out / "report"]}.get(phase, [])
 

@@ -258,6 +258,19 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
                  "CE-only draft was not (reference answers); agreement on the reference answers is in the table."]
     if ce_spec:
         note += ["", "The same settings with the CE-only draft (no distillation):", "", "```", format_table(ce_spec), "```"]
+    head_spec = [r.model_dump() for r in speculative.head_rows]
+    reduced_spec = [r.model_dump() for r in speculative.reduced_rows]
+    if head_spec:
+        note += ["", "The same settings with the EAGLE-3 head (one layer reading the target's hidden states, trained in "
+                     "megatron beside the frozen target):", "", "```", format_table(head_spec), "```"]
+    if reduced_spec:
+        note += ["", "The distilled draft restricted to the head's draft vocabulary (lossless: verification scores "
+                     "every token):", "", "```", format_table(reduced_spec), "```"]
+    kinds = [(n, r) for n, r in (("draft model (distilled)", spec), ("draft model, CE only", ce_spec),
+                                  ("draft model, reduced vocabulary", reduced_spec), ("EAGLE-3 head", head_spec)) if r]
+    if len(kinds) > 1:
+        note += ["", "Draft kinds side by side (each one's best setting on the same target run and prompts):", "",
+                 *draft_kind_lines(kinds)]
     md += ["", "## Speculative decoding", "", "```", format_table(spec), "```", *note, "",
            "![loss curves](loss_curves.png)", "", "![metrics per phase](metrics_per_phase.png)", "",
            "![speedup vs tree size](speedup_vs_tree.png)", ""]
@@ -265,13 +278,26 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
     atomic_write_json(out / "summary.json", {
         "table": table, "reference": {k: vars(v) for k, v in REFERENCE.items()},
         "evaluate": {k: v.model_dump() for k, v in ev.items()}, "comparisons": evaluation.comparisons,
-        "speculative": spec, "speculative_ce_draft": ce_spec})
+        "speculative": spec, "speculative_ce_draft": ce_spec, "speculative_head": head_spec,
+        "speculative_reduced_draft": reduced_spec})
     return out / "summary.md"
 
 
 QA_SETS = {"knowledge": "knowledge QA (articles in the CPT corpus)", "consultation": "legal consultations (free-form)"}
 MODEL_NAMES = {"base": "base", "cpt": "CPT", "sft_progressive": "SFT progressive", "sft_single": "SFT single-stage",
                "sft_lora": "SFT progressive, LoRA", "draft": "draft"}
+
+
+def draft_kind_lines(kinds: list[tuple[str, list[dict]]]) -> list[str]:
+    """A markdown table: per draft kind, its fastest setting (speedup, tau) and its teacher-forced agreement."""
+    lines = ["| draft | best setting | agreement with the target | tau | speedup | lossless |", "|---|---|---|---|---|---|"]
+    for name, rows in kinds:
+        best = _best(rows)
+        if best is None:
+            continue
+        lines.append(f"| {name} | {best['method']} | {_fmt(best.get('draft_agreement'))} | {_fmt(best['tau'], '.2f')} | "
+                     f"{best['speedup']:.2f}x | {all(r['exact'] for r in rows)} |")
+    return lines
 
 
 def _ci(m: dict, fmt: str = ".1f") -> str:

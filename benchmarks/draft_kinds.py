@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Draft kinds side by side on the main job's target: the separate distilled draft (whole vocabulary and the
+head's reduced one), the EAGLE-3 head, and transformers' assisted generation as the outside baseline.
+
+Same target run, same held-out prompts (the knowledge questions' test split, chat-formatted), batch 1 and 4;
+per setting tau, alpha, tokens/s and speedup over target-only greedy, and per draft its cost per token
+relative to the target (one cached decode step each, median of many). Every output is checked against
+target-only greedy at batch 1; the run exits 1 when any differs. Needs a main job run through `speculative`
+(or at least `export` with `draft_head` on).
+
+  python benchmarks/draft_kinds.py --config examples/smollm2/pipeline.yaml [--prompts 32] [--batch-sizes 1 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from provenance import write_results
+
+from megatron_soaes.config.pipeline import load_pipeline_config
+from megatron_soaes.speculative.bench import format_table, run_benchmark, target_baseline, hf_rows
+from megatron_soaes.workflows.pipeline import Pipeline
+
+
+@torch.no_grad()
+def step_seconds(model, context: int = 128, steps: int = 48) -> float:
+    """Median seconds of one cached single-token forward after `context` tokens (a head is fed zeros as hidden)."""
+    cache = model.new_cache(1, context + steps + 1)
+    toks = torch.randint(0, 1000, (1, context + steps), generator=torch.Generator().manual_seed(0))
+    is_head = hasattr(model, "hidden_in")
+    d = model.cfg.hidden_size
+    if is_head:
+        model.hidden_in = torch.zeros(1, context, d)
+    model.forward(toks[:, :context], torch.arange(context)[None], cache, capture=False)
+    cache.lengths += context
+    times = []
+    for i in range(steps):
+        if is_head:
+            model.hidden_in = torch.zeros(1, 1, d)
+        t0 = time.perf_counter()
+        model.forward(toks[:, context + i:context + i + 1], cache.lengths[:, None], cache)
+        times.append(time.perf_counter() - t0)
+        cache.lengths += 1
+    return statistics.median(times)
+
+
+def training_seconds(pipe) -> dict:
+    """Seconds each draft kind's training phase took (the pipeline's phase records)."""
+    out = {}
+    for phase in ("distill", "draft_head"):
+        f = pipe.phase_file(phase)
+        if f.exists():
+            out[phase] = json.loads(f.read_text()).get("seconds")
+    return out
+
+
+def hf_pair(pipe, dist) -> tuple[str, str]:
+    """The target and draft as HF directories (the export phase's, or written here once)."""
+    if pipe.done("export") is not None:
+        exp = pipe.result("export")
+        return exp.target.dir, exp.draft.dir
+    from megatron_soaes.workflows.export import export_hf
+
+    out = []
+    for name, ckpt in (("target", dist.target), ("draft", dist.checkpoint)):
+        dst = pipe.out / "draft_kinds_hf" / name
+        if not (dst / "config.json").exists():
+            export_hf(ckpt, dst, pipe.tokenizer_spec, dtype=None, default_system=None, overwrite=True)
+        out.append(str(dst))
+    return out[0], out[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="examples/smollm2/pipeline.yaml")
+    ap.add_argument("--set", action="append", default=[], help="pipeline overrides the run used (e.g. its draft_head)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--gammas", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--trees", nargs="*", default=["dynamic"])
+    ap.add_argument("--out", default="benchmarks/results/draft_kinds_cpu.json")
+    args = ap.parse_args()
+
+    from megatron_soaes.data.sft import Template
+    from megatron_soaes.eval.qa import load_qa
+    from megatron_soaes.heads.inference import load_head
+    from megatron_soaes.inference import load_inference_model
+
+    pipe = Pipeline(load_pipeline_config(args.config, args.set), log=print)
+    dist, head_res = pipe.result("distill"), pipe.result("draft_head")
+    if head_res.skipped:
+        raise SystemExit(f"{args.config}: the run has no draft head (draft_head is off)")
+    target = load_inference_model(dist.target)
+    head = load_head(head_res.checkpoint, target)
+    draft = load_inference_model(dist.checkpoint)
+    reduced = load_inference_model(dist.checkpoint)
+    reduced.restrict_vocab(head.draft_ids)
+    prompts = [Template(None).render(c, pipe.tokenizer, for_generation=True)[0]
+               for c in load_qa(pipe.sft_file("soae_qa", "test"), args.prompts)]
+    kinds = {"draft model (distilled, 4 layers)": draft,
+             f"draft model, {len(head.draft_ids)}-token vocabulary": reduced,
+             f"EAGLE-3 head ({len(head.draft_ids)}-token vocabulary)": head}
+    t_step = step_seconds(target)
+    cost = {name: step_seconds(m) / t_step for name, m in kinds.items()}
+    for name, c in cost.items():
+        print(f"{name}: {c:.3f} of a target forward per token")
+    rows, exact = [], True
+    for bs in args.batch_sizes:
+        base = target_baseline(target, prompts, args.max_new_tokens, batch_size=bs)
+        rows.append({**base.row, "draft": "none", "draft_cost": None})
+        for name, m in kinds.items():
+            for r in run_benchmark(target, m, prompts, args.max_new_tokens, args.gammas, args.trees, log=print,
+                                   batch_size=bs, baseline=base)[1:]:
+                rows.append({**r, "draft": name, "draft_cost": cost[name]})
+        if bs == 1:
+            for r in hf_rows(hf_pair(pipe, dist), prompts, args.max_new_tokens, target.device,
+                              target.dtype, base.outputs, sum(map(len, base.outputs)), base.seconds, None):
+                rows.append({**r, "draft": "draft model (distilled, 4 layers)" if "assisted" in r["method"] else "none",
+                             "draft_cost": None})
+    for r in rows:
+        exact &= bool(r["exact"])
+    print(format_table(rows))
+    write_results(args.out, rows, settings=dict(
+        config=args.config, prompts=len(prompts), max_new_tokens=args.max_new_tokens, batch_sizes=args.batch_sizes,
+        gammas=args.gammas, trees=args.trees, target=dist.target, draft=dist.checkpoint, head=head_res.checkpoint,
+        draft_vocab=len(head.draft_ids), target_step_seconds=t_step, draft_cost=cost,
+        draft_head=pipe.cfg.draft_head.model_dump() if pipe.cfg.draft_head else None, head_eval=head_res.eval,
+        training_seconds=training_seconds(pipe)))
+    if not exact:
+        print("NOT LOSSLESS: some output differs from target-only greedy", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""The EAGLE-3 head at decoding time: the inference engine's KV cache, RoPE and tree masks (it is a
+`Qwen2ForInference` of one layer), with the head's own layer: attention over [norm(embedding),
+norm(hidden)], the residual on the hidden state, and logits over the draft vocabulary scattered into the
+target's (every other token -inf: never drafted, still verifiable).
+
+The hidden state fed with each token is the caller's (`speculative.decode.HeadDrafter`): the fused
+target features for tokens the target has verified, the head's own output at the parent node for
+drafted ones. The embedding table is the target's (the head has none of its own, as in EAGLE-3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_soaes.heads.config import HeadConfig
+from megatron_soaes.inference.model import Linear, Qwen2ForInference, _rms_norm, _rotate_half
+from megatron_soaes.inference.tp import TensorParallel
+
+
+class Eagle3ForInference(Qwen2ForInference):
+    def __init__(self, hcfg: HeadConfig, weights: dict, embed: torch.Tensor, dtype=torch.float32, device="cpu",
+                 packed: bool = True):
+        """`weights`: the EAGLE-3 state dict (`heads.layout`); `embed`: the target's token embeddings."""
+        cfg = hcfg.layer_config()
+        self.hcfg, self.cfg, self.dtype, self.device = hcfg, cfg, dtype, torch.device(device)
+        self.tp = TensorParallel()
+        self.static_shapes, self.cuda_graphs, self._cache_pool = False, False, {}
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.feature_layers = ()
+
+        def w(name):
+            return weights[name].to(device=self.device, dtype=dtype)
+
+        a, m = "midlayer.self_attn.", "midlayer.mlp."
+        self.embed = embed.to(device=self.device, dtype=dtype)
+        self.fc = Linear(w("fc.weight"), pack=packed)
+        self.embed_norm, self.hidden_norm = w("midlayer.input_layernorm.weight"), w("midlayer.hidden_norm.weight")
+        self.post_norm, self.norm = w("midlayer.post_attention_layernorm.weight"), w("norm.weight")
+        self.qkv = Linear(torch.cat([w(a + f"{x}_proj.weight") for x in "qkv"]), pack=packed)
+        self.o = Linear(w(a + "o_proj.weight"), pack=packed)
+        self.gate_up = Linear(torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]), pack=packed)
+        self.down = Linear(w(m + "down_proj.weight"), pack=packed)
+        self.lm_head = Linear(w("lm_head.weight"), pack=packed)
+        self.draft_ids = (weights["d2t"].long() + torch.arange(len(weights["d2t"]))).to(self.device)
+        self.inv_freq = cfg.rope_inv_freq(self.device).double()
+        self._rope = torch.empty(0, 2, cfg.head_dim, dtype=dtype, device=self.device)
+        self.hidden_in: torch.Tensor | None = None  # [B, n, d]: set before each forward
+        self.hidden_out: torch.Tensor | None = None  # [B, n, d]: the pre-norm outputs of the last forward
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hcfg.target_config.vocab_size
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features.to(self.dtype))
+
+    def _weights(self):
+        return iter(())
+
+    def _forward(self, tokens, positions, k_cache, v_cache, lengths, end: int, block_mask, write_offset: int):
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        B, n = tokens.shape
+        W = write_offset + n
+        hidden, self.hidden_in = self.hidden_in, None
+        if hidden is None or hidden.shape[:2] != (B, n):
+            raise RuntimeError("Eagle3ForInference: set hidden_in [B, n, d] for the tokens before each forward")
+        mask = self._attention_mask(lengths, block_mask, n, W, end)
+        slots = lengths[:, None] + write_offset + torch.arange(n, device=self.device)
+        cs = self._rope_table(int(positions.max()) + 1)[positions]
+        cos, sin = cs[:, None, :, 0], cs[:, None, :, 1]
+        H, Hkv, d = self.heads, self.kv_heads, cfg.head_dim
+        x = torch.cat([_rms_norm(F.embedding(tokens, self.embed), self.embed_norm, eps),
+                       _rms_norm(hidden, self.hidden_norm, eps)], -1)
+        qkv = self.qkv(x).view(B, n, H + 2 * Hkv, d).transpose(1, 2)
+        qk = qkv[:, :H + Hkv]
+        qk = qk * cos + _rotate_half(qk) * sin
+        idx = slots[:, None, :, None].expand(B, Hkv, n, d)
+        k_cache[0].scatter_(2, idx, qk[:, H:])
+        v_cache[0].scatter_(2, idx, qkv[:, H + Hkv:])
+        att = F.scaled_dot_product_attention(qk[:, :H], k_cache[0][:, :, :end], v_cache[0][:, :, :end],
+                                             attn_mask=mask, enable_gqa=H != Hkv)
+        h = hidden + self.o(att.transpose(1, 2).reshape(B, n, H * d))
+        gate, up = self.gate_up(_rms_norm(h, self.post_norm, eps)).chunk(2, dim=-1)
+        h = h + self.down(F.silu(gate) * up)
+        self.hidden_out = h
+        small = self.lm_head(_rms_norm(h, self.norm, eps)).float()
+        logits = small.new_full((B, n, self.vocab_size), float("-inf"))
+        logits[..., self.draft_ids] = small
+        return logits
+
+
+def load_head_weights(path) -> tuple[HeadConfig, dict[str, torch.Tensor]]:
+    """(config, EAGLE-3 state dict) from a head's torch_dist checkpoint (a run directory, `checkpoints/` or one
+    checkpoint) or from an exported EAGLE-3 directory (`heads.export`)."""
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
+    from megatron_soaes.checkpoint.meta import META_FILE, read_meta
+
+    path = resolve_checkpoint(path)
+    if (path / META_FILE).exists():
+        from megatron_soaes.checkpoint.dcp_io import DcpReader
+        from megatron_soaes.checkpoint.manifest import verify
+        from megatron_soaes.heads.layout import megatron_to_eagle
+
+        meta = read_meta(path)
+        if "draft_head" not in meta:
+            raise ValueError(f"{path}: not a draft-head checkpoint (its meta has no draft_head record)")
+        verify(path)
+        hcfg, reader = HeadConfig.from_dict(meta["draft_head"]), DcpReader(path)
+        return hcfg, megatron_to_eagle(hcfg, reader.read)
+    from megatron_soaes.heads.export import read_eagle3
+
+    return read_eagle3(path)
+
+
+def load_head(path, target: Qwen2ForInference, dtype=None, device=None) -> Eagle3ForInference:
+    """The head at `path` for `target` (whose embeddings it shares), checked against it."""
+    hcfg, weights = load_head_weights(path)
+    check_head(hcfg, target.cfg, path)
+    return Eagle3ForInference(hcfg, weights, target.embed, dtype or target.dtype, device or target.device)
+
+
+def check_head(hcfg: HeadConfig, target_cfg, where) -> None:
+    t = hcfg.target_config
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads"):
+        if getattr(t, field) != getattr(target_cfg, field):
+            raise ValueError(f"{where}: the head was trained for a target with {field} {getattr(t, field)}, "
+                             f"this target has {getattr(target_cfg, field)}")
+
+
+def is_head(path) -> bool:
+    """Whether `path` holds a draft head (checkpoint or EAGLE-3 export) rather than a draft model."""
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
+    from megatron_soaes.checkpoint.meta import META_FILE, read_meta
+
+    p = resolve_checkpoint(path)
+    if (p / META_FILE).exists():
+        return "draft_head" in read_meta(p)
+    cfg = Path(p) / "config.json"
+    return cfg.exists() and "Eagle3" in str(__import__("json").loads(cfg.read_text()).get("architectures"))

@@ -1,0 +1,46 @@
+"""One mapping between the head's megatron names and the EAGLE-3 layout vLLM and SGLang load
+(`midlayer.*`, `fc`, `norm`, `lm_head`, `d2t`, `t2d`), both directions; the inference engine reads the
+EAGLE-3 names, so a checkpoint and an export go through the same code."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_soaes.checkpoint.qwen2_hf import _group_qkv, _ungroup_qkv
+from megatron_soaes.heads.config import HeadConfig
+from megatron_soaes.heads.vocab import d2t_t2d, ids_from_d2t
+
+# megatron name -> EAGLE-3 name, for the tensors that map one to one
+RENAMES = {
+    "fc.weight": "fc.weight",
+    "layer.input_layernorm.embed_norm.weight": "midlayer.input_layernorm.weight",
+    "layer.input_layernorm.hidden_norm.weight": "midlayer.hidden_norm.weight",
+    "layer.self_attention.linear_proj.weight": "midlayer.self_attn.o_proj.weight",
+    "layer.pre_mlp_layernorm.weight": "midlayer.post_attention_layernorm.weight",
+    "layer.mlp.linear_fc2.weight": "midlayer.mlp.down_proj.weight",
+    "final_layernorm.weight": "norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+QKV, FC1, IDS = "layer.self_attention.linear_qkv.weight", "layer.mlp.linear_fc1.weight", "draft_ids"
+MEGATRON_NAMES = (*RENAMES, QKV, FC1, IDS)
+
+
+def megatron_to_eagle(hcfg: HeadConfig, get) -> dict[str, torch.Tensor]:
+    """`get(megatron name)` -> full tensor; returns the EAGLE-3 state dict."""
+    out = {e: get(m) for m, e in RENAMES.items()}
+    q, k, v = _ungroup_qkv(hcfg.layer_config(), get(QKV))
+    out.update({"midlayer.self_attn.q_proj.weight": q, "midlayer.self_attn.k_proj.weight": k,
+                "midlayer.self_attn.v_proj.weight": v})
+    gate, up = get(FC1).chunk(2, dim=0)
+    out.update({"midlayer.mlp.gate_proj.weight": gate, "midlayer.mlp.up_proj.weight": up})
+    out["d2t"], out["t2d"] = d2t_t2d(get(IDS).long(), hcfg.target_config.vocab_size)
+    return out
+
+
+def eagle_to_megatron(hcfg: HeadConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {m: sd[e] for m, e in RENAMES.items()}
+    out[QKV] = _group_qkv(hcfg.layer_config(), sd["midlayer.self_attn.q_proj.weight"],
+                          sd["midlayer.self_attn.k_proj.weight"], sd["midlayer.self_attn.v_proj.weight"])
+    out[FC1] = torch.cat([sd["midlayer.mlp.gate_proj.weight"], sd["midlayer.mlp.up_proj.weight"]])
+    out[IDS] = ids_from_d2t(sd["d2t"])
+    return out

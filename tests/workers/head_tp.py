@@ -1,0 +1,59 @@
+"""The EAGLE-3 head on megatron at this world size's TP (its checkpoint resharded on load): every
+training-time-test step's logits, gathered over the draft vocabulary, and the gradients of fc and QKV
+under a fixed random loss. Rank 0 writes them as JSON."""
+import json
+import os
+import sys
+
+import torch
+
+from megatron_soaes.runtime import ParallelConfig, initialize
+
+
+def main(head_ckpt, target_ckpt, out):
+    world = int(os.environ["WORLD_SIZE"])
+    initialize(ParallelConfig(tensor_parallel=world), seed=0)
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_soaes.checkpoint.load import load_model_weights
+    from megatron_soaes.checkpoint.meta import read_meta
+    from megatron_soaes.heads.config import HeadConfig
+    from megatron_soaes.heads.megatron import build_head
+    from megatron_soaes.heads.task import DraftHeadTask
+    from megatron_soaes.models import build_model
+    from megatron_soaes.checkpoint.meta import read_model_config
+
+    hcfg = HeadConfig.from_dict(read_meta(head_ckpt)["draft_head"])
+    head = build_head(hcfg)
+    load_model_weights(head, head_ckpt)
+    target = build_model(read_model_config(target_ckpt), attention="sdpa")
+    load_model_weights(target, target_ckpt)
+    target.eval()
+    feats = {}
+    for i in {0, *hcfg.feature_layers}:
+        target.decoder.layers[i].register_forward_pre_hook(
+            lambda m, a, k, i=i: feats.__setitem__(i, k["hidden_states"] if "hidden_states" in k else a[0]), with_kwargs=True)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 4000, (2, 24), generator=g)
+    seg = torch.ones_like(tokens)
+    seg[1, 14:] = 2  # two examples packed in the second row
+    with torch.no_grad():
+        target(tokens, torch.arange(24).expand(2, 24), None)
+    task = DraftHeadTask()
+    task.hcfg, task.steps = hcfg, 3
+    f = torch.cat([feats[i] for i in hcfg.feature_layers], -1)
+    logits = torch.stack([head.logits(h).transpose(0, 1) for h in task.unroll(head, f, feats[0], seg)])  # [steps, b, s, K / tp]
+    full = gather_from_tensor_model_parallel_region(logits)
+    w = torch.randn(full.shape, generator=torch.Generator().manual_seed(2))
+    (full * w).sum().backward()
+    qkv = head.layer.self_attention.linear_qkv.weight.grad
+    grads = [torch.empty_like(qkv) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    torch.distributed.all_gather(grads, qkv.contiguous(), group=ps.get_tensor_model_parallel_group())
+    if torch.distributed.get_rank() == 0:
+        json.dump({"logits": full.tolist(), "fc_grad": head.fc.weight.grad.tolist(),
+                   "qkv_grad": torch.cat(grads).tolist(), "tokens": tokens.tolist()}, open(out, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
