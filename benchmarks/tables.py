@@ -263,7 +263,23 @@ def context_parallel(data: dict) -> list[str]:
     return lines
 
 
-RENDER = {"spec_decode": spec_decode, "cp_memory": cp_memory, "context_parallel": context_parallel, "replay_retention": replay_retention, "curate": curate, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
+def draft_kinds(data: dict) -> list[str]:
+    st = data["settings"]
+    train = st.get("training_seconds") or {}
+    lines = [f"Draft cost per token, relative to one target forward: "
+             + ", ".join(f"{k} {v:.3f}" for k, v in st["draft_cost"].items())
+             + f". Training on 2 cores: the distilled draft {_f(train.get('distill'), '.0f')} s, the head "
+             f"{_f(train.get('draft_head'), '.0f')} s.", "",
+             "| draft | method | batch | tokens/s | tau | alpha | speedup | agreement with the target | identical to greedy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['draft']} | {r['method']} | {r.get('batch', 1)} | {r['tokens_per_s']:.1f} | {_f(r['tau'], '.2f')} | "
+                     f"{_f(r['alpha'], '.2f')} | {r['speedup']:.2f}x | {_f(r.get('draft_agreement'), '.3f')} | "
+                     f"{'yes' if r['exact'] else 'NO'} |")
+    return lines
+
+
+RENDER = {"spec_decode": spec_decode, "draft_kinds_cpu": draft_kinds, "cp_memory": cp_memory, "context_parallel": context_parallel, "replay_retention": replay_retention, "curate": curate, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
           "checkpoint_io": checkpoint_io, "convert": convert, "peft_memory": peft_memory}
 
 

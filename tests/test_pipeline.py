@@ -66,6 +66,11 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     # exported in the trained dtype (fp32): transformers gives our logits
     assert export["target"]["top1_agreement"] == 1.0 and export["target"]["max_abs_logit_diff_vs_source"] < 1e-4
     assert all(r["exact"] for r in summary["speculative"] if r["method"] == "HF greedy (transformers)")
+    # the EAGLE-3 head: trained, exported in vLLM's layout, decoded losslessly beside the drafts, in the report
+    assert export["draft_head"] and (Path(export["draft_head"]) / "model.safetensors").exists()
+    assert summary["speculative_head"] and all(r["exact"] for r in summary["speculative_head"] + summary["speculative_reduced_draft"]
+                                               if r["method"].startswith(("chain", "tree")))
+    assert "EAGLE-3 head" in report and "Draft kinds side by side" in report
     # curated training data: what was removed is counted, and no training set shares text with an evaluation item
     from megatron_soaes.curation.decontam import EvalIndex, jsonl_items
     from megatron_soaes.data.assets import fetch
@@ -91,7 +96,7 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
 
     # re-running skips every phase
     again = run_pipeline(out)
-    assert again.count("done, skipped") == 12 and "running" not in again.replace("[pipeline] ", "")
+    assert again.count("done, skipped") == 13 and "running" not in again.replace("[pipeline] ", "")
 
     # killed in the middle of distillation (after its mid-run checkpoint): later phases never ran
     distill_loss = [json.loads(x)["loss"] for x in open(out / "distill" / "metrics.jsonl") if '"loss"' in x]

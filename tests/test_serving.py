@@ -183,3 +183,34 @@ def test_vllm_serves_the_lora_adapter(pair, tmp_path):
     print(f"\nvLLM {v['vllm']} served base + LoRA adapter (rank 8, all linears): {len(prompts)} prompts x {MAX_NEW} "
           f"greedy tokens identical to our merged model and to transformers + peft ({n_text} raw texts, "
           f"{len(prompts) - n_text} chats); the base alone differs", file=sys.stderr)
+
+
+def test_vllm_eagle3_head_keeps_the_target_greedy(pair, tmp_path):
+    """An EAGLE-3 head in the exported layout (soaes convert head-to-eagle3 writes this one): our decoder with it
+    gives target-only greedy; vLLM is asked to speculate with it (method eagle3). vLLM's answer is recorded: its
+    tokens must then equal ours, or its refusal is printed (its CPU build may not run EAGLE-3)."""
+    from megatron_soaes.heads.config import HeadConfig
+    from megatron_soaes.heads.export import write_eagle3
+    from megatron_soaes.heads.inference import load_head
+    from megatron_soaes.heads.layout import random_eagle3
+    from megatron_soaes.models.config import Qwen2Config
+    from megatron_soaes.inference import generate, load_inference_model
+    from megatron_soaes.speculative import SpecConfig, speculative_generate
+
+    hcfg = HeadConfig(target=Qwen2Config.from_hf(pair["target"]).to_dict(), draft_vocab_size=512)
+    head_dir = write_eagle3(hcfg, random_eagle3(hcfg, std=0.05), tmp_path / "eagle3", torch.float32)
+    target = load_inference_model(pair["target"])
+    prompts = _prompts(pair)
+    greedy = generate(target, prompts, MAX_NEW).tokens
+    head = load_head(head_dir, target)
+    assert speculative_generate(target, head, prompts, MAX_NEW, SpecConfig("chain", gamma=3)).tokens == greedy
+    v = _vllm(pair, tmp_path, "--eagle3", head_dir, "--k", "3")
+    r = v["eagle3_k3"]
+    results = ROOT / "outputs" / "serving"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "vllm_eagle3.json").write_text(json.dumps(r, indent=2))
+    if "error" in r:
+        print(f"\nvLLM {v['vllm']} did not run EAGLE-3 speculation on CPU: {r['error'][:600]}", file=sys.stderr)
+        pytest.skip(f"vLLM {v['vllm']} (CPU) refused EAGLE-3 speculation: {r['error'][:200]}")
+    assert r["texts"] + r["chats"] == greedy, "vLLM with the EAGLE-3 head changed the output"
+    print(f"\nvLLM {v['vllm']} with the EAGLE-3 head: identical to greedy; acceptance {r['acceptance']}", file=sys.stderr)

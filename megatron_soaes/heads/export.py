@@ -39,12 +39,19 @@ def eagle3_config(hcfg: HeadConfig, dtype: torch.dtype) -> dict:
 
 def export_eagle3(head_path, out, dtype: torch.dtype | None = torch.bfloat16, overwrite: bool = False) -> Path:
     """Write the head at `head_path` (a training run or checkpoint) as an EAGLE-3 directory `out`."""
-    from safetensors.torch import save_file
-
-    from megatron_soaes.checkpoint.meta import atomic_directory
     from megatron_soaes.heads.inference import load_head_weights
 
     hcfg, sd = load_head_weights(head_path)
+    return write_eagle3(hcfg, sd, out, dtype, overwrite)
+
+
+def write_eagle3(hcfg: HeadConfig, sd: dict[str, torch.Tensor], out, dtype: torch.dtype | None = None,
+                 overwrite: bool = False) -> Path:
+    """An EAGLE-3 state dict (`heads.layout` names) and its config as a directory, atomically."""
+    from safetensors.torch import save_file
+
+    from megatron_soaes.checkpoint.meta import atomic_directory
+
     dtype = dtype or sd["fc.weight"].dtype
     tensors = {k: (v if k in ("d2t", "t2d") else v.to(dtype)).contiguous() for k, v in sd.items()}
     with atomic_directory(out, overwrite=overwrite) as tmp:

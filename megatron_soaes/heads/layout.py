@@ -44,3 +44,28 @@ def eagle_to_megatron(hcfg: HeadConfig, sd: dict[str, torch.Tensor]) -> dict[str
     out[FC1] = torch.cat([sd["midlayer.mlp.gate_proj.weight"], sd["midlayer.mlp.up_proj.weight"]])
     out[IDS] = ids_from_d2t(sd["d2t"])
     return out
+
+
+def eagle3_shapes(hcfg: HeadConfig) -> dict[str, tuple]:
+    """Every tensor of the EAGLE-3 layout (but d2t / t2d) and its shape."""
+    lc, t = hcfg.layer_config(), hcfg.target_config
+    d, f, hd = lc.hidden_size, lc.intermediate_size, lc.head_dim
+    q, kv = lc.num_attention_heads * hd, lc.num_key_value_heads * hd
+    m = "midlayer."
+    return {"fc.weight": (d, 3 * t.hidden_size), m + "self_attn.q_proj.weight": (q, 2 * d),
+            m + "self_attn.k_proj.weight": (kv, 2 * d), m + "self_attn.v_proj.weight": (kv, 2 * d),
+            m + "self_attn.o_proj.weight": (d, q), m + "mlp.gate_proj.weight": (f, d), m + "mlp.up_proj.weight": (f, d),
+            m + "mlp.down_proj.weight": (d, f), "lm_head.weight": (hcfg.draft_vocab_size, d),
+            m + "input_layernorm.weight": (d,), m + "hidden_norm.weight": (d,),
+            m + "post_attention_layernorm.weight": (d,), "norm.weight": (d,)}
+
+
+def random_eagle3(hcfg: HeadConfig, seed: int = 0, std: float = 0.3) -> dict[str, torch.Tensor]:
+    """A random head in the EAGLE-3 layout (norms at 1, a random draft vocabulary): lossless decoding and
+    export checks need no trained one."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * std for k, s in eagle3_shapes(hcfg).items()}
+    V = hcfg.target_config.vocab_size
+    ids = torch.randperm(V, generator=g)[:hcfg.draft_vocab_size].sort().values
+    sd["d2t"], sd["t2d"] = d2t_t2d(ids, V)
+    return sd

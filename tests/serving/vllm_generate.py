@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--adapter", help="an HF PEFT LoRA directory: serve the target with it (no draft runs)")
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--eagle3", help="an EAGLE-3 head directory: the target with eagle3 speculation for each k")
     ap.add_argument("--k", type=int, nargs="*", default=[2, 3, 4])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -68,6 +69,11 @@ def main():
         res["adapter"] = run(args, adapter=args.adapter)
     for k in args.k if args.draft else ():
         res[f"draft_k{k}"] = run(args, {"method": "draft_model", "model": args.draft, "num_speculative_tokens": k})
+    for k in args.k if args.eagle3 else ():
+        try:
+            res[f"eagle3_k{k}"] = run(args, {"method": "eagle3", "model": args.eagle3, "num_speculative_tokens": k})
+        except Exception as e:  # noqa: BLE001  (what vLLM's CPU build says, recorded for the test to report)
+            res[f"eagle3_k{k}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
 
