@@ -18,12 +18,14 @@ def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_token
     special tokens, context), the TP size divides the target's heads, the lengths fit; with `adapter` (an
     HF PEFT LoRA directory, `soaes peft to-hf`) that it is plain LoRA on the target's projections. An EAGLE-3
     head (`soaes convert head-to-eagle3`) is checked against the target's vocabulary, width and depth."""
-    cfg = read_json(Path(target) / "config.json")
     eagle3 = is_eagle3(draft)
+    if not eagle3:
+        check_pair(target, draft)
+    elif not (Path(target) / "config.json").exists():
+        raise ExportError(f"{target}: not an exported model directory (config.json expected)")
+    cfg = read_json(Path(target) / "config.json")
     if eagle3:
         check_eagle3(target, cfg, draft)
-    else:
-        check_pair(target, draft)
     for key in ("num_attention_heads", "num_key_value_heads"):
         n = cfg.get(key, cfg["num_attention_heads"])
         if n % tensor_parallel and tensor_parallel % n:
