@@ -17,6 +17,12 @@ ARCHITECTURE = "LlamaForCausalLMEagle3"
 RECORD = "soaes_draft_head"  # our own record in config.json: the exact HeadConfig, for reading it back
 
 
+def is_eagle3_dir(path) -> bool:
+    """Whether `path` is an EAGLE-3 head directory (its config.json names the EAGLE-3 architecture)."""
+    f = Path(path) / "config.json"
+    return f.is_file() and ARCHITECTURE in (json.loads(f.read_text()).get("architectures") or [])
+
+
 def eagle3_config(hcfg: HeadConfig, dtype: torch.dtype) -> dict:
     lc, t = hcfg.layer_config(), hcfg.target_config
     ids = list(hcfg.feature_layers)

@@ -9,12 +9,11 @@ drafted ones. The embedding table is the target's (the head has none of its own,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from megatron_soaes.heads.config import HeadConfig
+from megatron_soaes.heads.vocab import ids_from_d2t
 from megatron_soaes.inference.model import Linear, Qwen2ForInference, _rms_norm, _rotate_half
 from megatron_soaes.inference.tp import TensorParallel
 
@@ -43,7 +42,7 @@ class Eagle3ForInference(Qwen2ForInference):
         self.gate_up = Linear(torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]), pack=packed)
         self.down = Linear(w(m + "down_proj.weight"), pack=packed)
         self.lm_head = Linear(w("lm_head.weight"), pack=packed)
-        self.draft_ids = (weights["d2t"].long() + torch.arange(len(weights["d2t"]))).to(self.device)
+        self.draft_ids = ids_from_d2t(weights["d2t"]).to(self.device)
         self.inv_freq = cfg.rope_inv_freq(self.device).double()
         self._rope = torch.empty(0, 2, cfg.head_dim, dtype=dtype, device=self.device)
         self.hidden_in: torch.Tensor | None = None  # [B, n, d]: set before each forward
@@ -134,8 +133,9 @@ def is_head(path) -> bool:
     from megatron_soaes.checkpoint.load import resolve_checkpoint
     from megatron_soaes.checkpoint.meta import META_FILE, read_meta
 
+    from megatron_soaes.heads.export import is_eagle3_dir
+
     p = resolve_checkpoint(path)
     if (p / META_FILE).exists():
         return "draft_head" in read_meta(p)
-    cfg = Path(p) / "config.json"
-    return cfg.exists() and "Eagle3" in str(__import__("json").loads(cfg.read_text()).get("architectures"))
+    return is_eagle3_dir(p)

@@ -240,10 +240,9 @@ class HeadDrafter:
         for the next round with the target's features of the positions before them."""
         B, dev = path.shape[0], self.device
         ar = torch.arange(B, device=dev)
-        g = self.head.fuse(features)  # [B, N, d]: the target's fused features of the tree's nodes
         self.cache.commit(torch.zeros(B, 1, dtype=torch.long, device=dev), (length > 0).long())
         p = path.clamp(min=0)
-        g_path = g[ar[:, None], p]
+        g_path = self.head.fuse(features[ar[:, None], p])  # the target's fused features along the path only
         self.pend_tokens = tree.tokens.gather(1, p)[:, 1:]
         self.pend_hidden = g_path[:, :-1]
         self.pend_count = (length - 1).clamp(min=0)

@@ -633,11 +633,12 @@ class Pipeline:
         if not head.skipped:  # the EAGLE-3 layout, read back and checked against the checkpoint
             import torch
 
-            from megatron_soaes.heads.export import export_eagle3, read_eagle3
+            from megatron_soaes.heads.export import read_eagle3, write_eagle3
             from megatron_soaes.heads.inference import load_head_weights
 
-            dst = export_eagle3(head.checkpoint, self.out / "export" / "draft_head", dtype=None, overwrite=True)
-            (ours, a), (back, b) = load_head_weights(head.checkpoint), read_eagle3(dst)
+            ours, a = load_head_weights(head.checkpoint)
+            dst = write_eagle3(ours, a, self.out / "export" / "draft_head", overwrite=True)
+            back, b = read_eagle3(dst)
             if ours != back or a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
                 raise RuntimeError(f"{dst}: the exported head does not read back as the checkpoint")
             checks["draft_head"] = str(dst)

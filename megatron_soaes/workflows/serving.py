@@ -7,6 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
+from megatron_soaes.heads.export import is_eagle3_dir
 from megatron_soaes.models.config import Qwen2Config
 from megatron_soaes.utils.files import read_json
 from megatron_soaes.workflows.export import ExportError, check_pair
@@ -18,7 +19,7 @@ def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_token
     special tokens, context), the TP size divides the target's heads, the lengths fit; with `adapter` (an
     HF PEFT LoRA directory, `soaes peft to-hf`) that it is plain LoRA on the target's projections. An EAGLE-3
     head (`soaes convert head-to-eagle3`) is checked against the target's vocabulary, width and depth."""
-    eagle3 = is_eagle3(draft)
+    eagle3 = is_eagle3_dir(draft)
     if not eagle3:
         check_pair(target, draft)
     elif not (Path(target) / "config.json").exists():
@@ -52,11 +53,6 @@ def check_serving(target, draft, tensor_parallel: int = 1, num_speculative_token
             "adapter": str(adapter) if adapter else None, "lora_rank": rank, "experts": experts or None}
 
 
-def is_eagle3(draft) -> bool:
-    f = Path(draft) / "config.json"
-    return f.exists() and "LlamaForCausalLMEagle3" in (read_json(f).get("architectures") or [])
-
-
 def check_eagle3(target, target_cfg: dict, draft) -> None:
     """What vLLM and SGLang assume of an EAGLE-3 head: the target's vocabulary and width (its fc reads three of
     the target's hidden states), feature layers inside the target."""
@@ -76,7 +72,7 @@ LORA_NAME = "soaes"  # the adapter's name in the engines (requests select it as 
 
 def vllm_command(target, draft, tensor_parallel: int, k: int, max_model_len: int, adapter=None, rank=None,
                  experts=None, port: int = 8000) -> list[str]:
-    method = "eagle3" if is_eagle3(draft) else "draft_model"
+    method = "eagle3" if is_eagle3_dir(draft) else "draft_model"
     spec = json.dumps({"method": method, "model": str(draft), "num_speculative_tokens": k})
     lora = ["--enable-lora", "--lora-modules", f"{LORA_NAME}={adapter}", "--max-lora-rank", str(rank)] if adapter else []
     ep = ["--enable-expert-parallel"] if experts and tensor_parallel > 1 else []  # experts split, not each one sliced
@@ -90,7 +86,7 @@ def sglang_command(target, draft, tensor_parallel: int, k: int, max_model_len: i
     ep = ["--ep-size", str(tensor_parallel)] if experts and tensor_parallel > 1 else []
     return ["python", "-m", "sglang.launch_server", "--model-path", str(target), "--tp", str(tensor_parallel), *ep,
             "--dtype", "bfloat16", "--context-length", str(max_model_len),
-            "--speculative-algorithm", "EAGLE3" if is_eagle3(draft) else "STANDALONE",
+            "--speculative-algorithm", "EAGLE3" if is_eagle3_dir(draft) else "STANDALONE",
             "--speculative-draft-model-path", str(draft), "--speculative-num-steps", str(k),
             "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1), *lora, "--port", str(port)]
 
