@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo pipeline pipeline-tiny test test-fast test-slow test-serving test-all bench-spec gpu-check docs docs-serve clean
 
-$(STAMP): requirements/cpu.txt setup.py csrc/tree_verify.cpp csrc/tree_verify.h
+$(STAMP): requirements/cpu.txt requirements/interop.txt setup.py csrc/tree_verify.cpp csrc/tree_verify.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/cpu.txt
+	$(BIN)/pip install -q --no-deps -r requirements/interop.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -21,6 +21,14 @@ def _convert(args) -> int:
         from megatron_soaes.utils.dtypes import torch_dtype
 
         out = export_eagle3(args.input, args.output, torch_dtype(args.dtype) if args.dtype else None, overwrite=args.force)
+    elif args.direction == "megatron-to-bridge":
+        from megatron_soaes.checkpoint.bridge import megatron_to_bridge
+
+        out = megatron_to_bridge(args.input, args.output, hf_model_id=args.hf, overwrite=args.force)
+    elif args.direction == "bridge-to-megatron":
+        from megatron_soaes.checkpoint.bridge import bridge_to_megatron
+
+        out = bridge_to_megatron(args.input, args.output, hf_config=args.hf, overwrite=args.force)
     else:
         from megatron_soaes.checkpoint.meta import META_FILE, read_meta
         from megatron_soaes.data.tokenizer import tokenizer_available
@@ -284,14 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("convert", help="HF <-> megatron torch_dist checkpoint conversion (streamed)")
-    c.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf", "head-to-eagle3"],
-                   help="head-to-eagle3: a draft head's run or checkpoint -> the EAGLE-3 directory vLLM / SGLang load")
+    c.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf", "head-to-eagle3", "megatron-to-bridge",
+                                         "bridge-to-megatron"],
+                   help="head-to-eagle3: a draft head's run or checkpoint -> the EAGLE-3 directory vLLM / SGLang load; "
+                        "megatron-to-bridge / bridge-to-megatron: Megatron-Bridge checkpoints (also what NeMo "
+                        "Export-Deploy takes with model_format='megatron_bridge')")
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (hf-to-megatron)")
     c.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (hf-to-megatron)")
     c.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast (default: keep)")
     c.add_argument("--max-shard-gb", type=float, default=5.0)
+    c.add_argument("--hf", default=None, help="megatron-to-bridge: the HF model id or directory to record as "
+                   "model.hf_model_id (default: the hf_config/ directory written beside it); bridge-to-megatron: an "
+                   "HF directory with the model's config.json and tokenizer, where the checkpoint names none here")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
     c.set_defaults(fn=_convert)
 

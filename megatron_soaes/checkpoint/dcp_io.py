@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
 )
+
+from megatron_soaes.checkpoint import te_layout
 
 try:  # private in torch, stable since 2.2
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -48,6 +51,7 @@ class DcpWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_file_bytes = max_file_bytes
         self.tensors: dict[str, TensorStorageMetadata] = {}
+        self.objects: list[str] = []
         self.storage: dict[MetadataIndex, _StorageInfo] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -91,6 +95,19 @@ class DcpWriter:
             md.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=chunk.shape))
             self.storage[MetadataIndex(key, offsets)] = info
 
+    def write_object(self, unique_key: str, obj) -> None:
+        """A megatron ShardedObject (e.g. a TE module's extra state) under its unique key, stored as
+        megatron-core's torch_dist strategy stores one: ``torch.save([obj])``."""
+        buf = io.BytesIO()
+        torch.save([obj], buf)
+        name, stream = self._stream()
+        start = stream.tell()
+        stream.write(buf.getbuffer())
+        with self._lock:
+            self.objects.append(unique_key)
+            self.storage[MetadataIndex(unique_key)] = _StorageInfo(relative_path=name, offset=start,
+                                                                   length=stream.tell() - start)
+
     def close(self, common: dict | None = None) -> None:
         for key, md in self.tensors.items():
             covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
@@ -102,7 +119,8 @@ class DcpWriter:
             f.close()
         for key, md in self.tensors.items():  # chunk order as a serial writer would list them
             md.chunks.sort(key=lambda c: tuple(c.offsets))
-        metadata = Metadata(state_dict_metadata=dict(self.tensors), planner_data=None, storage_data=self.storage)
+        entries = {**self.tensors, **{k: BytesStorageMetadata() for k in self.objects}}
+        metadata = Metadata(state_dict_metadata=entries, planner_data=None, storage_data=self.storage)
         with open(self.dir / ".metadata", "wb") as f:
             pickle.dump(metadata, f)
         torch.save(common or {}, self.dir / "common.pt")
@@ -133,11 +151,27 @@ class DcpReader:
     def keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
 
+    def __contains__(self, key: str) -> bool:
+        return self.resolve(key) in self.metadata.state_dict_metadata
+
+    def resolve(self, key: str) -> str:
+        """`key`, or its name in the other layer spec where the checkpoint has that instead (te_layout)."""
+        if key not in self.metadata.state_dict_metadata:
+            other = te_layout.alias(key)
+            if other in self.metadata.state_dict_metadata:
+                return other
+        return key
+
     def shape(self, key: str) -> torch.Size:
-        return self.metadata.state_dict_metadata[key].size
+        return self.metadata.state_dict_metadata[self.resolve(key)].size
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.metadata.state_dict_metadata[key].properties.dtype
+        return self.metadata.state_dict_metadata[self.resolve(key)].properties.dtype
+
+    def chunks(self, key: str):
+        """Yield (offsets, chunk) of tensor `key` as it was saved, one stored chunk at a time."""
+        for offset, _, info in sorted(self._by_key.get(self.resolve(key), []), key=lambda c: c[0]):
+            yield offset, self._load_chunk(info)
 
     def _load_chunk(self, info) -> torch.Tensor:
         if getattr(info, "transform_descriptors", None):
@@ -149,6 +183,7 @@ class DcpReader:
 
     def read(self, key: str, index: int | None = None) -> torch.Tensor:
         """The whole tensor, or with `index` the slice ``tensor[index]`` of a layer-stacked tensor."""
+        key = self.resolve(key)
         if key not in self.metadata.state_dict_metadata:
             raise KeyError(f"{self.dir}: checkpoint has no tensor {key!r}")
         md = self.metadata.state_dict_metadata[key]

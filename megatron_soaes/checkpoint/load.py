@@ -8,13 +8,17 @@ from pathlib import Path
 from torch.distributed.checkpoint import FileSystemReader
 
 
-def _drop_absent_objects(sharded_sd: dict, ckpt_dir: Path) -> dict:
-    """Converted checkpoints carry no ``_extra_state`` objects (TE FP8 metadata); skip those on load."""
+def _match_checkpoint(sharded_sd: dict, ckpt_dir: Path) -> dict:
+    """Ask `ckpt_dir` only for what it can have: converted checkpoints carry no ``_extra_state`` objects (TE FP8
+    metadata; skipped), and a checkpoint saved with the other layer spec names an MoE layer's norm its own way
+    (te_layout)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    from megatron_soaes.checkpoint import te_layout
+
     present = set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
-    return {k: v for k, v in sharded_sd.items()
-            if not (isinstance(v, ShardedObject) and v.unique_key not in present)}
+    kept = {k: v for k, v in sharded_sd.items() if not (isinstance(v, ShardedObject) and v.unique_key not in present)}
+    return te_layout.match_checkpoint(kept, present)
 
 
 ADAPTER_KEY = ".lora_"  # what names an adapter tensor (adapters.lora: lora_A / lora_B / lora_magnitude)
@@ -60,7 +64,7 @@ def _load_into(model, ckpt_dir, prefix: str, adapters: bool) -> None:
     sharded = {k: v for k, v in model.sharded_state_dict(prefix=prefix).items() if (ADAPTER_KEY in k) == adapters}
     if adapters and not sharded:
         raise RuntimeError(f"{ckpt_dir}: the model has no LoRA adapters to load it into")
-    sharded = _drop_absent_objects(sharded, ckpt_dir)
+    sharded = _match_checkpoint(sharded, ckpt_dir)
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
     # a training checkpoint also returns its non-sharded common items (scheduler, iteration, ...)
     state = {k: v for k, v in state.items() if k in sharded}
@@ -87,8 +91,8 @@ RETENTION_FILE = "retention.json"  # a run's retention-gate record; with keep_be
 def resolve_checkpoint(path) -> Path:
     """The one reading of a checkpoint path, for every command that takes one: a checkpoint dir, a
     `checkpoints/` dir or its `latest` file, or a run dir holding `checkpoints/` (or the checkpoint its
-    retention gate published: `retention.json` with keep_best). Anything else is returned as it is (an HF
-    directory, say)."""
+    retention gate published: `retention.json` with keep_best), or a Megatron-Bridge checkpoint root (its newest
+    iteration). Anything else is returned as it is (an HF directory, say)."""
     from megatron_soaes.config import ConfigError
 
     p = Path(path)
@@ -102,6 +106,10 @@ def resolve_checkpoint(path) -> Path:
     for base in (p, p / "checkpoints"):
         if (base / "latest").exists():
             return base / (base / "latest").read_text().strip()
+    from megatron_soaes.checkpoint import bridge
+
+    if (p / bridge.TRACKER).exists():  # a Megatron-Bridge root: its newest iteration
+        return bridge.iteration_dir(p)
     if not p.exists():
         raise ConfigError(f"checkpoint {p} does not exist")
     return p

@@ -22,6 +22,11 @@ def write_meta(directory: Path, cfg: Qwen2Config, **extra) -> None:
 def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META_FILE
     if not path.exists():
+        from megatron_soaes.checkpoint.bridge import is_bridge_checkpoint
+
+        if is_bridge_checkpoint(directory):
+            raise FileNotFoundError(f"{directory}: a Megatron-Bridge checkpoint; convert it first: soaes convert "
+                                    f"bridge-to-megatron {directory} OUT")
         raise FileNotFoundError(f"{directory}: no {META_FILE}; not a megatron-soaes checkpoint")
     return json.loads(path.read_text())
 
