@@ -40,9 +40,9 @@ def _same_tensors(a, b, rename=lambda k: k):
         assert torch.equal(ra.read(k), rb.read(rename(k))), k
 
 
-@pytest.fixture(params=["test-qwen3", "test-moe"])
+@pytest.fixture(params=["test", "test-qwen3", "test-moe"])
 def converted(request, tmp_path):
-    """A random HF model of a dense (Qwen3: q/k norms) or MoE (Qwen3-MoE, one dense layer) family, converted."""
+    """A random HF model of a dense family (Qwen2: q/k/v bias; Qwen3: q/k norms) or MoE (Qwen3-MoE, one dense layer), converted."""
     from megatron_soaes.models import Qwen2Config
     from megatron_soaes.models.random_init import make_random_hf_model
 
