@@ -1,7 +1,8 @@
-"""EAGLE-3 draft heads: trained in megatron beside a frozen target (the loss falls), the megatron head equal
-to the inference engine's and TP2 equal to TP1, every draft kind lossless (batch 1 and a ragged batch, the
-reduced vocabulary included), the decoder's feature bookkeeping against teacher forcing, sampling that keeps
-the target's distribution, and the EAGLE-3 export read back bit-exact in the layout vLLM loads."""
+"""Draft heads -- EAGLE-3's and megatron-core's MTP layer: trained in megatron beside a frozen target (the loss
+falls), the megatron head equal to the inference engine's and TP2 equal to TP1, every draft kind lossless
+(batch 1 and a ragged batch, the reduced vocabulary included), the decoder's feature bookkeeping against teacher
+forcing, sampling that keeps the target's distribution, and the EAGLE-3 export read back bit-exact in the
+layout vLLM loads."""
 
 import json
 
@@ -36,7 +37,7 @@ def sharp_target(tmp_path_factory):
     return d / "mc"
 
 
-def head_config(small_sft, cpt_data, target, out, steps=12, tp=1, **head):
+def head_config(small_sft, cpt_data, target, out, steps=12, tp=1, draft="eagle3", **head):
     cfg = {
         "kind": "distill",
         "model": {"preset": "test", "overrides": {"vocab_size": 4096}},
@@ -47,7 +48,7 @@ def head_config(small_sft, cpt_data, target, out, steps=12, tp=1, **head):
                   "eval_iters": 1, "output_dir": str(out), "save_interval": steps},
         "sft": {"default_system": None, "train": [{"path": str(small_sft / "soae_qa.train.jsonl")}],
                 "valid": {"qa": [{"path": str(small_sft / "soae_qa.valid.jsonl")}]}},
-        "distill": {"draft": "eagle3", "teacher": {"preset": "test", "overrides": {"vocab_size": 4096},
+        "distill": {"draft": draft, "teacher": {"preset": "test", "overrides": {"vocab_size": 4096},
                                                    "checkpoint": str(target)}, "head": head},
     }
     path = out.parent / f"{out.name}.yaml"
@@ -55,25 +56,40 @@ def head_config(small_sft, cpt_data, target, out, steps=12, tp=1, **head):
     return path
 
 
-@pytest.fixture(scope="module")
-def head_run(small_sft, cpt_data, sharp_target, tmp_path_factory):
+def _train_head(small_sft, cpt_data, target, out, draft):
     from megatron_soaes.config import load_config
     from megatron_soaes.training import train
 
-    out = tmp_path_factory.mktemp("head") / "run"
-    train(load_config(head_config(small_sft, cpt_data, sharp_target, out, draft_vocab=1024)), log=lambda s: None)
+    train(load_config(head_config(small_sft, cpt_data, target, out, draft=draft, draft_vocab=1024)), log=lambda s: None)
     return out
 
 
-def test_head_training_lowers_the_divergence(head_run):
-    rows = [json.loads(x) for x in open(head_run / "metrics.jsonl")]
+@pytest.fixture(scope="module")
+def head_run(small_sft, cpt_data, sharp_target, tmp_path_factory):
+    return _train_head(small_sft, cpt_data, sharp_target, tmp_path_factory.mktemp("head") / "run", "eagle3")
+
+
+@pytest.fixture(scope="module")
+def mtp_run(small_sft, cpt_data, sharp_target, tmp_path_factory):
+    return _train_head(small_sft, cpt_data, sharp_target, tmp_path_factory.mktemp("mtp") / "run", "mtp")
+
+
+RUNS = ["head_run", "mtp_run"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_head_training_lowers_the_divergence(request, run):
+    run = request.getfixturevalue(run)
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 12 and losses[-1] < 0.7 * losses[0], losses
     from megatron_soaes.checkpoint.load import resolve_checkpoint
     from megatron_soaes.checkpoint.meta import read_meta
 
-    rec = read_meta(resolve_checkpoint(head_run))["draft_head"]
-    assert rec["draft_vocab_size"] == 1024 and len(rec["feature_layers"]) == 3
+    rec = read_meta(resolve_checkpoint(run))["draft_head"]
+    assert rec["draft_vocab_size"] == 1024
+    assert rec["feature_layers"] == ([4] if rec["kind"] == "mtp" else rec["feature_layers"]) and \
+        len(rec["feature_layers"]) == (1 if rec["kind"] == "mtp" else 3)
 
 
 def test_cached_teacher_outputs_give_the_same_training(small_sft, cpt_data, sharp_target, tmp_path):
@@ -94,13 +110,15 @@ def test_cached_teacher_outputs_give_the_same_training(small_sft, cpt_data, shar
     assert losses[True] != losses[False]  # the later epochs did read the cache
 
 
-def test_megatron_head_tp2_equals_tp1_and_the_inference_head(head_run, sharp_target, tmp_path):
+@pytest.mark.parametrize("run", RUNS)
+def test_megatron_head_tp2_equals_tp1_and_the_inference_head(request, run, sharp_target, tmp_path):
     """The head trained at TP1, loaded (resharded) at TP1 and TP2: the same logits for every
     training-time-test step and the same gradients; step 0 equals the inference engine's head fed the
     inference engine's target features."""
     from megatron_soaes.checkpoint.load import resolve_checkpoint
     from megatron_soaes.heads.inference import load_head
 
+    head_run = request.getfixturevalue(run)
     ckpt = resolve_checkpoint(head_run)
     res = {}
     for n in (1, 2):
@@ -120,10 +138,11 @@ def test_megatron_head_tp2_equals_tp1_and_the_inference_head(head_run, sharp_tar
     torch.testing.assert_close(logits, res[1]["logits"][0, 0, :n - 1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def decoding(head_run, sharp_target):
+@pytest.fixture(scope="module", params=RUNS)
+def decoding(request, sharp_target):
     from megatron_soaes.heads.inference import load_head
 
+    head_run = request.getfixturevalue(request.param)
     target = load_inference_model(sharp_target)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 4000, (n,), generator=g).tolist() for n in (7, 12, 2, 9)]
@@ -179,19 +198,42 @@ def test_head_decoding_sees_what_teacher_forcing_sees(decoding):
                 torch.testing.assert_close(logits, tf[pos - 1], rtol=1e-4, atol=1e-4)
 
 
-def test_sampling_with_a_head_keeps_the_target_distribution(tmp_path):
+@pytest.mark.parametrize("kind", ["eagle3", "mtp"])
+def test_sampling_with_a_head_keeps_the_target_distribution(tmp_path, kind):
     """A random head on a target with 8 tokens: the first sampled token follows the target's distribution
     (chi-square), with chain and tree drafts."""
     from megatron_soaes.heads.config import HeadConfig
-    from megatron_soaes.heads.inference import Eagle3ForInference
+    from megatron_soaes.heads.inference import HEAD_CLASSES
     from megatron_soaes.heads.layout import random_eagle3
     from megatron_soaes.models.random_init import make_random_hf_model
     from test_speculative import assert_first_token_follows_the_target
 
     make_random_hf_model(tmp_path / "t", "test", seed=3, vocab_size=8, make_vocab_size_divisible_by=8)
     target = load_inference_model(tmp_path / "t")
-    hcfg = HeadConfig(target=target.cfg.to_dict(), draft_vocab_size=6)
-    assert_first_token_follows_the_target(target, Eagle3ForInference(hcfg, random_eagle3(hcfg, seed=4), target.embed))
+    hcfg = HeadConfig(target=target.cfg.to_dict(), draft_vocab_size=6, kind=kind)
+    assert_first_token_follows_the_target(target, HEAD_CLASSES[kind](hcfg, random_eagle3(hcfg, seed=4), target.embed))
+
+
+def test_mtp_head_is_megatron_cores_layer_and_reads_back(mtp_run, tmp_path):
+    """The MTP head's checkpoint holds megatron-core's MultiTokenPredictionLayer (enorm, hnorm, eh_proj, one
+    transformer layer, final norm) and maps to the inference layout and back bit-exact; it is not exported as
+    an EAGLE-3 head (no engine loads a bare MTP layer): a one-line refusal."""
+    from conftest import cli_in_process
+
+    from megatron_soaes.checkpoint.dcp_io import DcpReader
+    from megatron_soaes.checkpoint.load import resolve_checkpoint
+    from megatron_soaes.heads.inference import load_head_weights
+    from megatron_soaes.heads.layout import eagle_to_megatron, megatron_names
+
+    hcfg, sd = load_head_weights(mtp_run)
+    reader = DcpReader(resolve_checkpoint(mtp_run))
+    assert {"mtp.enorm.weight", "mtp.hnorm.weight", "mtp.eh_proj.weight", "mtp.final_layernorm.weight"} <= set(reader.keys())
+    mega = eagle_to_megatron(hcfg, sd)
+    assert set(mega) == set(megatron_names(hcfg))
+    for k, v in mega.items():
+        assert torch.equal(v, reader.read(k).to(v.dtype)), k
+    res = cli_in_process("convert", "head-to-eagle3", str(mtp_run), str(tmp_path / "x"))
+    assert res.returncode == 2 and "a mtp head, not an EAGLE-3 one" in res.stderr and not (tmp_path / "x").exists()
 
 
 def test_eagle3_export_reads_back_bit_exact(head_run, tmp_path):

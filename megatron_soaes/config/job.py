@@ -239,11 +239,14 @@ class OnPolicySection(StrictModel):
     temperature: float = Field(1.0, ge=0)  # student sampling temperature (0: greedy)
 
 
-class DraftHeadSection(StrictModel):
-    """The EAGLE-3 head (distill.draft: eagle3): one decoder layer on the target's own hidden states."""
+HEAD_KINDS = ("eagle3", "mtp")  # distill.draft values that train a head on the teacher's hidden states
 
-    # target layers whose inputs are fused into the head's feature (three: low, middle, high); null: EAGLE-3's
-    # (2, L // 2, L - 3), as vLLM collects them
+
+class DraftHeadSection(StrictModel):
+    """A draft head (distill.draft: eagle3 or mtp): one decoder layer on the target's own hidden states."""
+
+    # eagle3: target layers whose inputs are fused into the head's feature (three: low, middle, high); null: EAGLE-3's
+    # (2, L // 2, L - 3), as vLLM collects them. mtp reads the target's final (normed) hidden state and takes none
     feature_layers: list[int] | None = None
     # the draft vocabulary: the head scores only this many of the training answers' most frequent tokens
     # (verification still scores every token, so decoding stays lossless); null: the whole vocabulary
@@ -254,15 +257,18 @@ class DraftHeadSection(StrictModel):
     # only the head: EAGLE's offline training without a dump, for data that fits in memory
     cache_teacher: bool = False
     # target: the head's output layer and final norm start as the target's (its rows of the draft vocabulary) and fc
-    # passes the highest feature layer through, so the head starts in the target's hidden space; random: EAGLE-3's init
+    # (mtp: eh_proj) passes the target's hidden state through, so the head starts in the target's hidden space;
+    # random: EAGLE-3's init
     init: Literal["target", "random"] = "target"
 
 
 class DistillSection(StrictModel):
-    # what is trained: a separate draft model (`model`, the student), or an EAGLE-3 head (`eagle3`) that reads the
-    # teacher's hidden states; with eagle3, `model` names the teacher's architecture and the head is built from it
-    draft: Literal["model", "eagle3"] = "model"
-    head: DraftHeadSection = Field(default_factory=DraftHeadSection)  # draft: eagle3
+    # what is trained: a separate draft model (`model`, the student), or a head that reads the teacher's hidden
+    # states: EAGLE-3's (`eagle3`: three layers' features fused) or megatron-core's multi-token-prediction layer
+    # (`mtp`: the final hidden state and the next token's embedding); with a head, `model` names the teacher's
+    # architecture and the head is built from it
+    draft: Literal["model", "eagle3", "mtp"] = "model"
+    head: DraftHeadSection = Field(default_factory=DraftHeadSection)  # draft: eagle3 or mtp
     teacher: TeacherSection | None = None  # online teacher; omit when training from offline logits
     # between the teacher's and the student's next-token distributions: forward KL(teacher || student),
     # reverse KL(student || teacher), generalised JSD(beta) or total variation distance
@@ -450,7 +456,7 @@ class JobConfig(StrictModel):
     @property
     def task_name(self) -> str:
         """The training.task registry entry this job runs: its kind, or the draft head's task."""
-        if self.kind == "distill" and self.distill.draft == "eagle3":
+        if self.kind == "distill" and self.distill.draft in HEAD_KINDS:
             return "draft_head"
         return self.kind
 

@@ -212,9 +212,12 @@ class DistillCfg(_Strict):
 
 
 class HeadCfg(_Strict):
-    """An EAGLE-3 draft head (`heads`) trained in megatron beside the frozen SFT target, on the target's own
-    answers (the distillation data), compared with the separate draft on the same prompts."""
+    """A draft head (`heads`) trained in megatron beside the frozen SFT target, on the target's own answers (the
+    distillation data), compared with the separate draft on the same prompts."""
 
+    # eagle3: EAGLE-3's head (three target layers' features fused; exported for vLLM / SGLang); mtp: megatron-core's
+    # multi-token-prediction layer on the target's final hidden state (decoded here)
+    kind: Literal["eagle3", "mtp"] = "eagle3"
     steps: int = Field(60, ge=1)  # optimizer steps (distill.seq_length)
     global_batch_size: int | None = Field(None, ge=1)  # null: the SFT phases'
     lr: float = 1e-3  # peak learning rate (cosine to a tenth)
@@ -230,7 +233,7 @@ class HeadCfg(_Strict):
     # the speculative phase also runs the separate draft restricted to the same K tokens
     draft_vocab: int | None = Field(8192, ge=1)
     ttt_steps: int = Field(3, ge=1)  # training-time test steps (the head fed its own outputs)
-    feature_layers: list[int] | None = None  # target layers read (null: EAGLE-3's low / middle / high)
+    feature_layers: list[int] | None = None  # eagle3: target layers read (null: EAGLE-3's low / middle / high)
 
 
 class SpecCfg(_Strict):

@@ -14,11 +14,17 @@ def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     return (2, num_layers // 2, num_layers - 3)
 
 
+KINDS = ("eagle3", "mtp")
+TITLES = {"eagle3": "EAGLE-3 head", "mtp": "MTP head"}  # as reports and logs name each kind
+
+
 @dataclass
 class HeadConfig:
-    """An EAGLE-3 head for `target`: its attention and MLP have the target's shapes (one layer), its
-    `fc` fuses the inputs of `feature_layers` (target layer indices: the hidden state entering that
-    layer), and its output layer scores `draft_vocab_size` tokens (the whole vocabulary when equal to it)."""
+    """A draft head for `target`: one layer with the target's shapes, and an output layer over
+    `draft_vocab_size` tokens (the whole vocabulary when equal to it). `kind` eagle3: `fc` fuses the inputs of
+    three `feature_layers` (target layer indices: the hidden state entering that layer); mtp (megatron-core's
+    multi-token-prediction layer): it reads the target's final hidden state after its norm, feature layer
+    `num_layers` in this numbering."""
 
     target: dict  # the target's Qwen2Config as a dict
     feature_layers: tuple[int, ...] = ()
@@ -29,12 +35,20 @@ class HeadConfig:
 
     def __post_init__(self):
         cfg = self.target_config
-        self.feature_layers = tuple(self.feature_layers) or default_feature_layers(cfg.num_layers)
+        if self.kind not in KINDS:
+            raise ValueError(f"draft head kind {self.kind!r}: one of {', '.join(KINDS)}")
         self.draft_vocab_size = self.draft_vocab_size or cfg.vocab_size
-        bad = [i for i in self.feature_layers if not 0 <= i < cfg.num_layers]
-        if bad or len(self.feature_layers) != 3 or len(set(self.feature_layers)) != 3:
-            raise ValueError(f"draft head feature_layers {list(self.feature_layers)}: three distinct layer indices in "
-                             f"[0, {cfg.num_layers}) are needed")
+        if self.kind == "mtp":
+            if tuple(self.feature_layers) not in ((), (cfg.num_layers,)):
+                raise ValueError(f"draft head feature_layers {list(self.feature_layers)}: an mtp head reads the target's "
+                                 "final hidden state only; leave feature_layers unset")
+            self.feature_layers = (cfg.num_layers,)
+        else:
+            self.feature_layers = tuple(self.feature_layers) or default_feature_layers(cfg.num_layers)
+            bad = [i for i in self.feature_layers if not 0 <= i < cfg.num_layers]
+            if bad or len(self.feature_layers) != 3 or len(set(self.feature_layers)) != 3:
+                raise ValueError(f"draft head feature_layers {list(self.feature_layers)}: three distinct layer indices "
+                                 f"in [0, {cfg.num_layers}) are needed")
         if not 1 <= self.draft_vocab_size <= cfg.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must be in [1, {cfg.vocab_size}]")
 
@@ -43,8 +57,8 @@ class HeadConfig:
         return Qwen2Config(**self.target)
 
     def layer_config(self) -> Qwen2Config:
-        """The head's own layer as a one-layer model of the target's shapes (no QKV bias, no QK norm:
-        the EAGLE-3 layer is a Llama layer whatever the target)."""
+        """The head's own layer as a one-layer model of the target's shapes (no QKV bias, no QK norm: the
+        head's layer is a Llama layer whatever the target, as EAGLE-3's is)."""
         t = dict(self.target, num_layers=1, architecture="LlamaForCausalLM", attention_bias=False, qk_norm=False,
                  num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, mlp_only_layers=[],
                  tie_word_embeddings=False)

@@ -48,6 +48,9 @@ def export_eagle3(head_path, out, dtype: torch.dtype | None = torch.bfloat16, ov
     from megatron_soaes.heads.inference import load_head_weights
 
     hcfg, sd = load_head_weights(head_path)
+    if hcfg.kind != "eagle3":
+        raise ValueError(f"{head_path}: a {hcfg.kind} head, not an EAGLE-3 one; vLLM and SGLang load MTP layers only "
+                         "inside their own model families' checkpoints, so it is decoded here only")
     return write_eagle3(hcfg, sd, out, dtype, overwrite)
 
 

@@ -1,11 +1,13 @@
-"""The EAGLE-3 head at decoding time: the inference engine's KV cache, RoPE and tree masks (it is a
-`Qwen2ForInference` of one layer), with the head's own layer: attention over [norm(embedding),
-norm(hidden)], the residual on the hidden state, and logits over the draft vocabulary scattered into the
-target's (every other token -inf: never drafted, still verifiable).
+"""Draft heads at decoding time: the inference engine's KV cache, RoPE and tree masks (a head is a
+`Qwen2ForInference` of one layer), with the head's own layer, and logits over the draft vocabulary scattered
+into the target's (every other token -inf: never drafted, still verifiable). EAGLE-3's layer attends over
+[norm(embedding), norm(hidden)] with the residual on the hidden state; MTP's (megatron-core's
+multi-token-prediction layer) projects [norm(embedding), norm(hidden)] to one hidden state and runs an
+ordinary decoder layer and a final norm on it.
 
 The hidden state fed with each token is the caller's (`speculative.decode.HeadDrafter`): the fused
 target features for tokens the target has verified, the head's own output at the parent node for
-drafted ones. The embedding table is the target's (the head has none of its own, as in EAGLE-3)."""
+drafted ones. The embedding table is the target's (a head has none of its own)."""
 
 from __future__ import annotations
 
@@ -32,11 +34,8 @@ class Eagle3ForInference(Qwen2ForInference):
         def w(name):
             return weights[name].to(device=self.device, dtype=dtype)
 
-        a, m = "midlayer.self_attn.", "midlayer.mlp."
         self.embed = embed.to(device=self.device, dtype=dtype)
-        self.fc = Linear(w("fc.weight"), pack=packed)
-        self.embed_norm, self.hidden_norm = w("midlayer.input_layernorm.weight"), w("midlayer.hidden_norm.weight")
-        self.post_norm, self.norm = w("midlayer.post_attention_layernorm.weight"), w("norm.weight")
+        a, m = self._load(w, packed)
         self.qkv = Linear(torch.cat([w(a + f"{x}_proj.weight") for x in "qkv"]), pack=packed)
         self.o = Linear(w(a + "o_proj.weight"), pack=packed)
         self.gate_up = Linear(torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]), pack=packed)
@@ -48,12 +47,30 @@ class Eagle3ForInference(Qwen2ForInference):
         self.hidden_in: torch.Tensor | None = None  # [B, n, d]: set before each forward
         self.hidden_out: torch.Tensor | None = None  # [B, n, d]: the pre-norm outputs of the last forward
 
+    def _load(self, w, packed: bool) -> tuple[str, str]:
+        """This kind's own weights; returns the prefixes of its layer's attention and MLP weights."""
+        self.fc = Linear(w("fc.weight"), pack=packed)
+        self.embed_norm, self.hidden_norm = w("midlayer.input_layernorm.weight"), w("midlayer.hidden_norm.weight")
+        self.post_norm, self.norm = w("midlayer.post_attention_layernorm.weight"), w("norm.weight")
+        return "midlayer.self_attn.", "midlayer.mlp."
+
     @property
     def vocab_size(self) -> int:
         return self.hcfg.target_config.vocab_size
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features.to(self.dtype))
+
+    def _inputs(self, tokens, hidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the attention's input, the residual stream) of the layer."""
+        eps = self.cfg.rms_norm_eps
+        x = torch.cat([_rms_norm(F.embedding(tokens, self.embed), self.embed_norm, eps),
+                       _rms_norm(hidden, self.hidden_norm, eps)], -1)
+        return x, hidden
+
+    def _outputs(self, h) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the hidden state the next drafting step is fed, the output layer's input)."""
+        return h, _rms_norm(h, self.norm, self.cfg.rms_norm_eps)
 
     def _weights(self):
         return iter(())
@@ -70,8 +87,7 @@ class Eagle3ForInference(Qwen2ForInference):
         cs = self._rope_table(int(positions.max()) + 1)[positions]
         cos, sin = cs[:, None, :, 0], cs[:, None, :, 1]
         H, Hkv, d = self.heads, self.kv_heads, cfg.head_dim
-        x = torch.cat([_rms_norm(F.embedding(tokens, self.embed), self.embed_norm, eps),
-                       _rms_norm(hidden, self.hidden_norm, eps)], -1)
+        x, hidden = self._inputs(tokens, hidden)
         qkv = self.qkv(x).view(B, n, H + 2 * Hkv, d).transpose(1, 2)
         qk = qkv[:, :H + Hkv]
         qk = qk * cos + _rotate_half(qk) * sin
@@ -83,11 +99,39 @@ class Eagle3ForInference(Qwen2ForInference):
         h = hidden + self.o(att.transpose(1, 2).reshape(B, n, H * d))
         gate, up = self.gate_up(_rms_norm(h, self.post_norm, eps)).chunk(2, dim=-1)
         h = h + self.down(F.silu(gate) * up)
-        self.hidden_out = h
-        small = self.lm_head(_rms_norm(h, self.norm, eps)).float()
+        self.hidden_out, out = self._outputs(h)
+        small = self.lm_head(out).float()
         logits = small.new_full((B, n, self.vocab_size), float("-inf"))
         logits[..., self.draft_ids] = small
         return logits
+
+
+class MTPForInference(Eagle3ForInference):
+    """megatron-core's MTP layer (`heads.megatron.MTPHead`): hidden_in is the target's final normed hidden
+    state (or the layer's own normed output, deeper in a draft), hidden_out the layer's normed output."""
+
+    def _load(self, w, packed: bool) -> tuple[str, str]:
+        self.eh_proj = Linear(w("eh_proj.weight"), pack=packed)
+        self.enorm, self.hnorm = w("enorm.weight"), w("hnorm.weight")
+        self.in_norm, self.post_norm = w("layer.input_layernorm.weight"), w("layer.post_attention_layernorm.weight")
+        self.norm = w("norm.weight")
+        return "layer.self_attn.", "layer.mlp."
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        return features.to(self.dtype)
+
+    def _inputs(self, tokens, hidden):
+        eps = self.cfg.rms_norm_eps
+        z = self.eh_proj(torch.cat([_rms_norm(F.embedding(tokens, self.embed), self.enorm, eps),
+                                    _rms_norm(hidden, self.hnorm, eps)], -1))
+        return _rms_norm(z, self.in_norm, eps), z
+
+    def _outputs(self, h):
+        out = _rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+        return out, out
+
+
+HEAD_CLASSES = {"eagle3": Eagle3ForInference, "mtp": MTPForInference}
 
 
 def load_head_weights(path) -> tuple[HeadConfig, dict[str, torch.Tensor]]:
@@ -117,7 +161,7 @@ def load_head(path, target: Qwen2ForInference, dtype=None, device=None) -> Eagle
     """The head at `path` for `target` (whose embeddings it shares), checked against it."""
     hcfg, weights = load_head_weights(path)
     check_head(hcfg, target.cfg, path)
-    return Eagle3ForInference(hcfg, weights, target.embed, dtype or target.dtype, device or target.device)
+    return HEAD_CLASSES[hcfg.kind](hcfg, weights, target.embed, dtype or target.dtype, device or target.device)
 
 
 def check_head(hcfg: HeadConfig, target_cfg, where) -> None:

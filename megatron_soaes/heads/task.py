@@ -1,8 +1,8 @@
-"""Training an EAGLE-3 head in the one trainer: `kind: distill` with `distill.draft: eagle3`.
+"""Training a draft head in the one trainer: `kind: distill` with `distill.draft: eagle3` or `mtp`.
 
 The teacher (the target, frozen, co-located as in distillation) runs each packed chat micro-batch once;
-forward pre-hooks keep the inputs of its feature layers and of layer 0 (the token embeddings). The head
-is then unrolled for `ttt_steps` steps (EAGLE-3's training-time test): step 0 reads the fused target
+forward hooks keep the inputs of its feature layers (an MTP head: its final norm's output) and of layer 0
+(the token embeddings). The head is then unrolled for `ttt_steps` steps (EAGLE-3's training-time test): step 0 reads the fused target
 features, step j > 0 reads the head's own output of step j - 1, so it learns to draft from its own
 drafts as it must at decoding time. Step j's loss is the divergence between the head's distribution over
 the draft vocabulary and the target's (restricted to it and renormalised) one token further on,
@@ -54,19 +54,20 @@ class DraftHeadTask(DistillTask):
 
     def prepare(self, job, tokenizer):
         d, p = job.distill, job.parallel
+        what = f"distill.draft {d.draft}"
         if d.teacher is None:
-            raise ConfigError("distill.draft eagle3: the head reads the target's hidden states; give distill.teacher "
+            raise ConfigError(f"{what}: the head reads the target's hidden states; give distill.teacher "
                               "(online), not offline_logits")
         if job.sft is None:
-            raise ConfigError("distill.draft eagle3: the head trains on chat data; give an sft section (e.g. the "
+            raise ConfigError(f"{what}: the head trains on chat data; give an sft section (e.g. the "
                               "target's own answers)")
         if p.sequence_parallel or p.pipeline_parallel != 1 or p.context_parallel != 1:
-            raise ConfigError("distill.draft eagle3: the head trains at pipeline_parallel 1, context_parallel 1 and "
+            raise ConfigError(f"{what}: the head trains at pipeline_parallel 1, context_parallel 1 and "
                               "without sequence_parallel (tensor_parallel and data parallel are fine)")
         if job.peft is not None:
-            raise ConfigError("peft: an eagle3 head trains all of its weights (it is small); remove the peft section")
+            raise ConfigError(f"peft: an {d.draft} head trains all of its weights (it is small); remove the peft section")
         if job.model.init_checkpoint:
-            raise ConfigError("model.init_checkpoint: with distill.draft eagle3, `model` names the target's architecture "
+            raise ConfigError(f"model.init_checkpoint: with {what}, `model` names the target's architecture "
                               "and the head starts from random weights; the target's weights come from distill.teacher")
         k = d.head.draft_vocab
         if k is not None and k % p.tensor_parallel:
@@ -79,7 +80,7 @@ class DraftHeadTask(DistillTask):
         except ValueError as e:
             raise ConfigError(f"distill.head: {e}") from None
         if d.on_policy.fraction > 0:
-            raise ConfigError("distill.on_policy: not with distill.draft eagle3 (the head drafts from the target's "
+            raise ConfigError(f"distill.on_policy: not with {what} (the head drafts from the target's "
                               "own tokens; train it on the target's answers instead)")
         return super().prepare(job, tokenizer)
 
@@ -87,7 +88,7 @@ class DraftHeadTask(DistillTask):
         h = job.distill.head
         return HeadConfig(target=model_cfg.to_dict(), feature_layers=tuple(h.feature_layers or ()),
                           draft_vocab_size=min(h.draft_vocab or model_cfg.vocab_size, model_cfg.vocab_size),
-                          ttt_steps=h.ttt_steps)
+                          ttt_steps=h.ttt_steps, kind=job.distill.draft)
 
     def build_model(self, job, model_cfg):
         """The head, its draft vocabulary (the training answers' most frequent tokens) in place, initialised
@@ -119,20 +120,28 @@ class DraftHeadTask(DistillTask):
         self.steps = job.distill.head.ttt_steps
         self.report_keys = ("lm loss", "kd loss", *(f"agree@{j}" for j in range(self.steps)))
         self._features: dict[int, torch.Tensor] = {}
-        layers = self.teacher.model.decoder.layers
+        decoder = self.teacher.model.decoder
         for i in {0, *self.hcfg.feature_layers}:
-            layers[i].register_forward_pre_hook(partial(self._keep, i), with_kwargs=True)
+            if i < len(decoder.layers):
+                decoder.layers[i].register_forward_pre_hook(partial(self._keep, i), with_kwargs=True)
+            else:  # past the last layer: its output after the final norm
+                decoder.final_layernorm.register_forward_hook(partial(self._keep_output, i))
         return batches, evals
 
     def _keep(self, i, module, args, kwargs):
         self._features[i] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
 
+    def _keep_output(self, i, module, args, output):
+        self._features[i] = output.detach()
+
     def on_built(self, model, optimizer):
         super().on_built(model, optimizer)
         if torch.distributed.get_rank() == 0:
-            print(f"draft head: {self.hcfg.draft_vocab_size} of {self.vocab} tokens in the draft vocabulary "
-                  f"({self.coverage:.1%} of the training answers' tokens); features from target layers "
-                  f"{list(self.hcfg.feature_layers)}; {self.steps} training-time-test steps", flush=True)
+            reads = ("the target's final hidden state" if self.hcfg.kind == "mtp" else
+                     f"features from target layers {list(self.hcfg.feature_layers)}")
+            print(f"{self.hcfg.kind} draft head: {self.hcfg.draft_vocab_size} of {self.vocab} tokens in the draft "
+                  f"vocabulary ({self.coverage:.1%} of the training answers' tokens); {reads}; {self.steps} "
+                  "training-time-test steps", flush=True)
 
     def forward_step(self, data_iterator, model):
         b = on_this_rank(next(data_iterator))

@@ -124,8 +124,8 @@ class Qwen2ForInference:
         if cuda_graphs and cfg.is_moe:
             raise ValueError("cuda_graphs with an MoE model is not supported yet (its expert batches are sized on the host)")
         self.static_shapes, self.cuda_graphs = static_shapes or cuda_graphs, cuda_graphs
-        # layers whose inputs a forward keeps in `features` (what an EAGLE-3 head reads), and a reduced output
-        # vocabulary (`restrict_vocab`)
+        # layers whose inputs a forward keeps in `features` (what a draft head reads; index num_layers: the last
+        # layer's output after the final norm), and a reduced output vocabulary (`restrict_vocab`)
         self.feature_layers, self.features, self.draft_ids = (), None, None
         self._step, self._cache_pool = self._forward, {}
         self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
@@ -292,9 +292,12 @@ class Qwen2ForInference:
             else:
                 gate, up = L["gate_up"](h).chunk(2, dim=-1)
                 x = x + self.tp.all_reduce(L["down"](F.silu(gate) * up))
+        final = _rms_norm(x, self.norm, cfg.rms_norm_eps)
+        if len(self.layers) in self.feature_layers:  # past the last layer: its output after the final norm (MTP's)
+            feats.append(final)
         if feats:
             self.features = torch.cat(feats, -1)
-        logits = self.tp.gather_vocab(self.lm_head(_rms_norm(x, self.norm, cfg.rms_norm_eps)).float(), self.vocab_rows)
+        logits = self.tp.gather_vocab(self.lm_head(final).float(), self.vocab_rows)
         if self.draft_ids is not None:  # a reduced vocabulary: every other token is never drafted
             full = logits.new_full((B, n, cfg.vocab_size), float("-inf"))
             full[..., self.draft_ids] = logits

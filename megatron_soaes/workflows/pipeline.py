@@ -25,6 +25,7 @@ from megatron_soaes.config import (ConfigError, DataSection, DataSource, Distill
 from megatron_soaes.config.job import ReplaySchedule
 from megatron_soaes.config.curriculum import Recipe, Stage
 from megatron_soaes.config.pipeline import PHASES, PipelineConfig, TrainCfg, load_pipeline_config
+from megatron_soaes.heads.config import TITLES
 from megatron_soaes.utils.files import atomic_write_text, remove_atomically
 from megatron_soaes.workflows.curriculum import StageResult
 
@@ -151,7 +152,8 @@ class SpecRow(BaseModel):
 class SpeculativeResult(PhaseResult):
     rows: list[SpecRow]
     ce_rows: list[SpecRow] = []  # the same settings with the CE-only draft (distill.ce_baseline)
-    head_rows: list[SpecRow] = []  # the same settings with the EAGLE-3 head (draft_head)
+    head_rows: list[SpecRow] = []  # the same settings with the draft head (draft_head)
+    head_kind: str | None = None  # which head those rows are (heads.config.KINDS)
     reduced_rows: list[SpecRow] = []  # the distilled draft restricted to the head's draft vocabulary
 
 
@@ -458,7 +460,8 @@ class Pipeline:
         return self._train_draft(self.distill_ce_job())
 
     def phase_draft_head(self) -> DistillResult:
-        """The EAGLE-3 head, trained beside the frozen SFT target (on the SFT data or the target's own answers)."""
+        """The draft head (EAGLE-3 or MTP), trained beside the frozen SFT target (on the SFT data or the target's own
+        answers)."""
         from megatron_soaes.training.metrics import last_eval
 
         if self.cfg.draft_head is None:
@@ -485,7 +488,7 @@ class Pipeline:
             "distill", self.model("target"), t, self.out / "draft_head",
             sft=SFTSection(train=train,
                            valid={"soae_qa": [SFTFile(path=self.sft_file("soae_qa", "valid"))]}, default_system=None),
-            distill=DistillSection(draft="eagle3", teacher=teacher, divergence=d.divergence,
+            distill=DistillSection(draft=h.kind, teacher=teacher, divergence=d.divergence,
                                    head=DraftHeadSection(draft_vocab=h.draft_vocab, ttt_steps=h.ttt_steps,
                                                          feature_layers=h.feature_layers, cache_teacher=h.cache_teacher)))
 
@@ -630,7 +633,7 @@ class Pipeline:
             checks[name] = ExportCheck(dir=str(dst), **check_export(dst, texts=texts, conversations=convs))
         check_pair(checks["target"].dir, checks["draft"].dir)
         head = self.result("draft_head")
-        if not head.skipped:  # the EAGLE-3 layout, read back and checked against the checkpoint
+        if not head.skipped and self.cfg.draft_head.kind == "eagle3":  # EAGLE-3's layout, read back and checked
             import torch
 
             from megatron_soaes.heads.export import read_eagle3, write_eagle3
@@ -682,13 +685,14 @@ class Pipeline:
             eagle = load_head(head.checkpoint, target)
             head_rows = run_benchmark(target, eagle, prompts, sp.max_new_tokens, sp.gammas, sp.trees, log=self.log,
                                       baseline=base)
-            self.log("EAGLE-3 head:\n" + format_table(head_rows))
+            self.log(f"{TITLES[eagle.hcfg.kind]}:\n" + format_table(head_rows))
             if eagle.hcfg.draft_vocab_size < target.vocab_size:  # the separate draft on the head's draft vocabulary
                 draft.restrict_vocab(eagle.draft_ids)
                 reduced_rows = run_benchmark(target, draft, prompts, sp.max_new_tokens, sp.gammas, sp.trees,
                                              log=self.log, baseline=base)
                 self.log(f"distilled draft, {len(eagle.draft_ids)}-token vocabulary:\n" + format_table(reduced_rows))
-        return SpeculativeResult(rows=rows, ce_rows=ce_rows, head_rows=head_rows, reduced_rows=reduced_rows)
+        return SpeculativeResult(rows=rows, ce_rows=ce_rows, head_rows=head_rows, reduced_rows=reduced_rows,
+                                 head_kind=self.cfg.draft_head.kind if head_rows else None)
 
     def loss_runs(self) -> list[tuple[str, Path]]:
         """(title, run directory) of every training run, in pipeline order, for the loss plot."""
@@ -705,7 +709,7 @@ class Pipeline:
         if not self.result("distill_ce").skipped:
             runs.append(("CE-only draft (baseline)", self.out / "distill_ce"))
         if not self.result("draft_head").skipped:
-            runs.append(("EAGLE-3 draft head", self.out / "draft_head"))
+            runs.append((f"draft head ({TITLES[self.cfg.draft_head.kind]})", self.out / "draft_head"))
         return runs
 
     def phase_report(self) -> ReportResult:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_soaes.eval.ability import MCQ_CHANCE, at_chance, chance_band
+from megatron_soaes.heads.config import TITLES
 from megatron_soaes.utils.files import atomic_write_json, atomic_write_text
 
 
@@ -260,14 +261,15 @@ def write_report(name: str, out: Path, evaluation, distill, distill_ce, export, 
         note += ["", "The same settings with the CE-only draft (no distillation):", "", "```", format_table(ce_spec), "```"]
     head_spec = [r.model_dump() for r in speculative.head_rows]
     reduced_spec = [r.model_dump() for r in speculative.reduced_rows]
+    head_title = TITLES.get(speculative.head_kind or "eagle3")
     if head_spec:
-        note += ["", "The same settings with the EAGLE-3 head (one layer reading the target's hidden states, trained in "
+        note += ["", f"The same settings with the {head_title} (one layer reading the target's hidden states, trained in "
                      "megatron beside the frozen target):", "", "```", format_table(head_spec), "```"]
     if reduced_spec:
         note += ["", "The distilled draft restricted to the head's draft vocabulary (lossless: verification scores "
                      "every token):", "", "```", format_table(reduced_spec), "```"]
     kinds = [(n, r) for n, r in (("draft model (distilled)", spec), ("draft model, CE only", ce_spec),
-                                  ("draft model, reduced vocabulary", reduced_spec), ("EAGLE-3 head", head_spec)) if r]
+                                  ("draft model, reduced vocabulary", reduced_spec), (head_title, head_spec)) if r]
     if len(kinds) > 1:
         note += ["", "Draft kinds side by side (each one's best setting on the same target run and prompts):", "",
                  *draft_kind_lines(kinds)]

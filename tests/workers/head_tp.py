@@ -1,6 +1,6 @@
-"""The EAGLE-3 head on megatron at this world size's TP (its checkpoint resharded on load): every
-training-time-test step's logits, gathered over the draft vocabulary, and the gradients of fc and QKV
-under a fixed random loss. Rank 0 writes them as JSON."""
+"""A draft head (EAGLE-3 or MTP) on megatron at this world size's TP (its checkpoint resharded on load): every
+training-time-test step's logits, gathered over the draft vocabulary, and the gradients of its feature
+projection (EAGLE-3's fc, MTP's eh_proj) and QKV under a fixed random loss. Rank 0 writes them as JSON."""
 import json
 import os
 import sys
@@ -32,6 +32,9 @@ def main(head_ckpt, target_ckpt, out):
     target.eval()
     feats = {}
     for i in {0, *hcfg.feature_layers}:
+        if i == len(target.decoder.layers):  # MTP: the target's output after its final norm
+            target.decoder.final_layernorm.register_forward_hook(lambda m, a, out, i=i: feats.__setitem__(i, out))
+            continue
         target.decoder.layers[i].register_forward_pre_hook(
             lambda m, a, k, i=i: feats.__setitem__(i, k["hidden_states"] if "hidden_states" in k else a[0]), with_kwargs=True)
     g = torch.Generator().manual_seed(1)
@@ -47,12 +50,21 @@ def main(head_ckpt, target_ckpt, out):
     full = gather_from_tensor_model_parallel_region(logits)
     w = torch.randn(full.shape, generator=torch.Generator().manual_seed(2))
     (full * w).sum().backward()
-    qkv = head.layer.self_attention.linear_qkv.weight.grad
-    grads = [torch.empty_like(qkv) for _ in range(ps.get_tensor_model_parallel_world_size())]
-    torch.distributed.all_gather(grads, qkv.contiguous(), group=ps.get_tensor_model_parallel_group())
+    mtp = hcfg.kind == "mtp"
+    proj = head.mtp.eh_proj.weight if mtp else head.fc.weight
+    qkv = (head.mtp.transformer_layer if mtp else head.layer).self_attention.linear_qkv.weight
+
+    def whole(param):  # a column-parallel weight's gradient gathered over TP; a replicated one as it is
+        if not getattr(param, "tensor_model_parallel", False):
+            return param.grad
+        parts = [torch.empty_like(param.grad) for _ in range(ps.get_tensor_model_parallel_world_size())]
+        torch.distributed.all_gather(parts, param.grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+        return torch.cat(parts)
+
+    proj_grad, qkv_grad = whole(proj), whole(qkv)
     if torch.distributed.get_rank() == 0:
-        json.dump({"logits": full.tolist(), "fc_grad": head.fc.weight.grad.tolist(),
-                   "qkv_grad": torch.cat(grads).tolist(), "tokens": tokens.tolist()}, open(out, "w"))
+        json.dump({"logits": full.tolist(), "fc_grad": proj_grad.tolist(), "qkv_grad": qkv_grad.tolist(),
+                   "tokens": tokens.tolist()}, open(out, "w"))
 
 
 if __name__ == "__main__":
