@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Draft kinds side by side on the main job's target: the separate distilled draft (whole vocabulary and the
-head's reduced one), the EAGLE-3 head, and transformers' assisted generation as the outside baseline.
+head's reduced one), the EAGLE-3 head, with --mtp megatron-core's MTP layer as a head, and transformers' assisted
+generation as the outside baseline.
 
 Same target run, same held-out prompts (the knowledge questions' test split, chat-formatted), batch 1 and 4;
 per setting tau, alpha, tokens/s and speedup over target-only greedy, and per draft its cost per token
@@ -8,7 +9,10 @@ relative to the target (one cached decode step each, median of many). Every outp
 target-only greedy at batch 1; the run exits 1 when any differs. Needs a main job run through `speculative`
 (or at least `export` with `draft_head` on).
 
-  python benchmarks/draft_kinds.py --config examples/smollm2/pipeline.yaml [--prompts 32] [--batch-sizes 1 4]
+  python benchmarks/draft_kinds.py --config examples/smollm2/pipeline.yaml [--prompts 32] [--batch-sizes 1 4] [--mtp]
+
+--mtp trains an MTP head with the run's draft_head settings (same data, steps, vocabulary size, training-time
+test) into <run>/draft_mtp, once (a finished one is reused, with its recorded training time).
 """
 
 from __future__ import annotations
@@ -50,13 +54,36 @@ def step_seconds(model, context: int = 128, steps: int = 48) -> float:
 
 
 def training_seconds(pipe) -> dict:
-    """Seconds each draft kind's training phase took (the pipeline's phase records)."""
+    """Seconds each draft kind's training phase took (the pipeline's phase records, and the MTP head's)."""
     out = {}
     for phase in ("distill", "draft_head"):
         f = pipe.phase_file(phase)
         if f.exists():
             out[phase] = json.loads(f.read_text()).get("seconds")
+    mtp = pipe.out / "draft_mtp" / MTP_RECORD
+    if mtp.exists():
+        out["draft_mtp"] = json.loads(mtp.read_text())["seconds"]
     return out
+
+
+MTP_RECORD = "mtp_training.json"  # checkpoint and training seconds of the --mtp head
+
+
+def mtp_head(pipe) -> str:
+    """An MTP head trained like the run's draft head (its job with distill.draft mtp), in <run>/draft_mtp."""
+    from megatron_soaes.utils.files import atomic_write_json
+
+    out = pipe.out / "draft_mtp"
+    if (out / MTP_RECORD).exists():
+        return json.loads((out / MTP_RECORD).read_text())["checkpoint"]
+    job = pipe.draft_head_job()
+    head = job.distill.head.model_copy(update={"feature_layers": None})
+    job = job.model_copy(update={"distill": job.distill.model_copy(update={"draft": "mtp", "head": head}),
+                                 "train": job.train.model_copy(update={"output_dir": str(out)})})
+    t0 = time.time()
+    ckpt = pipe._train(job)
+    atomic_write_json(out / MTP_RECORD, {"checkpoint": ckpt, "seconds": round(time.time() - t0, 1)})
+    return ckpt
 
 
 def hf_pair(pipe, dist) -> tuple[str, str]:
@@ -84,6 +111,7 @@ def main() -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--gammas", type=int, nargs="+", default=[3, 5])
     ap.add_argument("--trees", nargs="*", default=["dynamic"])
+    ap.add_argument("--mtp", action="store_true", help="also an MTP head (trained here once with the draft head's settings)")
     ap.add_argument("--out", default="benchmarks/results/draft_kinds_cpu.json")
     args = ap.parse_args()
 
@@ -106,6 +134,13 @@ def main() -> int:
     kinds = {"draft model (distilled, 4 layers)": draft,
              f"draft model, {len(head.draft_ids)}-token vocabulary": reduced,
              f"EAGLE-3 head ({len(head.draft_ids)}-token vocabulary)": head}
+    mtp_ckpt = mtp_head(pipe) if args.mtp else None
+    if mtp_ckpt:
+        from megatron_soaes.training.metrics import last_eval
+
+        mtp = load_head(mtp_ckpt, target)
+        kinds[f"MTP head ({len(mtp.draft_ids)}-token vocabulary)"] = mtp
+        mtp_eval = last_eval(pipe.out / "draft_mtp")
     t_step = step_seconds(target)
     cost = {name: step_seconds(m) / t_step for name, m in kinds.items()}
     for name, c in cost.items():
@@ -131,7 +166,7 @@ def main() -> int:
         gammas=args.gammas, trees=args.trees, target=dist.target, draft=dist.checkpoint, head=head_res.checkpoint,
         draft_vocab=len(head.draft_ids), target_step_seconds=t_step, draft_cost=cost,
         draft_head=pipe.cfg.draft_head.model_dump() if pipe.cfg.draft_head else None, head_eval=head_res.eval,
-        training_seconds=training_seconds(pipe)))
+        mtp=mtp_ckpt, mtp_eval=mtp_eval if mtp_ckpt else None, training_seconds=training_seconds(pipe)))
     if not exact:
         print("NOT LOSSLESS: some output differs from target-only greedy", file=sys.stderr)
         return 1

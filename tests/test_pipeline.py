@@ -213,6 +213,7 @@ def test_phase_settings_name_what_each_phase_depends_on():
     assert redone("sft.lora_ablation={peft: {rank: 8}}") == ["sft_lora", "evaluate"]
     assert redone("distill.ce_baseline=false") == ["distill_ce", "speculative"]
     assert redone("draft_head={steps: 5}") == ["draft_head"]  # (export, speculative and the report read its result)
+    assert redone("draft_head={kind: mtp}") == ["draft_head"]
     assert redone("distill.answer_tokens=32") == ["distill", "distill_ce", "draft_head"]
     assert redone("evaluation.repetition_penalty=1.0") == ["evaluate"]
     assert redone("data.curation.workers=1") == []
