@@ -268,8 +268,9 @@ def draft_kinds(data: dict) -> list[str]:
     train = st.get("training_seconds") or {}
     lines = [f"Draft cost per token, relative to one target forward: "
              + ", ".join(f"{k} {v:.3f}" for k, v in st["draft_cost"].items())
-             + f". Training on 2 cores: the distilled draft {_f(train.get('distill'), '.0f')} s, the head "
-             f"{_f(train.get('draft_head'), '.0f')} s.", "",
+             + f". Training on 2 cores: the distilled draft {_f(train.get('distill'), '.0f')} s, the EAGLE-3 head "
+             f"{_f(train.get('draft_head'), '.0f')} s"
+             + (f", the MTP head {train['draft_mtp']:.0f} s" if "draft_mtp" in train else "") + ".", "",
              "| draft | method | batch | tokens/s | tau | alpha | speedup | agreement with the target | identical to greedy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
