@@ -127,6 +127,9 @@ def test_megatron_head_tp2_equals_tp1_and_the_inference_head(request, run, sharp
     for k in ("logits", "fc_grad", "qkv_grad"):
         scale = float(res[1][k].abs().max())
         torch.testing.assert_close(res[2][k], res[1][k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+    d = res[1]["init_proj"].shape[0]  # a head started from the target passes the hidden state through, at any TP
+    for n in (1, 2):
+        assert torch.equal(res[n]["init_proj"][:, -d:], torch.eye(d)) and not res[n]["init_proj"][:, :-d].any()
     target = load_inference_model(sharp_target)
     head = load_head(head_run, target)
     tokens = res[1]["tokens"][:1]  # the first row is one example

@@ -25,7 +25,7 @@ TE_SPARSE_NORM = "pre_mlp_layernorm.weight"  # the same weight, TE spec
 ROUTER = "mlp.router.weight"
 _PER_LAYER = re.compile(r"^(decoder\.layers\.\d+\.)(.+)$")
 _LAYER = re.compile(r"^(decoder\.layers\.(?:\d+\.)?)(.+)$")  # per-layer or layer-stacked
-_NO_EXTRA_STATE = ("embedding.", "output_layer.", ROUTER)
+_NO_EXTRA_STATE = ("embedding.", "output_layer.")  # and the router
 
 
 def alias(key: str) -> str | None:

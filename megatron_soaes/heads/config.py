@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from megatron_soaes.config.job import HEAD_KINDS
 from megatron_soaes.models.config import Qwen2Config
 
 
@@ -14,7 +15,6 @@ def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     return (2, num_layers // 2, num_layers - 3)
 
 
-KINDS = ("eagle3", "mtp")
 TITLES = {"eagle3": "EAGLE-3 head", "mtp": "MTP head"}  # as reports and logs name each kind
 
 
@@ -35,8 +35,8 @@ class HeadConfig:
 
     def __post_init__(self):
         cfg = self.target_config
-        if self.kind not in KINDS:
-            raise ValueError(f"draft head kind {self.kind!r}: one of {', '.join(KINDS)}")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"draft head kind {self.kind!r}: one of {', '.join(HEAD_KINDS)}")
         self.draft_vocab_size = self.draft_vocab_size or cfg.vocab_size
         if self.kind == "mtp":
             if tuple(self.feature_layers) not in ((), (cfg.num_layers,)):

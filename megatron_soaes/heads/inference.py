@@ -61,12 +61,15 @@ class Eagle3ForInference(Qwen2ForInference):
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features.to(self.dtype))
 
+    def _normed_pair(self, tokens, hidden) -> torch.Tensor:
+        """[norm(embedding), norm(hidden)]: what both kinds read (EAGLE-3's attention, MTP's eh_proj)."""
+        eps = self.cfg.rms_norm_eps
+        return torch.cat([_rms_norm(F.embedding(tokens, self.embed), self.embed_norm, eps),
+                          _rms_norm(hidden, self.hidden_norm, eps)], -1)
+
     def _inputs(self, tokens, hidden) -> tuple[torch.Tensor, torch.Tensor]:
         """(the attention's input, the residual stream) of the layer."""
-        eps = self.cfg.rms_norm_eps
-        x = torch.cat([_rms_norm(F.embedding(tokens, self.embed), self.embed_norm, eps),
-                       _rms_norm(hidden, self.hidden_norm, eps)], -1)
-        return x, hidden
+        return self._normed_pair(tokens, hidden), hidden
 
     def _outputs(self, h) -> tuple[torch.Tensor, torch.Tensor]:
         """(the hidden state the next drafting step is fed, the output layer's input)."""
@@ -112,7 +115,7 @@ class MTPForInference(Eagle3ForInference):
 
     def _load(self, w, packed: bool) -> tuple[str, str]:
         self.eh_proj = Linear(w("eh_proj.weight"), pack=packed)
-        self.enorm, self.hnorm = w("enorm.weight"), w("hnorm.weight")
+        self.embed_norm, self.hidden_norm = w("enorm.weight"), w("hnorm.weight")
         self.in_norm, self.post_norm = w("layer.input_layernorm.weight"), w("layer.post_attention_layernorm.weight")
         self.norm = w("norm.weight")
         return "layer.self_attn.", "layer.mlp."
@@ -121,10 +124,8 @@ class MTPForInference(Eagle3ForInference):
         return features.to(self.dtype)
 
     def _inputs(self, tokens, hidden):
-        eps = self.cfg.rms_norm_eps
-        z = self.eh_proj(torch.cat([_rms_norm(F.embedding(tokens, self.embed), self.enorm, eps),
-                                    _rms_norm(hidden, self.hnorm, eps)], -1))
-        return _rms_norm(z, self.in_norm, eps), z
+        z = self.eh_proj(self._normed_pair(tokens, hidden))
+        return _rms_norm(z, self.in_norm, self.cfg.rms_norm_eps), z
 
     def _outputs(self, h):
         out = _rms_norm(h, self.norm, self.cfg.rms_norm_eps)

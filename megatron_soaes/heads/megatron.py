@@ -113,6 +113,19 @@ class Eagle3Head(_Head):
         self.final_layernorm = RMSNorm(tcfg, d, eps)
         self._one_dtype()
 
+    @property
+    def projection(self):
+        """The linear that reads the target's hidden state (its last input columns)."""
+        return self.fc
+
+    @property
+    def final_norm(self):
+        return self.final_layernorm
+
+    @property
+    def transformer_layer(self):
+        return self.layer
+
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """[..., 3 x target hidden] (the feature layers' inputs, concatenated) -> [..., hidden]."""
         return self.fc(features)
@@ -154,6 +167,19 @@ class MTPHead(_Head):
                                              pg_collection=ProcessGroupCollection.use_mpu_process_groups(["cp"]))
         self._one_dtype()
 
+    @property
+    def projection(self):
+        """`eh_proj` over [embedding, hidden] (column-parallel)."""
+        return self.mtp.eh_proj
+
+    @property
+    def final_norm(self):
+        return self.mtp.final_layernorm
+
+    @property
+    def transformer_layer(self):
+        return self.mtp.transformer_layer
+
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """The target's final normed hidden state is the layer's input as it is."""
         return features
@@ -173,8 +199,8 @@ class MTPHead(_Head):
 @torch.no_grad()
 def init_from_target(head: _Head, checkpoint) -> None:
     """Start the head in the target's hidden space: its output layer = the target's output rows of the draft
-    vocabulary (this rank's share), its final norm = the target's, and fc = pass the highest feature layer
-    through (the fused feature starts as the hidden state nearest the output)."""
+    vocabulary (this rank's share), its final norm = the target's, and its projection (EAGLE-3's fc, MTP's
+    eh_proj) = pass the hidden state in its last input columns through (this rank's rows of it)."""
     from megatron.core import parallel_state as ps
 
     from megatron_soaes.checkpoint.dcp_io import DcpReader
@@ -186,13 +212,13 @@ def init_from_target(head: _Head, checkpoint) -> None:
     k = out.shape[0] // ps.get_tensor_model_parallel_world_size()
     r = ps.get_tensor_model_parallel_rank()
     head.output_layer.weight.copy_(out[r * k:(r + 1) * k])
-    final = reader.read("decoder.final_layernorm.weight")
-    proj = head.fc if isinstance(head, Eagle3Head) else head.mtp.eh_proj  # [d, 3d] / [d, 2d]: hidden last
-    d = proj.weight.shape[0]
-    eye = torch.zeros_like(proj.weight)
-    eye[:, -d:] = torch.eye(d)
-    proj.weight.copy_(eye)
-    (head.final_layernorm if isinstance(head, Eagle3Head) else head.mtp.final_layernorm).weight.copy_(final)
+    head.final_norm.weight.copy_(reader.read("decoder.final_layernorm.weight"))
+    w = head.projection.weight  # [d, 3d] replicated (fc) or [d / tp, 2d] this rank's rows (eh_proj); hidden last
+    d, rows = head.hcfg.layer_config().hidden_size, torch.arange(w.shape[0])
+    first = r * w.shape[0] if w.shape[0] != d else 0  # the global row of this rank's first
+    eye = torch.zeros_like(w)
+    eye[rows, w.shape[1] - d + first + rows] = 1
+    w.copy_(eye)
 
 
 def build_head(hcfg: HeadConfig, dtype: str = "fp32") -> _Head:

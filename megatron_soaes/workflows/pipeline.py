@@ -153,7 +153,7 @@ class SpeculativeResult(PhaseResult):
     rows: list[SpecRow]
     ce_rows: list[SpecRow] = []  # the same settings with the CE-only draft (distill.ce_baseline)
     head_rows: list[SpecRow] = []  # the same settings with the draft head (draft_head)
-    head_kind: str | None = None  # which head those rows are (heads.config.KINDS)
+    head_kind: str | None = None  # which head those rows are (config.job.HEAD_KINDS)
     reduced_rows: list[SpecRow] = []  # the distilled draft restricted to the head's draft vocabulary
 
 

@@ -1,6 +1,7 @@
 """A draft head (EAGLE-3 or MTP) on megatron at this world size's TP (its checkpoint resharded on load): every
 training-time-test step's logits, gathered over the draft vocabulary, and the gradients of its feature
-projection (EAGLE-3's fc, MTP's eh_proj) and QKV under a fixed random loss. Rank 0 writes them as JSON."""
+projection (EAGLE-3's fc, MTP's eh_proj) and QKV under a fixed random loss; and the projection of a head
+started from the target (`init_from_target`), gathered. Rank 0 writes them as JSON."""
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ def main(head_ckpt, target_ckpt, out):
     from megatron_soaes.checkpoint.load import load_model_weights
     from megatron_soaes.checkpoint.meta import read_meta
     from megatron_soaes.heads.config import HeadConfig
-    from megatron_soaes.heads.megatron import build_head
+    from megatron_soaes.heads.megatron import build_head, init_from_target
     from megatron_soaes.heads.task import DraftHeadTask
     from megatron_soaes.models import build_model
     from megatron_soaes.checkpoint.meta import read_model_config
@@ -50,21 +51,22 @@ def main(head_ckpt, target_ckpt, out):
     full = gather_from_tensor_model_parallel_region(logits)
     w = torch.randn(full.shape, generator=torch.Generator().manual_seed(2))
     (full * w).sum().backward()
-    mtp = hcfg.kind == "mtp"
-    proj = head.mtp.eh_proj.weight if mtp else head.fc.weight
-    qkv = (head.mtp.transformer_layer if mtp else head.layer).self_attention.linear_qkv.weight
+    proj, qkv = head.projection.weight, head.transformer_layer.self_attention.linear_qkv.weight
 
-    def whole(param):  # a column-parallel weight's gradient gathered over TP; a replicated one as it is
+    def whole(param, t):  # a column-parallel tensor of `param` gathered over TP; a replicated one as it is
         if not getattr(param, "tensor_model_parallel", False):
-            return param.grad
-        parts = [torch.empty_like(param.grad) for _ in range(ps.get_tensor_model_parallel_world_size())]
-        torch.distributed.all_gather(parts, param.grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+            return t
+        parts = [torch.empty_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
+        torch.distributed.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
         return torch.cat(parts)
 
-    proj_grad, qkv_grad = whole(proj), whole(qkv)
+    proj_grad, qkv_grad = whole(proj, proj.grad), whole(qkv, qkv.grad)
+    fresh = build_head(hcfg)
+    init_from_target(fresh, target_ckpt)
+    init_proj = whole(fresh.projection.weight, fresh.projection.weight.detach())
     if torch.distributed.get_rank() == 0:
         json.dump({"logits": full.tolist(), "fc_grad": proj_grad.tolist(), "qkv_grad": qkv_grad.tolist(),
-                   "tokens": tokens.tolist()}, open(out, "w"))
+                   "init_proj": init_proj.tolist(), "tokens": tokens.tolist()}, open(out, "w"))
 
 
 if __name__ == "__main__":
