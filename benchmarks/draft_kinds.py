@@ -12,7 +12,9 @@ target-only greedy at batch 1; the run exits 1 when any differs. Needs a main jo
   python benchmarks/draft_kinds.py --config examples/smollm2/pipeline.yaml [--prompts 32] [--batch-sizes 1 4] [--mtp]
 
 --mtp trains an MTP head with the run's draft_head settings (same data, steps, vocabulary size, training-time
-test) into <run>/draft_mtp, once (a finished one is reused, with its recorded training time).
+test) into <run>/draft_mtp, once (a finished one is reused, with its recorded training time). --mtp-steps /
+--mtp-examples also compare an MTP head given a longer budget (into <run>/draft_mtp_s<steps>_e<examples>):
+what more training buys, beside the equal-budget rows.
 """
 
 from __future__ import annotations
@@ -60,20 +62,19 @@ def training_seconds(pipe) -> dict:
         f = pipe.phase_file(phase)
         if f.exists():
             out[phase] = json.loads(f.read_text()).get("seconds")
-    mtp = pipe.out / "draft_mtp" / MTP_RECORD
-    if mtp.exists():
-        out["draft_mtp"] = json.loads(mtp.read_text())["seconds"]
+    for mtp in sorted(pipe.out.glob(f"draft_mtp*/{MTP_RECORD}")):
+        out[mtp.parent.name] = json.loads(mtp.read_text())["seconds"]
     return out
 
 
 MTP_RECORD = "mtp_training.json"  # checkpoint and training seconds of the --mtp head
 
 
-def mtp_head(pipe) -> str:
-    """An MTP head trained like the run's draft head (its job with distill.draft mtp), in <run>/draft_mtp."""
+def mtp_head(pipe, name: str = "draft_mtp") -> str:
+    """An MTP head trained like the run's draft head (its job with distill.draft mtp), in <run>/<name>."""
     from megatron_soaes.utils.files import atomic_write_json
 
-    out = pipe.out / "draft_mtp"
+    out = pipe.out / name
     if (out / MTP_RECORD).exists():
         return json.loads((out / MTP_RECORD).read_text())["checkpoint"]
     job = pipe.draft_head_job()
@@ -112,6 +113,8 @@ def main() -> int:
     ap.add_argument("--gammas", type=int, nargs="+", default=[3, 5])
     ap.add_argument("--trees", nargs="*", default=["dynamic"])
     ap.add_argument("--mtp", action="store_true", help="also an MTP head (trained here once with the draft head's settings)")
+    ap.add_argument("--mtp-steps", type=int, default=None, help="also an MTP head trained this many steps")
+    ap.add_argument("--mtp-examples", type=int, default=None, help="... on this many training examples")
     ap.add_argument("--out", default="benchmarks/results/draft_kinds_cpu.json")
     args = ap.parse_args()
 
@@ -140,7 +143,15 @@ def main() -> int:
 
         mtp = load_head(mtp_ckpt, target)
         kinds[f"MTP head ({len(mtp.draft_ids)}-token vocabulary)"] = mtp
-        mtp_eval = last_eval(pipe.out / "draft_mtp")
+        mtp_eval = {"draft_mtp": last_eval(pipe.out / "draft_mtp")}
+        if args.mtp_steps or args.mtp_examples:
+            h = pipe.cfg.draft_head
+            steps, examples = args.mtp_steps or h.steps, args.mtp_examples or h.examples
+            name = f"draft_mtp_s{steps}_e{examples}"
+            longer = Pipeline(load_pipeline_config(args.config, [*args.set, f"draft_head.steps={steps}",
+                                                                 f"draft_head.examples={examples}"]), log=print)
+            kinds[f"MTP head, {steps} steps on {examples} examples"] = load_head(mtp_head(longer, name), target)
+            mtp_eval[name] = last_eval(pipe.out / name)
     t_step = step_seconds(target)
     cost = {name: step_seconds(m) / t_step for name, m in kinds.items()}
     for name, c in cost.items():

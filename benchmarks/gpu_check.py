@@ -15,6 +15,10 @@ figures against the bounds in TOLERANCES and the run exits 1 naming every part t
                max abs <= packed_max_abs); both keep examples apart, exactly: changing a token changes
                no loss of another example or an earlier token; and both equal the examples run one by one,
                per-token losses and parameter gradients (attention_probe.py --probe packed)
+  cp           context parallelism on megatron's local layers (no Transformer Engine): the same bf16 CPT from
+               the same weights at CP 1 (one rank) and CP 2 (two ranks sharing the one GPU over gloo with CUDA
+               tensors: NCCL refuses two ranks on one device), so FlexAttention's gathered-K/V CP mask runs on
+               CUDA; the losses agree step by step (rel. diff <= cp_rel)
   verify       the CUDA tree-verify op equals the PyTorch reference on every tree (verify_op.py)
   speculative  a small target + distilled draft trained here in bf16, decoded in fp32 on the GPU at batch
                1, 4 and 16: every speculative output equals target-only greedy; with CUDA graphs the
@@ -49,16 +53,17 @@ from provenance import provenance, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARTS = ("env", "parity", "packed", "verify", "speculative", "throughput")
+PARTS = ("env", "parity", "packed", "cp", "verify", "speculative", "throughput")
 # The bounds each part is held to (stated once; the README quotes them).
 TOLERANCES = {
     "parity_first_rel": 1e-2,  # bf16: local vs SDPA loss at step 1 (same weights, same batch)
     "parity_rel": 3e-2,  # and at the next steps (the runs drift apart by rounding)
     "packed_mean_rel": 1e-2,  # flex vs dense mask: mean per-token loss, relative
     "packed_max_abs": 0.25,  # and the largest per-token difference (bf16 logits)
+    "cp_rel": 1e-2,  # CP 2 vs CP 1 losses, each step (bf16: the split attention rounds differently)
 }
 # Seconds each part may take at most (on one H100); throughput gets what the budget has left.
-LIMITS = {"parity": 100, "packed": 90, "verify": 90, "speculative": 210, "throughput": 240}
+LIMITS = {"parity": 100, "packed": 90, "cp": 90, "verify": 90, "speculative": 210, "throughput": 240}
 # What --plant can plant -> the part that must then fail.
 PLANTS = {"parity": "parity", "packed": "packed", "packed-boundary": "packed", "verify": "verify",
           "speculative": "speculative"}
@@ -80,7 +85,7 @@ class Check:
         tmp.write_text(json.dumps(self.report, indent=2))
         tmp.replace(self.out / "gpu_check.json")
 
-    def run(self, cmd: list, limit: int, log: Path, results=()) -> dict:
+    def run(self, cmd: list, limit: int, log: Path, results=(), extra_env: dict | None = None) -> dict:
         """One command of a part; its output goes to `log`, the tail into the result when it fails. `results`
         (files or directories it writes) are removed first: a failed run never reports an earlier run's figures.
         The command runs in a process group of its own, killed whole at the time limit (a training it started
@@ -93,7 +98,7 @@ class Check:
         # each part is a job of its own: never a rendezvous address this process was started with
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
         p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                             env={**env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
             out, rc = p.communicate(timeout=limit)[0], p.returncode
         except subprocess.TimeoutExpired:
@@ -189,6 +194,30 @@ def part_packed(c: Check, py: str, dev: str, dtype: str) -> dict:
                           f"{r['max_abs_loss_diff']:.2e} (bounds {TOLERANCES['packed_mean_rel']}, {TOLERANCES['packed_max_abs']})")
     r["packed_probe"] = probe(c, py, "packed", "packed", dev, dtype, probe_shape(c, packed=True))
     r["wrong"] += r["packed_probe"]["wrong"]
+    return r
+
+
+def part_cp(c: Check, py: str) -> dict:
+    """CP 2 = CP 1 (losses per step). Both runs use gloo, so the two CP ranks can share one GPU."""
+    base, _ = shapes(c)
+    local = f"{base},train.transformer_impl=local,train.attention=sdpa,train.global_batch_size=2,train.micro_batch_size=1"
+    if not c.smoke:
+        local += ",data.seq_length=4096"
+    out = c.out / "cp"
+    cmd = [py, "benchmarks/train_throughput.py", "--config", "examples/gpu/cpt_throughput.yaml", "--steps", "3",
+           "--log-interval", "1", "--out", out, "--variant", f"CP 1=1:{local}",
+           "--variant", f"CP 2=2:{local},parallel.context_parallel=2"]
+    r = c.run(cmd, c.left("cp"), c.out / "cp.log", results=[out], extra_env={"SOAES_DIST_BACKEND": "gloo"})
+    rows = {x["variant"]: x for x in read_rows(out / "train_throughput.json") or []}
+    a, b = (rows.get(v, {}).get("losses") or [] for v in ("CP 1", "CP 2"))
+    rel = [abs(y - x) / abs(x) for x, y in zip(a, b)]
+    r.update(cp1=a, cp2=b, rel_diff=rel, max_rel_diff=max(rel) if rel else None, wrong=[],
+             tokens_per_s={v: x.get("tokens_per_s") for v, x in rows.items()})
+    if not rel or len(a) != len(b):
+        why = "; ".join(f"{v}: {x['skipped']}" for v, x in rows.items() if x.get("skipped")) or r["rc"]
+        r["wrong"].append(f"no losses of both layouts ({why})")
+    elif max(rel) > TOLERANCES["cp_rel"]:
+        r["wrong"].append(f"CP 2 vs CP 1 losses differ: rel {['%.2e' % x for x in rel]} (bound {TOLERANCES['cp_rel']})")
     return r
 
 
@@ -328,7 +357,7 @@ def main() -> None:
     c = Check(out, float("inf") if smoke else args.budget, smoke, args.plant, " ".join(sys.argv), args.reuse_pair)
     parts = [p for p in PARTS if p in args.parts]
     runners = {"env": lambda: part_env(c, py), "parity": lambda: part_parity(c, py, dev, dtype),
-               "packed": lambda: part_packed(c, py, dev, dtype), "verify": lambda: part_verify(c, py, dev),
+               "packed": lambda: part_packed(c, py, dev, dtype), "cp": lambda: part_cp(c, py), "verify": lambda: part_verify(c, py, dev),
                "speculative": lambda: part_speculative(c, py, dev), "throughput": lambda: part_throughput(c, py)}
     print(f"gpu-check on {dev} ({'smoke, ' if smoke else ''}budget {args.budget:.0f}s), parts: {' '.join(parts)}", flush=True)
     for p in parts:
@@ -369,6 +398,9 @@ def summary(report: dict) -> str:
     if "speedup_flex" in k:
         lines.append(f"  packed SFT: flex {k['speedup_flex']:.2f}x the dense mask, per-token loss diff mean rel "
                      f"{k['mean_rel_loss_diff']:.1e}, max {k['max_abs_loss_diff']:.1e}")
+    cp = parts.get("cp", {})
+    if cp.get("max_rel_diff") is not None:
+        lines.append(f"  cp: CP 2 vs CP 1 losses {cp['cp2']} vs {cp['cp1']}, max rel diff {cp['max_rel_diff']:.2e}")
     for r in parts.get("verify", {}).get("rows") or []:
         lines.append(f"  verify vocab {r['vocab']} {r['draft']}: native {r['native_us']} us vs reference "
                      f"{r['reference_us']} us, same output {r['same_output']}")

@@ -61,8 +61,8 @@ def why_not(sets: list[str], nproc: int) -> str | None:
 
         if not torch.cuda.is_available():
             return "needs a GPU"
-        if torch.cuda.device_count() < nproc:
-            return f"needs {nproc} GPUs"
+        if torch.cuda.device_count() < nproc and os.environ.get("SOAES_DIST_BACKEND") != "gloo":
+            return f"needs {nproc} GPUs (or SOAES_DIST_BACKEND=gloo: ranks sharing a GPU)"
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -460,6 +461,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# A write the disk refused: full, over a quota or the file-size limit, read-only, or not permitted.
+WRITE_FAILURES = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_failure(e: BaseException) -> OSError | None:
+    """The OSError a refused write raised, where `e` is it or was raised while handling it (torch's writers
+    re-raise a failed write as a RuntimeError of their own)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_FAILURES:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _output_of(args) -> str | None:
+    for name in ("output", "out", "output_dir"):
+        if getattr(args, name, None):
+            return str(getattr(args, name))
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "allow_unverified", False):
@@ -493,6 +517,14 @@ def main(argv=None) -> int:
     except (ConversionError, CheckpointCorrupt, AdapterError, ModelConfigError, ConfigError, ExportError, FileExistsError,
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        failed = write_failure(e)
+        if failed is None:
+            raise
+        where = failed.filename or _output_of(args) or "the output"
+        print(f"\nerror: writing {where} failed: {failed.strerror} (errno {failed.errno}); the output was not "
+              f"published", file=sys.stderr)
         return 2
 
 

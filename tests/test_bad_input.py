@@ -97,3 +97,51 @@ if __name__ == "__main__":  # the table docs/testing.md shows
             paths = inputs(Path(d))
             line = cli_in_process(*[a.format(**paths) for a in argv]).stderr.strip().splitlines()[0].replace(d, "...")
         print(f"| `{command}` | {bad} | `{line}` |")
+
+
+def test_a_full_disk_is_an_error_message_and_publishes_nothing(tmp_path):
+    """A write the disk refuses mid-file (here the file-size limit, EFBIG; a full disk, ENOSPC, and a read-only
+    one, EROFS, take the same path) ends with exit 2 and one line naming the output; the converted checkpoint is
+    never published, and curation keeps only its resumable `.part` (a rerun with room continues it)."""
+    import resource
+    import subprocess
+
+    from conftest import ROOT, job_env
+    from megatron_soaes.models.random_init import make_random_hf_model
+
+    make_random_hf_model(tmp_path / "hf", "test", vocab_size=4096)
+    docs = tmp_path / "docs.jsonl"
+    rng = __import__("random").Random(0)  # distinct documents (near-duplicates would be curated away)
+    docs.write_text("".join(json.dumps({"text": "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(600)) + "。"},
+                                       ensure_ascii=False) + "\n" for _ in range(200)), encoding="utf-8")
+    limit = 200_000  # bytes: below one converted tensor file, and below the curated output
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    for argv, out in ((["convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mc"], tmp_path / "mc"),
+                      (["curate", "--source", f"x={docs}", "--out", tmp_path / "cur"], tmp_path / "cur")):
+        res = subprocess.run([sys.executable, "-m", "megatron_soaes.cli", *map(str, argv)], cwd=ROOT, env=job_env(),
+                             capture_output=True, text=True, preexec_fn=small_disk, timeout=600)
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert len(lines) == 1 and str(out) in lines[0] and "File too large" in lines[0], res.stderr[-2000:]
+        published = [p.name for p in out.iterdir()] if out.exists() else []
+        assert "x.jsonl" not in published and not (out / "soaes_model.json").exists(), published
+    assert not (tmp_path / "mc").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".mc")]
+
+
+def test_a_refused_write_is_found_under_the_error_that_reports_it():
+    """torch's writers re-raise a failed write as their own RuntimeError: the CLI finds the OSError beneath."""
+    import errno
+
+    from megatron_soaes.cli import write_failure
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("unexpected pos 704 vs 598")
+    except RuntimeError as e:
+        assert write_failure(e).errno == errno.ENOSPC
+    assert write_failure(RuntimeError("x")) is None and write_failure(FileNotFoundError(errno.ENOENT, "x")) is None

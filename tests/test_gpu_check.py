@@ -56,12 +56,13 @@ def test_gpu_check_smoke_runs_every_part(demo_data, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "gpu-check passed" in res.stdout
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
-    assert list(parts) == ["env", "parity", "packed", "verify", "speculative", "throughput"]
+    assert list(parts) == ["env", "parity", "packed", "cp", "verify", "speculative", "throughput"]
     rows = {r["variant"]: r for r in parts["throughput"]["0.5b"]["rows"]}
     assert rows["SDPA"]["tokens_per_s"] > 0 and rows["local attention"]["tokens_per_s"] > 0
     assert "not installed" in rows["TE"]["skipped"]
     assert parts["parity"]["max_rel_diff"] < 1e-5  # fp32 on CPU: the same losses
     assert parts["packed"]["max_abs_loss_diff"] < 1e-5
+    assert len(parts["cp"]["cp2"]) == 3 and parts["cp"]["max_rel_diff"] < 1e-5  # CP 2 = CP 1 from the same seed
     for part, key, paths in (("parity", "causal_probe", ["megatron_local", "sdpa"]), ("packed", "packed_probe", ["dense_mask", "flex"])):
         rows = parts[part][key]["rows"]
         assert [r["path"] for r in rows] == paths and all(not r["leaks"] and r["reach"] > 0.9 for r in rows)

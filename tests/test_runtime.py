@@ -53,3 +53,17 @@ def _groups_and_gloo_threads() -> tuple[int, int]:
 def test_initialize_rejects_layout_larger_than_world():
     with pytest.raises(ParallelConfigError, match="world size 1"):
         initialize(ParallelConfig(tensor_parallel=2))
+
+
+def test_backend_choice(monkeypatch):
+    """gloo may be asked for with CUDA (ranks sharing one GPU: the GPU check's CP part); nccl needs CUDA."""
+    from megatron_soaes.runtime.distributed import backend_name
+
+    monkeypatch.delenv("SOAES_DIST_BACKEND", raising=False)
+    assert (backend_name(True), backend_name(False)) == ("nccl", "gloo")
+    monkeypatch.setenv("SOAES_DIST_BACKEND", "gloo")
+    assert backend_name(True) == "gloo"
+    for bad, cuda in (("nccl", False), ("mpi", True)):
+        monkeypatch.setenv("SOAES_DIST_BACKEND", bad)
+        with pytest.raises(RuntimeError, match=f"SOAES_DIST_BACKEND='{bad}'"):
+            backend_name(cuda)

@@ -2,6 +2,8 @@
 
 Works under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK), under SLURM ``srun`` (SLURM_PROCID/...)
 and as a plain single process. NCCL with CUDA, gloo without (then the CPU layer is installed).
+`SOAES_DIST_BACKEND=gloo` keeps gloo with CUDA: ranks may then share one GPU (NCCL refuses two ranks on one
+device), which is how `make gpu-check` runs a two-rank layout on a single lent GPU.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def set_seed(seed: int) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def backend_name(use_cuda: bool) -> str:
+    """nccl with CUDA, gloo without; SOAES_DIST_BACKEND (gloo or nccl) chooses, where CUDA allows it."""
+    name = os.environ.get("SOAES_DIST_BACKEND", "nccl" if use_cuda else "gloo")
+    if name not in ("gloo", "nccl") or (name == "nccl" and not use_cuda):
+        raise RuntimeError(f"SOAES_DIST_BACKEND={name!r}: gloo, or nccl with CUDA")
+    return name
+
+
 def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout_minutes: int = 30) -> int:
     """Initialise torch.distributed and megatron-core parallel state. Returns the data-parallel size."""
     from megatron.core import parallel_state
@@ -58,6 +68,7 @@ def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout
     rank, world, local_rank = world_info()
     parallel.validate(world)
     use_cuda = torch.cuda.is_available()
+    backend = backend_name(use_cuda)
     if not use_cuda:
         cpu_compat.install()
     if not torch.distributed.is_initialized():
@@ -69,7 +80,7 @@ def initialize(parallel: ParallelConfig | None = None, seed: int = 1234, timeout
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
         torch.distributed.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=backend,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),
