@@ -263,6 +263,12 @@ def context_parallel(data: dict) -> list[str]:
     return lines
 
 
+def _mtp_budget(name: str) -> str:
+    """draft_mtp_s320_e885 -> '(320 steps on 885 examples) '; draft_mtp (the draft head's budget) -> ''."""
+    parts = name.removeprefix("draft_mtp").strip("_").split("_")
+    return f"({parts[0][1:]} steps on {parts[1][1:]} examples) " if len(parts) == 2 else ""
+
+
 def draft_kinds(data: dict) -> list[str]:
     st = data["settings"]
     train = st.get("training_seconds") or {}
@@ -270,7 +276,8 @@ def draft_kinds(data: dict) -> list[str]:
              + ", ".join(f"{k} {v:.3f}" for k, v in st["draft_cost"].items())
              + f". Training on 2 cores: the distilled draft {_f(train.get('distill'), '.0f')} s, the EAGLE-3 head "
              f"{_f(train.get('draft_head'), '.0f')} s"
-             + (f", the MTP head {train['draft_mtp']:.0f} s" if "draft_mtp" in train else "") + ".", "",
+             + "".join(f", the MTP head {_mtp_budget(k)}{v:.0f} s" for k, v in train.items() if k.startswith("draft_mtp"))
+             + ".", "",
              "| draft | method | batch | tokens/s | tau | alpha | speedup | agreement with the target | identical to greedy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:

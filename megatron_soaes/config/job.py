@@ -253,8 +253,9 @@ class DraftHeadSection(StrictModel):
     draft_vocab: int | None = Field(None, ge=1)
     ttt_steps: int = Field(3, ge=1)  # training-time test: steps unrolled, each fed the head's own previous output
     # keep the teacher's outputs for each training row after its first pass (features, embeddings, its logits over the
-    # draft vocabulary; ~(4 x hidden x 4 + draft_vocab / TP x 2) bytes per token on each rank), so later epochs cost
-    # only the head: EAGLE's offline training without a dump, for data that fits in memory
+    # draft vocabulary, in bf16 host buffers allocated once: ~(2 x (F + hidden) + draft_vocab / TP x 2 + 4) bytes per
+    # token of the training rows on each rank, F the features' width), so later epochs cost only the head: EAGLE's
+    # offline training without a dump, for data that fits in memory
     cache_teacher: bool = False
     # target: the head's output layer and final norm start as the target's (its rows of the draft vocabulary) and fc
     # (mtp: eh_proj) passes the target's hidden state through, so the head starts in the target's hidden space;

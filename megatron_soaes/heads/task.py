@@ -116,7 +116,7 @@ class DraftHeadTask(DistillTask):
         batches, evals = super().build(job, tokenizer, model_cfg, dp_rank, dp_size, consumed_samples)
         self.packed_attention = "dense_mask"  # the teacher's mask; the head builds its own
         self.dataset = batches.ds
-        self.cache: dict[int, tuple] | None = {} if job.distill.head.cache_teacher else None
+        self.cache = TeacherCache(len(self.dataset)) if job.distill.head.cache_teacher else None
         self.steps = job.distill.head.ttt_steps
         self.report_keys = ("lm loss", "kd loss", *(f"agree@{j}" for j in range(self.steps)))
         self._features: dict[int, torch.Tensor] = {}
@@ -164,17 +164,11 @@ class DraftHeadTask(DistillTask):
         vocabulary [b, s, K / tp], its argmax over the whole vocabulary [b, s]) -- from the cache when every
         row of the micro-batch has been through the teacher before (cache_teacher; training rows only)."""
         rows = [self.dataset.row(int(i)) for i in b["index"]] if self.cache is not None and int(b["index"][0]) >= 0 else None
-        if rows is not None and all(r in self.cache for r in rows):
-            parts = [self.cache[r] for r in rows]
-            dev = b["tokens"].device
-            return (torch.stack([p[0] for p in parts], 1).float().to(dev), torch.stack([p[1] for p in parts], 1).float().to(dev),
-                    torch.stack([p[2] for p in parts]).float().to(dev), torch.stack([p[3] for p in parts]).to(dev))
+        if rows is not None and self.cache.has(rows):
+            return self.cache.get(rows, b["tokens"].device)
         out = self._run_teacher(b)
         if rows is not None:
-            feats, emb, mine, best = out
-            for j, r in enumerate(rows):  # bf16 on the host: the cache's size, not the step's precision, matters
-                self.cache[r] = (feats[:, j].to("cpu", torch.bfloat16), emb[:, j].to("cpu", torch.bfloat16),
-                                 mine[j].to("cpu", torch.bfloat16), best[j].cpu())
+            self.cache.put(rows, *out)
         return out
 
     @torch.no_grad()
@@ -228,3 +222,37 @@ class DraftHeadTask(DistillTask):
             report[f"agree@{j}"] = torch.stack([hit.sum(), count])
         report["lm loss"] = torch.stack([total.detach(), n])
         return total, n.to(torch.int), report
+
+
+class TeacherCache:
+    """The teacher's outputs per training row (cache_teacher), in bf16 host buffers allocated once at the first
+    row: features [rows, s, F], embeddings [rows, s, d], logits over this rank's draft vocabulary [rows, s, K / tp],
+    and the target's argmax [rows, s]. One allocation, not one per row: small long-lived blocks left among each
+    step's large freed ones fragment the heap (CPU runs keep freed memory, `runtime.cpu_compat`), which grew it
+    to the machine's size on 843 rows before."""
+
+    FIELDS = 4
+
+    def __init__(self, rows: int):
+        self.rows, self.buffers, self.filled = rows, None, torch.zeros(rows, dtype=torch.bool)
+
+    def has(self, rows: list[int]) -> bool:
+        return bool(self.filled[rows].all())
+
+    def put(self, rows: list[int], feats, emb, mine, best) -> None:
+        """feats [s, b, F] and emb [s, b, d] (the teacher's layout), mine [b, s, K / tp], best [b, s]."""
+        parts = (feats.transpose(0, 1), emb.transpose(0, 1), mine, best)
+        if self.buffers is None:
+            self.buffers = [torch.empty((self.rows, *x.shape[1:]), dtype=torch.int32 if i == 3 else torch.bfloat16)
+                            for i, x in enumerate(parts)]
+        idx = torch.tensor(rows)
+        for buf, x in zip(self.buffers, parts):
+            buf[idx] = x.detach().to("cpu", buf.dtype)
+        self.filled[idx] = True
+
+    def get(self, rows: list[int], device) -> tuple:
+        idx = torch.tensor(rows)
+        feats, emb, mine, best = (buf[idx].to(device) for buf in self.buffers)
+        return (feats.float().transpose(0, 1).contiguous(), emb.float().transpose(0, 1).contiguous(), mine.float(),
+                best.long())
+
