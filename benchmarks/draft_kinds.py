@@ -14,7 +14,8 @@ target-only greedy at batch 1; the run exits 1 when any differs. Needs a main jo
 --mtp trains an MTP head with the run's draft_head settings (same data, steps, vocabulary size, training-time
 test) into <run>/draft_mtp, once (a finished one is reused, with its recorded training time). --mtp-steps /
 --mtp-examples also compare an MTP head given a longer budget (into <run>/draft_mtp_s<steps>_e<examples>):
-what more training buys, beside the equal-budget rows.
+what more training buys, beside the equal-budget rows. --kinds MTP measures only the kinds named so (and the
+target), e.g. into a results file of its own.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def main() -> int:
     ap.add_argument("--mtp", action="store_true", help="also an MTP head (trained here once with the draft head's settings)")
     ap.add_argument("--mtp-steps", type=int, default=None, help="also an MTP head trained this many steps")
     ap.add_argument("--mtp-examples", type=int, default=None, help="... on this many training examples")
+    ap.add_argument("--kinds", nargs="*", default=None,
+                    help="only the draft kinds whose name contains one of these (e.g. MTP); without the distilled "
+                         "draft, no HF rows")
     ap.add_argument("--out", default="benchmarks/results/draft_kinds_cpu.json")
     args = ap.parse_args()
 
@@ -152,6 +156,8 @@ def main() -> int:
                                                                  f"draft_head.examples={examples}"]), log=print)
             kinds[f"MTP head, {steps} steps on {examples} examples"] = load_head(mtp_head(longer, name), target)
             mtp_eval[name] = last_eval(pipe.out / name)
+    if args.kinds:
+        kinds = {k: m for k, m in kinds.items() if any(sel in k for sel in args.kinds)}
     t_step = step_seconds(target)
     cost = {name: step_seconds(m) / t_step for name, m in kinds.items()}
     for name, c in cost.items():
@@ -164,7 +170,7 @@ def main() -> int:
             for r in run_benchmark(target, m, prompts, args.max_new_tokens, args.gammas, args.trees, log=print,
                                    batch_size=bs, baseline=base)[1:]:
                 rows.append({**r, "draft": name, "draft_cost": cost[name]})
-        if bs == 1:
+        if bs == 1 and "draft model (distilled, 4 layers)" in kinds:
             for r in hf_rows(hf_pair(pipe, dist), prompts, args.max_new_tokens, target.device,
                               target.dtype, base.outputs, sum(map(len, base.outputs)), base.seconds, None):
                 rows.append({**r, "draft": "draft model (distilled, 4 layers)" if "assisted" in r["method"] else "none",

@@ -287,7 +287,7 @@ def draft_kinds(data: dict) -> list[str]:
     return lines
 
 
-RENDER = {"spec_decode": spec_decode, "draft_kinds_cpu": draft_kinds, "cp_memory": cp_memory, "context_parallel": context_parallel, "replay_retention": replay_retention, "curate": curate, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
+RENDER = {"spec_decode": spec_decode, "draft_kinds_cpu": draft_kinds, "draft_kinds_mtp_cpu": draft_kinds, "cp_memory": cp_memory, "context_parallel": context_parallel, "replay_retention": replay_retention, "curate": curate, "train_throughput": train_throughput, "pipeline": pipeline, "test_tiers": test_tiers,
           "checkpoint_io": checkpoint_io, "convert": convert, "peft_memory": peft_memory}
 
 
