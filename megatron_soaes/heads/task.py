@@ -228,10 +228,8 @@ class TeacherCache:
     """The teacher's outputs per training row (cache_teacher), in bf16 host buffers allocated once at the first
     row: features [rows, s, F], embeddings [rows, s, d], logits over this rank's draft vocabulary [rows, s, K / tp],
     and the target's argmax [rows, s]. One allocation, not one per row: small long-lived blocks left among each
-    step's large freed ones fragment the heap (CPU runs keep freed memory, `runtime.cpu_compat`), which grew it
-    to the machine's size on 843 rows before."""
-
-    FIELDS = 4
+    step's large freed ones fragment the heap (CPU runs keep freed memory, `runtime.cpu_compat`), by about ten
+    times what the cached rows hold."""
 
     def __init__(self, rows: int):
         self.rows, self.buffers, self.filled = rows, None, torch.zeros(rows, dtype=torch.bool)
@@ -255,4 +253,3 @@ class TeacherCache:
         feats, emb, mine, best = (buf[idx].to(device) for buf in self.buffers)
         return (feats.float().transpose(0, 1).contiguous(), emb.float().transpose(0, 1).contiguous(), mine.float(),
                 best.long())
-
