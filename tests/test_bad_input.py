@@ -103,6 +103,7 @@ def test_a_full_disk_is_an_error_message_and_publishes_nothing(tmp_path):
     """A write the disk refuses mid-file (here the file-size limit, EFBIG; a full disk, ENOSPC, and a read-only
     one, EROFS, take the same path) ends with exit 2 and one line naming the output; the converted checkpoint is
     never published, and curation keeps only its resumable `.part` (a rerun with room continues it)."""
+    import random
     import resource
     import subprocess
 
@@ -111,7 +112,7 @@ def test_a_full_disk_is_an_error_message_and_publishes_nothing(tmp_path):
 
     make_random_hf_model(tmp_path / "hf", "test", vocab_size=4096)
     docs = tmp_path / "docs.jsonl"
-    rng = __import__("random").Random(0)  # distinct documents (near-duplicates would be curated away)
+    rng = random.Random(0)  # distinct documents (near-duplicates would be curated away)
     docs.write_text("".join(json.dumps({"text": "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(600)) + "。"},
                                        ensure_ascii=False) + "\n" for _ in range(200)), encoding="utf-8")
     limit = 200_000  # bytes: below one converted tensor file, and below the curated output
