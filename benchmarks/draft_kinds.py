@@ -68,6 +68,7 @@ def training_seconds(pipe) -> dict:
     return out
 
 
+DISTILLED = "draft model (distilled, 4 layers)"  # the separate draft's row name (HF assisted generation uses it too)
 MTP_RECORD = "mtp_training.json"  # checkpoint and training seconds of the --mtp head
 
 
@@ -138,7 +139,7 @@ def main() -> int:
     reduced.restrict_vocab(head.draft_ids)
     prompts = [Template(None).render(c, pipe.tokenizer, for_generation=True)[0]
                for c in load_qa(pipe.sft_file("soae_qa", "test"), args.prompts)]
-    kinds = {"draft model (distilled, 4 layers)": draft,
+    kinds = {DISTILLED: draft,
              f"draft model, {len(head.draft_ids)}-token vocabulary": reduced,
              f"EAGLE-3 head ({len(head.draft_ids)}-token vocabulary)": head}
     mtp_ckpt = mtp_head(pipe) if args.mtp else None
@@ -170,10 +171,10 @@ def main() -> int:
             for r in run_benchmark(target, m, prompts, args.max_new_tokens, args.gammas, args.trees, log=print,
                                    batch_size=bs, baseline=base)[1:]:
                 rows.append({**r, "draft": name, "draft_cost": cost[name]})
-        if bs == 1 and "draft model (distilled, 4 layers)" in kinds:
+        if bs == 1 and DISTILLED in kinds:
             for r in hf_rows(hf_pair(pipe, dist), prompts, args.max_new_tokens, target.device,
                               target.dtype, base.outputs, sum(map(len, base.outputs)), base.seconds, None):
-                rows.append({**r, "draft": "draft model (distilled, 4 layers)" if "assisted" in r["method"] else "none",
+                rows.append({**r, "draft": DISTILLED if "assisted" in r["method"] else "none",
                              "draft_cost": None})
     for r in rows:
         exact &= bool(r["exact"])
